@@ -1,0 +1,1 @@
+"""The arbiter: a durable test-and-set service that prevents split brain."""

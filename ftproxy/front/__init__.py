@@ -1,0 +1,1 @@
+"""Network fronts: how a supervisor connects its guest to the real network."""
