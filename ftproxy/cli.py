@@ -1,7 +1,241 @@
-"""The ``ftproxy`` command."""
+"""The ``ftproxy`` command: subcommands, argument checks, logging set-up.
+
+Every error a user can cause (a bad flag, an unreadable log, a divergence)
+ends in one clear message and a non-zero exit code, never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+import trio
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+
+
+def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -> None:
+    """Console rendering on a terminal, JSON lines otherwise; logs go to stderr."""
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _guest_argv(values: Sequence[str]) -> list[str]:
+    argv = list(values)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftproxy",
+        description="Fault tolerance for an unmodified single-threaded Python service.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    parser.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto", help="how to log"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    record = commands.add_parser(
+        "record",
+        help="run a service alone, recording every input into a log",
+        description="Run SCRIPT on virtual devices, serving real clients, and log every "
+        "non-deterministic input. Ctrl-C stops the guest (delivered as a logged signal).",
+    )
+    record.add_argument("--log", required=True, metavar="PATH", help="the log file to write")
+    record.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="GUESTPORT=HOST:PORT",
+        help="serve the guest's port GUESTPORT on HOST:PORT instead (repeatable)",
+    )
+    record.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra guest environment"
+    )
+    record.add_argument(
+        "--exit-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="device calls between forced exits (pinned in the log)",
+    )
+    record.add_argument("guest", nargs=argparse.REMAINDER, metavar="-- SCRIPT [ARGS]")
+
+    replay = commands.add_parser(
+        "replay",
+        help="re-execute a recorded log and verify it",
+        description="Run the recorded program against its log, with no network, and check "
+        "that every exit and every output is the one recorded.",
+    )
+    replay.add_argument("log", metavar="LOG")
+    replay.add_argument("--quiet-guest", action="store_true", help="discard the guest's stdout")
+    replay.add_argument("guest", nargs=argparse.REMAINDER, metavar="-- SCRIPT [ARGS]")
+
+    log_cmd = commands.add_parser("log", help="inspect a log")
+    log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
+    show = log_commands.add_parser("show", help="one line per record")
+    show.add_argument("log", metavar="LOG")
+    show.add_argument("--json", action="store_true", help="print a summary as JSON instead")
+    export = log_commands.add_parser("export", help="network inputs and outputs as a pcap")
+    export.add_argument("log", metavar="LOG")
+    export.add_argument("--pcap", required=True, metavar="PATH", help="the pcap file to write")
+    return parser
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from ftproxy.front.socket import parse_address_map
+    from ftproxy.guest import protocol as p
+    from ftproxy.record import RecordOptions, record
+    from ftproxy.wire import Policy
+
+    argv = _guest_argv(args.guest)
+    if not argv:
+        return _usage("record needs the program to run: ftproxy record --log L -- SCRIPT [ARGS]")
+    try:
+        options = RecordOptions(
+            log_path=args.log,
+            argv=argv,
+            address_map=parse_address_map(args.map),
+            policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+            extra_env=_parse_env(args.env),
+        )
+        result = trio.run(record, options)
+    except ValueError as exc:
+        return _usage(str(exc))
+    except OSError as exc:
+        print(f"ftproxy record: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"ftproxy record: {result.entries} entries, {result.outputs} outputs, "
+        f"{result.log_bytes} bytes in {args.log}; guest returncode {result.returncode}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from ftproxy.logfile import LogFormatError, read_log
+    from ftproxy.replay import ReplayError, replay
+    from ftproxy.supervisor import Divergence, GuestFailure
+
+    argv = _guest_argv(args.guest) or None
+    try:
+        contents = read_log(args.log)
+    except LogFormatError as exc:
+        return _usage(str(exc))
+    if contents.truncated_at is not None:
+        print(f"ftproxy replay: note: {args.log} ends in a partial record at byte "
+              f"{contents.truncated_at}; replaying the complete records", file=sys.stderr)
+    stdout = subprocess.DEVNULL if args.quiet_guest else None
+    try:
+        result = trio.run(lambda: replay(contents, argv=argv, stdout=stdout))
+    except ReplayError as exc:
+        return _usage(str(exc))
+    except Divergence as exc:
+        print(f"ftproxy replay: {exc.report()}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except GuestFailure as exc:
+        print(f"ftproxy replay: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    ending = (
+        f"guest exited with returncode {result.returncode}, as recorded"
+        if result.log_complete
+        else "the log has no end record (the recorder was killed), so the replay "
+        "stopped where the log stops"
+    )
+    print(
+        f"ftproxy replay: verified {result.entries} entries and {result.outputs} outputs "
+        f"({result.output_bytes} bytes) identical to the recording; {ending}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    from ftproxy.logfile import LogFormatError, read_log
+
+    try:
+        contents = read_log(args.log)
+    except LogFormatError as exc:
+        return _usage(str(exc))
+    if args.log_command == "show":
+        from ftproxy.logview import describe_log, log_summary
+
+        if args.json:
+            print(json.dumps(log_summary(contents), indent=2, default=str))
+        else:
+            for line in describe_log(contents):
+                print(line)
+        return EXIT_OK
+    from ftproxy.pcap import export_pcap
+
+    stats = export_pcap(contents, args.pcap)
+    print(
+        f"ftproxy log export: {stats.packets} packets ({stats.tcp_streams} TCP streams, "
+        f"{stats.udp_datagrams} UDP datagrams) written to {args.pcap}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"ftproxy: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("ftproxy: not built yet")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
+    configure_logging(verbose=args.verbose, json_logs=json_logs)
+    handlers = {"record": _cmd_record, "replay": _cmd_replay, "log": _cmd_log}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("ftproxy: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

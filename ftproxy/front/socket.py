@@ -1,0 +1,442 @@
+"""Socket mode: the supervisor terminates TCP and UDP on real sockets for its guest.
+
+The guest's virtual sockets name real ones by wire id. Input is read into
+per-socket buffers (bounded, so a slow guest pushes back on its clients
+through TCP) and handed out only when an exit asks for it, so what the guest
+sees is exactly what the log says it saw. Outputs are written at once when
+the kernel takes them, and queued otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from typing import Any
+
+import structlog
+import trio
+
+from ftproxy.guest import protocol as p
+
+log = structlog.get_logger()
+
+_INPUT_LIMIT = 256 * 1024
+_DATAGRAM_QUEUE = 1024
+_CONNECT_TIMEOUT_S = 30.0
+AddressMap = dict[int, tuple[str, int]]
+
+
+class Doorbell:
+    """Wakes whoever waits for "something changed"; a ring is never lost.
+
+    A waiter checks its condition and then waits with no checkpoint between,
+    so under trio a ring cannot fall between the check and the wait.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class _Stream:
+    """A real TCP connection on behalf of a guest socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = bytearray()
+        self.eof = False
+        self.reset = 0
+        self.reset_reported = False
+        self.eof_reported = False
+        self.outbox: deque[bytes] = deque()
+        self.written = 0
+        self.written_reported = 0
+        self.closing = False
+        self.shutdown_after_flush: int | None = None
+        self.room = Doorbell()
+        self.to_write = Doorbell()
+        self.scopes: list[trio.CancelScope] = []
+
+
+class _Listener:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: deque[tuple[int, Any, Any]] = deque()
+        self.cancel = trio.CancelScope()
+
+
+class _Datagram:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: deque[tuple[bytes, Any]] = deque()
+        self.cancel = trio.CancelScope()
+
+
+class SocketFront:
+    """Real sockets for one guest; every method is called from the supervisor's task."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        doorbell: Doorbell,
+        address_map: AddressMap | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._doorbell = doorbell
+        self._map = address_map or {}
+        self._bound: dict[int, socket.socket] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._listeners: dict[int, _Listener] = {}
+        self._datagrams: dict[int, _Datagram] = {}
+        self._next_accepted = p.FIRST_ACCEPTED_SOCK
+
+    # -- set-up exits ------------------------------------------------------
+
+    def bind(self, sock_id: int, family: int, kind: int, addr: tuple[Any, ...]) -> tuple[int, Any]:
+        """Create and bind the real socket; answer (errno, the address the guest sees)."""
+        real_addr = addr
+        mapped = self._map.get(addr[1]) if addr[1] else None
+        if mapped is not None:
+            real_addr = (mapped[0], mapped[1], *addr[2:])
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(real_addr)
+        except OSError as exc:
+            sock.close()
+            log.warning("bind_failed", address=real_addr, error=exc.strerror)
+            return exc.errno or errno.EINVAL, None
+        seen = addr if mapped is not None else sock.getsockname()
+        if kind == socket.SOCK_DGRAM:
+            datagram = _Datagram(sock)
+            self._datagrams[sock_id] = datagram
+            self._nursery.start_soon(self._receive_datagrams, datagram)
+        else:
+            self._bound[sock_id] = sock
+        log.info("socket_bound", sock=sock_id, guest_address=seen, address=sock.getsockname())
+        return 0, tuple(seen)
+
+    def listen(self, sock_id: int, backlog: int) -> int:
+        sock = self._bound.pop(sock_id, None)
+        if sock is None:
+            return errno.EINVAL
+        try:
+            sock.listen(max(backlog, 128))
+        except OSError as exc:
+            sock.close()
+            return exc.errno or errno.EINVAL
+        listener = _Listener(sock)
+        self._listeners[sock_id] = listener
+        self._nursery.start_soon(self._accept_loop, sock_id, listener)
+        log.info("listening", sock=sock_id, address=sock.getsockname())
+        return 0
+
+    async def connect(
+        self, sock_id: int, family: int, addr: tuple[Any, ...], timeout_ns: int
+    ) -> tuple[int, Any, Any]:
+        sock = self._bound.pop(sock_id, None) or socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        timeout = _CONNECT_TIMEOUT_S if timeout_ns < 0 else timeout_ns / 1e9
+        try:
+            with trio.fail_after(timeout):
+                code = sock.connect_ex(addr)
+                if code == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except trio.TooSlowError:
+            code = errno.ETIMEDOUT
+        if code:
+            sock.close()
+            return code, None, None
+        self._add_stream(sock_id, sock)
+        return 0, sock.getsockname(), sock.getpeername()
+
+    async def resolve(self, function: str, args: tuple[Any, ...]) -> tuple[int, Any]:
+        try:
+            if function == "getaddrinfo":
+                infos = await trio.to_thread.run_sync(socket.getaddrinfo, *args)
+                return 0, [(int(f), int(t), pr, canon, addr) for f, t, pr, canon, addr in infos]
+            if function == "gethostbyaddr":
+                name, aliases, addrs = await trio.to_thread.run_sync(socket.gethostbyaddr, *args)
+                return 0, (name, aliases, addrs)
+        except socket.gaierror as exc:
+            return exc.errno or socket.EAI_FAIL, str(exc.strerror)
+        except OSError as exc:
+            return exc.errno or 1, str(exc.strerror)
+        return socket.EAI_FAIL, f"unknown lookup {function}"
+
+    # -- outputs -----------------------------------------------------------
+
+    def send(self, sock_id: int, data: bytes) -> None:
+        stream = self._streams.get(sock_id)
+        if stream is None or stream.reset:
+            return
+        if not stream.outbox:
+            try:
+                sent = stream.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._fail(stream, exc.errno or errno.EPIPE)
+                return
+            stream.written += sent
+            if sent == len(data):
+                return
+            data = data[sent:]
+        stream.outbox.append(data)
+        stream.to_write.ring()
+
+    def sendto(self, sock_id: int, data: bytes, addr: Any) -> None:
+        datagram = self._datagrams.get(sock_id)
+        if datagram is None:
+            return
+        try:
+            datagram.sock.sendto(data, tuple(addr))
+        except OSError as exc:
+            log.info("datagram_dropped", sock=sock_id, error=exc.strerror)
+
+    def shutdown(self, sock_id: int, how: int) -> None:
+        stream = self._streams.get(sock_id)
+        if stream is None or how == socket.SHUT_RD:
+            return
+        stream.shutdown_after_flush = how
+        stream.to_write.ring()
+
+    def close(self, sock_id: int) -> None:
+        stream = self._streams.get(sock_id)
+        if stream is not None:
+            if stream.reset:
+                self._drop(sock_id)
+            else:
+                stream.closing = True
+                stream.to_write.ring()
+            return
+        for table in (self._listeners, self._datagrams):
+            entry = table.pop(sock_id, None)  # type: ignore[attr-defined]
+            if entry is not None:
+                entry.cancel.cancel()
+                entry.sock.close()
+                for conn_id, _, _ in getattr(entry, "pending", ()):
+                    self._drop(conn_id)
+                return
+        sock = self._bound.pop(sock_id, None)
+        if sock is not None:
+            sock.close()
+
+    # -- handing input to the guest ----------------------------------------
+
+    def ready(self, readable: list[int], writable: list[int]) -> bool:
+        """Would a wait for these sockets end now?"""
+        for sid in readable:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                if stream.inbox or (stream.eof and not stream.eof_reported):
+                    return True
+                if stream.reset and not stream.reset_reported:
+                    return True
+                continue
+            listener = self._listeners.get(sid)
+            if listener is not None and listener.pending:
+                return True
+            datagram = self._datagrams.get(sid)
+            if datagram is not None and datagram.queue:
+                return True
+        for sid in writable:
+            stream = self._streams.get(sid)
+            if stream is None or stream.written > stream.written_reported or stream.reset:
+                return True
+        return False
+
+    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
+        """Take every ready event for these sockets, in a deterministic order."""
+        events: list[Any] = []
+        for sid in readable:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                self._collect_stream_input(sid, stream, events)
+                continue
+            listener = self._listeners.get(sid)
+            if listener is not None:
+                while listener.pending:
+                    conn_id, peer, local = listener.pending.popleft()
+                    events.append((p.EV_ACCEPT, sid, conn_id, peer, local))
+                continue
+            datagram = self._datagrams.get(sid)
+            if datagram is not None:
+                while datagram.queue:
+                    data, addr = datagram.queue.popleft()
+                    events.append((p.EV_DGRAM, sid, data, addr))
+        for sid in (*writable, *pressured):
+            stream = self._streams.get(sid)
+            if stream is None:
+                continue
+            if stream.written > stream.written_reported:
+                stream.written_reported = stream.written
+                events.append((p.EV_SENT, sid, stream.written))
+            if stream.reset and not stream.reset_reported:
+                stream.reset_reported = True
+                events.append((p.EV_RESET, sid, stream.reset))
+        return events
+
+    def _collect_stream_input(self, sid: int, stream: _Stream, events: list[Any]) -> None:
+        if stream.inbox:
+            chunk = bytes(stream.inbox[: p.RECV_CHUNK])
+            del stream.inbox[: p.RECV_CHUNK]
+            events.append((p.EV_DATA, sid, chunk))
+            stream.room.ring()
+        elif stream.reset and not stream.reset_reported:
+            stream.reset_reported = True
+            events.append((p.EV_RESET, sid, stream.reset))
+        elif stream.eof and not stream.eof_reported:
+            stream.eof_reported = True
+            events.append((p.EV_EOF, sid))
+
+    # -- tasks -------------------------------------------------------------
+
+    def _add_stream(self, sock_id: int, sock: socket.socket) -> _Stream:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = _Stream(sock)
+        self._streams[sock_id] = stream
+        self._nursery.start_soon(self._read_loop, stream)
+        self._nursery.start_soon(self._write_loop, sock_id, stream)
+        return stream
+
+    async def _accept_loop(self, sock_id: int, listener: _Listener) -> None:
+        with listener.cancel:
+            while True:
+                await trio.lowlevel.wait_readable(listener.sock)
+                while True:
+                    try:
+                        conn, peer = listener.sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        log.warning("accept_failed", sock=sock_id, error=exc.strerror)
+                        break
+                    conn_id = self._next_accepted
+                    self._next_accepted += 1
+                    self._add_stream(conn_id, conn)
+                    listener.pending.append((conn_id, peer, conn.getsockname()))
+                    log.debug("connection_accepted", sock=sock_id, conn=conn_id, peer=peer)
+                self._doorbell.ring()
+
+    async def _read_loop(self, stream: _Stream) -> None:
+        with trio.CancelScope() as scope:
+            stream.scopes.append(scope)
+            while not stream.eof and not stream.reset:
+                while len(stream.inbox) >= _INPUT_LIMIT:
+                    await stream.room.wait()
+                await trio.lowlevel.wait_readable(stream.sock)
+                try:
+                    data = stream.sock.recv(256 * 1024)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._fail(stream, exc.errno or errno.ECONNRESET)
+                    return
+                if data:
+                    stream.inbox += data
+                else:
+                    stream.eof = True
+                self._doorbell.ring()
+
+    async def _write_loop(self, sock_id: int, stream: _Stream) -> None:
+        with trio.CancelScope() as scope:
+            stream.scopes.append(scope)
+            while True:
+                while stream.outbox:
+                    chunk = stream.outbox[0]
+                    await trio.lowlevel.wait_writable(stream.sock)
+                    try:
+                        sent = stream.sock.send(chunk)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:
+                        self._fail(stream, exc.errno or errno.EPIPE)
+                        return
+                    stream.written += sent
+                    if sent == len(chunk):
+                        stream.outbox.popleft()
+                    else:
+                        stream.outbox[0] = chunk[sent:]
+                    self._doorbell.ring()
+                if stream.shutdown_after_flush is not None:
+                    self._shutdown_real(stream, stream.shutdown_after_flush)
+                    stream.shutdown_after_flush = None
+                if stream.closing:
+                    self._drop(sock_id)
+                    return
+                await stream.to_write.wait()
+
+    def _shutdown_real(self, stream: _Stream, how: int) -> None:
+        try:
+            stream.sock.shutdown(how)
+        except OSError:
+            pass
+
+    async def _receive_datagrams(self, datagram: _Datagram) -> None:
+        with datagram.cancel:
+            while True:
+                await trio.lowlevel.wait_readable(datagram.sock)
+                while True:
+                    try:
+                        data, addr = datagram.sock.recvfrom(65536)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break
+                    if len(datagram.queue) < _DATAGRAM_QUEUE:
+                        datagram.queue.append((data, addr))
+                self._doorbell.ring()
+
+    def _fail(self, stream: _Stream, code: int) -> None:
+        if not stream.reset:
+            stream.reset = code
+            stream.outbox.clear()
+            self._doorbell.ring()
+
+    def _drop(self, sock_id: int) -> None:
+        stream = self._streams.pop(sock_id, None)
+        if stream is not None:
+            for scope in stream.scopes:
+                scope.cancel()
+            stream.sock.close()
+
+    def close_all(self) -> None:
+        """Close every real socket (the guest ended)."""
+        for sid in list(self._streams):
+            self._drop(sid)
+        for table in (self._listeners, self._datagrams):
+            for entry in table.values():  # type: ignore[attr-defined]
+                entry.cancel.cancel()
+                entry.sock.close()
+            table.clear()  # type: ignore[attr-defined]
+        for sock in self._bound.values():
+            sock.close()
+        self._bound.clear()
+
+
+def parse_address_map(items: list[str]) -> AddressMap:
+    """``GUESTPORT=HOST:PORT`` items, as ``--map`` takes them."""
+    mapping: AddressMap = {}
+    for item in items:
+        guest, _, real = item.partition("=")
+        host, _, port = real.rpartition(":")
+        if not guest.isdigit() or not port.isdigit() or not host:
+            raise ValueError(f"--map {item!r}: expected GUESTPORT=HOST:PORT, e.g. 6380=127.0.0.1:16380")
+        mapping[int(guest)] = (host.strip("[]"), int(port))
+    return mapping
+

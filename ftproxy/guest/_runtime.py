@@ -1,0 +1,224 @@
+"""The guest's side of the virtual machine: instruction counter, exits, clock.
+
+Every call into a virtual device calls ``tick()``: the instruction counter
+(icount) advances by one and virtual time by a fixed step. The guest leaves for
+its supervisor (an *exit*) only when it would block, or after ``exit_every``
+device calls so that input is never starved. An exit sends the outputs buffered
+since the last one plus the request, and waits for the reply, which carries a
+clock snapshot and, for a wait, every ready event at once. This code runs the
+same way whether the supervisor records or replays: it never knows which.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import weakref
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ftproxy.guest import protocol as p
+
+
+class UnsupportedInGuest(RuntimeError):
+    """The guest called something ftproxy cannot make deterministic."""
+
+    def __init__(self, function: str, why: str) -> None:
+        super().__init__(f"{function} is not supported under ftproxy: {why}")
+        self.function = function
+        self.why = why
+
+
+class GuestSocket(Protocol):
+    """What the runtime needs of a virtual socket to hand it events."""
+
+    wire_id: int
+
+    def _on_event(self, event: tuple[Any, ...]) -> None: ...
+
+    def _wants_input(self) -> bool: ...
+
+    def _write_blocked(self) -> bool: ...
+
+
+_OUTPUT_FLUSH_BYTES = 64 * 1024
+# Taken before the devices are installed: os._exit becomes a flushing wrapper.
+_real_exit = os._exit
+
+
+class Runtime:
+    """Instruction counter, virtual clock and the guest end of the pipe."""
+
+    def __init__(self, reply_fd: int = p.REPLY_FD, request_fd: int = p.REQUEST_FD) -> None:
+        self._replies = io.FileIO(reply_fd, "rb", closefd=False)
+        self._request_fd = request_fd
+        self._frame = bytearray(64 * 1024)
+        self.icount = 0
+        self._since_exit = 0
+        self.exit_every: int = p.DEFAULT_EXIT_EVERY
+        self.clock_step_ns: int = p.DEFAULT_CLOCK_STEP_NS
+        self._wall_base = 0
+        self._mono_base = 0
+        self._icount_base = 0
+        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox_bytes = 0
+        self.digest = 0
+        # Live sockets by wire id (those that take part in exits) and by fd.
+        # Weak, so that a socket the program drops is collected and closed.
+        self.sockets: weakref.WeakValueDictionary[int, GuestSocket] = (
+            weakref.WeakValueDictionary()
+        )
+        self.by_fd: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        # Sockets whose unacknowledged output passed half their send buffer.
+        self.pressured: set[int] = set()
+        self._next_fd = p.FIRST_GUEST_SOCK
+        self.signal_sink: Callable[[int], None] = _no_signal_sink
+        self._pending_signals: list[int] = []
+        self._in_exit = False
+
+    # -- counting and time -------------------------------------------------
+
+    def tick(self) -> None:
+        """Count one device call; exit for a poll after ``exit_every`` of them."""
+        self.icount += 1
+        self._since_exit += 1
+        if self._since_exit >= self.exit_every and not self._in_exit:
+            self.poll()
+
+    def mono_ns(self) -> int:
+        return self._mono_base + (self.icount - self._icount_base) * self.clock_step_ns
+
+    def wall_ns(self) -> int:
+        return self._wall_base + (self.icount - self._icount_base) * self.clock_step_ns
+
+    def allocate_fd(self) -> int:
+        fd = self._next_fd
+        self._next_fd += 1
+        return fd
+
+    # -- outputs -----------------------------------------------------------
+
+    def emit(self, message: tuple[Any, ...], payload: bytes = b"") -> None:
+        """Queue an output; it streams out at the next exit or when the buffer fills."""
+        if payload:
+            self.digest = zlib.crc32(payload, zlib.crc32(b"%d:%d:" % message[:2], self.digest))
+        else:
+            self.digest = zlib.crc32(b"%d:%d" % message[:2], self.digest)
+        self._outbox.append(message)
+        self._outbox_bytes += len(payload)
+        if self._outbox_bytes >= _OUTPUT_FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._outbox:
+            self._write(p.encode(self._outbox))
+            self._outbox = []
+            self._outbox_bytes = 0
+
+    def _write(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        while view:
+            written = os.write(self._request_fd, view)
+            view = view[written:]
+
+    # -- exits -------------------------------------------------------------
+
+    def exit(self, kind: int, args: tuple[Any, ...]) -> Any:
+        """Leave for the supervisor; return the result of its reply."""
+        self._in_exit = True
+        try:
+            self._outbox.append((p.OP_EXIT, self.icount, kind, args, self.digest))
+            frame = p.encode(self._outbox)
+            self._outbox = []
+            self._outbox_bytes = 0
+            self._write(frame)
+            reply = p.decode_body(self._read_frame())
+        finally:
+            self._in_exit = False
+        self._since_exit = 0
+        if reply[0] is None:
+            self._halt(reply[1])
+        wall_ns, mono_ns, result = reply
+        self._wall_base = wall_ns
+        self._mono_base = mono_ns
+        self._icount_base = self.icount
+        return result
+
+    def boot(self) -> tuple[bytes, int, str]:
+        """The first exit: learn the pinned policy; return (seed, pid, hostname)."""
+        seed, pid, exit_every, clock_step_ns, hostname = self.exit(p.KIND_BOOT, ())
+        self.exit_every = exit_every
+        self.clock_step_ns = clock_step_ns
+        return seed, pid, hostname
+
+    def wait(
+        self,
+        deadline_ns: int | None,
+        readable: list[GuestSocket],
+        writable: list[GuestSocket],
+    ) -> None:
+        """Block until input for ``readable``, room in ``writable``, a signal or the deadline."""
+        if deadline_ns is None:
+            timeout = -1
+        else:
+            timeout = max(0, deadline_ns - self.mono_ns())
+        want_in = [s.wire_id for s in readable if s._wants_input()]
+        want_out = [s.wire_id for s in writable if s._write_blocked()]
+        self._exit_wait(timeout, want_in, want_out)
+
+    def poll(self) -> None:
+        """A forced exit: take whatever input is ready for any socket, without waiting."""
+        want_in = [sid for sid, s in self.sockets.items() if s._wants_input()]
+        want_out = [sid for sid, s in self.sockets.items() if s._write_blocked()]
+        self._exit_wait(0, want_in, want_out)
+
+    def _exit_wait(self, timeout: int, want_in: list[int], want_out: list[int]) -> None:
+        events = self.exit(p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured)))
+        signals = self._pending_signals
+        for event in events:
+            if event[0] == p.EV_SIGNAL:
+                signals.append(event[1])
+                continue
+            sock = self.sockets.get(event[1])
+            if sock is not None:
+                sock._on_event(event)
+        if signals:
+            self._pending_signals = []
+            for signum in signals:
+                self.signal_sink(signum)
+
+    def _read_frame(self) -> memoryview:
+        header = self._read_exact(p.LENGTH.size)
+        length = p.frame_length(header)
+        return self._read_exact(length)
+
+    def _read_exact(self, n: int) -> memoryview:
+        if len(self._frame) < n:
+            self._frame = bytearray(n)
+        view = memoryview(self._frame)[:n]
+        got = 0
+        while got < n:
+            chunk = self._replies.readinto(view[got:])
+            if not chunk:
+                _lost_supervisor()
+            got += chunk
+        return view
+
+    def _halt(self, reason: str) -> None:
+        """The supervisor stops this guest (a divergence): report where we are and go."""
+        import traceback
+
+        stack = "".join(traceback.format_stack(sys._getframe(2)))
+        self._write(p.encode([(p.OP_STACK, stack)]))
+        _real_exit(70)
+
+
+def _no_signal_sink(signum: int) -> None:
+    pass
+
+
+def _lost_supervisor() -> None:
+    sys.stderr.write("ftproxy guest: the supervisor went away; stopping\n")
+    _real_exit(75)

@@ -1,0 +1,131 @@
+"""Starting a guest process and speaking the guest pipe with it, under trio."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from ftproxy.guest import protocol as p
+
+# personality(2) flag that turns address-space randomisation off: with it, a
+# program that orders things by id() allocates, and so orders, identically on
+# both replicas.
+ADDR_NO_RANDOMIZE = 0x0040000
+_libc = ctypes.CDLL(None, use_errno=True)
+_personality = _libc.personality
+_personality.argtypes = [ctypes.c_ulong]
+_personality.restype = ctypes.c_int
+
+
+class GuestProcess:
+    """A running guest and the supervisor's end of its pipe."""
+
+    def __init__(
+        self, process: trio.Process, replies: trio.lowlevel.FdStream, requests: trio.lowlevel.FdStream
+    ) -> None:
+        self.process = process
+        self._replies = replies
+        self._requests = requests
+        self._buffer = bytearray()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def receive(self) -> list[tuple[Any, ...]] | None:
+        """The next frame of messages from the guest; None once the guest closed its end."""
+        while True:
+            if len(self._buffer) >= p.LENGTH.size:
+                length = p.frame_length(self._buffer[: p.LENGTH.size])
+                end = p.LENGTH.size + length
+                if len(self._buffer) >= end:
+                    body = bytes(self._buffer[p.LENGTH.size : end])
+                    del self._buffer[:end]
+                    messages = p.decode_body(body)
+                    if not isinstance(messages, list) or not messages:
+                        raise p.ProtocolError(f"guest frame is not a list of messages: {messages!r:.80}")
+                    return messages
+            try:
+                chunk = await self._requests.receive_some(256 * 1024)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                if self._buffer:
+                    raise p.ProtocolError(f"guest pipe closed inside a frame ({len(self._buffer)} bytes)")
+                return None
+            self._buffer += chunk
+
+    async def reply(self, body: bytes) -> None:
+        """Send one reply body (the framing is added here)."""
+        try:
+            await self._replies.send_all(p.LENGTH.pack(len(body)) + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the guest is gone; receive() reports that
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            try:
+                self.process.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def aclose(self) -> None:
+        self.kill()
+        with trio.CancelScope(shield=True):
+            await self.process.wait()
+            await self._replies.aclose()
+            await self._requests.aclose()
+
+
+async def start_guest(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    *,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> GuestProcess:
+    """Start ``python -m ftproxy.guest ARGV`` with the pipe on fds 3 and 4."""
+    reply_read, reply_write = os.pipe()
+    request_read, request_write = os.pipe()
+
+    def in_child() -> None:
+        # Move both ends clear of 3 and 4 first: either may be one of them.
+        guest_reads = fcntl.fcntl(reply_read, fcntl.F_DUPFD, 10)
+        guest_writes = fcntl.fcntl(request_write, fcntl.F_DUPFD, 10)
+        os.dup2(guest_reads, p.REPLY_FD)
+        os.dup2(guest_writes, p.REQUEST_FD)
+        _personality(ADDR_NO_RANDOMIZE)
+
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ftproxy.guest", *argv],
+            env=dict(env),
+            cwd=cwd,
+            stdin=None,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=(p.REPLY_FD, p.REQUEST_FD),
+            preexec_fn=in_child,
+            # Its own session: a Ctrl-C at the terminal reaches the supervisor,
+            # which delivers it to the guest at an exit, the same one on the backup.
+            start_new_session=True,
+        )
+    finally:
+        os.close(reply_read)
+        os.close(request_write)
+    return GuestProcess(
+        process,
+        trio.lowlevel.FdStream(reply_write),
+        trio.lowlevel.FdStream(request_read),
+    )

@@ -1,0 +1,216 @@
+"""Replay mode: the log answers the guest's exits, and the guest must agree with it.
+
+Each exit must come at the icount, of the kind and with the output digest the
+log recorded; each output must equal the recorded one byte for byte. The first
+disagreement is a Divergence that names the entry, the icount, both sides and
+the replaying guest's stack. Replay touches no network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from ftproxy.guest import protocol as p
+from ftproxy.guestproc import start_guest
+from ftproxy.logfile import LogContents
+from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
+from ftproxy.wire import End, Entry, Output, Record
+
+log = structlog.get_logger()
+
+
+class ReplayError(Exception):
+    """The log cannot be replayed here (wrong program, wrong Python...)."""
+
+
+class _LogEnded(Exception):
+    """The guest asked for more than a log without an end record holds."""
+
+
+def describe_output(op: int, sock: int, data: bytes, extra: Any) -> str:
+    name = p.OP_NAMES.get(op, f"op {op}")
+    detail = f" {len(data)}B {data[:24]!r}" if data else ""
+    if extra is not None:
+        detail += f" {extra!r}"
+    return f"{name} on socket {sock}{detail}"
+
+
+def describe_record(record: Record | None) -> str:
+    if record is None:
+        return "the log ends here"
+    if isinstance(record, Entry):
+        return f"a {p.KIND_NAMES.get(record.kind, record.kind)} exit at icount {record.icount}"
+    if isinstance(record, Output):
+        return "output " + describe_output(record.op, record.sock, record.data, record.extra)
+    if isinstance(record, End):
+        return f"the guest exited with returncode {record.returncode}"
+    return type(record).__name__
+
+
+class LogAnswers:
+    """Replay mode: answer exits from the log, and check outputs against it."""
+
+    def __init__(self, contents: LogContents) -> None:
+        self._records = contents.records
+        self._next = 0
+        self.output_bytes = 0
+
+    def _peek(self) -> Record | None:
+        return self._records[self._next] if self._next < len(self._records) else None
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        record = self._peek()
+        replaying = f"a {exit.kind_name} exit at icount {exit.icount}"
+        if record is None:
+            raise _LogEnded()
+        if not isinstance(record, Entry):
+            raise Divergence(
+                seq=seq, icount=exit.icount, recorded=describe_record(record), replaying=replaying
+            )
+        if (record.kind, record.icount) != (exit.kind, exit.icount):
+            raise Divergence(
+                seq=seq, icount=exit.icount, recorded=describe_record(record), replaying=replaying
+            )
+        if record.digest != exit.digest:
+            raise Divergence(
+                seq=seq,
+                icount=exit.icount,
+                recorded=f"outputs before this exit with digest {record.digest:#010x}",
+                replaying=f"outputs before this exit with digest {exit.digest:#010x}",
+            )
+        self._next += 1
+        return record.reply
+
+    def output(self, seq: int, message: tuple[Any, ...]) -> None:
+        op, sock = message[0], message[1]
+        data = message[2] if op in (p.OP_SEND, p.OP_SENDTO) else b""
+        extra = message[3] if op == p.OP_SENDTO else message[2] if op == p.OP_SHUTDOWN else None
+        record = self._peek()
+        mine = (seq, op, sock, data, extra)
+        if not isinstance(record, Output) or (
+            record.seq,
+            record.op,
+            record.sock,
+            record.data,
+            record.extra,
+        ) != mine:
+            raise Divergence(
+                seq=seq,
+                icount=-1,
+                recorded=describe_record(record),
+                replaying="output " + describe_output(op, sock, data, extra),
+            )
+        self._next += 1
+        self.output_bytes += len(data)
+
+    def remaining(self) -> Record | None:
+        return self._peek()
+
+
+@dataclass
+class ReplayResult:
+    """What a replay verified."""
+
+    entries: int
+    outputs: int
+    output_bytes: int
+    returncode: int | None
+    recorded_returncode: int | None
+    log_complete: bool  # the log had an end record
+    truncated: bool
+
+
+def check_replayable(contents: LogContents, argv: list[str] | None) -> None:
+    """Refuse, with a reason, a replay that could not reproduce the recording."""
+    header = contents.header
+    if argv is not None and argv != header.argv:
+        raise ReplayError(
+            f"the log recorded the program {' '.join(header.argv)!r}, "
+            f"not {' '.join(argv)!r}; replay runs the recorded program"
+        )
+    recorded_python = header.python.split()[0]
+    here = sys.version.split()[0]
+    if recorded_python != here:
+        raise ReplayError(
+            f"the log was recorded under Python {recorded_python}, this is Python {here}: "
+            "the interpreter must be the same for the execution to be the same"
+        )
+
+
+async def replay(
+    contents: LogContents,
+    *,
+    argv: list[str] | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> ReplayResult:
+    """Re-execute the recorded program against its log; raise Divergence on disagreement."""
+    check_replayable(contents, argv)
+    header = contents.header
+    cwd = header.cwd if os.path.isdir(header.cwd) else os.getcwd()
+    bound = log.bind(role="replayer")
+    guest = await start_guest(header.argv, header.env, cwd, stdout=stdout, stderr=stderr)
+    mode = LogAnswers(contents)
+    supervisor = Supervisor(guest, mode)
+    ended_early = False
+    try:
+        try:
+            await supervisor.run()
+        except _LogEnded:
+            ended_early = True
+        except Divergence as divergence:
+            divergence.stack = await supervisor.halt_for_stack("divergence")
+            raise
+        except GuestFailure:
+            raise
+        if ended_early:
+            if contents.records and isinstance(contents.records[-1], End):
+                end = contents.records[-1]
+                raise Divergence(
+                    seq=supervisor.seq + 1,
+                    icount=supervisor.icount,
+                    recorded=describe_record(end),
+                    replaying="the guest went on to another exit",
+                    stack=await supervisor.halt_for_stack("divergence"),
+                )
+            guest.kill()
+        returncode = await guest.wait()
+    finally:
+        await guest.aclose()
+    remaining = mode.remaining()
+    end = remaining if isinstance(remaining, End) else None
+    if not ended_early:
+        if end is None and remaining is not None:
+            raise Divergence(
+                seq=supervisor.seq,
+                icount=supervisor.icount,
+                recorded=describe_record(remaining),
+                replaying=f"the guest exited with returncode {returncode}",
+            )
+        if end is not None and end.returncode != returncode and end.reason == "guest_exited":
+            raise Divergence(
+                seq=supervisor.seq,
+                icount=supervisor.icount,
+                recorded=describe_record(end),
+                replaying=f"the guest exited with returncode {returncode}",
+            )
+    bound.info("replay_verified", entries=supervisor.seq, outputs=supervisor.outputs)
+    return ReplayResult(
+        entries=supervisor.seq,
+        outputs=supervisor.outputs,
+        output_bytes=mode.output_bytes,
+        returncode=None if ended_early else returncode,
+        recorded_returncode=end.returncode if end else None,
+        log_complete=end is not None,
+        truncated=contents.truncated_at is not None,
+    )
+
+
+def run_replay(contents: LogContents, **kwargs: Any) -> ReplayResult:
+    return trio.run(lambda: replay(contents, **kwargs))
