@@ -44,11 +44,13 @@ def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -
     )
 
 
-def _guest_argv(values: Sequence[str]) -> list[str]:
-    argv = list(values)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    return argv
+def split_guest_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """ftproxy's own arguments, and the guest's command line after the first ``--``."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     record = commands.add_parser(
         "record",
+        usage="ftproxy record --log PATH [options] -- SCRIPT [ARGS...]",
         help="run a service alone, recording every input into a log",
         description="Run SCRIPT on virtual devices, serving real clients, and log every "
         "non-deterministic input. Ctrl-C stops the guest (delivered as a logged signal).",
@@ -86,17 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="device calls between forced exits (pinned in the log)",
     )
-    record.add_argument("guest", nargs=argparse.REMAINDER, metavar="-- SCRIPT [ARGS]")
 
     replay = commands.add_parser(
         "replay",
+        usage="ftproxy replay [options] LOG [-- SCRIPT [ARGS...]]",
         help="re-execute a recorded log and verify it",
         description="Run the recorded program against its log, with no network, and check "
         "that every exit and every output is the one recorded.",
     )
     replay.add_argument("log", metavar="LOG")
     replay.add_argument("--quiet-guest", action="store_true", help="discard the guest's stdout")
-    replay.add_argument("guest", nargs=argparse.REMAINDER, metavar="-- SCRIPT [ARGS]")
 
     log_cmd = commands.add_parser("log", help="inspect a log")
     log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
@@ -125,7 +127,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.record import RecordOptions, record
     from ftproxy.wire import Policy
 
-    argv = _guest_argv(args.guest)
+    argv = args.guest
     if not argv:
         return _usage("record needs the program to run: ftproxy record --log L -- SCRIPT [ARGS]")
     try:
@@ -157,7 +159,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from ftproxy.replay import ReplayError, replay
     from ftproxy.supervisor import Divergence, GuestFailure
 
-    argv = _guest_argv(args.guest) or None
+    argv = args.guest or None
     try:
         contents = read_log(args.log)
     except LogFormatError as exc:
@@ -224,7 +226,9 @@ def _usage(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, guest = split_guest_argv(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    args.guest = guest
     json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
     configure_logging(verbose=args.verbose, json_logs=json_logs)
     handlers = {"record": _cmd_record, "replay": _cmd_replay, "log": _cmd_log}

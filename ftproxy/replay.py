@@ -91,6 +91,8 @@ class LogAnswers:
         op, sock = message[0], message[1]
         data = message[2] if op in (p.OP_SEND, p.OP_SENDTO) else b""
         extra = message[3] if op == p.OP_SENDTO else message[2] if op == p.OP_SHUTDOWN else None
+        if isinstance(extra, tuple):
+            extra = list(extra)  # the log's msgpack gives tuples back as lists
         record = self._peek()
         mine = (seq, op, sock, data, extra)
         if not isinstance(record, Output) or (

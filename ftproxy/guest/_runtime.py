@@ -210,7 +210,13 @@ class Runtime:
         """The supervisor stops this guest (a divergence): report where we are and go."""
         import traceback
 
-        stack = "".join(traceback.format_stack(sys._getframe(2)))
+        # The program's frames only: the runtime's and runpy's say nothing to a user.
+        frames = [
+            frame
+            for frame in traceback.extract_stack(sys._getframe(1))
+            if "/ftproxy/guest/" not in frame.filename and "runpy" not in frame.filename
+        ]
+        stack = "".join(traceback.format_list(frames))
         self._write(p.encode([(p.OP_STACK, stack)]))
         _real_exit(70)
 

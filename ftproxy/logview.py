@@ -1,0 +1,717 @@
+"""Reading a log the way a person would: a listing with one line per record, and totals.
+
+``describe_log`` yields the listing, ``log_summary`` the totals as a JSON-ready
+dict. Both decode entry replies (marshal bodies of the guest pipe, see
+``ftproxy.guest.protocol``) and never fail on one that does not decode: the
+listing shows ``<undecodable reply: ...>`` for it and the totals count it.
+
+The log keeps an exit's kind and result but not its request arguments, so the
+socket a BIND, LISTEN or CONNECT was about is not recorded. ``map_guest_sockets``
+infers it from the sockets that later events and outputs name; the listing
+shows ``#?`` where it cannot tell (a failed bind or connect, a socket never used).
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+import signal
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from ftproxy.guest import protocol as p
+from ftproxy.logfile import MAGIC, LogContents
+from ftproxy.wire import End, Entry, Output, Record, encode_record
+
+Address = tuple[Any, ...]
+
+# The on-disk layout of ``ftproxy.logfile``: magic, a u16 version, then records
+# each prefixed by a u32 length.
+_FILE_PREFIX_BYTES: Final = len(MAGIC) + struct.calcsize("<H")
+_RECORD_PREFIX_BYTES: Final = struct.calcsize("<I")
+
+OUTPUT_INDENT: Final = "      "
+_REPR_LIMIT: Final = 60
+_RESOLVE_SHOWN: Final = 3
+
+# Roles of a guest socket, from the exits that set it up.
+ROLE_BOUND: Final = "bound"
+ROLE_LISTENER: Final = "listener"
+ROLE_STREAM: Final = "stream"
+
+
+# -- decoding replies ---------------------------------------------------------
+
+
+class UndecodableReply(Exception):
+    """An entry's reply is not a marshal body of the shape its exit kind promises."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A decoded entry reply: the guest's clocks at the exit and the exit's result."""
+
+    wall_ns: int
+    mono_ns: int
+    result: Any
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_address(value: Any) -> bool:
+    return (
+        isinstance(value, tuple | list)
+        and len(value) in (2, 4)
+        and isinstance(value[0], str)
+        and all(_is_int(part) for part in value[1:])
+    )
+
+
+def _is_optional_address(value: Any) -> bool:
+    return value is None or _is_address(value)
+
+
+def _is_bytes(value: Any) -> bool:
+    return isinstance(value, bytes)
+
+
+# Each event's fields after its code, as checks.
+_EVENT_FIELDS: Final[dict[int, tuple[Callable[[Any], bool], ...]]] = {
+    p.EV_ACCEPT: (_is_int, _is_int, _is_address, _is_address),
+    p.EV_DATA: (_is_int, _is_bytes),
+    p.EV_EOF: (_is_int,),
+    p.EV_RESET: (_is_int, _is_int),
+    p.EV_SENT: (_is_int, _is_int),
+    p.EV_DGRAM: (_is_int, _is_bytes, _is_address),
+    p.EV_SIGNAL: (_is_int,),
+}
+
+
+def _is_event(value: Any) -> bool:
+    if not isinstance(value, tuple | list) or not value or value[0] not in _EVENT_FIELDS:
+        return False
+    checks = _EVENT_FIELDS[value[0]]
+    return len(value) == 1 + len(checks) and all(
+        check(part) for check, part in zip(checks, value[1:], strict=True)
+    )
+
+
+def _is_wait_result(result: Any) -> bool:
+    return isinstance(result, list | tuple) and all(_is_event(event) for event in result)
+
+
+def _is_boot_result(result: Any) -> bool:
+    # The protocol documents (seed, pid, exit_every, clock_step_ns); the runtime
+    # also takes a hostname after them, so accept anything from four fields on.
+    return (
+        isinstance(result, tuple | list)
+        and len(result) >= 4
+        and all(_is_int(part) for part in result[1:4])
+    )
+
+
+def _is_bind_result(result: Any) -> bool:
+    return (
+        isinstance(result, tuple | list)
+        and len(result) == 2
+        and _is_int(result[0])
+        and _is_optional_address(result[1])
+    )
+
+
+def _is_connect_result(result: Any) -> bool:
+    return (
+        isinstance(result, tuple | list)
+        and len(result) == 3
+        and _is_int(result[0])
+        and _is_optional_address(result[1])
+        and _is_optional_address(result[2])
+    )
+
+
+def _is_resolve_result(result: Any) -> bool:
+    return isinstance(result, tuple | list) and len(result) == 2 and _is_int(result[0])
+
+
+_RESULT_CHECKS: Final[dict[int, Callable[[Any], bool]]] = {
+    p.KIND_BOOT: _is_boot_result,
+    p.KIND_WAIT: _is_wait_result,
+    p.KIND_BIND: _is_bind_result,
+    p.KIND_LISTEN: _is_int,
+    p.KIND_CONNECT: _is_connect_result,
+    p.KIND_RESOLVE: _is_resolve_result,
+}
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def kind_name(kind: int) -> str:
+    """The name of an exit kind (``kind7`` for one the protocol does not define)."""
+    return p.KIND_NAMES.get(kind, f"kind{kind}")
+
+
+def decode_reply(entry: Entry) -> Reply:
+    """Decode ``entry.reply`` and check that its result fits the entry's kind.
+
+    Raise UndecodableReply when it does not, so that callers can trust the shape
+    of what they get (events are tuples of the documented arity and types).
+    """
+    try:
+        value = p.decode_body(entry.reply)
+    except p.ProtocolError as exc:
+        raise UndecodableReply(str(exc)) from None
+    if not (
+        isinstance(value, tuple) and len(value) == 3 and _is_int(value[0]) and _is_int(value[1])
+    ):
+        raise UndecodableReply(f"not a (wall_ns, mono_ns, result) reply: {_short_repr(value)}")
+    wall_ns, mono_ns, result = value
+    check = _RESULT_CHECKS.get(entry.kind)
+    if check is not None and not check(result):
+        raise UndecodableReply(f"not a {kind_name(entry.kind)} result: {_short_repr(result)}")
+    return Reply(wall_ns, mono_ns, result)
+
+
+def decode_replies(records: Sequence[Record]) -> dict[int, Reply]:
+    """The replies of all entries that decode, by the entry's index in ``records``."""
+    replies: dict[int, Reply] = {}
+    for index, record in enumerate(records):
+        if isinstance(record, Entry):
+            try:
+                replies[index] = decode_reply(record)
+            except UndecodableReply:
+                continue
+    return replies
+
+
+# -- which guest socket an exit was about -------------------------------------
+
+
+@dataclass
+class GuestSocket:
+    """A socket the guest set up with exits, as far as the log shows it."""
+
+    role: str  # ROLE_BOUND, ROLE_LISTENER or ROLE_STREAM
+    opened_at: int  # index in the records of the exit that created it
+    local: Address | None = None
+    peer: Address | None = None
+    sock: int | None = None  # its wire id, when the log lets us tell
+    entry_indexes: list[int] = field(default_factory=list)  # of its set-up exits
+
+
+@dataclass
+class SocketMap:
+    """Guest sockets and the entries that set them up."""
+
+    sockets: list[GuestSocket]
+    sock_of_entry: dict[int, int]  # an entry's index in the records -> wire id
+
+    def find(self, sock: int) -> GuestSocket | None:
+        """The set-up of the guest socket with wire id ``sock``, if known."""
+        for guest_socket in self.sockets:
+            if guest_socket.sock == sock:
+                return guest_socket
+        return None
+
+
+# How later records use a socket, which says which set-up it can have had.
+_USE_ANY: Final = "any"
+_USE_LISTENER: Final = "listener"
+_USE_STREAM: Final = "stream"
+_USE_DATAGRAM: Final = "datagram"
+
+_EVENT_USE: Final = {
+    p.EV_DATA: _USE_STREAM,
+    p.EV_EOF: _USE_STREAM,
+    p.EV_RESET: _USE_STREAM,
+    p.EV_SENT: _USE_STREAM,
+    p.EV_DGRAM: _USE_DATAGRAM,
+}
+_OUTPUT_USE: Final = {
+    p.OP_SEND: _USE_STREAM,
+    p.OP_SHUTDOWN: _USE_STREAM,
+    p.OP_SENDTO: _USE_DATAGRAM,
+    p.OP_CLOSE: _USE_ANY,
+}
+_ROLES_FOR_USE: Final = {
+    _USE_ANY: {ROLE_BOUND, ROLE_LISTENER, ROLE_STREAM},
+    _USE_LISTENER: {ROLE_LISTENER},
+    _USE_STREAM: {ROLE_STREAM},
+    _USE_DATAGRAM: {ROLE_BOUND},
+}
+
+
+def _is_guest_created(sock: int) -> bool:
+    return p.FIRST_GUEST_SOCK <= sock < p.FIRST_ACCEPTED_SOCK
+
+
+def _socket_uses(record: Record, reply: Reply | None) -> Iterator[tuple[int, str]]:
+    """The sockets ``record`` names, each with how it uses it."""
+    if isinstance(record, Output):
+        yield record.sock, _OUTPUT_USE.get(record.op, _USE_ANY)
+    elif isinstance(record, Entry) and record.kind == p.KIND_WAIT and reply is not None:
+        for event in reply.result:
+            if event[0] == p.EV_ACCEPT:
+                yield event[1], _USE_LISTENER
+            elif event[0] in _EVENT_USE:
+                yield event[1], _EVENT_USE[event[0]]
+
+
+def _first_uses(records: Sequence[Record], replies: dict[int, Reply]) -> dict[int, tuple[int, str]]:
+    """For each guest-created socket named in the log: (index of first mention, its use)."""
+    first: dict[int, tuple[int, str]] = {}
+    for index, record in enumerate(records):
+        for sock, use in _socket_uses(record, replies.get(index)):
+            if not _is_guest_created(sock):
+                continue
+            known = first.get(sock)
+            if known is None:
+                first[sock] = (index, use)
+            elif known[1] == _USE_ANY and use != _USE_ANY:
+                first[sock] = (known[0], use)
+    return first
+
+
+def _same_local_address(bound: Address | None, local: Address | None) -> bool:
+    if bound is None or local is None or bound[1] != local[1] or bound[1] == 0:
+        return False
+    return bool(bound[0] == local[0] or bound[0] in ("0.0.0.0", "::"))
+
+
+def _latest_bound(sockets: list[GuestSocket]) -> GuestSocket | None:
+    return next((s for s in reversed(sockets) if s.role == ROLE_BOUND), None)
+
+
+def _set_up_sockets(records: Sequence[Record], replies: dict[int, Reply]) -> list[GuestSocket]:
+    """The sockets that successful BIND and CONNECT exits created, in order."""
+    sockets: list[GuestSocket] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Entry) or index not in replies:
+            continue
+        result = replies[index].result
+        if record.kind == p.KIND_BIND and result[0] == 0:
+            sockets.append(GuestSocket(ROLE_BOUND, index, local=result[1]))
+            sockets[-1].entry_indexes.append(index)
+        elif record.kind == p.KIND_LISTEN:
+            # listen() follows the bind of its socket (it binds first when needed).
+            bound = _latest_bound(sockets)
+            if bound is not None:
+                bound.entry_indexes.append(index)
+                if result == 0:
+                    bound.role = ROLE_LISTENER
+        elif record.kind == p.KIND_CONNECT and result[0] == 0:
+            _, local, peer = result
+            bound = next(
+                (
+                    s
+                    for s in sockets
+                    if s.role == ROLE_BOUND and _same_local_address(s.local, local)
+                ),
+                None,
+            )
+            if bound is None:
+                bound = GuestSocket(ROLE_STREAM, index)
+                sockets.append(bound)
+            bound.role, bound.local, bound.peer = ROLE_STREAM, local, peer
+            bound.entry_indexes.append(index)
+    return sockets
+
+
+def map_guest_sockets(records: Sequence[Record], replies: dict[int, Reply]) -> SocketMap:
+    """Infer which guest socket each successful BIND, LISTEN and CONNECT was about.
+
+    The guest numbers sockets in creation order and programs mostly set sockets
+    up in that order too, so each set-up takes the lowest unclaimed wire id that
+    the log first mentions after it, in a way that fits (a listener is named by
+    accepts, a connected socket by stream traffic, a bound one by datagrams).
+    Failed exits, and sockets never mentioned again, stay unattributed.
+    """
+    first_uses = _first_uses(records, replies)
+    claimed: set[int] = set()
+    sockets = _set_up_sockets(records, replies)
+    for guest_socket in sockets:
+        candidates = [
+            sock
+            for sock, (index, use) in first_uses.items()
+            if sock not in claimed
+            and index > guest_socket.opened_at
+            and guest_socket.role in _ROLES_FOR_USE[use]
+        ]
+        if candidates:
+            guest_socket.sock = min(candidates)
+            claimed.add(guest_socket.sock)
+    sock_of_entry = {
+        index: s.sock for s in sockets if s.sock is not None for index in s.entry_indexes
+    }
+    return SocketMap(sockets, sock_of_entry)
+
+
+# -- formatting pieces --------------------------------------------------------
+
+_BYTE_ESCAPES: Final = {
+    ord("\r"): "\\r",
+    ord("\n"): "\\n",
+    ord("\t"): "\\t",
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+}
+
+
+def preview_bytes(data: bytes, limit: int) -> str:
+    """``data``'s first ``limit`` bytes, quoted, printable ASCII kept and the rest escaped."""
+    text = "".join(
+        _BYTE_ESCAPES.get(byte) or (chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}")
+        for byte in data[:limit]
+    )
+    return f'"{text}"' + ("..." if len(data) > limit else "")
+
+
+def _sized_data(data: bytes, limit: int) -> str:
+    size = f"{len(data)}B"
+    return f"{size} {preview_bytes(data, limit)}" if limit > 0 and data else size
+
+
+def format_address(address: Any) -> str:
+    """``host:port``, ``[host]:port`` for IPv6, ``-`` for none."""
+    if not _is_address(address):
+        return "-" if address is None else _short_repr(address)
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_duration(ns: int) -> str:
+    """A duration in the largest unit that keeps it readable: ``850ns``, ``1.2ms``, ``3.40s``."""
+    size = abs(ns)
+    if size < 1_000:
+        return f"{ns}ns"
+    if size < 1_000_000:
+        return f"{ns / 1e3:.1f}us"
+    if size < 1_000_000_000:
+        return f"{ns / 1e6:.1f}ms"
+    return f"{ns / 1e9:.2f}s"
+
+
+def format_iso_utc(ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 UTC, to the microsecond."""
+    try:
+        seconds = datetime.fromtimestamp(ns // 1_000_000_000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ns} ns since the epoch"
+    moment = seconds + timedelta(microseconds=(ns % 1_000_000_000) // 1_000)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _errno_name(code: int) -> str:
+    return errno.errorcode.get(code, f"errno {code}")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _sock_label(sock: int | None) -> str:
+    return "#?" if sock is None else f"#{sock}"
+
+
+_SHUTDOWN_NAMES: Final = {
+    socket.SHUT_RD: "SHUT_RD",
+    socket.SHUT_WR: "SHUT_WR",
+    socket.SHUT_RDWR: "SHUT_RDWR",
+}
+
+_GAI_ERROR_NAMES: Final = {
+    getattr(socket, name): name for name in dir(socket) if name.startswith("EAI_")
+}
+
+
+# -- one line per record ------------------------------------------------------
+
+
+def describe_event(event: tuple[Any, ...], data_preview: int) -> str:
+    """One event of a wait result, e.g. ``data #1073741824 14B "PING"``."""
+    code = event[0]
+    name = p.EVENT_NAMES.get(code, f"event{code}")
+    if code == p.EV_ACCEPT:
+        _, listener, conn, peer, _local = event
+        return f"{name} #{conn} {format_address(peer)} on #{listener}"
+    if code == p.EV_DATA:
+        return f"{name} #{event[1]} {_sized_data(event[2], data_preview)}"
+    if code == p.EV_RESET:
+        return f"{name} #{event[1]} {_errno_name(event[2])}"
+    if code == p.EV_SENT:
+        return f"{name} #{event[1]} total={event[2]}B"
+    if code == p.EV_DGRAM:
+        _, sock, data, sender = event
+        size, _, text = _sized_data(data, data_preview).partition(" ")
+        return f"{name} #{sock} {size} from {format_address(sender)} {text}".rstrip()
+    if code == p.EV_SIGNAL:
+        return f"{name} {_signal_name(event[1])}"
+    return f"{name} #{event[1]}"
+
+
+def _describe_wait(result: Any, waited: str, data_preview: int) -> str:
+    events = "; ".join(describe_event(tuple(event), data_preview) for event in result)
+    return f"wait{waited}: {events or 'no events'}"
+
+
+def _describe_boot(result: Any) -> str:
+    _seed, pid, exit_every, clock_step_ns, *rest = result
+    host = f" host={rest[0]}" if rest and isinstance(rest[0], str) else ""
+    return f"boot pid={pid} exit_every={exit_every} step={clock_step_ns}ns{host}"
+
+
+def _describe_bind(result: Any, sock: int | None) -> str:
+    code, address = result
+    if code:
+        return f"bind {_sock_label(sock)} {_errno_name(code)}"
+    return f"bind {_sock_label(sock)} -> {format_address(address)}"
+
+
+def _describe_listen(result: Any, sock: int | None) -> str:
+    return f"listen {_sock_label(sock)} {_errno_name(result) if result else 'ok'}"
+
+
+def _describe_connect(result: Any, sock: int | None) -> str:
+    code, local, peer = result
+    if code:
+        # A failed connect's result carries no addresses.
+        return f"connect {_sock_label(sock)} {_errno_name(code)}"
+    return f"connect {_sock_label(sock)} -> {format_address(peer)} from {format_address(local)}"
+
+
+def _is_addrinfo(value: Any) -> bool:
+    return isinstance(value, tuple | list) and len(value) == 5
+
+
+def _describe_resolve(result: Any) -> str:
+    code, answer = result
+    if code:
+        name = _GAI_ERROR_NAMES.get(code, f"error {code}")
+        return f"resolve failed: {name} {_short_repr(answer)}"
+    if isinstance(answer, list):
+        shown = [format_address(info[4]) for info in answer[:_RESOLVE_SHOWN] if _is_addrinfo(info)]
+        more = f" (+{len(answer) - len(shown)} more)" if len(answer) > len(shown) else ""
+        noun = "address" if len(answer) == 1 else "addresses"
+        return f"resolve -> {len(answer)} {noun}: {', '.join(shown)}{more}"
+    return f"resolve -> {_short_repr(answer)}"
+
+
+def describe_entry_result(
+    entry: Entry,
+    reply: Reply,
+    *,
+    sock: int | None,
+    previous_mono_ns: int | None,
+    data_preview: int,
+) -> str:
+    """The summary column of an entry whose reply decoded."""
+    result = reply.result
+    if entry.kind == p.KIND_WAIT:
+        waited = (
+            ""
+            if previous_mono_ns is None
+            else f" +{format_duration(reply.mono_ns - previous_mono_ns)}"
+        )
+        return _describe_wait(result, waited, data_preview)
+    if entry.kind == p.KIND_BOOT:
+        return _describe_boot(result)
+    if entry.kind == p.KIND_BIND:
+        return _describe_bind(result, sock)
+    if entry.kind == p.KIND_LISTEN:
+        return _describe_listen(result, sock)
+    if entry.kind == p.KIND_CONNECT:
+        return _describe_connect(result, sock)
+    if entry.kind == p.KIND_RESOLVE:
+        return _describe_resolve(result)
+    return f"{kind_name(entry.kind)}: {_short_repr(result)}"
+
+
+def describe_output(output: Output, *, data_preview: int = 32) -> str:
+    """An output's line: indented, after the seq of the entry it follows."""
+    name = p.OP_NAMES.get(output.op, f"op{output.op}")
+    what = f"{name} #{output.sock}"
+    if output.op == p.OP_SEND:
+        what += f" {_sized_data(output.data, data_preview)}"
+    elif output.op == p.OP_SENDTO:
+        size, _, text = _sized_data(output.data, data_preview).partition(" ")
+        what = f"{what} {size} to {format_address(output.extra)} {text}".rstrip()
+    elif output.op == p.OP_SHUTDOWN:
+        what += f" {_SHUTDOWN_NAMES.get(output.extra, _short_repr(output.extra))}"
+    elif output.data:
+        what += f" {_sized_data(output.data, data_preview)}"
+    return f"{OUTPUT_INDENT}out after seq {output.seq}: {what}"
+
+
+def describe_end(end: End) -> str:
+    """The end record's line."""
+    return f"end: {end.reason} returncode={end.returncode}"
+
+
+@dataclass(frozen=True)
+class _EntryColumns:
+    """Column widths for the entry lines, wide enough for every entry of the log."""
+
+    seq: int
+    icount: int
+    kind: int
+    size: int
+
+    @classmethod
+    def fit(cls, records: Sequence[Record]) -> _EntryColumns:
+        entries = [r for r in records if isinstance(r, Entry)]
+        return cls(
+            seq=max([len("seq"), *(len(str(e.seq)) for e in entries)]),
+            icount=max([len("icount"), *(len(str(e.icount)) for e in entries)]),
+            kind=max([len("kind"), *(len(kind_name(e.kind)) for e in entries)]),
+            size=max([len("size"), *(len(str(len(e.reply))) for e in entries)]),
+        )
+
+    def line(self, seq: object, icount: object, kind: object, size: object, summary: str) -> str:
+        return (
+            f"{seq!s:>{self.seq}} {icount!s:>{self.icount}} {kind!s:<{self.kind}} "
+            f"{size!s:>{self.size}}  {summary}"
+        )
+
+
+def _ending(contents: LogContents) -> str:
+    end = next((r for r in reversed(contents.records) if isinstance(r, End)), None)
+    if end is not None:
+        return f"ended: {end.reason} returncode={end.returncode}"
+    if contents.truncated_at is not None:
+        return f"no end record: truncated at byte {contents.truncated_at}"
+    return "no end record: the recorder stopped without writing one"
+
+
+def describe_header(contents: LogContents) -> Iterator[str]:
+    """The summary lines that open a listing."""
+    header = contents.header
+    outputs = sum(1 for _ in contents.outputs())
+    yield f"ftproxy log, format version {header.version}"
+    yield f"  argv:    {shlex.join(header.argv)}"
+    yield f"  cwd:     {header.cwd}"
+    yield f"  env:     {len(header.env)} variables"
+    yield f"  python:  {header.python}"
+    policy = header.policy
+    yield f"  policy:  exit_every={policy.exit_every} clock_step={policy.clock_step_ns}ns"
+    yield f"  created: {format_iso_utc(header.created_ns)}"
+    yield f"  records: {contents.entries} entries, {outputs} outputs; {_ending(contents)}"
+
+
+def describe_log(contents: LogContents, *, data_preview: int = 32) -> Iterator[str]:
+    """Yield a human listing of a log: header summary lines, a column heading,
+    then one line per record (entries in columns, outputs indented, the end).
+
+    ``data_preview`` is how many bytes of each payload to show (0: sizes only).
+    """
+    replies = decode_replies(contents.records)
+    sockets = map_guest_sockets(contents.records, replies)
+    columns = _EntryColumns.fit(contents.records)
+    yield from describe_header(contents)
+    yield columns.line("seq", "icount", "kind", "size", "summary")
+    previous_mono_ns: int | None = None
+    for index, record in enumerate(contents.records):
+        if isinstance(record, Entry):
+            reply = replies.get(index)
+            if reply is None:
+                summary = f"<undecodable reply: {_undecodable_reason(record)}>"
+            else:
+                summary = describe_entry_result(
+                    record,
+                    reply,
+                    sock=sockets.sock_of_entry.get(index),
+                    previous_mono_ns=previous_mono_ns,
+                    data_preview=data_preview,
+                )
+                previous_mono_ns = reply.mono_ns
+            kind = kind_name(record.kind)
+            yield columns.line(record.seq, record.icount, kind, len(record.reply), summary)
+        elif isinstance(record, Output):
+            yield describe_output(record, data_preview=data_preview)
+        elif isinstance(record, End):
+            yield describe_end(record)
+
+
+def _undecodable_reason(entry: Entry) -> str:
+    try:
+        decode_reply(entry)
+    except UndecodableReply as exc:
+        return str(exc)
+    return "it decodes"  # not reached: only entries that failed to decode get here
+
+
+# -- totals -------------------------------------------------------------------
+
+
+def encoded_size(contents: LogContents) -> int:
+    """Bytes the complete records take in a log file (a truncated tail not counted)."""
+    records: list[Record] = [contents.header, *contents.records]
+    return _FILE_PREFIX_BYTES + sum(
+        _RECORD_PREFIX_BYTES + len(encode_record(record)) for record in records
+    )
+
+
+def _count_entry(entry: Entry, reply: Reply | None, totals: Counter[str]) -> Counter[str]:
+    """Count one entry's events and input bytes into ``totals``; return the event counts."""
+    events: Counter[str] = Counter()
+    if reply is None or entry.kind != p.KIND_WAIT:
+        return events
+    for event in reply.result:
+        events[p.EVENT_NAMES.get(event[0], f"event{event[0]}")] += 1
+        if event[0] in (p.EV_DATA, p.EV_DGRAM):
+            totals["bytes_in"] += len(event[2])
+    return events
+
+
+def log_summary(contents: LogContents) -> dict[str, object]:
+    """Totals of a log as a JSON-ready dict: counts per exit kind, event and output op,
+    client input bytes (EV_DATA and EV_DGRAM payloads), output bytes, and sizes."""
+    replies = decode_replies(contents.records)
+    kinds: Counter[str] = Counter()
+    events: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    end: End | None = None
+    for index, record in enumerate(contents.records):
+        if isinstance(record, Entry):
+            kinds[kind_name(record.kind)] += 1
+            totals["reply_bytes"] += len(record.reply)
+            events += _count_entry(record, replies.get(index), totals)
+        elif isinstance(record, Output):
+            ops[p.OP_NAMES.get(record.op, f"op{record.op}")] += 1
+            totals["bytes_out"] += len(record.data)
+        elif isinstance(record, End):
+            end = record
+    walls = [reply.wall_ns for reply in replies.values()]
+    return {
+        "format_version": contents.header.version,
+        "argv": list(contents.header.argv),
+        "created_ns": contents.header.created_ns,
+        "entries": contents.entries,
+        "outputs": sum(ops.values()),
+        "ended": end is not None,
+        "end_reason": None if end is None else end.reason,
+        "returncode": None if end is None else end.returncode,
+        "truncated": contents.truncated_at is not None,
+        "truncated_at": contents.truncated_at,
+        "entries_by_kind": dict(kinds),
+        "events_by_type": dict(events),
+        "outputs_by_op": dict(ops),
+        "bytes_in": totals["bytes_in"],
+        "bytes_out": totals["bytes_out"],
+        "reply_bytes": totals["reply_bytes"],
+        "undecodable_replies": contents.entries - len(replies),
+        "wall_span_ns": max(walls) - min(walls) if walls else 0,
+        "log_bytes": encoded_size(contents),
+    }

@@ -1,0 +1,162 @@
+"""Running ftproxy as a user does, in real processes, for the tests."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+GUESTS = Path(__file__).resolve().parent / "guests"
+FTPROXY = [sys.executable, "-m", "ftproxy.cli", "--log-format", "json"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_line_until(stream, marker: str, timeout: float = 20.0) -> list[str]:
+    """Read lines from ``stream`` until one contains ``marker``; fail past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no line with {marker!r} within {timeout}s; got {lines}")
+        ready, _, _ = select.select([stream], [], [], remaining)
+        if not ready:
+            continue
+        line = stream.readline()
+        if not line:
+            raise AssertionError(f"stream closed before {marker!r}; got {lines}")
+        lines.append(line)
+        if marker in line:
+            return lines
+
+
+class Recording:
+    """``ftproxy record`` of a guest, started and stopped the way a user would."""
+
+    def __init__(
+        self,
+        log: Path,
+        script: Path,
+        *args: str,
+        ready_marker: str = "listening",
+        record_args: tuple[str, ...] = (),
+    ) -> None:
+        self.log = log
+        self.command = [*FTPROXY, "record", "--log", str(log), *record_args, "--", str(script), *args]
+        self.ready_marker = ready_marker
+        self.process: subprocess.Popen[str] | None = None
+        self.stdout_lines: list[str] = []
+        self.stderr = ""
+
+    def __enter__(self) -> Recording:
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        if self.ready_marker:
+            assert self.process.stdout is not None
+            self.stdout_lines = read_line_until(self.process.stdout, self.ready_marker)
+        return self
+
+    def stop(self, signum: int | None = signal.SIGINT, timeout: float = 20.0) -> int:
+        """Signal the recorder as Ctrl-C would (None: let it end); return its exit code."""
+        assert self.process is not None
+        if signum is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+        out, err = self.process.communicate(timeout=timeout)
+        self.stdout_lines += out.splitlines(keepends=True)
+        self.stderr = err
+        return self.process.returncode
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def run_ftproxy(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FTPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ},
+    )
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before {marker!r}; got {data!r}")
+        data += chunk
+        assert len(data) < limit
+    return data
+
+
+class Resp:
+    """A tiny RESP client: enough to check replies exactly."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = connect(port)
+        self.file = self.sock.makefile("rb")
+
+    def command(self, *parts: str | bytes) -> object:
+        encoded = [p.encode() if isinstance(p, str) else p for p in parts]
+        frame = b"*%d\r\n" % len(encoded) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded
+        )
+        self.sock.sendall(frame)
+        return self.read()
+
+    def read(self) -> object:
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            return RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.file.read(size + 2)[:-2]
+            return data
+        if kind == b"*":
+            return [self.read() for _ in range(int(rest))]
+        raise AssertionError(f"bad RESP line {line!r}")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def signal_name(code: int) -> str:
+    return signal.Signals(-code).name if code < 0 else str(code)
