@@ -25,8 +25,15 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from ftproxy.logfile import LogFormatError, LogWriter, read_log
-    from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Output, Policy
+    from ftproxy.logfile import LogFormatError as LogFormatError
+    from ftproxy.logfile import LogWriter as LogWriter
+    from ftproxy.logfile import read_log as read_log
+    from ftproxy.wire import FORMAT_VERSION as FORMAT_VERSION
+    from ftproxy.wire import End as End
+    from ftproxy.wire import Entry as Entry
+    from ftproxy.wire import Header as Header
+    from ftproxy.wire import Output as Output
+    from ftproxy.wire import Policy as Policy
 
 __all__ = sorted(_EXPORTS)
 

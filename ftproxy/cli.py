@@ -165,8 +165,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except LogFormatError as exc:
         return _usage(str(exc))
     if contents.truncated_at is not None:
-        print(f"ftproxy replay: note: {args.log} ends in a partial record at byte "
-              f"{contents.truncated_at}; replaying the complete records", file=sys.stderr)
+        print(
+            f"ftproxy replay: note: {args.log} ends in a partial record at byte "
+            f"{contents.truncated_at}; replaying the complete records",
+            file=sys.stderr,
+        )
     stdout = subprocess.DEVNULL if args.quiet_guest else None
     try:
         result = trio.run(lambda: replay(contents, argv=argv, stdout=stdout))

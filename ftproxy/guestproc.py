@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -28,7 +29,10 @@ class GuestProcess:
     """A running guest and the supervisor's end of its pipe."""
 
     def __init__(
-        self, process: trio.Process, replies: trio.lowlevel.FdStream, requests: trio.lowlevel.FdStream
+        self,
+        process: trio.Process,
+        replies: trio.lowlevel.FdStream,
+        requests: trio.lowlevel.FdStream,
     ) -> None:
         self.process = process
         self._replies = replies
@@ -50,7 +54,9 @@ class GuestProcess:
                     del self._buffer[:end]
                     messages = p.decode_body(body)
                     if not isinstance(messages, list) or not messages:
-                        raise p.ProtocolError(f"guest frame is not a list of messages: {messages!r:.80}")
+                        raise p.ProtocolError(
+                            f"guest frame is not a list of messages: {messages!r:.80}"
+                        )
                     return messages
             try:
                 chunk = await self._requests.receive_some(256 * 1024)
@@ -58,23 +64,22 @@ class GuestProcess:
                 chunk = b""
             if not chunk:
                 if self._buffer:
-                    raise p.ProtocolError(f"guest pipe closed inside a frame ({len(self._buffer)} bytes)")
+                    raise p.ProtocolError(
+                        f"guest pipe closed inside a frame ({len(self._buffer)} bytes)"
+                    )
                 return None
             self._buffer += chunk
 
     async def reply(self, body: bytes) -> None:
         """Send one reply body (the framing is added here)."""
-        try:
+        # A guest that is gone shows as the end of receive(); nothing to do here.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._replies.send_all(p.LENGTH.pack(len(body)) + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the guest is gone; receive() reports that
 
     def kill(self) -> None:
         if self.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     async def wait(self) -> int:
         return await self.process.wait()

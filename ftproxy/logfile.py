@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from ftproxy.wire import FORMAT_VERSION, Entry, Header, Output, Record, WireError
-from ftproxy.wire import decode_record, encode_record
+from ftproxy.wire import (
+    FORMAT_VERSION,
+    Entry,
+    Header,
+    Output,
+    Record,
+    WireError,
+    decode_record,
+    encode_record,
+)
 
 MAGIC: Final = b"FTLOG\x00"
 _VERSION: Final = struct.Struct("<H")

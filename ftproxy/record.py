@@ -110,7 +110,9 @@ class WorldAnswers:
         try:
             result, floor = await self._result(exit)
         except (TypeError, ValueError) as exc:
-            raise GuestFailure(f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}") from None
+            raise GuestFailure(
+                f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}"
+            ) from None
         wall, mono = self._clock.snapshot(exit.icount, floor)
         body = p.encode_body((wall, mono, result))
         self._log.append(Entry(seq, exit.icount, exit.kind, exit.digest, body))
@@ -240,7 +242,9 @@ async def record(
                 await guest.aclose()
     finally:
         writer.close()
-    return RecordResult(returncode, supervisor.seq, supervisor.outputs, writer.bytes_written, received)
+    return RecordResult(
+        returncode, supervisor.seq, supervisor.outputs, writer.bytes_written, received
+    )
 
 
 async def _flush_periodically(writer: LogWriter) -> None:

@@ -95,13 +95,17 @@ class LogAnswers:
             extra = list(extra)  # the log's msgpack gives tuples back as lists
         record = self._peek()
         mine = (seq, op, sock, data, extra)
-        if not isinstance(record, Output) or (
-            record.seq,
-            record.op,
-            record.sock,
-            record.data,
-            record.extra,
-        ) != mine:
+        if (
+            not isinstance(record, Output)
+            or (
+                record.seq,
+                record.op,
+                record.sock,
+                record.data,
+                record.extra,
+            )
+            != mine
+        ):
             raise Divergence(
                 seq=seq,
                 icount=-1,
@@ -172,12 +176,12 @@ async def replay(
         except GuestFailure:
             raise
         if ended_early:
-            if contents.records and isinstance(contents.records[-1], End):
-                end = contents.records[-1]
+            last = contents.records[-1] if contents.records else None
+            if isinstance(last, End):
                 raise Divergence(
                     seq=supervisor.seq + 1,
                     icount=supervisor.icount,
-                    recorded=describe_record(end),
+                    recorded=describe_record(last),
                     replaying="the guest went on to another exit",
                     stack=await supervisor.halt_for_stack("divergence"),
                 )

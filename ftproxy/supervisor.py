@@ -51,7 +51,11 @@ class Divergence(Exception):
         super().__init__(f"divergence at log entry {seq}")
 
     def report(self) -> str:
-        where = f"after the exit at icount {self.icount}" if self.after_exit else f"icount {self.icount}"
+        where = (
+            f"after the exit at icount {self.icount}"
+            if self.after_exit
+            else f"icount {self.icount}"
+        )
         lines = [
             f"divergence at log entry {self.seq} ({where}):",
             f"  recorded:  {self.recorded}",

@@ -82,6 +82,7 @@ def encode_record(record: Record) -> bytes:
 def decode_record(body: bytes | memoryview) -> Record:
     """Decode one record; raise WireError when the bytes are not one."""
     try:
-        return _decoder.decode(body)
+        record: Record = _decoder.decode(body)
+        return record
     except msgspec.DecodeError as exc:
         raise WireError(str(exc)) from None

@@ -55,7 +55,16 @@ class Recording:
         record_args: tuple[str, ...] = (),
     ) -> None:
         self.log = log
-        self.command = [*FTPROXY, "record", "--log", str(log), *record_args, "--", str(script), *args]
+        self.command = [
+            *FTPROXY,
+            "record",
+            "--log",
+            str(log),
+            *record_args,
+            "--",
+            str(script),
+            *args,
+        ]
         self.ready_marker = ready_marker
         self.process: subprocess.Popen[str] | None = None
         self.stdout_lines: list[str] = []
@@ -97,7 +106,11 @@ class Recording:
 
 def run_ftproxy(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*FTPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [*FTPROXY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ},
     )
 

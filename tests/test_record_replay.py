@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from support import EXAMPLES, GUESTS, Recording, connect, free_port, recv_until, run_ftproxy
 
 from ftproxy.logfile import read_log
 from ftproxy.replay import ReplayResult, replay
 from ftproxy.supervisor import Divergence
 from ftproxy.wire import End, Output
-from support import EXAMPLES, GUESTS, Recording, Resp, connect, free_port, recv_until, run_ftproxy
 
 
 def replay_log(path: Path) -> ReplayResult:
@@ -57,7 +57,9 @@ def test_kv_under_redis_cli_replays(tmp_path: Path) -> None:
     log = tmp_path / "kv.ftlog"
     with Recording(log, EXAMPLES / "kv.py", "--port", str(port)) as rec:
         cli = ["redis-cli", "-p", str(port)]
-        assert subprocess.run([*cli, "set", "a", "1"], capture_output=True, text=True).stdout == "OK\n"
+        assert (
+            subprocess.run([*cli, "set", "a", "1"], capture_output=True, text=True).stdout == "OK\n"
+        )
         assert subprocess.run([*cli, "incr", "n"], capture_output=True, text=True).stdout == "1\n"
         assert subprocess.run([*cli, "incr", "n"], capture_output=True, text=True).stdout == "2\n"
         assert subprocess.run([*cli, "get", "a"], capture_output=True, text=True).stdout == "1\n"
@@ -72,9 +74,21 @@ def test_kv_under_redis_benchmark_replays(tmp_path: Path) -> None:
     log = tmp_path / "kvbench.ftlog"
     with Recording(log, EXAMPLES / "kv.py", "--port", str(port)) as rec:
         bench = subprocess.run(
-            ["redis-benchmark", "-p", str(port), "-t", "ping,set,get,incr", "-n", "400",
-             "-c", "10", "-q"],
-            capture_output=True, text=True, timeout=120,
+            [
+                "redis-benchmark",
+                "-p",
+                str(port),
+                "-t",
+                "ping,set,get,incr",
+                "-n",
+                "400",
+                "-c",
+                "10",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert bench.returncode == 0, bench.stderr
         assert "ERR" not in bench.stdout + bench.stderr

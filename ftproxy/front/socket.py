@@ -9,6 +9,7 @@ the kernel takes them, and queued otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections import deque
@@ -223,7 +224,7 @@ class SocketFront:
                 stream.to_write.ring()
             return
         for table in (self._listeners, self._datagrams):
-            entry = table.pop(sock_id, None)  # type: ignore[attr-defined]
+            entry = table.pop(sock_id, None)
             if entry is not None:
                 entry.cancel.cancel()
                 entry.sock.close()
@@ -382,10 +383,8 @@ class SocketFront:
                 await stream.to_write.wait()
 
     def _shutdown_real(self, stream: _Stream, how: int) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the peer may be gone already
             stream.sock.shutdown(how)
-        except OSError:
-            pass
 
     async def _receive_datagrams(self, datagram: _Datagram) -> None:
         with datagram.cancel:
@@ -420,10 +419,10 @@ class SocketFront:
         for sid in list(self._streams):
             self._drop(sid)
         for table in (self._listeners, self._datagrams):
-            for entry in table.values():  # type: ignore[attr-defined]
+            for entry in table.values():
                 entry.cancel.cancel()
                 entry.sock.close()
-            table.clear()  # type: ignore[attr-defined]
+            table.clear()
         for sock in self._bound.values():
             sock.close()
         self._bound.clear()
@@ -436,7 +435,8 @@ def parse_address_map(items: list[str]) -> AddressMap:
         guest, _, real = item.partition("=")
         host, _, port = real.rpartition(":")
         if not guest.isdigit() or not port.isdigit() or not host:
-            raise ValueError(f"--map {item!r}: expected GUESTPORT=HOST:PORT, e.g. 6380=127.0.0.1:16380")
+            raise ValueError(
+                f"--map {item!r}: expected GUESTPORT=HOST:PORT, e.g. 6380=127.0.0.1:16380"
+            )
         mapping[int(guest)] = (host.strip("[]"), int(port))
     return mapping
-

@@ -51,7 +51,7 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
         module.bind_runtime(runtime)
     originals: dict[int, Any] = {}
 
-    def replace(module: ModuleType, name: str, value: Any) -> None:
+    def replace(module: ModuleType | type, name: str, value: Any) -> None:
         old = getattr(module, name, None)
         if old is not None:
             originals[id(old)] = value
@@ -98,15 +98,23 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
         replace(socket, name, getattr(_vsocket, name))
     for name in ("fromfd", "fromshare", "send_fds", "recv_fds"):
         if hasattr(socket, name):
-            replace(socket, name, _refuse(f"socket.{name}", "host file descriptors cannot be replayed"))
+            replace(
+                socket, name, _refuse(f"socket.{name}", "host file descriptors cannot be replayed")
+            )
 
     replace(select, "select", _vselect.select)
     replace(select, "poll", _vselect.poll)
     for name in ("epoll", "devpoll", "kqueue"):
         if hasattr(select, name):
             replace(select, name, getattr(_vselect, name))
-    for name in ("DefaultSelector", "SelectSelector", "PollSelector", "EpollSelector",
-                 "DevpollSelector", "KqueueSelector"):
+    for name in (
+        "DefaultSelector",
+        "SelectSelector",
+        "PollSelector",
+        "EpollSelector",
+        "DevpollSelector",
+        "KqueueSelector",
+    ):
         if hasattr(selectors, name):
             replace(selectors, name, _vselect.VirtualSelector)
 
@@ -174,7 +182,7 @@ def _inline_default_executor(module: ModuleType) -> None:
 
 
 def _refuse_fork_exec(module: ModuleType) -> None:
-    module.fork_exec = _refuse("subprocess", _PROCESS_WHY)
+    setattr(module, "fork_exec", _refuse("subprocess", _PROCESS_WHY))  # noqa: B010
 
 
 class _PatchOnImport(MetaPathFinder):
@@ -199,7 +207,7 @@ class _PatchOnImport(MetaPathFinder):
             if finder is self:
                 continue
             find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find else None
+            spec: ModuleSpec | None = find(fullname, path, target) if find else None
             if spec is not None:
                 break
         else:

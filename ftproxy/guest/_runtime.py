@@ -16,7 +16,7 @@ import os
 import sys
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ftproxy.guest import protocol as p
@@ -67,9 +67,7 @@ class Runtime:
         self.digest = 0
         # Live sockets by wire id (those that take part in exits) and by fd.
         # Weak, so that a socket the program drops is collected and closed.
-        self.sockets: weakref.WeakValueDictionary[int, GuestSocket] = (
-            weakref.WeakValueDictionary()
-        )
+        self.sockets: weakref.WeakValueDictionary[int, GuestSocket] = weakref.WeakValueDictionary()
         self.by_fd: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         # Sockets whose unacknowledged output passed half their send buffer.
         self.pressured: set[int] = set()
@@ -156,14 +154,11 @@ class Runtime:
     def wait(
         self,
         deadline_ns: int | None,
-        readable: list[GuestSocket],
-        writable: list[GuestSocket],
+        readable: Sequence[GuestSocket],
+        writable: Sequence[GuestSocket],
     ) -> None:
         """Block until input for ``readable``, room in ``writable``, a signal or the deadline."""
-        if deadline_ns is None:
-            timeout = -1
-        else:
-            timeout = max(0, deadline_ns - self.mono_ns())
+        timeout = -1 if deadline_ns is None else max(0, deadline_ns - self.mono_ns())
         want_in = [s.wire_id for s in readable if s._wants_input()]
         want_out = [s.wire_id for s in writable if s._write_blocked()]
         self._exit_wait(timeout, want_in, want_out)

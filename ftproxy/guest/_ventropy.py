@@ -56,6 +56,6 @@ def install_random(entropy: Entropy) -> None:
     _random.Random.seed = seed  # type: ignore[method-assign]
     _random._urandom = entropy.urandom  # type: ignore[attr-defined]
     # random.seed is a method bound to the original seed at import: rebind it.
-    instance = _random._inst  # type: ignore[attr-defined]
+    instance = _random._inst
     _random.seed = instance.seed
     instance.seed()

@@ -96,7 +96,9 @@ class VirtualPoll:
     def __init__(self) -> None:
         self._registered: dict[int, int] = {}
 
-    def register(self, fd: Any, eventmask: int = _select.POLLIN | _select.POLLPRI | _select.POLLOUT) -> None:
+    def register(
+        self, fd: Any, eventmask: int = _select.POLLIN | _select.POLLPRI | _select.POLLOUT
+    ) -> None:
         self._registered[_fd_of(fd)] = eventmask
 
     def modify(self, fd: Any, eventmask: int) -> None:
@@ -152,6 +154,8 @@ kqueue = _refuse("select.kqueue")
 
 class VirtualSelector(selectors._BaseSelectorImpl):
     """Stands in for every selector class (DefaultSelector, PollSelector, ...)."""
+
+    _fd_to_key: dict[int, selectors.SelectorKey]
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         keys = list(self._fd_to_key.values())

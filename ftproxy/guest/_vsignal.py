@@ -109,7 +109,9 @@ def _refuse(name: str, why: str) -> Callable[..., Any]:
     return refused
 
 
-_TIMER_WHY = "signal-driven timers fire at host-chosen points; use time.sleep, select or asyncio timers"
+_TIMER_WHY = (
+    "signal-driven timers fire at host-chosen points; use time.sleep, select or asyncio timers"
+)
 
 REPLACEMENTS: dict[str, Any] = {
     "signal": signal,

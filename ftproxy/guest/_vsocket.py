@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket as _socket
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from ftproxy.guest import protocol as p
@@ -39,6 +40,8 @@ def _os_error(code: int) -> OSError:
 
 class VirtualSocket:
     """A socket whose every effect goes through the guest's exits."""
+
+    _timeout: float | None
 
     def __init__(
         self,
@@ -82,8 +85,7 @@ class VirtualSocket:
         self._fd = _runtime.allocate_fd()
         self.wire_id = self._fd
         _runtime.by_fd[self._fd] = self
-        default = _socket.getdefaulttimeout()
-        self._timeout: float | None = default
+        self._timeout = _socket.getdefaulttimeout()
         self._closed = False
         self._closed_by_user = False
         self._io_refs = 0
@@ -560,8 +562,9 @@ class VirtualSocket:
 
     def makefile(self, mode: str = "r", buffering: int | None = None, **kwargs: Any) -> Any:
         _runtime.tick()
-        return _real_socket_class.makefile(self, mode, buffering, **kwargs)  # type: ignore[arg-type]
-
+        # The stdlib's makefile needs only recv_into, send and _io_refs of its socket.
+        makefile: Any = _real_socket_class.makefile
+        return makefile(self, mode, buffering, **kwargs)
 
 
 def socketpair(
@@ -621,10 +624,14 @@ def getaddrinfo(
         port = 0
     if host is None:
         passive = flags & _socket.AI_PASSIVE
-        hosts = [("0.0.0.0", _socket.AF_INET), ("::", _socket.AF_INET6)] if passive else [
-            ("127.0.0.1", _socket.AF_INET),
-            ("::1", _socket.AF_INET6),
-        ]
+        hosts = (
+            [("0.0.0.0", _socket.AF_INET), ("::", _socket.AF_INET6)]
+            if passive
+            else [
+                ("127.0.0.1", _socket.AF_INET),
+                ("::1", _socket.AF_INET6),
+            ]
+        )
     else:
         literal = _literal_address(host, family)
         if literal is not None and isinstance(port, int):
@@ -646,7 +653,7 @@ def getaddrinfo(
 
 
 def _addrinfo_list(
-    hosts: list[tuple[str, int]], port: int, family: int, type: int, proto: int
+    hosts: Sequence[tuple[str, int]], port: int, family: int, type: int, proto: int
 ) -> list[tuple[Any, ...]]:
     kinds = [type] if type else [_STREAM, _DGRAM]
     out: list[tuple[Any, ...]] = []
