@@ -1,0 +1,1 @@
+"""Benchmarks: every figure measured side by side in one run, saved as JSON."""
