@@ -18,7 +18,7 @@ import shlex
 import signal
 import socket
 import struct
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -208,19 +208,20 @@ class GuestSocket:
     entry_indexes: list[int] = field(default_factory=list)  # of its set-up exits
 
 
-@dataclass
 class SocketMap:
     """Guest sockets and the entries that set them up."""
 
-    sockets: list[GuestSocket]
-    sock_of_entry: dict[int, int]  # an entry's index in the records -> wire id
+    def __init__(self, sockets: list[GuestSocket]) -> None:
+        self.sockets = sockets
+        self.by_sock = {s.sock: s for s in sockets if s.sock is not None}
+        # An entry's index in the records -> the wire id of the socket it set up.
+        self.sock_of_entry = {
+            index: s.sock for s in sockets if s.sock is not None for index in s.entry_indexes
+        }
 
     def find(self, sock: int) -> GuestSocket | None:
         """The set-up of the guest socket with wire id ``sock``, if known."""
-        for guest_socket in self.sockets:
-            if guest_socket.sock == sock:
-                return guest_socket
-        return None
+        return self.by_sock.get(sock)
 
 
 # How later records use a socket, which says which set-up it can have had.
@@ -287,72 +288,93 @@ def _same_local_address(bound: Address | None, local: Address | None) -> bool:
     return bool(bound[0] == local[0] or bound[0] in ("0.0.0.0", "::"))
 
 
-def _latest_bound(sockets: list[GuestSocket]) -> GuestSocket | None:
-    return next((s for s in reversed(sockets) if s.role == ROLE_BOUND), None)
+class _SetUps:
+    """The guest sockets that exits set up, collected in log order."""
+
+    def __init__(self) -> None:
+        self.sockets: list[GuestSocket] = []
+        self._bound_only: list[GuestSocket] = []  # bound, neither listening nor connected
+
+    def bind(self, index: int, local: Address) -> None:
+        guest_socket = GuestSocket(ROLE_BOUND, index, local=local, entry_indexes=[index])
+        self.sockets.append(guest_socket)
+        self._bound_only.append(guest_socket)
+
+    def listen(self, index: int, ok: bool) -> None:
+        # listen() follows the bind of its socket (it binds first when needed).
+        if not self._bound_only:
+            return
+        bound = self._bound_only[-1]
+        bound.entry_indexes.append(index)
+        if ok:
+            bound.role = ROLE_LISTENER
+            self._bound_only.pop()
+
+    def connect(self, index: int, local: Address, peer: Address) -> None:
+        # A socket bound before it connects keeps its port.
+        bound = next((s for s in self._bound_only if _same_local_address(s.local, local)), None)
+        if bound is None:
+            bound = GuestSocket(ROLE_STREAM, index)
+            self.sockets.append(bound)
+        else:
+            self._bound_only.remove(bound)
+        bound.role, bound.local, bound.peer = ROLE_STREAM, local, peer
+        bound.entry_indexes.append(index)
 
 
 def _set_up_sockets(records: Sequence[Record], replies: dict[int, Reply]) -> list[GuestSocket]:
-    """The sockets that successful BIND and CONNECT exits created, in order."""
-    sockets: list[GuestSocket] = []
+    """The sockets that successful BIND and CONNECT exits created, in log order."""
+    set_ups = _SetUps()
     for index, record in enumerate(records):
         if not isinstance(record, Entry) or index not in replies:
             continue
         result = replies[index].result
         if record.kind == p.KIND_BIND and result[0] == 0:
-            sockets.append(GuestSocket(ROLE_BOUND, index, local=result[1]))
-            sockets[-1].entry_indexes.append(index)
+            set_ups.bind(index, result[1])
         elif record.kind == p.KIND_LISTEN:
-            # listen() follows the bind of its socket (it binds first when needed).
-            bound = _latest_bound(sockets)
-            if bound is not None:
-                bound.entry_indexes.append(index)
-                if result == 0:
-                    bound.role = ROLE_LISTENER
+            set_ups.listen(index, ok=result == 0)
         elif record.kind == p.KIND_CONNECT and result[0] == 0:
-            _, local, peer = result
-            bound = next(
-                (
-                    s
-                    for s in sockets
-                    if s.role == ROLE_BOUND and _same_local_address(s.local, local)
-                ),
-                None,
-            )
-            if bound is None:
-                bound = GuestSocket(ROLE_STREAM, index)
-                sockets.append(bound)
-            bound.role, bound.local, bound.peer = ROLE_STREAM, local, peer
-            bound.entry_indexes.append(index)
-    return sockets
+            set_ups.connect(index, result[1], result[2])
+    return set_ups.sockets
+
+
+def _claim_wire_ids(sockets: list[GuestSocket], first_uses: dict[int, tuple[int, str]]) -> None:
+    """Give each socket the lowest unclaimed id first used after its set-up, in a fitting way.
+
+    Sockets come in log order, so an id first used before one socket's set-up
+    is also used before every later one's: it can be dropped for good.
+    """
+    unclaimed: dict[str, deque[tuple[int, int]]] = defaultdict(deque)
+    for sock, (index, use) in sorted(first_uses.items()):
+        unclaimed[use].append((sock, index))
+    for guest_socket in sockets:
+        heads: list[tuple[int, str]] = []
+        for use, queue in unclaimed.items():
+            if guest_socket.role not in _ROLES_FOR_USE[use]:
+                continue
+            while queue and queue[0][1] <= guest_socket.opened_at:
+                queue.popleft()
+            if queue:
+                heads.append((queue[0][0], use))
+        if heads:
+            sock, use = min(heads)
+            unclaimed[use].popleft()
+            guest_socket.sock = sock
 
 
 def map_guest_sockets(records: Sequence[Record], replies: dict[int, Reply]) -> SocketMap:
     """Infer which guest socket each successful BIND, LISTEN and CONNECT was about.
 
+    ``replies`` are the decoded replies by record index (``decode_replies``).
     The guest numbers sockets in creation order and programs mostly set sockets
     up in that order too, so each set-up takes the lowest unclaimed wire id that
     the log first mentions after it, in a way that fits (a listener is named by
     accepts, a connected socket by stream traffic, a bound one by datagrams).
     Failed exits, and sockets never mentioned again, stay unattributed.
     """
-    first_uses = _first_uses(records, replies)
-    claimed: set[int] = set()
     sockets = _set_up_sockets(records, replies)
-    for guest_socket in sockets:
-        candidates = [
-            sock
-            for sock, (index, use) in first_uses.items()
-            if sock not in claimed
-            and index > guest_socket.opened_at
-            and guest_socket.role in _ROLES_FOR_USE[use]
-        ]
-        if candidates:
-            guest_socket.sock = min(candidates)
-            claimed.add(guest_socket.sock)
-    sock_of_entry = {
-        index: s.sock for s in sockets if s.sock is not None for index in s.entry_indexes
-    }
-    return SocketMap(sockets, sock_of_entry)
+    _claim_wire_ids(sockets, _first_uses(records, replies))
+    return SocketMap(sockets)
 
 
 # -- formatting pieces --------------------------------------------------------
