@@ -53,6 +53,22 @@ def describe_record(record: Record | None) -> str:
     return type(record).__name__
 
 
+def check_entry(seq: int, record: Record, exit: Exit) -> None:
+    """Raise Divergence unless ``record`` is the entry for this exit of the replaying guest."""
+    replaying = f"a {exit.kind_name} exit at icount {exit.icount}"
+    if not isinstance(record, Entry) or (record.kind, record.icount) != (exit.kind, exit.icount):
+        raise Divergence(
+            seq=seq, icount=exit.icount, recorded=describe_record(record), replaying=replaying
+        )
+    if record.digest != exit.digest:
+        raise Divergence(
+            seq=seq,
+            icount=exit.icount,
+            recorded=f"outputs before this exit with digest {record.digest:#010x}",
+            replaying=f"outputs before this exit with digest {exit.digest:#010x}",
+        )
+
+
 class LogAnswers:
     """Replay mode: answer exits from the log, and check outputs against it."""
 
@@ -66,25 +82,11 @@ class LogAnswers:
 
     async def answer(self, seq: int, exit: Exit) -> bytes:
         record = self._peek()
-        replaying = f"a {exit.kind_name} exit at icount {exit.icount}"
         if record is None:
             raise _LogEnded()
-        if not isinstance(record, Entry):
-            raise Divergence(
-                seq=seq, icount=exit.icount, recorded=describe_record(record), replaying=replaying
-            )
-        if (record.kind, record.icount) != (exit.kind, exit.icount):
-            raise Divergence(
-                seq=seq, icount=exit.icount, recorded=describe_record(record), replaying=replaying
-            )
-        if record.digest != exit.digest:
-            raise Divergence(
-                seq=seq,
-                icount=exit.icount,
-                recorded=f"outputs before this exit with digest {record.digest:#010x}",
-                replaying=f"outputs before this exit with digest {exit.digest:#010x}",
-            )
+        check_entry(seq, record, exit)
         self._next += 1
+        assert isinstance(record, Entry)
         return record.reply
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:

@@ -1,0 +1,266 @@
+"""The replication core, sans I/O: roles, the output gate, lag and failure deadlines.
+
+Like h11, it takes what happened and ``now`` and says what to do; it never
+sleeps, reads a clock or touches a socket, so every rule here is tested without
+processes (tests/test_replication.py, with a hypothesis state machine).
+
+Roles and their transitions live in one table, ``TRANSITIONS``:
+
+    primary ──peer_lost──▶ arbitrating ──won──▶ live       (continue solo)
+    backup  ──peer_lost──▶ arbitrating ──lost─▶ halted     (release nothing)
+
+A primary holds each output until the backup has acknowledged receipt of the
+log entry it follows (the output rule); a live replica releases at once; an
+arbitrating one holds; a halted one releases nothing, ever.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+DEFAULT_HEARTBEAT_S: Final = 0.05
+DEFAULT_PEER_TIMEOUT_S: Final = 0.5
+DEFAULT_MAX_LAG_S: Final = 0.1
+DEFAULT_MAX_LAG_BYTES: Final = 8 * 1024 * 1024
+
+
+class Role(enum.Enum):
+    PRIMARY = "primary"
+    BACKUP = "backup"
+    ARBITRATING = "arbitrating"
+    LIVE = "live"
+    HALTED = "halted"
+
+
+class Event(enum.Enum):
+    PEER_LOST = "peer_lost"
+    WON = "won"
+    LOST = "lost"
+    HALT = "halt"
+
+
+TRANSITIONS: Final[dict[tuple[Role, Event], Role]] = {
+    (Role.PRIMARY, Event.PEER_LOST): Role.ARBITRATING,
+    (Role.BACKUP, Event.PEER_LOST): Role.ARBITRATING,
+    (Role.ARBITRATING, Event.WON): Role.LIVE,
+    (Role.ARBITRATING, Event.LOST): Role.HALTED,
+    (Role.PRIMARY, Event.HALT): Role.HALTED,
+    (Role.BACKUP, Event.HALT): Role.HALTED,
+    (Role.ARBITRATING, Event.HALT): Role.HALTED,
+    (Role.LIVE, Event.HALT): Role.HALTED,
+}
+
+
+class LocalProtocolError(Exception):
+    """The caller asked the core for something its state does not allow."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    max_lag_s: float = DEFAULT_MAX_LAG_S
+    max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.peer_timeout_s:
+            raise ValueError("the heartbeat interval must be positive and below the peer timeout")
+        if self.max_lag_s <= 0 or self.max_lag_bytes <= 0:
+            raise ValueError("lag bounds must be positive")
+
+
+T = TypeVar("T")
+
+
+class OutputGate(Generic[T]):
+    """Outputs in emission order, each held until the entry it follows is acknowledged."""
+
+    def __init__(self) -> None:
+        self._held: deque[tuple[int, T]] = deque()
+        self.acked = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, seq: int, output: T) -> None:
+        if self._held and seq < self._held[-1][0]:
+            raise LocalProtocolError(f"output after entry {seq} came after one for a later entry")
+        self._held.append((seq, output))
+
+    def ack(self, seq: int) -> list[T]:
+        """Acknowledge receipt up to ``seq``; return the outputs this releases, in order."""
+        if seq > self.acked:
+            self.acked = seq
+        released = []
+        while self._held and self._held[0][0] <= self.acked:
+            released.append(self._held.popleft()[1])
+        return released
+
+    def release_all(self) -> list[T]:
+        released = [output for _, output in self._held]
+        self._held.clear()
+        return released
+
+    def drop_all(self) -> int:
+        count = len(self._held)
+        self._held.clear()
+        return count
+
+
+class Replica(Generic[T]):
+    """One replica's replication state; the trio shell feeds it and obeys it."""
+
+    def __init__(self, role: Role, now: float, timing: Timing = Timing()) -> None:
+        if role not in (Role.PRIMARY, Role.BACKUP):
+            raise LocalProtocolError(f"a replica starts as primary or backup, not {role.value}")
+        self.role: Role = role
+        self.was: Role = role
+        self.timing = timing
+        self.gate: OutputGate[T] = OutputGate()
+        self.last_heard = now
+        self.last_sent = now
+        # Log positions: what exists, what the peer has, what the backup replayed.
+        self.logged = 0
+        self.received = 0
+        self.replayed = 0
+        self._unreplayed: deque[tuple[int, float, int]] = deque()  # (seq, logged_at, bytes)
+        self._unreplayed_bytes = 0
+
+    # -- roles ---------------------------------------------------------------
+
+    def handle(self, event: Event) -> Role:
+        """Apply ``event`` by the transition table; return the new role."""
+        new = TRANSITIONS.get((self.role, event))
+        if new is None:
+            raise LocalProtocolError(f"{event.value} is not possible as {self.role.value}")
+        self.role = new
+        return new
+
+    @property
+    def live(self) -> bool:
+        return self.role is Role.LIVE
+
+    # -- the primary's side: entries out, acks in, outputs gated -------------
+
+    def entry_logged(self, seq: int, size: int, now: float) -> None:
+        if seq != self.logged + 1:
+            raise LocalProtocolError(f"entry {seq} logged after {self.logged}")
+        self.logged = seq
+        if self.role is Role.PRIMARY:
+            self._unreplayed.append((seq, now, size))
+            self._unreplayed_bytes += size
+
+    def output(self, seq: int, output: T) -> list[T]:
+        """An output after entry ``seq``: what to send now (it or nothing)."""
+        if self.role is Role.LIVE:
+            return [output]
+        if self.role is Role.HALTED:
+            return []
+        self.gate.hold(seq, output)
+        if self.role is Role.PRIMARY:
+            return self.gate.ack(self.received)
+        return []
+
+    def ack_received(self, received: int, replayed: int, now: float) -> list[T]:
+        """The backup has entries up to ``received`` and replayed up to ``replayed``.
+
+        An ack that comes after a silence longer than the peer timeout (this
+        replica was stopped, or the network was cut) releases nothing: the
+        backup may have gone live meanwhile, so the primary must arbitrate first.
+        """
+        if self.role is Role.PRIMARY and self.peer_dead(now):
+            self.handle(Event.PEER_LOST)
+            return []
+        self.last_heard = now
+        if received > self.logged:
+            raise LocalProtocolError(f"ack for entry {received}, but only {self.logged} exist")
+        self.received = max(self.received, received)
+        self.replayed = max(self.replayed, min(replayed, self.received))
+        while self._unreplayed and self._unreplayed[0][0] <= self.replayed:
+            self._unreplayed_bytes -= self._unreplayed.popleft()[2]
+        if self.role is Role.PRIMARY:
+            return self.gate.ack(self.received)
+        return []
+
+    def lag(self, now: float) -> tuple[int, int, float]:
+        """Backup replay lag: (entries, bytes, seconds since the oldest unreplayed entry)."""
+        if not self._unreplayed:
+            return 0, 0, 0.0
+        return len(self._unreplayed), self._unreplayed_bytes, now - self._unreplayed[0][1]
+
+    def lag_exceeded(self, now: float) -> bool:
+        """Past the bound, the primary stops feeding its guest new input."""
+        if self.role is not Role.PRIMARY:
+            return False
+        _, size, seconds = self.lag(now)
+        return seconds > self.timing.max_lag_s or size > self.timing.max_lag_bytes
+
+    # -- the backup's side: entries in, acks out ------------------------------
+
+    def entries_received(self, last_seq: int, now: float) -> None:
+        self.last_heard = now
+        if last_seq < self.received:
+            raise LocalProtocolError(f"entries up to {last_seq} after {self.received}")
+        self.received = last_seq
+        self.logged = max(self.logged, last_seq)
+
+    def entry_replayed(self, seq: int) -> None:
+        self.replayed = max(self.replayed, seq)
+
+    # -- liveness --------------------------------------------------------------
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def sent(self, now: float) -> None:
+        self.last_sent = now
+
+    def heartbeat_due(self, now: float) -> bool:
+        return self._watching and now - self.last_sent >= self.timing.heartbeat_s
+
+    def peer_dead(self, now: float) -> bool:
+        return self._watching and now - self.last_heard >= self.timing.peer_timeout_s
+
+    def next_deadline(self) -> float:
+        """When the shell must next call heartbeat_due / peer_dead (inf: never)."""
+        if not self._watching:
+            return float("inf")
+        return min(
+            self.last_sent + self.timing.heartbeat_s,
+            self.last_heard + self.timing.peer_timeout_s,
+        )
+
+    @property
+    def _watching(self) -> bool:
+        return self.role in (Role.PRIMARY, Role.BACKUP)
+
+    # -- after arbitration -----------------------------------------------------
+
+    def won(self) -> list[T]:
+        """This replica acts alone now: every held output goes out."""
+        self.handle(Event.WON)
+        self._unreplayed.clear()
+        self._unreplayed_bytes = 0
+        return self.gate.release_all()
+
+    def lost(self) -> int:
+        """The peer won: halt, releasing nothing; return how many outputs were dropped."""
+        self.handle(Event.LOST)
+        return self.gate.drop_all()
+
+    def status(self, now: float) -> dict[str, Any]:
+        entries, size, seconds = self.lag(now)
+        return {
+            "role": self.role.value,
+            "logged_seq": self.logged,
+            "acked_seq": self.received,
+            "replayed_seq": self.replayed,
+            "held_outputs": len(self.gate),
+            "lag_entries": entries,
+            "lag_bytes": size,
+            "lag_ms": round(seconds * 1000, 3),
+            "peer_silent_ms": round((now - self.last_heard) * 1000, 3),
+        }

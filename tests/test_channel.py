@@ -1,0 +1,155 @@
+"""The log channel protocol without I/O: handshake, streaming, every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ftproxy.channel import (
+    BACKUP,
+    CHANNEL_VERSION,
+    NEED_DATA,
+    PRIMARY,
+    Ack,
+    Authenticated,
+    Channel,
+    ConnectionClosed,
+    Entries,
+    Error,
+    Heartbeat,
+    Hello,
+    Join,
+    LocalProtocolError,
+    RemoteProtocolError,
+    State,
+    Welcome,
+    encode_message,
+)
+from ftproxy.wire import Entry, Header, Policy
+
+SECRET = b"a shared secret of enough bytes"
+HEADER = Header(1, ["kv.py"], {"PYTHONHASHSEED": "1"}, "/srv", "3.11.7", Policy(200, 1000), 0)
+
+
+def pump(source: Channel, target: Channel, data: bytes = b"") -> list[object]:
+    """Deliver ``data`` plus what ``source`` has queued; return ``target``'s events."""
+    target.receive_data(data + source.data_to_send())
+    events = []
+    while True:
+        event = target.next_event()
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+
+
+def connected(secret: bytes | None = SECRET) -> tuple[Channel, Channel]:
+    backup, primary = Channel(BACKUP, secret), Channel(PRIMARY, secret)
+    assert pump(backup, primary) == []  # the backup's Hello
+    assert pump(primary, backup) == [Authenticated(secure=secret is not None)]
+    assert pump(backup, primary) == [Authenticated(secure=secret is not None)]
+    assert pump(backup, primary, backup.send(Join(["kv.py"]))) == [Join(["kv.py"])]
+    welcome = Welcome("pair", 1, HEADER)
+    assert pump(primary, backup, primary.send(welcome)) == [welcome]
+    assert backup.state is primary.state is State.STREAMING
+    return backup, primary
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_handshake_then_streaming(secret: bytes | None) -> None:
+    backup, primary = connected(secret)
+    batch = Entries([Entry(1, 0, 0, 0, b"boot"), Entry(2, 9, 1, 7, b"wait")])
+    assert pump(primary, backup, primary.send(batch)) == [batch]
+    assert pump(backup, primary, backup.send(Ack(2, 1))) == [Ack(2, 1)]
+    assert pump(backup, primary, backup.send(Heartbeat())) == [Heartbeat()]
+    assert pump(primary, backup, primary.send(Heartbeat())) == [Heartbeat()]
+
+
+def test_a_wrong_secret_is_refused_on_both_sides() -> None:
+    backup, primary = Channel(BACKUP, SECRET), Channel(PRIMARY, b"another secret, just as long")
+    pump(backup, primary)
+    with pytest.raises(RemoteProtocolError, match="different secrets"):
+        pump(primary, backup)
+
+
+def test_insecure_and_secure_sides_refuse_each_other() -> None:
+    backup, primary = Channel(BACKUP, None), Channel(PRIMARY, SECRET)
+    with pytest.raises(RemoteProtocolError, match="--insecure"):
+        pump(backup, primary)
+
+
+def test_another_version_gets_a_clear_error() -> None:
+    primary = Channel(PRIMARY, None)
+    with pytest.raises(
+        RemoteProtocolError, match=f"version 99; this side speaks version {CHANNEL_VERSION}"
+    ):
+        pump(primary, primary, encode_message(Hello(99, b"", False)))
+
+
+def test_the_peer_refusal_is_reported_with_its_reason() -> None:
+    backup, primary = Channel(BACKUP, None), Channel(PRIMARY, None)
+    pump(backup, primary)
+    pump(primary, backup)
+    pump(backup, primary)
+    pump(backup, primary, backup.send(Join(["other.py"])))
+    with pytest.raises(RemoteProtocolError, match="the primary refused: runs another program"):
+        pump(primary, backup, primary.send(Error("runs another program")))
+
+
+def test_messages_out_of_turn() -> None:
+    backup, primary = connected()
+    with pytest.raises(LocalProtocolError):
+        backup.send(Entries([]))  # only the primary ships entries
+    with pytest.raises(RemoteProtocolError, match="unexpected Ack from the primary"):
+        pump(primary, backup, encode_message(Ack(1, 1)))
+
+
+def test_an_oversized_frame_is_refused_before_its_body() -> None:
+    primary = Channel(PRIMARY, None, max_frame_size=100)
+    with pytest.raises(RemoteProtocolError, match="larger than the limit"):
+        pump(primary, primary, (10_000).to_bytes(4, "little"))
+
+
+def test_a_close_inside_a_frame_is_an_error_and_a_clean_close_is_not() -> None:
+    backup, primary = connected()
+    frame = primary.send(Heartbeat())
+    backup.receive_data(frame[:-1])
+    assert backup.next_event() is NEED_DATA
+    backup.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="inside a frame"):
+        backup.next_event()
+    other_backup, _ = connected()
+    other_backup.receive_data(b"")
+    assert other_backup.next_event() == ConnectionClosed()
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_garbage_is_only_ever_a_remote_protocol_error(data: bytes) -> None:
+    primary = Channel(PRIMARY, SECRET)
+    primary.receive_data(data)
+    primary.receive_data(b"")  # then the peer hangs up
+    try:
+        while not isinstance(primary.next_event(), ConnectionClosed):
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=50)
+@given(st.data())
+def test_any_split_of_the_stream_gives_the_same_events(data: st.DataObject) -> None:
+    entries = [
+        Entries([Entry(i, i * 3, 1, i, data.draw(st.binary(max_size=50)))]) for i in range(1, 6)
+    ]
+    _, primary = connected()
+    stream = b"".join(primary.send(e) for e in entries)
+    backup, _ = connected()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    got = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        if start == end:
+            continue  # an empty read means the end of the stream
+        backup.receive_data(stream[start:end])
+        while (event := backup.next_event()) is not NEED_DATA:
+            got.append(event)
+    assert got == entries

@@ -1,0 +1,201 @@
+"""The replication core without I/O: roles, the output gate, lag, deadlines."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ftproxy.replication import (
+    TRANSITIONS,
+    Event,
+    LocalProtocolError,
+    OutputGate,
+    Replica,
+    Role,
+    Timing,
+)
+
+TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)
+
+
+def primary(now: float = 0.0) -> Replica[str]:
+    return Replica(Role.PRIMARY, now, TIMING)
+
+
+def test_an_output_waits_for_the_ack_of_the_entry_it_follows() -> None:
+    r = primary()
+    r.entry_logged(1, 10, 0.0)
+    r.entry_logged(2, 10, 0.0)
+    assert r.output(2, "reply") == []
+    assert r.ack_received(1, 0, 0.01) == []
+    assert r.ack_received(2, 0, 0.02) == ["reply"]
+    assert r.output(2, "after the ack") == ["after the ack"]
+
+
+def test_outputs_leave_in_emission_order() -> None:
+    r = primary()
+    for seq in (1, 2, 3):
+        r.entry_logged(seq, 1, 0.0)
+    assert r.output(1, "a") == [] and r.output(2, "b") == [] and r.output(3, "c") == []
+    assert r.ack_received(3, 0, 0.01) == ["a", "b", "c"]
+
+
+def test_an_ack_for_an_entry_that_does_not_exist_is_refused() -> None:
+    r = primary()
+    r.entry_logged(1, 1, 0.0)
+    with pytest.raises(LocalProtocolError):
+        r.ack_received(2, 0, 0.01)
+
+
+def test_winning_releases_every_held_output_and_losing_releases_none() -> None:
+    won, lost = primary(), primary()
+    for r in (won, lost):
+        r.entry_logged(1, 1, 0.0)
+        r.output(1, "held")
+        r.handle(Event.PEER_LOST)
+        assert r.output(1, "while arbitrating") == []
+    assert won.won() == ["held", "while arbitrating"]
+    assert won.role is Role.LIVE and won.output(1, "live") == ["live"]
+    assert lost.lost() == 2
+    assert lost.role is Role.HALTED and lost.output(1, "halted") == []
+
+
+def test_an_ack_after_a_long_silence_releases_nothing() -> None:
+    r = primary()
+    r.entry_logged(1, 1, 0.0)
+    assert r.output(1, "held") == []
+    # The primary was stopped for longer than the timeout; the backup may be live.
+    assert r.ack_received(1, 1, 0.9) == []
+    assert r.role is Role.ARBITRATING
+    assert r.lost() == 1
+
+
+def test_silence_past_the_timeout_means_the_peer_is_dead() -> None:
+    r = primary(now=10.0)
+    assert not r.peer_dead(10.4)
+    assert r.next_deadline() == pytest.approx(10.05)
+    assert r.heartbeat_due(10.05)
+    r.heard(10.3)
+    assert not r.peer_dead(10.7)
+    assert r.peer_dead(10.8)
+
+
+def test_lag_past_the_bound_stops_input_until_the_backup_replays() -> None:
+    r = primary()
+    r.entry_logged(1, 600, 0.0)
+    r.entry_logged(2, 600, 0.01)
+    assert r.lag(0.05) == (2, 1200, pytest.approx(0.05))
+    assert r.lag_exceeded(0.05)  # bytes
+    r.ack_received(2, 1, 0.06)
+    assert r.lag(0.06) == (1, 600, pytest.approx(0.05))
+    assert not r.lag_exceeded(0.06)
+    assert r.lag_exceeded(0.2)  # time
+    r.ack_received(2, 2, 0.2)
+    assert r.lag(0.2) == (0, 0, 0.0)
+
+
+def test_transitions_not_in_the_table_are_refused() -> None:
+    for role in Role:
+        for event in Event:
+            r = primary()
+            r.role = role
+            if (role, event) in TRANSITIONS:
+                assert r.handle(event) is TRANSITIONS[role, event]
+            else:
+                with pytest.raises(LocalProtocolError):
+                    r.handle(event)
+
+
+def test_bad_timing_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Timing(heartbeat_s=0.5, peer_timeout_s=0.5)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.text(max_size=3)), max_size=30))
+def test_the_gate_releases_exactly_the_acknowledged_prefix(items: list[tuple[int, str]]) -> None:
+    gate: OutputGate[tuple[int, str]] = OutputGate()
+    seq = 0
+    held: list[tuple[int, str]] = []
+    for step, text in items:
+        seq += step
+        gate.hold(seq, (seq, text))
+        held.append((seq, text))
+    released = gate.ack(seq // 2)
+    assert released == [h for h in held if h[0] <= seq // 2]
+    assert gate.release_all() == [h for h in held if h[0] > seq // 2]
+
+
+class PrimaryMachine(RuleBasedStateMachine):
+    """Random histories of a primary: the output rule and the halting rule always hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.replica: Replica[int] = primary()
+        self.emitted: list[tuple[int, int]] = []  # (seq it follows, id)
+        self.sent: list[int] = []
+        self.acked = 0
+        self.halted_at: int | None = None
+
+    def _send(self, outputs: list[int]) -> None:
+        if self.replica.role is Role.HALTED:
+            assert outputs == []
+        self.sent.extend(outputs)
+
+    @rule(dt=st.floats(0, 0.3))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+
+    @precondition(lambda self: self.replica.role is Role.PRIMARY)
+    @rule(size=st.integers(1, 400))
+    def log_an_entry(self, size: int) -> None:
+        self.replica.entry_logged(self.replica.logged + 1, size, self.now)
+
+    @precondition(lambda self: self.replica.role is not Role.HALTED)
+    @rule()
+    def emit_an_output(self) -> None:
+        ident = len(self.emitted)
+        self.emitted.append((self.replica.logged, ident))
+        self._send(self.replica.output(self.replica.logged, ident))
+
+    @precondition(lambda self: self.replica.role is Role.PRIMARY and self.replica.logged)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        received = data.draw(st.integers(self.acked, self.replica.logged))
+        replayed = data.draw(st.integers(0, received))
+        self.acked = received
+        self._send(self.replica.ack_received(received, replayed, self.now))
+
+    @precondition(lambda self: self.replica.role is Role.PRIMARY)
+    @rule()
+    def lose_the_peer(self) -> None:
+        self.replica.handle(Event.PEER_LOST)
+
+    @precondition(lambda self: self.replica.role is Role.ARBITRATING)
+    @rule(won=st.booleans())
+    def arbiter_answers(self, won: bool) -> None:
+        if won:
+            self._send(self.replica.won())
+        else:
+            self.replica.lost()
+            self.halted_at = len(self.sent)
+
+    @invariant()
+    def only_acknowledged_or_solo_outputs_left(self) -> None:
+        for ident in self.sent:
+            seq, _ = self.emitted[ident]
+            assert seq <= self.acked or self.replica.role is Role.LIVE
+
+    @invariant()
+    def outputs_leave_in_order_and_once(self) -> None:
+        assert self.sent == sorted(set(self.sent))
+
+    @invariant()
+    def a_halted_replica_sends_nothing_more(self) -> None:
+        if self.halted_at is not None:
+            assert len(self.sent) == self.halted_at
+
+
+TestPrimaryMachine = PrimaryMachine.TestCase
