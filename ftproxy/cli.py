@@ -100,6 +100,67 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("log", metavar="LOG")
     replay.add_argument("--quiet-guest", action="store_true", help="discard the guest's stdout")
 
+    primary = commands.add_parser(
+        "primary",
+        usage="ftproxy primary --log-listen HOST:PORT --arbiter HOST:PORT [options] "
+        "-- SCRIPT [ARGS]",
+        help="run a service as the primary of a replicated pair",
+        description="Wait for a backup on --log-listen, then run SCRIPT, shipping every input "
+        "to the backup and releasing each output only once the backup holds the log that "
+        "produced it.",
+    )
+    primary.add_argument(
+        "--log-listen", required=True, metavar="HOST:PORT", help="where the backup connects"
+    )
+    _add_replica_arguments(primary)
+    primary.add_argument(
+        "--no-output-rule",
+        action="store_true",
+        help="UNSAFE, for demos and benchmarks only: release outputs before the backup "
+        "holds their log, so a failover can lose acknowledged writes",
+    )
+    primary.add_argument(
+        "--ship-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="with --no-output-rule only: hold each log batch this long before shipping it, "
+        "to make the unsafe window visible",
+    )
+    primary.add_argument("--pair", default="ftproxy", help="the pair's name at the arbiter")
+    primary.add_argument(
+        "--generation", type=int, default=1, help="the pair's generation at the arbiter"
+    )
+
+    backup = commands.add_parser(
+        "backup",
+        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] -- SCRIPT [ARGS]",
+        help="replay behind a primary, and take over when it dies",
+        description="Connect to the primary's log channel, replay its guest behind it, and go "
+        "live (after winning the arbiter) when the primary falls silent.",
+    )
+    backup.add_argument(
+        "--primary", required=True, metavar="HOST:PORT", help="the primary's --log-listen"
+    )
+    _add_replica_arguments(backup)
+
+    arbiter_cmd = commands.add_parser(
+        "arbiter",
+        help="run the test-and-set arbiter",
+        description="Serve a durable test-and-set that lets exactly one replica act alone.",
+    )
+    arbiter_cmd.add_argument("--listen", required=True, metavar="HOST:PORT")
+    arbiter_cmd.add_argument("--data-dir", required=True, metavar="DIR")
+    _add_secret_arguments(arbiter_cmd)
+
+    status = commands.add_parser("status", help="show a replica's status (its --admin address)")
+    try:
+        from ftproxy.admin import build_status_parser
+
+        build_status_parser(status)
+    except ImportError:  # TEMP until admin lands
+        pass
+
     log_cmd = commands.add_parser("log", help="inspect a log")
     log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
     show = log_commands.add_parser("show", help="one line per record")
@@ -109,6 +170,149 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("log", metavar="LOG")
     export.add_argument("--pcap", required=True, metavar="PATH", help="the pcap file to write")
     return parser
+
+
+def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--secret-file", metavar="PATH", help="shared secret that authenticates every peer"
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without authentication (loopback demos only)",
+    )
+
+
+def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arbiter", required=True, metavar="HOST:PORT", help="the arbiter")
+    parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
+    _add_secret_arguments(parser)
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="GUESTPORT=HOST:PORT",
+        help="serve the guest's port GUESTPORT on HOST:PORT instead (repeatable)",
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra guest environment"
+    )
+    parser.add_argument(
+        "--heartbeat-ms", type=float, default=50.0, help="heartbeat interval (default 50)"
+    )
+    parser.add_argument(
+        "--peer-timeout-ms",
+        type=float,
+        default=500.0,
+        help="declare the peer dead after this much silence (default 500)",
+    )
+    parser.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=100.0,
+        help="stop feeding the guest input while the backup's replay lags more (default 100)",
+    )
+    parser.add_argument(
+        "--max-lag-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="the same bound in unreplayed log bytes (default 8 MiB)",
+    )
+    parser.add_argument("--exit-every", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+
+
+def _secret(args: argparse.Namespace, command: str) -> bytes | None:
+    from ftproxy.auth import load_secret
+
+    if args.secret_file:
+        return load_secret(args.secret_file)
+    if args.insecure:
+        return None
+    raise ValueError(
+        f"{command} refuses to start without --secret-file (a shared secret that "
+        "authenticates every peer); pass --insecure to run without one, on loopback only"
+    )
+
+
+def _replica_options(args: argparse.Namespace, command: str) -> Any:
+    import arbiter
+    from ftproxy.front.socket import parse_address_map
+    from ftproxy.guest import protocol as p
+    from ftproxy.replica import ReplicaOptions
+    from ftproxy.replication import Timing
+    from ftproxy.wire import Policy
+
+    if not args.guest:
+        raise ValueError(f"{command} needs the program to run after --: -- SCRIPT [ARGS]")
+    return ReplicaOptions(
+        argv=args.guest,
+        arbiter=arbiter.parse_address(args.arbiter),
+        secret=_secret(args, command),
+        timing=Timing(
+            heartbeat_s=args.heartbeat_ms / 1000,
+            peer_timeout_s=args.peer_timeout_ms / 1000,
+            max_lag_s=args.max_lag_ms / 1000,
+            max_lag_bytes=args.max_lag_bytes,
+        ),
+        address_map=parse_address_map(args.map),
+        admin=arbiter.parse_address(args.admin) if args.admin else None,
+        policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+        extra_env=_parse_env(args.env),
+    )
+
+
+def _cmd_primary(args: argparse.Namespace) -> int:
+    import arbiter
+    from ftproxy.auth import SecretFileError
+    from ftproxy.primary import serve_primary
+
+    try:
+        options = _replica_options(args, "primary")
+        listen = arbiter.parse_address(args.log_listen)
+    except (ValueError, SecretFileError) as exc:
+        return _usage(str(exc))
+    if args.ship_delay_ms and not args.no_output_rule:
+        return _usage("--ship-delay-ms only goes with --no-output-rule")
+    options.output_rule = not args.no_output_rule
+    options.ship_delay_s = args.ship_delay_ms / 1000
+    options.pair = args.pair
+    options.generation = args.generation
+    if not options.output_rule:
+        structlog.get_logger().warning(
+            "output_rule_disabled",
+            consequence="outputs leave before the backup holds their log: a failover can "
+            "lose acknowledged writes",
+        )
+    return int(trio.run(serve_primary, options, listen))
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    import arbiter
+    from ftproxy.auth import SecretFileError
+    from ftproxy.backup import serve_backup
+
+    try:
+        options = _replica_options(args, "backup")
+        primary = arbiter.parse_address(args.primary)
+    except (ValueError, SecretFileError) as exc:
+        return _usage(str(exc))
+    return int(trio.run(serve_backup, options, primary))
+
+
+def _cmd_arbiter(args: argparse.Namespace) -> int:
+    from arbiter.__main__ import main as arbiter_main
+
+    argv = ["--listen", args.listen, "--data-dir", args.data_dir]
+    argv += ["--secret-file", args.secret_file] if args.secret_file else []
+    argv += ["--insecure"] if args.insecure else []
+    return arbiter_main(argv)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ftproxy.admin import run_status
+
+    return run_status(args)
 
 
 def _parse_env(items: list[str]) -> dict[str, str]:
@@ -234,7 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     args.guest = guest
     json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
     configure_logging(verbose=args.verbose, json_logs=json_logs)
-    handlers = {"record": _cmd_record, "replay": _cmd_replay, "log": _cmd_log}
+    handlers = {
+        "record": _cmd_record,
+        "replay": _cmd_replay,
+        "log": _cmd_log,
+        "primary": _cmd_primary,
+        "backup": _cmd_backup,
+        "arbiter": _cmd_arbiter,
+        "status": _cmd_status,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

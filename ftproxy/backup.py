@@ -1,0 +1,330 @@
+"""The backup: replay mode fed by the log channel, and go-live when the primary dies.
+
+Entries are acknowledged on receipt (not after replay), so the primary's
+outputs wait only for the network. The guest replays behind, answered from the
+received entries and checked against them. When the primary falls silent, the
+backup replays everything it holds, then asks the arbiter; if it wins it goes
+live: the guest's next exit is answered from the world (it cannot tell), the
+service addresses are bound here, and every connection the old primary held
+reads as reset (the new front does not know it), as a logged input.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+from collections import deque
+from typing import Any
+
+import structlog
+import trio
+
+from ftproxy.channel import (
+    Ack,
+    ConnectionClosed,
+    Entries,
+    Heartbeat,
+    RemoteProtocolError,
+    Welcome,
+)
+from ftproxy.front.socket import Doorbell, SocketFront
+from ftproxy.guest import protocol as p
+from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.link import LinkRefused, LogLink, join_primary
+from ftproxy.replay import check_entry
+from ftproxy.replica import (
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_HALTED,
+    EXIT_OK,
+    ArbiterClient,
+    Halted,
+    ReplicaOptions,
+    StatusBoard,
+    admin_endpoint,
+)
+from ftproxy.replication import Event, Replica, Role
+from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
+from ftproxy.wire import Entry
+from ftproxy.world import WorldAnswers
+
+log = structlog.get_logger()
+
+TAKEOVER_BIND_RETRY_S = 0.1
+
+
+class Backup:
+    """The backup's state and tasks around one guest and one primary."""
+
+    def __init__(self, options: ReplicaOptions, link: LogLink, welcome: Welcome) -> None:
+        self.options = options
+        self.welcome = welcome
+        self.link = link
+        self.replica: Replica[tuple[Any, ...]] = Replica(
+            Role.BACKUP, trio.current_time(), options.timing
+        )
+        self.arbiter = ArbiterClient(options, "backup")
+        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
+        self.board.peer_state = "connected"
+        self.board.peer_address = link.peer
+        self._entries: deque[Entry] = deque()
+        self._arrived = Doorbell()
+        self._ack_due = Doorbell()
+        self._primary_gone = trio.Event()
+        self._last: Entry | None = None
+        # The guest's bound sockets, to bind for real at go-live:
+        # sock -> [family, type, guest address, backlog or None]
+        self._bound: dict[int, list[Any]] = {}
+        self.world: WorldAnswers | None = None
+        self.nursery: trio.Nursery | None = None
+        self.guest_pid = 0
+        self.log = log.bind(role="backup", generation=options.generation)
+
+    # -- the supervisor's mode --------------------------------------------------
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        self.board.counters["exits_total"] += 1
+        if self.world is None:
+            while not self._entries and not self._primary_gone.is_set():
+                await self._arrived.wait()
+            if self._entries:
+                entry = self._entries.popleft()
+                check_entry(seq, entry, exit)
+                self._track_binds(exit, entry)
+                self._last = entry
+                self.replica.entry_replayed(entry.seq)
+                self._ack_due.ring()
+                return entry.reply
+            await self.take_over()
+        assert self.world is not None
+        return await self.world.answer(seq, exit)
+
+    def output(self, seq: int, message: tuple[Any, ...]) -> None:
+        self.board.counters["outputs_total"] += 1
+        if self.world is not None:
+            self.world.apply_output(message)
+        elif message[0] == p.OP_CLOSE:
+            self._bound.pop(message[1], None)
+
+    def _track_binds(self, exit: Exit, entry: Entry) -> None:
+        if exit.kind == p.KIND_BIND:
+            sock, family, kind, _ = exit.args
+            code, address = p.decode_body(entry.reply)[2][:2]
+            if code == 0:
+                self._bound[sock] = [family, kind, tuple(address), None]
+        elif exit.kind == p.KIND_LISTEN:
+            sock, backlog = exit.args
+            if sock in self._bound and p.decode_body(entry.reply)[2] == 0:
+                self._bound[sock][3] = backlog
+
+    # -- the log channel --------------------------------------------------------
+
+    async def receive(self) -> None:
+        while True:
+            try:
+                event = await self.link.next_event()
+            except RemoteProtocolError as exc:
+                self._lose_primary(f"the primary broke the protocol: {exc}")
+                return
+            now = trio.current_time()
+            if isinstance(event, Entries):
+                if event.entries:
+                    self._entries.extend(event.entries)
+                    self.replica.entries_received(event.entries[-1].seq, now)
+                    self._arrived.ring()
+                    self._ack_due.ring()
+                else:
+                    self.replica.heard(now)
+            elif isinstance(event, Heartbeat):
+                self.replica.heard(now)
+            elif isinstance(event, ConnectionClosed):
+                self._lose_primary("the primary closed the log channel")
+                return
+
+    async def send_acks(self) -> None:
+        """Acknowledge on receipt (coalesced), and heartbeat when there is nothing to say."""
+        sent = (0, 0)
+        timing = self.options.timing
+        while True:
+            current = (self.replica.received, self.replica.replayed)
+            if current == sent:
+                with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
+                    await self._ack_due.wait()
+                current = (self.replica.received, self.replica.replayed)
+            message: Ack | Heartbeat = Ack(*current) if current != sent else Heartbeat()
+            try:
+                await self.link.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lose_primary("the log channel broke while sending")
+                return
+            sent = current
+            self.replica.sent(trio.current_time())
+
+    async def watch(self) -> None:
+        while not self.replica.peer_dead(trio.current_time()):
+            await trio.sleep_until(self.replica.next_deadline())
+        self._lose_primary(f"no word from the primary for {self.options.timing.peer_timeout_s}s")
+
+    def _lose_primary(self, reason: str) -> None:
+        if self._primary_gone.is_set():
+            return
+        self.log.warning("primary_lost", reason=reason, received=self.replica.received)
+        self.board.peer_state = "lost"
+        self._primary_gone.set()
+        self._arrived.ring()
+
+    async def run_channel(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.receive)
+            nursery.start_soon(self.send_acks)
+            nursery.start_soon(self.watch)
+            await self._primary_gone.wait()
+            nursery.cancel_scope.cancel()
+        await self.link.aclose()
+
+    # -- go-live ----------------------------------------------------------------
+
+    async def take_over(self) -> None:
+        """Everything received is replayed: ask the arbiter, then serve or halt."""
+        self.replica.handle(Event.PEER_LOST)
+        self.log.info("role_changed", to="arbitrating", replayed=self.replica.replayed)
+        if not await self.arbiter.test_and_set():
+            self.replica.lost()
+            self.log.error("role_changed", to="halted")
+            raise Halted("the primary won the arbiter: it goes on alone")
+        self.replica.won()
+        assert self.nursery is not None
+        doorbell = Doorbell()
+        front = SocketFront(self.nursery, doorbell, self.options.address_map)
+        world = WorldAnswers(front, doorbell, self.options.policy, self.guest_pid, _discard)
+        if self._last is not None:
+            wall, mono, _ = p.decode_body(self._last.reply)
+            world.clock.continue_from(wall, mono, self._last.icount)
+        for sock, (family, kind, address, backlog) in self._bound.items():
+            await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
+        self.world = world
+        self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
+
+
+def _discard(entry: Entry) -> None:
+    """A live replica without a backup keeps no log."""
+
+
+async def _bind_for_takeover(
+    front: SocketFront,
+    sock: int,
+    family: int,
+    kind: int,
+    address: tuple[Any, ...],
+    backlog: int | None,
+    bound_log: Any,
+) -> None:
+    """Bind the guest's address here; while the old primary still holds it, keep trying."""
+    reported = False
+    while True:
+        code, _ = front.bind(sock, family, kind, address)
+        if code == 0 and backlog is not None:
+            code = front.listen(sock, backlog)
+        if code == 0:
+            bound_log.info("address_taken_over", address=address)
+            return
+        if code != errno.EADDRINUSE:
+            bound_log.error("takeover_bind_failed", address=address, error=errno.errorcode[code])
+            return
+        if not reported:
+            bound_log.warning("address_busy", address=address, retrying_every=TAKEOVER_BIND_RETRY_S)
+            reported = True
+        await trio.sleep(TAKEOVER_BIND_RETRY_S)
+
+
+async def connect_to_primary(
+    options: ReplicaOptions, primary: tuple[str, int]
+) -> tuple[LogLink, Welcome]:
+    """Connect (retrying while the primary is not up yet) and join."""
+    reported = False
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(*primary)
+            break
+        except OSError as exc:
+            if not reported:
+                log.info(
+                    "primary_unreachable", address=f"{primary[0]}:{primary[1]}", error=str(exc)
+                )
+                reported = True
+            await trio.sleep(0.2)
+    return await join_primary(stream, options.secret, options.argv)
+
+
+async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]) -> int:
+    """Join the primary, replay behind it, take over when it dies; return the exit code."""
+    try:
+        link, welcome = await connect_to_primary(options, primary_address)
+    except LinkRefused as exc:
+        log.error("replica_refused", role="backup", reason=str(exc))
+        return EXIT_HALTED
+    options.pair, options.generation = welcome.pair, welcome.generation
+    backup = Backup(options, link, welcome)
+    try:
+        await backup.arbiter.check_undecided()
+    except Halted as exc:
+        backup.log.error("replica_refused", reason=str(exc))
+        await link.aclose()
+        return EXIT_HALTED
+    backup.log.info("joined_primary", peer=link.peer, pair=welcome.pair)
+    header = welcome.header
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with admin_endpoint(options, backup.board), trio.open_nursery() as nursery:
+            backup.nursery = nursery
+            guest = await start_guest(header.argv, header.env, _cwd(header.cwd))
+            backup.guest_pid = guest.pid
+            backup.board.guest_pid = guest.pid
+            supervisor = Supervisor(guest, backup)
+            backup.board.icount = lambda: supervisor.icount
+            code = await _run_guest(backup, supervisor, guest, signals)
+            nursery.cancel_scope.cancel()
+    return code
+
+
+def _cwd(recorded: str) -> str:
+    import os
+
+    return recorded if os.path.isdir(recorded) else os.getcwd()
+
+
+async def _run_guest(
+    backup: Backup, supervisor: Supervisor, guest: GuestProcess, signals: Any
+) -> int:
+    outcome: list[int] = []
+
+    async def forward_signals() -> None:
+        async for signum in signals:
+            if backup.world is not None:
+                backup.log.info("signal_forwarded", signal=signal.Signals(signum).name)
+                backup.world.deliver_signal(signum)
+            else:
+                backup.log.info("backup_stopped", signal=signal.Signals(signum).name)
+                outcome.append(EXIT_OK)
+                guest.kill()
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(backup.run_channel)
+        inner.start_soon(forward_signals)
+        try:
+            await supervisor.run()
+        except Divergence as divergence:
+            divergence.stack = await supervisor.halt_for_stack("divergence")
+            backup.log.error("replay_diverged", report=divergence.report())
+            outcome.append(EXIT_DIVERGED)
+        except Halted as exc:
+            backup.log.error("replica_halted", reason=str(exc))
+            outcome.append(EXIT_HALTED)
+        except GuestFailure as exc:
+            backup.log.error("guest_failed", error=str(exc))
+            outcome.append(EXIT_FAILED)
+        guest.kill()
+        returncode = await guest.wait()
+        inner.cancel_scope.cancel()
+    await guest.aclose()
+    backup.log.info("guest_exited", returncode=returncode, entries=supervisor.seq)
+    return outcome[0] if outcome else EXIT_OK

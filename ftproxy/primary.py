@@ -1,0 +1,291 @@
+"""The primary: record mode, with the log shipped to a backup and outputs gated.
+
+Every entry the world answers is appended to the outbox; a shipping task sends
+whatever the outbox holds in one frame (group commit), so under load many
+entries share a write and the backup acknowledges them with one ack. Outputs
+wait in the replication core's gate until the backup has acknowledged the
+entry they follow; the guest never waits for that. When the backup goes
+silent, the primary asks the arbiter: it goes on alone if it wins, and halts,
+releasing nothing, if it loses.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import structlog
+import trio
+
+from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError
+from ftproxy.front.socket import Doorbell, SocketFront
+from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.link import LinkRefused, LogLink, accept_backup, welcome_for
+from ftproxy.replica import (
+    EXIT_FAILED,
+    EXIT_HALTED,
+    EXIT_OK,
+    ArbiterClient,
+    Halted,
+    ReplicaOptions,
+    StatusBoard,
+    admin_endpoint,
+)
+from ftproxy.replication import Event, Replica, Role
+from ftproxy.supervisor import Exit, GuestFailure, Supervisor
+from ftproxy.wire import Entry, Header
+from ftproxy.world import WorldAnswers, guest_environment, new_header
+
+log = structlog.get_logger()
+
+FINAL_ACK_WAIT_S = 2.0
+
+
+class Primary:
+    """The primary's state and tasks around one guest and one backup."""
+
+    def __init__(self, options: ReplicaOptions, header: Header, link: LogLink) -> None:
+        self.options = options
+        self.header = header
+        self.link: LogLink | None = link
+        self.replica: Replica[tuple[Any, ...]] = Replica(
+            Role.PRIMARY, trio.current_time(), options.timing
+        )
+        self.arbiter = ArbiterClient(options, "primary")
+        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
+        self.board.peer_state = "connected"
+        self.board.peer_address = link.peer
+        self._outbox: list[Entry] = []
+        self._outbox_ready = Doorbell()
+        self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
+        self._peer_gone = trio.Event()
+        self.world: WorldAnswers | None = None
+        self.halted: str | None = None
+        self.log = log.bind(role="primary", generation=options.generation)
+
+    # -- the supervisor's mode --------------------------------------------------
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        assert self.world is not None
+        self.board.counters["exits_total"] += 1
+        return await self.world.answer(seq, exit)
+
+    def output(self, seq: int, message: tuple[Any, ...]) -> None:
+        assert self.world is not None
+        self.board.counters["outputs_total"] += 1
+        if not self.options.output_rule:
+            self.world.apply_output(message)
+            return
+        for released in self.replica.output(seq, message):
+            self.world.apply_output(released)
+
+    def _logged(self, entry: Entry) -> None:
+        self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
+        self.board.counters["log_bytes_total"] += len(entry.reply)
+        if self.replica.role is Role.PRIMARY:
+            self._outbox.append(entry)
+            self._outbox_ready.ring()
+
+    async def _input_allowed(self) -> None:
+        while self.replica.lag_exceeded(trio.current_time()):
+            with trio.move_on_after(self.options.timing.heartbeat_s):
+                await self._acked.wait()
+
+    # -- the log channel --------------------------------------------------------
+
+    async def ship(self, link: LogLink) -> None:
+        """Send the outbox in batches; heartbeats when there is nothing to send."""
+        timing = self.options.timing
+        while True:
+            if not self._outbox:
+                with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
+                    await self._outbox_ready.wait()
+            if self._outbox and self.options.ship_delay_s:
+                await trio.sleep(self.options.ship_delay_s)
+            batch, self._outbox = self._outbox, []
+            message: Entries | Heartbeat = Entries(batch) if batch else Heartbeat()
+            try:
+                await link.send(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lose_peer("the log channel broke while sending")
+                return
+            self.replica.sent(trio.current_time())
+
+    async def receive(self, link: LogLink) -> None:
+        while True:
+            try:
+                event = await link.next_event()
+            except RemoteProtocolError as exc:
+                self._lose_peer(f"the backup broke the protocol: {exc}")
+                return
+            now = trio.current_time()
+            if isinstance(event, Ack):
+                assert self.world is not None
+                for released in self.replica.ack_received(event.received, event.replayed, now):
+                    self.world.apply_output(released)
+                if self.replica.role is not Role.PRIMARY:
+                    self._lose_peer("the backup's ack came after the peer timeout")
+                    return
+                self._acked.ring()
+            elif isinstance(event, Heartbeat):
+                self.replica.heard(now)
+            elif isinstance(event, ConnectionClosed):
+                self._lose_peer("the backup closed the log channel")
+                return
+
+    async def watch(self) -> None:
+        while not self.replica.peer_dead(trio.current_time()):
+            await trio.sleep_until(self.replica.next_deadline())
+        self._lose_peer(f"no word from the backup for {self.options.timing.peer_timeout_s}s")
+
+    def _lose_peer(self, reason: str) -> None:
+        if self._peer_gone.is_set():
+            return
+        self.log.warning("backup_lost", reason=reason)
+        self.board.peer_state = "lost"
+        self._peer_gone.set()
+
+    async def run_channel(self, link: LogLink) -> None:
+        """Replicate until the backup is lost, then arbitrate."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.ship, link)
+            nursery.start_soon(self.receive, link)
+            nursery.start_soon(self.watch)
+            await self._peer_gone.wait()
+            nursery.cancel_scope.cancel()
+        await link.aclose()
+        self.link = None
+        if self.replica.role is Role.PRIMARY:
+            self.replica.handle(Event.PEER_LOST)
+        self._outbox.clear()
+        await self.arbitrate()
+
+    async def arbitrate(self) -> None:
+        self.log.info("role_changed", to="arbitrating")
+        if await self.arbiter.test_and_set():
+            assert self.world is not None
+            for released in self.replica.won():
+                self.world.apply_output(released)
+            self._acked.ring()
+            self.log.info("role_changed", to="live", held_released=True)
+        else:
+            dropped = self.replica.lost()
+            self.halted = "the backup won the arbiter: it serves now"
+            self.log.error("role_changed", to="halted", dropped_outputs=dropped)
+            raise Halted(self.halted)
+
+    async def finish(self) -> None:
+        """The guest exited: let the backup acknowledge the last entries, then release."""
+        if self.replica.role is not Role.PRIMARY or self.link is None:
+            return
+        with trio.move_on_after(FINAL_ACK_WAIT_S):
+            while self.replica.received < self.replica.logged and not self._peer_gone.is_set():
+                await self._acked.wait()
+
+
+async def serve_primary(
+    options: ReplicaOptions,
+    listen: tuple[str, int],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Wait for a backup, then run the guest replicated; return the exit code."""
+    bound = log.bind(role="primary", generation=options.generation)
+    arbiter_client = ArbiterClient(options, "primary")
+    try:
+        await arbiter_client.check_undecided()
+    except Halted as exc:
+        bound.error("replica_refused", reason=str(exc))
+        return EXIT_HALTED
+    env = guest_environment(options.extra_env)
+    header = new_header(options.argv, env, options.policy)
+    welcome = welcome_for(options.pair, options.generation, header)
+    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+    port = listeners[0].socket.getsockname()[1]
+    bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
+    task_status.started(port)
+    link = await _accept_one_backup(listeners, options, welcome)
+    for listener in listeners:
+        await listener.aclose()
+    primary = Primary(options, header, link)
+    bound.info("backup_joined", peer=link.peer)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with admin_endpoint(options, primary.board), trio.open_nursery() as nursery:
+            doorbell = Doorbell()
+            front = SocketFront(nursery, doorbell, options.address_map)
+            guest = await start_guest(options.argv, env, header.cwd)
+            primary.board.guest_pid = guest.pid
+            primary.world = WorldAnswers(
+                front,
+                doorbell,
+                options.policy,
+                guest.pid,
+                primary._logged,
+                input_allowed=primary._input_allowed,
+            )
+            supervisor = Supervisor(guest, primary)
+            primary.board.icount = lambda: supervisor.icount
+            code = await _run_guest(primary, supervisor, guest, signals, nursery)
+            front.close_all()
+            nursery.cancel_scope.cancel()
+    return code
+
+
+async def _accept_one_backup(
+    listeners: list[trio.SocketListener], options: ReplicaOptions, welcome: Any
+) -> LogLink:
+    """Take the first backup that authenticates and runs the same program."""
+    while True:
+        stream = await listeners[0].accept()
+        try:
+            return await accept_backup(stream, options.secret, options.argv, welcome)
+        except LinkRefused as exc:
+            log.error("backup_refused", reason=str(exc))
+
+
+async def _run_guest(
+    primary: Primary,
+    supervisor: Supervisor,
+    guest: GuestProcess,
+    signals: Any,
+    nursery: trio.Nursery,
+) -> int:
+    assert primary.link is not None and primary.world is not None
+    world = primary.world
+    outcome: list[int] = []
+
+    async def replicate() -> None:
+        assert primary.link is not None
+        try:
+            await primary.run_channel(primary.link)
+        except Halted as exc:
+            outcome.append(EXIT_HALTED)
+            guest.kill()
+            primary.log.error("replica_halted", reason=str(exc))
+
+    async def forward_signals() -> None:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                primary.log.info("signal_forwarded", signal=signal.Signals(signum).name)
+                world.deliver_signal(signum)
+            else:
+                guest.kill()
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(replicate)
+        inner.start_soon(forward_signals)
+        try:
+            await supervisor.run()
+        except GuestFailure as exc:
+            primary.log.error("guest_failed", error=str(exc))
+            guest.kill()
+            outcome.append(EXIT_FAILED)
+        returncode = await guest.wait()
+        if not outcome:
+            await primary.finish()
+        inner.cancel_scope.cancel()
+    await guest.aclose()
+    primary.log.info("guest_exited", returncode=returncode, entries=supervisor.seq)
+    return outcome[0] if outcome else EXIT_OK

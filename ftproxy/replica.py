@@ -1,0 +1,172 @@
+"""What a primary and a backup share: options, the arbiter, status, exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+import arbiter
+from ftproxy.front.socket import AddressMap
+from ftproxy.guest import protocol as p
+from ftproxy.replication import Replica, Timing
+from ftproxy.wire import Policy
+
+log = structlog.get_logger()
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_HALTED = 4
+
+
+class Halted(Exception):
+    """This replica must stop serving: it lost the arbiter, or its pair is decided."""
+
+
+@dataclass
+class ReplicaOptions:
+    """Everything a primary or a backup is started with."""
+
+    argv: list[str]
+    arbiter: arbiter.Address
+    secret: bytes | None
+    timing: Timing = field(default_factory=Timing)
+    address_map: AddressMap = field(default_factory=dict)
+    admin: tuple[str, int] | None = None
+    pair: str = "ftproxy"
+    generation: int = 1
+    policy: Policy = field(
+        default_factory=lambda: Policy(p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS)
+    )
+    extra_env: dict[str, str] = field(default_factory=dict)
+    output_rule: bool = True
+    # Only without the output rule: hold each log batch this long before
+    # shipping it, so that the demo shows what the rule protects every time.
+    ship_delay_s: float = 0.0
+
+
+def generation_key(pair: str, generation: int) -> str:
+    return f"{pair}/generation/{generation}"
+
+
+def candidate_name(role: str) -> str:
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+class ArbiterClient:
+    """Test-and-set on the pair's generation key, retried while the arbiter is down."""
+
+    def __init__(self, options: ReplicaOptions, role: str) -> None:
+        self.address = options.arbiter
+        self.secret = options.secret
+        self.key = generation_key(options.pair, options.generation)
+        self.candidate = candidate_name(role)
+        self.state = "idle"
+
+    async def check_undecided(self) -> None:
+        """Refuse to serve a generation the arbiter already decided (retrying while down)."""
+        while True:
+            try:
+                answer = await arbiter.query(self.address, self.key, self.secret)
+                break
+            except arbiter.ArbiterUnavailable as exc:
+                self.state = "unreachable"
+                log.warning("arbiter_unreachable", error=str(exc), key=self.key)
+                await trio.sleep(0.5)
+        self.state = "idle"
+        if isinstance(answer, arbiter.Decision):
+            raise Halted(
+                f"generation {self.key} was already decided (won by {answer.winner}); "
+                "a new pair needs a new --generation (or --pair)"
+            )
+
+    async def test_and_set(self) -> bool:
+        """Ask for the right to act alone; True if this replica won it."""
+        self.state = "asking"
+        decision = await arbiter.test_and_set_retrying(
+            self.address, self.key, self.candidate, self.secret
+        )
+        self.state = "won" if decision.won else "lost"
+        log.info("arbiter_decided", key=self.key, winner=decision.winner, won=decision.won)
+        return decision.won
+
+
+@dataclass
+class StatusBoard:
+    """What /status reports; the replica fills it in as it goes."""
+
+    options: ReplicaOptions
+    arbiter: ArbiterClient
+    started: float = field(default_factory=time.monotonic)
+    replica: Replica[Any] | None = None
+    icount: Callable[[], int] = lambda: 0
+    guest_pid: int | None = None
+    peer_state: str = "none"
+    peer_address: str = ""
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"exits_total": 0, "outputs_total": 0, "log_bytes_total": 0}
+    )
+    role_override: str | None = None
+
+    def snapshot(self) -> Mapping[str, Any]:
+        now = trio.current_time()
+        status: dict[str, Any] = {
+            "pair": self.options.pair,
+            "generation": self.options.generation,
+            "guest_pid": self.guest_pid,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "icount": self.icount(),
+            "output_rule": self.options.output_rule,
+            "arbiter": {"state": self.arbiter.state, "address": _address(self.options.arbiter)},
+        }
+        if self.replica is not None:
+            core = self.replica.status(now)
+            status.update(
+                role=core["role"],
+                log_seq=core["logged_seq"],
+                acked_seq=core["acked_seq"],
+                replayed_seq=core["replayed_seq"],
+                held_outputs=core["held_outputs"],
+                lag={
+                    "entries": core["lag_entries"],
+                    "bytes": core["lag_bytes"],
+                    "ms": core["lag_ms"],
+                },
+                peer={
+                    "state": self.peer_state,
+                    "silent_ms": core["peer_silent_ms"],
+                    "address": self.peer_address,
+                },
+            )
+        if self.role_override:
+            status["role"] = self.role_override
+        status.update(self.counters)
+        return status
+
+
+def _address(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+@contextlib.asynccontextmanager
+async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIterator[None]:
+    """Serve /status and /metrics for the life of the block, when asked to."""
+    if options.admin is None:
+        yield
+        return
+    from ftproxy.admin import serve_admin
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_admin, options.admin[0], options.admin[1], board.snapshot)
+        log.info("admin_listening", address=f"{options.admin[0]}:{port}")
+        yield
+        nursery.cancel_scope.cancel()
