@@ -214,7 +214,7 @@ class Channel:
                 return ConnectionClosed()
             try:
                 message = _decoder.decode(body)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise self._fail(f"malformed message: {exc}") from None
             event = self._receive(message)
             if event is not None:

@@ -84,5 +84,6 @@ def decode_record(body: bytes | memoryview) -> Record:
     try:
         record: Record = _decoder.decode(body)
         return record
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec reports a string that is not UTF-8 as UnicodeDecodeError.
         raise WireError(str(exc)) from None

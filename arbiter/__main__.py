@@ -1,0 +1,149 @@
+"""``python -m arbiter`` (and ``ftproxy arbiter``): run the arbiter server.
+
+Exit codes: 0 after Ctrl-C, 2 for a usage error (including a missing
+``--secret-file`` without ``--insecure``, or an unusable secret file), 3 when
+the server cannot start or stops on an error (an unreadable store, a port in
+use). Each error ends in one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any, Final
+
+import structlog
+import trio
+
+from arbiter._client import Address, parse_address
+from arbiter._server import serve
+from arbiter._store import StoreError
+from ftproxy.auth import SecretFileError, load_secret
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_FAILED: Final = 3
+
+
+def build_parser(prog: str = "python -m arbiter") -> argparse.ArgumentParser:
+    """The command line of the arbiter server."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve durable test-and-set decisions to ftproxy replicas, so that at "
+        "most one replica of a pair acts alone.",
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        type=_address,
+        metavar="HOST:PORT",
+        help="the address to serve on (port 0: any free port, logged as arbiter_listening)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        metavar="DIR",
+        help="where decisions are kept (created if missing); one arbiter per directory",
+    )
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="the secret shared with the replicas, which must prove they know it",
+    )
+    auth.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without authentication (replicas must use --insecure too)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    parser.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto", help="how to log"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the arbiter until Ctrl-C; return the exit code (usage errors exit via argparse)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.secret_file is None and not args.insecure:
+        parser.error(
+            "refusing to start without --secret-file FILE "
+            "(or --insecure, to serve without authentication)"
+        )
+    json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
+    configure_logging(verbose=args.verbose, json_logs=json_logs)
+    log = structlog.get_logger()
+    secret: bytes | None = None
+    if args.secret_file is not None:
+        try:
+            secret = load_secret(args.secret_file)  # may warn: logging is set up
+        except SecretFileError as exc:
+            parser.error(str(exc))
+    else:
+        log.warning("authentication_disabled", reason="--insecure")
+    host, port = args.listen
+    try:
+        trio.run(serve, host, port, args.data_dir, secret)
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            log.info("arbiter_stopped", reason="interrupted")
+            return EXIT_OK
+        for leaf in leaves:
+            if isinstance(leaf, StoreError):
+                log.error("arbiter_failed", reason=str(leaf))
+                return EXIT_FAILED
+            if isinstance(leaf, OSError):
+                reason = f"cannot serve on {host}:{port}: {leaf.strerror or leaf}"
+                log.error("arbiter_failed", reason=reason)
+                return EXIT_FAILED
+        raise
+    raise AssertionError("serve() returned")  # pragma: no cover
+
+
+def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -> None:
+    """Console rendering on a terminal, JSON lines otherwise; logs go to stderr."""
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    # The console renderer formats exceptions itself; JSON wants them as text.
+    renderers: list[Any] = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        if json_logs
+        else [structlog.dev.ConsoleRenderer()]
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *renderers,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Asking the arbiter, from trio: one connection per question.
+
+:func:`test_and_set` and :func:`query` raise :class:`ArbiterUnavailable` when
+the arbiter cannot be reached or does not answer in time (whether the question
+was decided is then unknown; asking again is safe, since the winner asking
+again wins again). They raise :class:`~arbiter.RemoteProtocolError` when the
+arbiter answers but the two sides cannot talk: different secrets, one side
+insecure, another protocol version. Retrying does not cure that.
+
+:func:`test_and_set_retrying` is what a replica calls before acting alone: it
+asks until the arbiter answers, logging each failure, and never gives up on its
+own (the caller cancels it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Final
+
+import structlog
+import trio
+
+from arbiter._protocol import (
+    MAX_REASON_LENGTH,
+    NEED_DATA,
+    Authenticated,
+    Connection,
+    ConnectionClosed,
+    Decision,
+    Error,
+    Query,
+    RemoteProtocolError,
+    Request,
+    Role,
+    State,
+    TestAndSet,
+    Undecided,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Address",
+    "ArbiterUnavailable",
+    "parse_address",
+    "query",
+    "test_and_set",
+    "test_and_set_retrying",
+]
+
+Address = tuple[str, int]
+DEFAULT_TIMEOUT: Final = 5.0
+_RECEIVE_SIZE: Final = 65536
+
+logger = structlog.get_logger()
+
+
+class ArbiterUnavailable(Exception):
+    """The arbiter could not be reached, or did not answer in time."""
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) into ``(host, port)``."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port_text)
+
+
+async def test_and_set(
+    address: Address,
+    key: str,
+    candidate: str,
+    secret: bytes | None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Decision:
+    """Ask the arbiter at ``address`` to make ``candidate`` the winner of ``key``.
+
+    Return the decision: ``won`` is True when ``candidate`` is (or already was)
+    the winner; otherwise ``winner`` names who is.
+    """
+    reply = await _ask(address, TestAndSet(key, candidate), secret, timeout)
+    assert isinstance(reply, Decision)  # the protocol refuses anything else
+    return reply
+
+
+async def query(
+    address: Address,
+    key: str,
+    secret: bytes | None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Decision | Undecided:
+    """Ask the arbiter at ``address`` whether ``key`` was decided (``won`` is always False)."""
+    return await _ask(address, Query(key), secret, timeout)
+
+
+async def test_and_set_retrying(
+    address: Address,
+    key: str,
+    candidate: str,
+    secret: bytes | None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    initial_backoff: float = 0.05,
+    max_backoff: float = 2.0,
+) -> Decision:
+    """Like :func:`test_and_set`, but ask again while the arbiter is unavailable.
+
+    Each failure is logged as ``arbiter_unreachable`` and followed by a pause
+    that doubles from ``initial_backoff`` up to ``max_backoff``. Only an answer,
+    a protocol error (which retrying cannot cure) or cancellation ends it.
+    """
+    backoff = initial_backoff
+    attempt = 1
+    while True:
+        try:
+            return await test_and_set(address, key, candidate, secret, timeout=timeout)
+        except ArbiterUnavailable as exc:
+            logger.warning(
+                "arbiter_unreachable",
+                arbiter=_format(address),
+                key=key,
+                candidate=candidate,
+                attempt=attempt,
+                reason=str(exc),
+                retry_in=backoff,
+            )
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff)
+        attempt += 1
+
+
+async def _ask(
+    address: Address, request: Request, secret: bytes | None, timeout: float
+) -> Decision | Undecided:
+    with trio.move_on_after(timeout):
+        return await _exchange(address, request, secret)
+    raise ArbiterUnavailable(f"the arbiter at {_format(address)} did not answer within {timeout} s")
+
+
+async def _exchange(
+    address: Address, request: Request, secret: bytes | None
+) -> Decision | Undecided:
+    where = _format(address)
+    conn = Connection(Role.CLIENT, secret)
+    try:
+        stream = await trio.open_tcp_stream(*address)
+    except OSError as exc:
+        raise ArbiterUnavailable(f"cannot connect to the arbiter at {where}: {exc}") from None
+    async with stream:
+        try:
+            while True:
+                event = conn.next_event()
+                if outgoing := conn.data_to_send():  # the handshake's own messages
+                    await stream.send_all(outgoing)
+                if event is NEED_DATA:
+                    conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                elif isinstance(event, Authenticated):
+                    await stream.send_all(conn.send(request))
+                elif isinstance(event, Decision | Undecided):
+                    return event
+                elif isinstance(event, ConnectionClosed):
+                    raise ArbiterUnavailable(
+                        f"the arbiter at {where} closed the connection before answering"
+                    )
+                else:  # pragma: no cover - the protocol refuses requests sent to a client
+                    raise AssertionError(f"unexpected event {event!r}")
+        except RemoteProtocolError as exc:
+            if conn.state is State.ERROR:
+                # Tell the arbiter why, so that its log says more than "disconnected".
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.send_all(conn.send(Error(str(exc)[:MAX_REASON_LENGTH])))
+            raise RemoteProtocolError(f"arbiter at {where}: {exc}") from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise ArbiterUnavailable(
+                f"lost the connection to the arbiter at {where}: {exc}"
+            ) from None
+
+
+def _format(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Not pytest tests, whatever their names say (test modules import them).
+test_and_set.__test__ = False  # type: ignore[attr-defined]
+test_and_set_retrying.__test__ = False  # type: ignore[attr-defined]
