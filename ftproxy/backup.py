@@ -296,6 +296,7 @@ async def _run_guest(
     backup: Backup, supervisor: Supervisor, guest: GuestProcess, signals: Any
 ) -> int:
     outcome: list[int] = []
+    serving = trio.CancelScope()  # see primary._run_guest: stops a supervisor mid-answer
 
     async def forward_signals() -> None:
         async for signum in signals:
@@ -305,13 +306,15 @@ async def _run_guest(
             else:
                 backup.log.info("backup_stopped", signal=signal.Signals(signum).name)
                 outcome.append(EXIT_OK)
+                serving.cancel()
                 guest.kill()
 
     async with trio.open_nursery() as inner:
         inner.start_soon(backup.run_channel)
         inner.start_soon(forward_signals)
         try:
-            await supervisor.run()
+            with serving:
+                await supervisor.run()
         except Divergence as divergence:
             divergence.stack = await supervisor.halt_for_stack("divergence")
             backup.log.error("replay_diverged", report=divergence.report())

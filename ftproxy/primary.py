@@ -253,6 +253,9 @@ async def _run_guest(
     assert primary.link is not None and primary.world is not None
     world = primary.world
     outcome: list[int] = []
+    # The supervisor may be waiting inside an answer (for input that will never
+    # come) when the replica halts: cancelling it is the only way to stop it.
+    serving = trio.CancelScope()
 
     async def replicate() -> None:
         assert primary.link is not None
@@ -260,6 +263,7 @@ async def _run_guest(
             await primary.run_channel(primary.link)
         except Halted as exc:
             outcome.append(EXIT_HALTED)
+            serving.cancel()
             guest.kill()
             primary.log.error("replica_halted", reason=str(exc))
 
@@ -276,12 +280,13 @@ async def _run_guest(
     async with trio.open_nursery() as inner:
         inner.start_soon(replicate)
         inner.start_soon(forward_signals)
-        try:
-            await supervisor.run()
-        except GuestFailure as exc:
-            primary.log.error("guest_failed", error=str(exc))
-            guest.kill()
-            outcome.append(EXIT_FAILED)
+        with serving:
+            try:
+                await supervisor.run()
+            except GuestFailure as exc:
+                primary.log.error("guest_failed", error=str(exc))
+                guest.kill()
+                outcome.append(EXIT_FAILED)
         returncode = await guest.wait()
         if not outcome:
             await primary.finish()

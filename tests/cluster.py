@@ -1,0 +1,283 @@
+"""A primary, a backup and an arbiter in real processes, started as a user would."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from support import EXAMPLES, FTPROXY, ROOT, free_port, read_line_until
+
+KV = EXAMPLES / "kv.py"
+
+
+class Process:
+    """One ftproxy process; its stdout is read for readiness, stderr kept for failures."""
+
+    def __init__(self, name: str, command: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.command = command
+        self.stderr_path = log_dir / f"{name}.stderr"
+        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=ROOT
+        )
+
+    def wait_for(self, marker: str, timeout: float = 20.0) -> None:
+        assert self.popen.stdout is not None
+        try:
+            read_line_until(self.popen.stdout, marker, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{self.name}: {exc}\nstderr:\n{self.stderr()}") from None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        self._stderr.close()
+
+
+def status(admin_port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=5) as reply:
+        return dict(json.loads(reply.read()))
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Cluster:
+    """Arbiter, primary and backup for examples/kv.py on loopback."""
+
+    tmp: Path
+    service_port: int = field(default_factory=free_port)
+    backup_service_port: int | None = None  # another address for the backup (two "hosts")
+    arbiter_port: int = field(default_factory=free_port)
+    log_port: int = field(default_factory=free_port)
+    primary_admin: int = field(default_factory=free_port)
+    backup_admin: int = field(default_factory=free_port)
+    primary_args: tuple[str, ...] = ()
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    def start_arbiter(self) -> Process:
+        command = [
+            *FTPROXY,
+            "arbiter",
+            "--listen",
+            f"127.0.0.1:{self.arbiter_port}",
+            "--data-dir",
+            str(self.tmp / "arbiter"),
+            "--insecure",
+        ]
+        process = Process("arbiter", command, self.tmp)
+        self.processes["arbiter"] = process
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", self.arbiter_port)).close() is None,
+            20,
+            "the arbiter listens",
+        )
+        return process
+
+    def replica_command(self, role: str, *extra: str, guest: tuple[str, ...] = ()) -> list[str]:
+        where = (
+            ["--log-listen", f"127.0.0.1:{self.log_port}"]
+            if role == "primary"
+            else ["--primary", f"127.0.0.1:{self.log_port}"]
+        )
+        admin = self.primary_admin if role == "primary" else self.backup_admin
+        mapping: list[str] = []
+        if role == "backup" and self.backup_service_port is not None:
+            mapping = ["--map", f"{self.service_port}=127.0.0.1:{self.backup_service_port}"]
+        guest = guest or (str(KV), "--port", str(self.service_port))
+        return [
+            *FTPROXY,
+            role,
+            *where,
+            "--arbiter",
+            f"127.0.0.1:{self.arbiter_port}",
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--insecure",
+            *mapping,
+            *extra,
+            "--",
+            *guest,
+        ]
+
+    def start(self) -> Cluster:
+        self.start_arbiter()
+        self.processes["primary"] = Process(
+            "primary", self.replica_command("primary", *self.primary_args), self.tmp
+        )
+        self.processes["backup"] = Process("backup", self.replica_command("backup"), self.tmp)
+        self.primary.wait_for("listening")
+        self.backup.wait_for("listening")
+        return self
+
+    @property
+    def primary(self) -> Process:
+        return self.processes["primary"]
+
+    @property
+    def backup(self) -> Process:
+        return self.processes["backup"]
+
+    @property
+    def arbiter(self) -> Process:
+        return self.processes["arbiter"]
+
+    def kill_primary(self) -> None:
+        """SIGKILL the primary supervisor; its guest goes when its pipe closes."""
+        self.primary.signal(signal.SIGKILL)
+        self.primary.wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+
+
+class KvClient:
+    """A RESP client that reconnects on failure and records what was acknowledged."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+
+    def _connect(self) -> socket.socket:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def call(self, *parts: str) -> bytes:
+        """One command; raises OSError if the connection broke before the reply."""
+        if self.sock is None:
+            self.sock = self._connect()
+            self.buffer = b""
+        frame = b"*%d\r\n" % len(parts) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(p), p.encode()) for p in parts
+        )
+        try:
+            self.sock.sendall(frame)
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise ConnectionResetError("closed")
+                self.buffer += chunk
+            line, _, rest = self.buffer.partition(b"\r\n")
+            if line.startswith(b"$") and line != b"$-1":
+                size = int(line[1:])
+                while len(rest) < size + 2:
+                    chunk = self.sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionResetError("closed")
+                    rest += chunk
+                self.buffer = rest[size + 2 :]
+                return rest[:size]
+            self.buffer = rest
+            return line
+        except OSError:
+            self.sock.close()
+            self.sock = None
+            raise
+
+
+@dataclass
+class Load:
+    """Clients writing INCRs and SETs until stopped; every acknowledged write recorded."""
+
+    port: int
+    clients: int = 4
+    acked_incr: dict[str, int] = field(default_factory=dict)
+    acked_set: dict[str, str] = field(default_factory=dict)
+    errors: int = 0
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self, index: int) -> None:
+        client = KvClient(self.port)
+        counter = f"ctr:{index}"
+        n = 0
+        while not self.stop_event.is_set():
+            n += 1
+            try:
+                reply = client.call("INCR", counter)
+                with self.lock:
+                    self.acked_incr[counter] = int(reply[1:])
+                key = f"key:{index}:{n}"
+                if client.call("SET", key, str(n)) == b"+OK":
+                    with self.lock:
+                        self.acked_set[key] = str(n)
+            except OSError:
+                with self.lock:
+                    self.errors += 1
+
+    def start(self) -> Load:
+        for i in range(self.clients):
+            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def acknowledged(self) -> int:
+        with self.lock:
+            return sum(self.acked_incr.values()) + len(self.acked_set)
+
+    def verify(self, port: int) -> None:
+        """Every acknowledged write is there; an INCR is at most one ahead (unacknowledged)."""
+        client = KvClient(port)
+        for counter, acked in self.acked_incr.items():
+            value = int(client.call("GET", counter))
+            assert acked <= value <= acked + 1, f"{counter}: acknowledged {acked}, found {value}"
+        missing = [k for k, v in self.acked_set.items() if client.call("GET", k).decode() != v]
+        assert not missing, f"{len(missing)} acknowledged SETs lost, e.g. {missing[:3]}"
