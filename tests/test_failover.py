@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
 from support import FTPROXY, free_port
 
