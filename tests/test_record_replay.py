@@ -12,11 +12,23 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import trio
-from support import EXAMPLES, GUESTS, Recording, connect, free_port, recv_until, run_ftproxy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import (
+    EXAMPLES,
+    GUESTS,
+    Recording,
+    Resp,
+    connect,
+    free_port,
+    recv_until,
+    run_ftproxy,
+)
 
 from ftproxy.logfile import read_log
 from ftproxy.replay import ReplayResult, replay
@@ -255,3 +267,36 @@ def test_guest_runs_without_address_space_randomisation(tmp_path: Path) -> None:
         line = rec.stdout_lines[-1]
         rec.stop()
     assert int(line.split()[1], 16) & 0x0040000
+
+
+KEYS = st.sampled_from(["a", "b", "counter", "x:1"])
+COMMANDS = st.one_of(
+    st.tuples(st.just("SET"), KEYS, st.text("abc123", min_size=1, max_size=8)),
+    st.tuples(st.just("SET"), KEYS, st.just("v"), st.just("PX"), st.integers(1, 50).map(str)),
+    st.tuples(st.just("GET"), KEYS),
+    st.tuples(st.just("INCR"), KEYS),
+    st.tuples(st.just("INCRBY"), KEYS, st.integers(-5, 5).map(str)),
+    st.tuples(st.just("DEL"), KEYS, KEYS),
+    st.tuples(st.just("EXISTS"), KEYS),
+    st.tuples(st.just("DBSIZE")),
+    st.tuples(st.just("KEYS"), st.just("*")),
+    st.tuples(st.just("PING")),
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 2), COMMANDS), min_size=1, max_size=25))
+def test_kv_replays_any_command_sequence_over_several_connections(
+    script: list[tuple[int, tuple[str, ...]]],
+) -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "kv.ftlog"
+        with Recording(log, EXAMPLES / "kv.py", "--port", str(port)) as rec:
+            clients = [Resp(port) for _ in range(3)]
+            for index, command in script:
+                clients[index].command(*command)
+            for client in clients:
+                client.close()
+            assert rec.stop() == 0
+        replay_log(log)
