@@ -12,6 +12,7 @@ releasing nothing, if it loses.
 from __future__ import annotations
 
 import signal
+from collections import deque
 from typing import Any
 
 import structlog
@@ -56,6 +57,7 @@ class Primary:
         self.board.peer_state = "connected"
         self.board.peer_address = link.peer
         self._outbox: list[Entry] = []
+        self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
         self._outbox_ready = Doorbell()
         self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
         self._peer_gone = trio.Event()
@@ -104,6 +106,8 @@ class Primary:
                 await trio.sleep(self.options.ship_delay_s)
             batch, self._outbox = self._outbox, []
             message: Entries | Heartbeat = Entries(batch) if batch else Heartbeat()
+            if batch:
+                self._in_flight.append((batch[-1].seq, trio.current_time()))
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -120,6 +124,7 @@ class Primary:
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
+                self._measure(event, now)
                 assert self.world is not None
                 for released in self.replica.ack_received(event.received, event.replayed, now):
                     self.world.apply_output(released)
@@ -132,6 +137,13 @@ class Primary:
             elif isinstance(event, ConnectionClosed):
                 self._lose_peer("the backup closed the log channel")
                 return
+
+    def _measure(self, ack: Ack, now: float) -> None:
+        """The log channel's round trip (batch sent to its ack) and the backup's lag."""
+        while self._in_flight and self._in_flight[0][0] <= ack.received:
+            _, sent_at = self._in_flight.popleft()
+            self.board.channel_rtt_ms.add((now - sent_at) * 1000)
+        self.board.lag_ms.add(self.replica.lag(now)[2] * 1000)
 
     async def watch(self) -> None:
         while not self.replica.peer_dead(trio.current_time()):
@@ -225,6 +237,7 @@ async def serve_primary(
             )
             supervisor = Supervisor(guest, primary)
             primary.board.icount = lambda: supervisor.icount
+            primary.board.input_bytes = lambda: front.input_bytes
             code = await _run_guest(primary, supervisor, guest, signals, nursery)
             front.close_all()
             nursery.cancel_scope.cancel()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,26 @@ class ArbiterClient:
         return decision.won
 
 
+class Samples:
+    """The last ``size`` measurements of something, for percentiles in /status."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def summary(self) -> dict[str, float | int]:
+        if not self._values:
+            return {"p50": 0.0, "p99": 0.0, "samples": 0}
+        ordered = sorted(self._values)
+
+        def pick(quantile: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 3)
+
+        return {"p50": pick(0.5), "p99": pick(0.99), "samples": len(ordered)}
+
+
 @dataclass
 class StatusBoard:
     """What /status reports; the replica fills it in as it goes."""
@@ -116,6 +137,9 @@ class StatusBoard:
         default_factory=lambda: {"exits_total": 0, "outputs_total": 0, "log_bytes_total": 0}
     )
     role_override: str | None = None
+    channel_rtt_ms: Samples = field(default_factory=Samples)
+    lag_ms: Samples = field(default_factory=Samples)
+    input_bytes: Callable[[], int] = lambda: 0
 
     def snapshot(self) -> Mapping[str, Any]:
         now = trio.current_time()
@@ -149,7 +173,10 @@ class StatusBoard:
             )
         if self.role_override:
             status["role"] = self.role_override
+        status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
+        status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
+        status["input_bytes_total"] = self.input_bytes()
         return status
 
 

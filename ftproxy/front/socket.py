@@ -97,6 +97,7 @@ class SocketFront:
         self._listeners: dict[int, _Listener] = {}
         self._datagrams: dict[int, _Datagram] = {}
         self._next_accepted = p.FIRST_ACCEPTED_SOCK
+        self.input_bytes = 0  # client bytes handed to the guest, for log-size ratios
 
     # -- set-up exits ------------------------------------------------------
 
@@ -278,6 +279,7 @@ class SocketFront:
                 while datagram.queue:
                     data, addr = datagram.queue.popleft()
                     events.append((p.EV_DGRAM, sid, data, addr))
+                    self.input_bytes += len(data)
         for sid in (*writable, *pressured):
             stream = self._streams.get(sid)
             if stream is None:
@@ -295,6 +297,7 @@ class SocketFront:
             chunk = bytes(stream.inbox[: p.RECV_CHUNK])
             del stream.inbox[: p.RECV_CHUNK]
             events.append((p.EV_DATA, sid, chunk))
+            self.input_bytes += len(chunk)
             stream.room.ring()
         elif stream.reset and not stream.reset_reported:
             stream.reset_reported = True
