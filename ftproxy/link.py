@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import structlog
 import trio
 
-from ftproxy.auth import Role
 from ftproxy.channel import (
     BACKUP,
     NEED_DATA,
@@ -149,10 +147,3 @@ async def join_primary(
 
 def welcome_for(pair: str, generation: int, header: Header) -> Welcome:
     return Welcome(pair=pair, generation=generation, header=header)
-
-
-def describe(event: Any) -> str:
-    return type(event).__name__
-
-
-__all__ = ["LinkRefused", "LogLink", "Role", "accept_backup", "join_primary", "welcome_for"]
