@@ -92,7 +92,10 @@ def test_the_peer_refusal_is_reported_with_its_reason() -> None:
     pump(primary, backup)
     pump(backup, primary)
     pump(backup, primary, backup.send(Join(["other.py"])))
-    with pytest.raises(RemoteProtocolError, match="the primary refused: runs another program"):
+    with pytest.raises(
+        RemoteProtocolError,
+        match="the primary aborted the connection, saying: runs another program",
+    ):
         pump(primary, backup, primary.send(Error("runs another program")))
 
 
