@@ -154,12 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_arguments(arbiter_cmd)
 
     status = commands.add_parser("status", help="show a replica's status (its --admin address)")
-    try:
-        from ftproxy.admin import build_status_parser
+    from ftproxy.admin import build_status_parser
 
-        build_status_parser(status)
-    except ImportError:  # TEMP until admin lands
-        pass
+    build_status_parser(status)
 
     log_cmd = commands.add_parser("log", help="inspect a log")
     log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
