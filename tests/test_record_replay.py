@@ -33,7 +33,7 @@ from support import (
 from ftproxy.logfile import read_log
 from ftproxy.replay import ReplayResult, replay
 from ftproxy.supervisor import Divergence
-from ftproxy.wire import End, Output
+from ftproxy.wire import End, Entry, Output
 
 
 def replay_log(path: Path) -> ReplayResult:
@@ -300,3 +300,37 @@ def test_kv_replays_any_command_sequence_over_several_connections(
                 client.close()
             assert rec.stop() == 0
         replay_log(log)
+
+
+def test_peer_resets_and_slow_readers_replay(tmp_path: Path) -> None:
+    """A client that resets mid-request, and one that reads a large reply slowly."""
+    import struct
+
+    port = free_port()
+    log = tmp_path / "kvreset.ftlog"
+    with Recording(log, EXAMPLES / "kv.py", "--port", str(port)) as rec:
+        rude = connect(port)
+        rude.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva")  # half a command
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rude.close()  # RST: the guest sees a reset, logged as an input
+        client = Resp(port)
+        value = b"v" * 600_000  # larger than the guest's virtual send buffer
+        assert client.command("SET", "big", value) == "OK"
+        client.sock.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 4)
+        for _ in range(4):
+            assert client.read() == value
+        assert client.command("PING") == "PONG"
+        client.close()
+        assert rec.stop() == 0
+    from ftproxy.guest import protocol as p
+
+    contents = read_log(log)
+    kinds = {
+        event[0]
+        for r in contents.records
+        if isinstance(r, Entry) and r.kind == p.KIND_WAIT
+        for event in p.decode_body(r.reply)[2]
+    }
+    assert p.EV_RESET in kinds  # the reset reached the guest as a logged input
+    assert p.EV_SENT in kinds  # the big replies filled the virtual send buffer
+    replay_log(log)
