@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_status_parser(status)
 
+    lab = commands.add_parser(
+        "lab",
+        help="network-namespace test hosts for packet mode (root)",
+        description="Client, primary, backup and arbiter hosts in network namespaces on one "
+        "bridge (10.200.0.0/24, inside the lab only).",
+    )
+    from ftproxy.lab import add_lab_arguments
+
+    add_lab_arguments(lab)
+
     log_cmd = commands.add_parser("log", help="inspect a log")
     log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
     show = log_commands.add_parser("show", help="one line per record")
@@ -306,6 +316,12 @@ def _cmd_arbiter(args: argparse.Namespace) -> int:
     return arbiter_main(argv)
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from ftproxy.lab import run_lab
+
+    return run_lab(args)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ftproxy.admin import run_status
 
@@ -443,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "backup": _cmd_backup,
         "arbiter": _cmd_arbiter,
         "status": _cmd_status,
+        "lab": _cmd_lab,
     }
     try:
         return handlers[args.command](args)
