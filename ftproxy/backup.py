@@ -281,6 +281,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
             backup.board.guest_pid = guest.pid
             supervisor = Supervisor(guest, backup)
             backup.board.icount = lambda: supervisor.icount
+            backup.board.seq = lambda: supervisor.seq
             code = await _run_guest(backup, supervisor, guest, signals)
             nursery.cancel_scope.cancel()
     return code
@@ -330,4 +331,6 @@ async def _run_guest(
         inner.cancel_scope.cancel()
     await guest.aclose()
     backup.log.info("guest_exited", returncode=returncode, entries=supervisor.seq)
-    return outcome[0] if outcome else EXIT_OK
+    if outcome:
+        return outcome[0]
+    return EXIT_OK if returncode == 0 else EXIT_FAILED

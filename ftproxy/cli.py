@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab_arguments(lab)
 
+    demo = commands.add_parser(
+        "demo",
+        help="the failover demo: a replicated kv store, a write load, kill -9 of the primary",
+        description="Start an embedded arbiter, a primary and a backup of examples/kv.py on "
+        "loopback, drive INCRs and SETs, kill the primary with SIGKILL, and report how many "
+        "acknowledged writes survived and how long the failover took.",
+    )
+    from ftproxy.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+
     log_cmd = commands.add_parser("log", help="inspect a log")
     log_commands = log_cmd.add_subparsers(dest="log_command", required=True, metavar="ACTION")
     show = log_commands.add_parser("show", help="one line per record")
@@ -316,6 +327,12 @@ def _cmd_arbiter(args: argparse.Namespace) -> int:
     return arbiter_main(argv)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ftproxy.demo import run_demo
+
+    return run_demo(args)
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     from ftproxy.lab import run_lab
 
@@ -460,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "arbiter": _cmd_arbiter,
         "status": _cmd_status,
         "lab": _cmd_lab,
+        "demo": _cmd_demo,
     }
     try:
         return handlers[args.command](args)

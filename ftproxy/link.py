@@ -21,6 +21,7 @@ from ftproxy.channel import (
     Heartbeat,
     Join,
     RemoteProtocolError,
+    State,
     Welcome,
 )
 from ftproxy.wire import Header
@@ -43,7 +44,11 @@ class LogLink:
         self.peer = _peer_name(stream)
 
     async def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> None:
+        """Send one message; ClosedResourceError once the conversation has ended."""
         async with self._send_lock:
+            if self.channel.state in (State.CLOSED, State.ERROR):
+                # The peer hung up (or broke the protocol) while we had this to say.
+                raise trio.ClosedResourceError("the log channel is closed")
             await self.stream.send_all(self.channel.send(message))
 
     async def next_event(self) -> ChannelEvent:

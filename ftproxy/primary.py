@@ -237,6 +237,7 @@ async def serve_primary(
             )
             supervisor = Supervisor(guest, primary)
             primary.board.icount = lambda: supervisor.icount
+            primary.board.seq = lambda: supervisor.seq
             primary.board.input_bytes = lambda: front.input_bytes
             code = await _run_guest(primary, supervisor, guest, signals, nursery)
             front.close_all()
@@ -306,4 +307,6 @@ async def _run_guest(
         inner.cancel_scope.cancel()
     await guest.aclose()
     primary.log.info("guest_exited", returncode=returncode, entries=supervisor.seq)
-    return outcome[0] if outcome else EXIT_OK
+    if outcome:
+        return outcome[0]
+    return EXIT_OK if returncode == 0 else EXIT_FAILED

@@ -130,6 +130,7 @@ class StatusBoard:
     started: float = field(default_factory=time.monotonic)
     replica: Replica[Any] | None = None
     icount: Callable[[], int] = lambda: 0
+    seq: Callable[[], int] = lambda: 0
     guest_pid: int | None = None
     peer_state: str = "none"
     peer_address: str = ""
@@ -156,7 +157,8 @@ class StatusBoard:
             core = self.replica.status(now)
             status.update(
                 role=core["role"],
-                log_seq=core["logged_seq"],
+                # A live replica keeps no peer log, but its guest's exits go on.
+                log_seq=max(core["logged_seq"], self.seq()),
                 acked_seq=core["acked_seq"],
                 replayed_seq=core["replayed_seq"],
                 held_outputs=core["held_outputs"],

@@ -1,0 +1,221 @@
+"""``ftproxy demo``: a real failover under load, with and without the output rule.
+
+The end-to-end tests run the demo as a user does, in its own process; the rest check
+the pieces that decide its verdict (the RESP parsing) and its exits (bad options,
+a replica that fails, Ctrl-C), which must never leave a process or a directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import FTPROXY, ROOT
+
+from ftproxy import demo
+
+RUN_TIMEOUT = 30.0
+FIELDS = {"acked", "found", "lost", "failover_s", "output_rule"}
+
+
+@cache
+def demo_command() -> tuple[str, ...]:
+    """``ftproxy demo`` once the CLI has it, the module's own entry point until then."""
+    probe = subprocess.run([*FTPROXY, "demo", "--help"], capture_output=True, cwd=ROOT)
+    if probe.returncode == 0:
+        return (*FTPROXY, "demo")
+    return (sys.executable, "-m", "ftproxy.demo")
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*demo_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=ROOT,
+    )
+
+
+def verdict(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The one JSON object on stdout; the failure message shows stderr."""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, f"stdout: {result.stdout!r}\nstderr:\n{result.stderr}"
+    parsed = json.loads(lines[0])
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_kill_9_under_load_loses_no_acknowledged_write() -> None:
+    started = time.monotonic()
+    result = run_demo("--json", "--warmup", "1.5", "--after", "2")
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    answer = verdict(result)
+    assert answer.keys() >= FIELDS
+    assert answer["output_rule"] is True
+    assert answer["acked"] > 0
+    assert answer["lost"] == 0
+    assert answer["found"] == answer["acked"]
+    assert answer["failover_s"] is not None and 0 <= answer["failover_s"] < 5
+    assert "Traceback" not in result.stderr
+    assert took < 20
+
+
+def test_without_the_output_rule_acknowledged_writes_are_lost() -> None:
+    result = run_demo("--json", "--warmup", "1.5", "--after", "2", "--no-output-rule")
+    assert result.returncode == 0, result.stderr  # losing writes is what it demonstrates
+    answer = verdict(result)
+    assert answer["output_rule"] is False
+    assert answer["acked"] > 0
+    assert answer["lost"] > 0
+    assert answer["found"] == answer["acked"] - answer["lost"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--warmup", "-1"), "--warmup"),
+        (("--clients", "0"), "--clients"),
+        (("--ship-delay-ms", "1000"), "--ship-delay-ms"),
+    ],
+)
+def test_bad_options_get_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    result = run_demo("--json", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_guest_that_fails_gives_one_line_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise SystemExit('the service refuses to start')\n")
+    monkeypatch.setattr(demo, "KV_SCRIPT", broken)
+    args = demo_parser().parse_args(["--json", "--start-timeout", "10"])
+    assert demo.run_demo(args) == demo.EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert '"acked"' not in out  # no verdict (structlog, unconfigured here, logs to stdout)
+    message = [line for line in err.splitlines() if line.startswith("ftproxy demo:")]
+    assert len(message) == 1, err
+    assert "exited" in message[0] and "refuses to start" in message[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> None:
+    process = subprocess.Popen(
+        [*demo_command(), "--json", "--warmup", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        ready = wait_for_event(process, "load_started", seen := {})
+        pair = seen["pair_ready"]
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert ready
+    assert process.returncode == demo.EXIT_INTERRUPTED, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    pids = [pid for group in pair["pids"].values() for pid in group]
+    assert len(pids) == 4  # both supervisors and both guests
+    assert wait_gone(pids), f"still running: {[p for p in pids if running(p)]}"
+    assert not Path(pair["workdir"]).exists()
+
+
+def test_resp_replies_parse_whole_or_not_at_all() -> None:
+    assert demo.parse_reply(b"+OK\r\n") == ("OK", 5)
+    assert demo.parse_reply(b":42\r\n:1") == (42, 5)
+    assert demo.parse_reply(b"$3\r\nabc\r\n") == (b"abc", 9)
+    assert demo.parse_reply(b"$-1\r\n") == (None, 5)
+    assert demo.parse_reply(b"-ERR nope\r\n") == (demo.ErrorReply("ERR nope"), 11)
+    assert demo.parse_reply(b"$3\r\nab") is None
+    assert demo.parse_reply(b":4") is None
+    assert demo.encode_command(b"SET", b"k", b"") == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n"
+
+
+def test_stderr_summary_keeps_what_explains_a_failure() -> None:
+    text = "\n".join(
+        [
+            '{"event": "joined_primary", "level": "info"}',
+            '{"event": "primary_lost", "reason": "closed", "level": "warning"}',
+            "  | Traceback (most recent call last):",
+            "  |     raise Boom(",
+            "  |     ^^^^^^^^^",
+            "  | Boom: it broke",
+            "  +------------------------------------",
+        ]
+    )
+    assert demo.summarize_stderr(text) == [
+        "Traceback (most recent call last):",
+        "raise Boom(",
+        "Boom: it broke",
+    ]
+    assert demo.summarize_stderr(text, lines=5)[:2] == ["joined_primary", "primary_lost (closed)"]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    return parser
+
+
+def wait_for_event(
+    process: subprocess.Popen[str], event: str, seen: dict[str, dict[str, Any]]
+) -> bool:
+    """Read the demo's JSON log from its stderr until ``event``; every event into ``seen``."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = process.stderr.readline()
+        if not line:
+            break
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        seen[record.get("event", "")] = record
+        if record.get("event") == event:
+            return True
+    raise AssertionError(f"no {event!r} event; saw {sorted(seen)}")
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented guest may wait for a reaper that never comes)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
