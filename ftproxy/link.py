@@ -20,8 +20,8 @@ from ftproxy.channel import (
     Error,
     Heartbeat,
     Join,
+    LocalProtocolError,
     RemoteProtocolError,
-    State,
     Welcome,
 )
 from ftproxy.wire import Header
@@ -46,10 +46,12 @@ class LogLink:
     async def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> None:
         """Send one message; ClosedResourceError once the conversation has ended."""
         async with self._send_lock:
-            if self.channel.state in (State.CLOSED, State.ERROR):
+            try:
+                data = self.channel.send(message)
+            except LocalProtocolError:
                 # The peer hung up (or broke the protocol) while we had this to say.
-                raise trio.ClosedResourceError("the log channel is closed")
-            await self.stream.send_all(self.channel.send(message))
+                raise trio.ClosedResourceError("the log channel is closed") from None
+            await self.stream.send_all(data)
 
     async def next_event(self) -> ChannelEvent:
         """The next event; ConnectionClosed when the peer went away, however it did."""

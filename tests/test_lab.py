@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -229,7 +230,12 @@ def test_kill_stops_processes_in_one_host_only(lab: Lab) -> None:
     primary = [lab.run("primary", ["sleep", "60"]) for _ in range(2)]
     backup = lab.run("backup", ["sleep", "60"])
     try:
-        assert {p.pid for p in primary} <= set(lab.pids("primary"))
+        # `ip netns exec` enters the namespace after the fork: wait until it did.
+        started = {p.pid for p in primary}
+        deadline = time.monotonic() + 10
+        while not started <= set(lab.pids("primary")) or backup.pid not in lab.pids("backup"):
+            assert time.monotonic() < deadline, "the processes never entered their namespaces"
+            time.sleep(0.01)
         killed = lab.kill("primary")
         assert {p.pid for p in primary} <= set(killed)
         assert all(p.wait(timeout=5) == -signal.SIGKILL for p in primary)
