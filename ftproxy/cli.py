@@ -415,12 +415,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except GuestFailure as exc:
         print(f"ftproxy replay: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    ending = (
-        f"guest exited with returncode {result.returncode}, as recorded"
-        if result.log_complete
-        else "the log has no end record (the recorder was killed), so the replay "
-        "stopped where the log stops"
-    )
+    if result.log_complete:
+        ending = f"guest exited with returncode {result.returncode}, as recorded"
+    elif result.end_reason is not None:
+        ending = (
+            f"the recording ended with the guest {result.end_reason}, so the replay "
+            "stopped where the log stops"
+        )
+    else:
+        ending = (
+            "the log has no end record (the recorder was killed), so the replay "
+            "stopped where the log stops"
+        )
     print(
         f"ftproxy replay: verified {result.entries} entries and {result.outputs} outputs "
         f"({result.output_bytes} bytes) identical to the recording; {ending}",

@@ -87,11 +87,14 @@ async def record(
                 bound.info("guest_started", pid=guest.pid, argv=options.argv, log=options.log_path)
                 world = WorldAnswers(front, doorbell, options.policy, guest.pid, writer.append)
                 supervisor = Supervisor(guest, RecordMode(world, writer))
+                # Killing the guest must also stop a supervisor waiting inside an answer.
+                stopper = _Stopper(guest)
                 nursery.start_soon(_flush_periodically, writer)
-                nursery.start_soon(_forward_signals, signals, world, guest, received, options)
+                nursery.start_soon(_forward_signals, signals, world, stopper, received, options)
                 task_status.started(guest)
                 try:
-                    await supervisor.run()
+                    with stopper.scope:
+                        await supervisor.run()
                 except GuestFailure as exc:
                     bound.error("guest_failed", error=str(exc))
                     guest.kill()
@@ -115,10 +118,23 @@ async def _flush_periodically(writer: LogWriter) -> None:
         writer.flush()
 
 
+class _Stopper:
+    """Kills the guest and cancels the supervisor's loop, which may be mid-answer."""
+
+    def __init__(self, guest: GuestProcess) -> None:
+        self.guest = guest
+        self.scope = trio.CancelScope()
+
+    def kill(self, reason: str) -> None:
+        log.warning("guest_killed", reason=reason)
+        self.scope.cancel()
+        self.guest.kill()
+
+
 async def _forward_signals(
     signals: Any,
     world: WorldAnswers,
-    guest: GuestProcess,
+    stopper: _Stopper,
     received: list[int],
     options: RecordOptions,
 ) -> None:
@@ -129,13 +145,11 @@ async def _forward_signals(
             if len(received) == 1:
                 log.info("signal_forwarded", signal=signal.Signals(signum).name)
                 world.deliver_signal(signum)
-                nursery.start_soon(_kill_after, guest, options.stop_grace_s)
+                nursery.start_soon(_kill_after, stopper, options.stop_grace_s)
             else:
-                log.warning("guest_killed", reason="second signal")
-                guest.kill()
+                stopper.kill("second signal")
 
 
-async def _kill_after(guest: GuestProcess, seconds: float) -> None:
+async def _kill_after(stopper: _Stopper, seconds: float) -> None:
     await trio.sleep(seconds)
-    log.warning("guest_killed", reason=f"still running {seconds}s after the stop signal")
-    guest.kill()
+    stopper.kill(f"still running {seconds}s after the stop signal")

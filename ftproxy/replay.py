@@ -82,8 +82,8 @@ class LogAnswers:
 
     async def answer(self, seq: int, exit: Exit) -> bytes:
         record = self._peek()
-        if record is None:
-            raise _LogEnded()
+        if record is None or (isinstance(record, End) and record.reason != "guest_exited"):
+            raise _LogEnded()  # the recording stopped here without the guest ending
         check_entry(seq, record, exit)
         self._next += 1
         assert isinstance(record, Entry)
@@ -130,7 +130,8 @@ class ReplayResult:
     output_bytes: int
     returncode: int | None
     recorded_returncode: int | None
-    log_complete: bool  # the log had an end record
+    log_complete: bool  # the recorded guest ended by itself, and the replay's did the same
+    end_reason: str | None  # the log's end record, if any ("guest_exited", "killed")
     truncated: bool
 
 
@@ -179,7 +180,7 @@ async def replay(
             raise
         if ended_early:
             last = contents.records[-1] if contents.records else None
-            if isinstance(last, End):
+            if isinstance(last, End) and last.reason == "guest_exited":
                 raise Divergence(
                     seq=supervisor.seq + 1,
                     icount=supervisor.icount,
@@ -215,7 +216,8 @@ async def replay(
         output_bytes=mode.output_bytes,
         returncode=None if ended_early else returncode,
         recorded_returncode=end.returncode if end else None,
-        log_complete=end is not None,
+        log_complete=end is not None and end.reason == "guest_exited",
+        end_reason=end.reason if end else None,
         truncated=contents.truncated_at is not None,
     )
 

@@ -26,6 +26,7 @@ from support import (
     Resp,
     connect,
     free_port,
+    read_line_until,
     recv_until,
     run_ftproxy,
 )
@@ -333,4 +334,17 @@ def test_peer_resets_and_slow_readers_replay(tmp_path: Path) -> None:
     }
     assert p.EV_RESET in kinds  # the reset reached the guest as a logged input
     assert p.EV_SENT in kinds  # the big replies filled the virtual send buffer
+    replay_log(log)
+
+
+def test_a_second_ctrl_c_kills_a_guest_that_ignores_the_first(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "stubborn.ftlog"
+    with Recording(log, GUESTS / "stubborn.py", str(port)) as rec:
+        assert rec.process is not None and rec.process.stdout is not None
+        rec.process.send_signal(signal.SIGINT)
+        read_line_until(rec.process.stdout, "not stopping")
+        assert rec.stop(signal.SIGINT) == 0
+    end = read_log(log).records[-1]
+    assert isinstance(end, End) and end.reason == "killed" and end.returncode == -9
     replay_log(log)
