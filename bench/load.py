@@ -1,26 +1,77 @@
-"""Client load: redis-benchmark, parsed from its CSV output."""
+"""Client load: redis-benchmark, with its full latency distribution parsed.
+
+redis-benchmark is a C client driving every connection from one epoll loop, so
+the client's own cost is small and the same for every configuration. Its CSV
+output stops at p99; its full output carries the HdrHistogram percentile
+series (50 %, 75 %, 87.5 %, ... halving towards 100 %) and a cumulative
+distribution by latency bucket. Both are parsed into one CDF, from which p99.9
+is read; p50 and p99 come from its summary line (exact HdrHistogram values).
+"""
 
 from __future__ import annotations
 
-import csv
-import io
+import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from bench.procs import HOST
+
+# "99.902% <= 13.543 milliseconds (cumulative count 19981)"
+_CDF_LINE = re.compile(
+    r"^\s*(?P<pct>[0-9.]+)% <= (?P<ms>[0-9.]+) milliseconds \(cumulative count (?P<n>\d+)\)"
+)
+_THROUGHPUT = re.compile(r"throughput summary: (?P<rps>[0-9.]+) requests per second")
+_COMPLETED = re.compile(r"(?P<n>\d+) requests completed in (?P<s>[0-9.]+) seconds")
+_SUMMARY_HEADER = re.compile(r"^\s*avg\s+min\s+p50\s+p95\s+p99\s+max\s*$")
 
 
 @dataclass(frozen=True)
-class LoadResult:
-    test: str
+class Load:
+    """A client load shape: how many connections, how many requests in flight on each."""
+
+    name: str
     clients: int
+    pipeline: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One redis-benchmark test (``-t``) with a value size (None: the op has no value)."""
+
+    test: str
+    size: int | None
+
+    @property
+    def label(self) -> str:
+        return self.test.upper() if self.size is None else f"{self.test.upper()} {_size(self.size)}"
+
+    def request(self) -> list[bytes]:
+        """The request redis-benchmark sends for this test (its key is literal without -r):
+        its size is the client input per request, and it probes for support."""
+        if self.test == "incr":
+            return [b"INCR", b"counter:__rand_int__"]
+        if self.test == "get":
+            return [b"GET", b"key:__rand_int__"]
+        return [b"SET", b"key:__rand_int__", b"x" * (self.size or 3)]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one redis-benchmark run measured."""
+
     requests: int
+    seconds: float
     rps: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
+    cdf: list[tuple[float, float]]  # (latency ms, fraction of requests at or below)
 
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+
+def _size(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
 
 
 def require_redis_benchmark() -> str:
@@ -30,38 +81,85 @@ def require_redis_benchmark() -> str:
     return path
 
 
-def redis_benchmark(
-    port: int, tests: str, *, clients: int, requests: int, pipeline: int = 1, size: int = 3
-) -> list[LoadResult]:
+def redis_benchmark_version() -> str:
+    done = subprocess.run(
+        [require_redis_benchmark(), "--version"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
+def run(port: int, load: Load, op: Op, requests: int, timeout: float = 300.0) -> Result:
+    """Run one redis-benchmark test against ``port`` and parse its full report."""
     command = [
         require_redis_benchmark(),
+        "-h",
+        HOST,
         "-p",
         str(port),
         "-t",
-        tests,
+        op.test,
         "-n",
         str(requests),
         "-c",
-        str(clients),
+        str(load.clients),
         "-P",
-        str(pipeline),
+        str(load.pipeline),
         "-d",
-        str(size),
-        "--csv",
+        str(op.size or 3),
         "--precision",
         "3",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
-    rows = csv.DictReader(io.StringIO(done.stdout))
-    return [
-        LoadResult(
-            test=row["test"],
-            clients=clients,
-            requests=requests,
-            rps=float(row["rps"]),
-            p50_ms=float(row["p50_latency_ms"]),
-            p99_ms=float(row["p99_latency_ms"]),
-            max_ms=float(row["max_latency_ms"]),
-        )
-        for row in rows
-    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+    return parse(done.stdout)
+
+
+def parse(output: str) -> Result:
+    """Parse redis-benchmark's full (non-CSV, non-quiet) report of one test."""
+    lines = re.split(r"[\r\n]+", output)
+    completed = next(m for m in map(_COMPLETED.search, lines) if m)
+    throughput = next(m for m in map(_THROUGHPUT.search, lines) if m)
+    total = int(completed["n"])
+    points: dict[float, int] = {}
+    for line in lines:
+        match = _CDF_LINE.match(line)
+        if match:
+            ms, count = float(match["ms"]), int(match["n"])
+            points[ms] = max(points.get(ms, 0), count)
+    cdf = _monotone(sorted(points.items()), total)
+    summary = _summary(lines)
+    return Result(
+        requests=total,
+        seconds=float(completed["s"]),
+        rps=float(throughput["rps"]),
+        p50_ms=summary["p50"],
+        p99_ms=summary["p99"],
+        p999_ms=quantile(cdf, 0.999),
+        max_ms=summary["max"],
+        cdf=cdf,
+    )
+
+
+def _monotone(points: list[tuple[float, int]], total: int) -> list[tuple[float, float]]:
+    """Cumulative counts by latency as fractions, non-decreasing (the two series merged)."""
+    out: list[tuple[float, float]] = []
+    best = 0
+    for ms, count in points:
+        best = max(best, count)
+        out.append((ms, round(best / total, 6)))
+    return out
+
+
+def quantile(cdf: list[tuple[float, float]], q: float) -> float:
+    """The smallest latency whose cumulative fraction reaches ``q``."""
+    for ms, fraction in cdf:
+        if fraction >= q - 1e-9:
+            return ms
+    return cdf[-1][0] if cdf else float("nan")
+
+
+def _summary(lines: list[str]) -> dict[str, float]:
+    for i, line in enumerate(lines):
+        if _SUMMARY_HEADER.match(line):
+            values = [float(v) for v in lines[i + 1].split()]
+            return dict(zip(("avg", "min", "p50", "p95", "p99", "max"), values, strict=True))
+    raise ValueError("redis-benchmark printed no latency summary")

@@ -1,117 +1,223 @@
-"""Starting the configurations under test: kv.py bare, and kv.py under ftproxy record."""
+"""The configurations under test, each a running service clients can load.
+
+A ``Service`` knows where clients connect, which processes make up its primary
+side and its backup side (for CPU accounting), and, for ftproxy's replicated
+pair, where the primary's admin endpoint answers ``GET /status``.
+
+Starting is split from waiting (``start_*`` returns at once, ``Service.ready``
+waits), so that several configurations boot at the same time.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
-import signal
+import json
+import re
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-KV = ROOT / "examples" / "kv.py"
+from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_line(process: subprocess.Popen[str], marker: str, timeout: float = 30.0) -> None:
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
-        if ready:
-            line = process.stdout.readline()
-            if not line:
-                break
-            if marker in line:
-                return
-    raise RuntimeError(f"{process.args!r} did not print {marker!r} within {timeout}s")
+READY = "listening"
 
 
 @dataclass
 class Service:
-    """A running configuration: where clients connect, and its processes."""
+    """A configuration under test, started; ``ready()`` before loading it."""
 
     name: str
     port: int
-    process: subprocess.Popen[str]
+    primary: list[Proc] = field(default_factory=list)
+    backup: list[Proc] = field(default_factory=list)
+    others: list[Proc] = field(default_factory=list)
+    admin_port: int | None = None
+    backup_admin_port: int | None = None
+    log_port: int | None = None  # the primary's --log-listen port
+    takeover_port: int | None = None  # where the backup serves once live
     log_path: Path | None = None
+    ready_marker: str | None = READY
 
-    def cpu_seconds(self) -> float:
-        """User+system CPU of the service's process tree so far (Linux /proc)."""
-        return _tree_cpu(self.process.pid)
+    def ready(self, timeout: float = 60.0) -> Service:
+        """Wait until every replica printed its readiness line."""
+        if self.ready_marker is not None:
+            for proc in self.primary + self.backup:
+                proc.wait_for_output(self.ready_marker, timeout)
+        return self
 
-
-def _tree_cpu(pid: int) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        pending.extend(int(c) for c in children)
-    return total
-
-
-@contextlib.contextmanager
-def bare_kv() -> Iterator[Service]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(KV), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for_line(process, "listening")
-        yield Service("bare", port, process)
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def recorded_kv() -> Iterator[Service]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "kv.ftlog"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ftproxy.cli",
-                "--log-format",
-                "json",
-                "record",
-                "--log",
-                str(log_path),
-                "--",
-                str(KV),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far by the primary side and by the backup side."""
+        return (
+            sum(p.cpu_seconds() for p in self.primary),
+            sum(p.cpu_seconds() for p in self.backup),
         )
+
+    def status(self) -> dict[str, Any] | None:
+        """The primary's ``GET /status``, for ftproxy's replicated pair; else None."""
+        if self.admin_port is None:
+            return None
+        return admin_status(self.admin_port)
+
+    def channel_bytes(self) -> int | None:
+        """Bytes the primary has sent on the log channel so far (TCP counters, via ss)."""
+        if self.log_port is None:
+            return None
+        return log_channel_bytes_sent(self.log_port)
+
+    def log_bytes(self) -> int | None:
+        """Size of ``ftproxy record``'s log file so far; None for other configurations."""
+        if self.log_path is None:
+            return None
         try:
-            _wait_for_line(process, "listening")
-            yield Service("record", port, process, log_path)
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        for proc in self.primary + self.backup + self.others:
+            proc.stop()
+
+
+def admin_status(port: int, timeout: float = 5.0) -> dict[str, Any]:
+    """A replica's ``GET /status`` as a mapping."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/status", timeout=timeout) as reply:
+        return dict(json.loads(reply.read()))
+
+
+def log_channel_bytes_sent(port: int) -> int | None:
+    """``bytes_sent`` of the established TCP connection whose local port is ``port``.
+
+    Read from the kernel with ``ss -ti`` (iproute2): what really crossed the log
+    channel, framing and heartbeats included. None if ss is missing or shows none.
+    """
+    try:
+        done = subprocess.run(
+            ["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.findall(r"\bbytes_sent:(\d+)", done.stdout)
+    return sum(int(v) for v in found) if found else None
+
+
+def start_bare(scratch: Path) -> Service:
+    """Configuration 1: ``python examples/kv.py`` on real sockets, no supervisor."""
+    port = free_port()
+    proc = Proc("bare", [sys.executable, str(KV), "--port", str(port)], scratch)
+    return Service("bare", port, primary=[proc])
+
+
+def start_record(scratch: Path) -> Service:
+    """Configuration 2: ``ftproxy record``, one replica logging to a file, no backup."""
+    port = free_port()
+    log_path = scratch / "record.ftlog"
+    command = [*FTPROXY, "record", "--log", str(log_path), "--", str(KV), "--port", str(port)]
+    proc = Proc("record", command, scratch)
+    return Service("record", port, primary=[proc], log_path=log_path)
+
+
+@dataclass
+class Arbiter:
+    """One ``ftproxy arbiter`` for every pair of the run (each pair its own generation)."""
+
+    scratch: Path
+    port: int = field(default_factory=free_port)
+    proc: Proc | None = None
+    _generation: int = 0
+
+    def start(self) -> Arbiter:
+        command = [
+            *FTPROXY,
+            "arbiter",
+            "--listen",
+            f"{HOST}:{self.port}",
+            "--data-dir",
+            str(self.scratch / "arbiter"),
+            "--insecure",
+        ]
+        self.proc = Proc("arbiter", command, self.scratch)
+        return self
+
+    def wait_listening(self) -> None:
+        wait_until(
+            lambda: socket.create_connection((HOST, self.port), timeout=1).close() is None,
+            30,
+            "the arbiter listens",
+        )
+
+    def next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def start_pair(
+    name: str,
+    scratch: Path,
+    arbiter: Arbiter,
+    *,
+    output_rule: bool = True,
+    two_addresses: bool = False,
+) -> Service:
+    """Configurations 3 and 4: ``ftproxy primary`` and ``ftproxy backup`` on loopback.
+
+    Default timings (heartbeat 50 ms, peer timeout 500 ms, max lag 100 ms). The
+    backup takes over the primary's address, or with ``two_addresses`` serves
+    on one of its own (``--map``), as on two hosts: then a primary that is
+    stopped, not dead, cannot keep it from going live.
+    """
+    port = free_port()
+    log_port = free_port()
+    primary_admin = free_port()
+    backup_admin = free_port()
+    generation = arbiter.next_generation()
+    guest = ["--", str(KV), "--port", str(port)]
+    common = ["--arbiter", f"{HOST}:{arbiter.port}", "--insecure"]
+    primary_command = [
+        *FTPROXY,
+        "primary",
+        "--log-listen",
+        f"{HOST}:{log_port}",
+        "--admin",
+        f"{HOST}:{primary_admin}",
+        "--generation",
+        str(generation),
+        *common,
+        *([] if output_rule else ["--no-output-rule"]),
+        *guest,
+    ]
+    takeover_port = free_port() if two_addresses else port
+    mapping = ["--map", f"{port}={HOST}:{takeover_port}"] if two_addresses else []
+    backup_command = [
+        *FTPROXY,
+        "backup",
+        "--primary",
+        f"{HOST}:{log_port}",
+        "--admin",
+        f"{HOST}:{backup_admin}",
+        *common,
+        *mapping,
+        *guest,
+    ]
+    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch)
+    backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch)
+    return Service(
+        name,
+        port,
+        primary=[primary],
+        backup=[backup],
+        admin_port=primary_admin,
+        backup_admin_port=backup_admin,
+        log_port=log_port,
+        takeover_port=takeover_port,
+    )

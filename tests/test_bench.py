@@ -1,0 +1,147 @@
+"""``python -m bench --quick`` as a smoke test: it completes and reports every figure.
+
+No timing is asserted (the machine is shared and noisy); what is asserted is
+the shape of the JSON and the product's claim: with the output rule, no
+acknowledged write is lost across the SIGKILLs of the primary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TOP = {
+    "schema",
+    "taken",
+    "quick",
+    "duration_s",
+    "machine",
+    "plan",
+    "configurations",
+    "failover",
+    "targets",
+    "notes",
+}
+MACHINE = {"cpu_model", "cpus", "memory_gib", "kernel", "python", "redis_benchmark"}
+CONFIGS = {"bare", "record", "no-output-rule", "output-rule", "pyraft", "pysyncobj"}
+CONFIG = {"label", "description", "available", "reason", "cells", "by_load"}
+CELL = {
+    "load",
+    "clients",
+    "pipeline",
+    "op",
+    "size",
+    "supported",
+    "requests",
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "cdf",
+    "cpu_primary_s_per_request",
+    "cpu_backup_s_per_request",
+    "input_bytes_per_request",
+    "log_bytes_per_request",
+    "log_bytes_per_input_byte",
+    "channel_bytes_per_input_byte",
+    "lag_entries_p99",
+    "lag_ms_p99",
+    "channel_rtt_ms_p50",
+    "channel_rtt_ms_p99",
+    "vs_bare",
+    "vs_no_output_rule",
+}
+BY_LOAD = {
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "cpu_primary_s_per_request",
+    "cpu_backup_s_per_request",
+    "log_bytes_per_request",
+    "log_bytes_per_input_byte",
+    "lag_entries_p99",
+    "lag_ms_p99",
+    "channel_rtt_ms_p50",
+    "vs_bare",
+    "vs_no_output_rule",
+}
+FAILOVER = {"trials", "completed", "failed", "failover_s", "lost_acknowledged_writes"}
+TARGET = {"target", "figure", "limit", "met", "detail"}
+LOADS = {"c=1", "c=50", "c=1 P=16"}
+OPS = {("set", 16), ("get", 16), ("set", 4096), ("get", 4096), ("incr", None)}
+
+
+def missing(mapping: dict[str, Any], keys: set[str]) -> set[str]:
+    return keys - mapping.keys()
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if shutil.which("redis-benchmark") is None:
+        pytest.skip("redis-benchmark is not installed (apt-get install redis-tools)")
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    assert out.with_suffix(".png").stat().st_size > 0
+    return dict(json.loads(out.read_text()))
+
+
+@pytest.mark.timeout(600)
+def test_quick_run_reports_every_field(result: dict[str, Any]) -> None:
+    assert not missing(result, TOP)
+    assert result["quick"] is True
+    assert not missing(result["machine"], MACHINE)
+    assert set(result["configurations"]) == CONFIGS
+    for name, config in result["configurations"].items():
+        assert not missing(config, CONFIG), name
+        if name in {"pyraft", "pysyncobj"} and not config["available"]:
+            assert config["reason"], f"{name} is unavailable without a reason"
+            continue
+        assert config["available"], name
+        assert {(c["op"], c["size"]) for c in config["cells"]} == OPS
+        assert {c["load"] for c in config["cells"]} == LOADS
+        for cell in config["cells"]:
+            if cell["supported"]:
+                assert not missing(cell, CELL), (name, cell["load"], cell["label"])
+                assert cell["requests"] > 0 and cell["rps"] > 0 and cell["cdf"]
+        assert set(config["by_load"]) == LOADS
+        for load, figures in config["by_load"].items():
+            assert not missing(figures, BY_LOAD), (name, load)
+    for name in ("bare", "record", "no-output-rule", "output-rule"):
+        assert all(c["supported"] for c in result["configurations"][name]["cells"]), name
+    for cell in result["configurations"]["output-rule"]["cells"]:
+        for key in ("log_bytes_per_request", "lag_ms_p99", "channel_rtt_ms_p50"):
+            assert cell[key] is not None, (cell["load"], cell["label"], key)
+    assert set(result["failover"]) == CONFIGS - {"bare", "record"} | {"output-rule-sigstop"}
+    for name, series in result["failover"].items():
+        assert not missing(series, FAILOVER), name
+    assert len(result["targets"]) == 6
+    for target in result["targets"]:
+        assert not missing(target, TARGET)
+
+
+@pytest.mark.timeout(600)
+def test_no_acknowledged_write_is_lost_with_the_output_rule(result: dict[str, Any]) -> None:
+    series = result["failover"]["output-rule"]
+    assert len(series["trials"]) == 3
+    assert series["failed"] == 0, series["trials"]
+    assert series["lost_acknowledged_writes"] == 0, series["trials"]
+    assert all(t["lost_acknowledged_writes"] == 0 for t in series["trials"])
+    assert result["failover"]["no-output-rule"]["completed"] == 3
+    silent = result["failover"]["output-rule-sigstop"]
+    assert silent["failed"] == 0 and silent["lost_acknowledged_writes"] == 0, silent["trials"]
