@@ -37,13 +37,12 @@ from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
-    ArbiterClient,
     Halted,
     ReplicaOptions,
-    StatusBoard,
+    ReplicaShell,
     admin_endpoint,
 )
-from ftproxy.replication import Event, Replica, Role
+from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry
 from ftproxy.world import WorldAnswers
@@ -53,24 +52,15 @@ log = structlog.get_logger()
 TAKEOVER_BIND_RETRY_S = 0.1
 
 
-class Backup:
+class Backup(ReplicaShell):
     """The backup's state and tasks around one guest and one primary."""
 
     def __init__(self, options: ReplicaOptions, link: LogLink, welcome: Welcome) -> None:
-        self.options = options
+        super().__init__(options, Role.BACKUP, link)
         self.welcome = welcome
-        self.link = link
-        self.replica: Replica[tuple[Any, ...]] = Replica(
-            Role.BACKUP, trio.current_time(), options.timing
-        )
-        self.arbiter = ArbiterClient(options, "backup")
-        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
-        self.board.peer_state = "connected"
-        self.board.peer_address = link.peer
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
-        self._primary_gone = trio.Event()
         self._last: Entry | None = None
         # The guest's bound sockets, to bind for real at go-live:
         # sock -> [family, type, guest address, backlog or None]
@@ -78,14 +68,13 @@ class Backup:
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
-        self.log = log.bind(role="backup", generation=options.generation)
 
     # -- the supervisor's mode --------------------------------------------------
 
     async def answer(self, seq: int, exit: Exit) -> bytes:
         self.board.counters["exits_total"] += 1
         if self.world is None:
-            while not self._entries and not self._primary_gone.is_set():
+            while not self._entries and not self.peer_gone.is_set():
                 await self._arrived.wait()
             if self._entries:
                 entry = self._entries.popleft()
@@ -122,9 +111,9 @@ class Backup:
     async def receive(self) -> None:
         while True:
             try:
-                event = await self.link.next_event()
+                event = await self.joined.next_event()
             except RemoteProtocolError as exc:
-                self._lose_primary(f"the primary broke the protocol: {exc}")
+                self.lose_peer(f"the primary broke the protocol: {exc}")
                 return
             now = trio.current_time()
             if isinstance(event, Entries):
@@ -138,7 +127,7 @@ class Backup:
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
             elif isinstance(event, ConnectionClosed):
-                self._lose_primary("the primary closed the log channel")
+                self.lose_peer("the primary closed the log channel")
                 return
 
     async def send_acks(self) -> None:
@@ -153,34 +142,30 @@ class Backup:
                 current = (self.replica.received, self.replica.replayed)
             message: Ack | Heartbeat = Ack(*current) if current != sent else Heartbeat()
             try:
-                await self.link.send(message)
+                await self.joined.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._lose_primary("the log channel broke while sending")
+                self.lose_peer("the log channel broke while sending")
                 return
             sent = current
             self.replica.sent(trio.current_time())
 
-    async def watch(self) -> None:
-        while not self.replica.peer_dead(trio.current_time()):
-            await trio.sleep_until(self.replica.next_deadline())
-        self._lose_primary(f"no word from the primary for {self.options.timing.peer_timeout_s}s")
+    @property
+    def joined(self) -> LogLink:
+        """The log channel this backup joined through (the backup never drops it early)."""
+        assert self.link is not None
+        return self.link
 
-    def _lose_primary(self, reason: str) -> None:
-        if self._primary_gone.is_set():
-            return
-        self.log.warning("primary_lost", reason=reason, received=self.replica.received)
-        self.board.peer_state = "lost"
-        self._primary_gone.set()
-        self._arrived.ring()
+    def peer_lost(self) -> None:
+        self._arrived.ring()  # a guest waiting for entries must now take over
 
     async def run_channel(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive)
             nursery.start_soon(self.send_acks)
             nursery.start_soon(self.watch)
-            await self._primary_gone.wait()
+            await self.peer_gone.wait()
             nursery.cancel_scope.cancel()
-        await self.link.aclose()
+        await self.joined.aclose()
 
     # -- go-live ----------------------------------------------------------------
 

@@ -29,10 +29,10 @@ from ftproxy.replica import (
     ArbiterClient,
     Halted,
     ReplicaOptions,
-    StatusBoard,
+    ReplicaShell,
     admin_endpoint,
 )
-from ftproxy.replication import Event, Replica, Role
+from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, guest_environment, new_header
@@ -42,28 +42,18 @@ log = structlog.get_logger()
 FINAL_ACK_WAIT_S = 2.0
 
 
-class Primary:
+class Primary(ReplicaShell):
     """The primary's state and tasks around one guest and one backup."""
 
     def __init__(self, options: ReplicaOptions, header: Header, link: LogLink) -> None:
-        self.options = options
+        super().__init__(options, Role.PRIMARY, link)
         self.header = header
-        self.link: LogLink | None = link
-        self.replica: Replica[tuple[Any, ...]] = Replica(
-            Role.PRIMARY, trio.current_time(), options.timing
-        )
-        self.arbiter = ArbiterClient(options, "primary")
-        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
-        self.board.peer_state = "connected"
-        self.board.peer_address = link.peer
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
         self._outbox_ready = Doorbell()
         self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
-        self._peer_gone = trio.Event()
         self.world: WorldAnswers | None = None
         self.halted: str | None = None
-        self.log = log.bind(role="primary", generation=options.generation)
 
     # -- the supervisor's mode --------------------------------------------------
 
@@ -111,7 +101,7 @@ class Primary:
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._lose_peer("the log channel broke while sending")
+                self.lose_peer("the log channel broke while sending")
                 return
             self.replica.sent(trio.current_time())
 
@@ -120,7 +110,7 @@ class Primary:
             try:
                 event = await link.next_event()
             except RemoteProtocolError as exc:
-                self._lose_peer(f"the backup broke the protocol: {exc}")
+                self.lose_peer(f"the backup broke the protocol: {exc}")
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
@@ -129,13 +119,13 @@ class Primary:
                 for released in self.replica.ack_received(event.received, event.replayed, now):
                     self.world.apply_output(released)
                 if self.replica.role is not Role.PRIMARY:
-                    self._lose_peer("the backup's ack came after the peer timeout")
+                    self.lose_peer("the backup's ack came after the peer timeout")
                     return
                 self._acked.ring()
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
             elif isinstance(event, ConnectionClosed):
-                self._lose_peer("the backup closed the log channel")
+                self.lose_peer("the backup closed the log channel")
                 return
 
     def _measure(self, ack: Ack, now: float) -> None:
@@ -145,25 +135,13 @@ class Primary:
             self.board.channel_rtt_ms.add((now - sent_at) * 1000)
         self.board.lag_ms.add(self.replica.lag(now)[2] * 1000)
 
-    async def watch(self) -> None:
-        while not self.replica.peer_dead(trio.current_time()):
-            await trio.sleep_until(self.replica.next_deadline())
-        self._lose_peer(f"no word from the backup for {self.options.timing.peer_timeout_s}s")
-
-    def _lose_peer(self, reason: str) -> None:
-        if self._peer_gone.is_set():
-            return
-        self.log.warning("backup_lost", reason=reason)
-        self.board.peer_state = "lost"
-        self._peer_gone.set()
-
     async def run_channel(self, link: LogLink) -> None:
         """Replicate until the backup is lost, then arbitrate."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.ship, link)
             nursery.start_soon(self.receive, link)
             nursery.start_soon(self.watch)
-            await self._peer_gone.wait()
+            await self.peer_gone.wait()
             nursery.cancel_scope.cancel()
         await link.aclose()
         self.link = None
@@ -191,7 +169,7 @@ class Primary:
         if self.replica.role is not Role.PRIMARY or self.link is None:
             return
         with trio.move_on_after(FINAL_ACK_WAIT_S):
-            while self.replica.received < self.replica.logged and not self._peer_gone.is_set():
+            while self.replica.received < self.replica.logged and not self.peer_gone.is_set():
                 await self._acked.wait()
 
 

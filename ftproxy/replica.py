@@ -17,7 +17,8 @@ import trio
 import arbiter
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
-from ftproxy.replication import Replica, Timing
+from ftproxy.link import LogLink
+from ftproxy.replication import Replica, Role, Timing
 from ftproxy.wire import Policy
 
 log = structlog.get_logger()
@@ -180,6 +181,41 @@ class StatusBoard:
         status.update(self.counters)
         status["input_bytes_total"] = self.input_bytes()
         return status
+
+
+class ReplicaShell:
+    """What a primary and a backup do alike around their replication core and their peer."""
+
+    def __init__(self, options: ReplicaOptions, role: Role, link: LogLink) -> None:
+        self.options = options
+        self.link: LogLink | None = link
+        self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
+        self.peer_role = "backup" if role is Role.PRIMARY else "primary"
+        self.arbiter = ArbiterClient(options, role.value)
+        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
+        self.board.peer_state = "connected"
+        self.board.peer_address = link.peer
+        self.peer_gone = trio.Event()
+        self.log = log.bind(role=role.value, generation=options.generation)
+
+    async def watch(self) -> None:
+        """Declare the peer dead after the timeout of silence."""
+        while not self.replica.peer_dead(trio.current_time()):
+            await trio.sleep_until(self.replica.next_deadline())
+        timeout = self.options.timing.peer_timeout_s
+        self.lose_peer(f"no word from the {self.peer_role} for {timeout}s")
+
+    def lose_peer(self, reason: str) -> None:
+        """The peer is gone (however we learnt it): once, log it and wake who waits."""
+        if self.peer_gone.is_set():
+            return
+        self.log.warning(f"{self.peer_role}_lost", reason=reason, received=self.replica.received)
+        self.board.peer_state = "lost"
+        self.peer_gone.set()
+        self.peer_lost()
+
+    def peer_lost(self) -> None:
+        """What else must happen the moment the peer is gone (subclasses)."""
 
 
 def _address(address: tuple[str, int]) -> str:
