@@ -73,8 +73,8 @@ from ftproxy.session import (
     ProtocolError,
     RemoteProtocolError,
     Session,
+    common_rows,
     encode_unchecked,
-    open_table,
 )
 from ftproxy.session import _NeedData as _NeedData
 
@@ -174,19 +174,12 @@ _CLIENT: Final = Role.CLIENT
 _SERVER: Final = Role.SERVER
 
 _TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
-    (State.AWAIT_CLIENT_HELLO, _CLIENT, Hello): State.AWAIT_SERVER_HELLO,
-    (State.AWAIT_SERVER_HELLO, _SERVER, Hello): State.AWAIT_SERVER_PROOF,
-    (State.AWAIT_SERVER_PROOF, _SERVER, Proof): State.AWAIT_CLIENT_PROOF,
-    (State.AWAIT_CLIENT_PROOF, _CLIENT, Proof): State.IDLE,
+    **common_rows(State, authenticated=State.IDLE),
     (State.IDLE, _CLIENT, TestAndSet): State.AWAIT_DECISION,
     (State.IDLE, _CLIENT, Query): State.AWAIT_ANSWER,
     (State.AWAIT_DECISION, _SERVER, Decision): State.IDLE,
     (State.AWAIT_ANSWER, _SERVER, Decision): State.IDLE,
     (State.AWAIT_ANSWER, _SERVER, Undecided): State.IDLE,
-    # Either side may give up or hang up at any time (what an early close means
-    # is the caller's business: see ConnectionClosed); after the peer broke the
-    # protocol we may still tell it why.
-    **open_table(State),
 }
 
 

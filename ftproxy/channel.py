@@ -42,8 +42,8 @@ from ftproxy.session import (
     RemoteProtocolError,
     Session,
     _NeedData,
+    common_rows,
     encode_unchecked,
-    open_table,
 )
 from ftproxy.wire import Entry, Header
 
@@ -129,17 +129,13 @@ BACKUP: Final = Role.CLIENT
 PRIMARY: Final = Role.SERVER
 
 _TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
-    (State.AWAIT_CLIENT_HELLO, BACKUP, Hello): State.AWAIT_SERVER_HELLO,
-    (State.AWAIT_SERVER_HELLO, PRIMARY, Hello): State.AWAIT_SERVER_PROOF,
-    (State.AWAIT_SERVER_PROOF, PRIMARY, Proof): State.AWAIT_CLIENT_PROOF,
-    (State.AWAIT_CLIENT_PROOF, BACKUP, Proof): State.AWAIT_JOIN,
+    **common_rows(State, authenticated=State.AWAIT_JOIN),
     (State.AWAIT_JOIN, BACKUP, Join): State.AWAIT_WELCOME,
     (State.AWAIT_WELCOME, PRIMARY, Welcome): State.STREAMING,
     (State.STREAMING, PRIMARY, Entries): State.STREAMING,
     (State.STREAMING, BACKUP, Ack): State.STREAMING,
     (State.STREAMING, PRIMARY, Heartbeat): State.STREAMING,
     (State.STREAMING, BACKUP, Heartbeat): State.STREAMING,
-    **open_table(State),
 }
 
 

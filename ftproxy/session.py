@@ -15,8 +15,10 @@ arbiter's (``arbiter._protocol``), are such a conversation. They share:
   RemoteProtocolError when the peer does (the session enters ``ERROR``, from
   which only an ``Error`` may still be sent to say why).
 
-A subclass supplies its ``State`` enum (with members ``AWAIT_CLIENT_HELLO``,
-``CLOSED`` and ``ERROR``), the table, its message decoder, its version and
+A subclass supplies its ``State`` enum (with the opening's members
+``AWAIT_CLIENT_HELLO``, ``AWAIT_SERVER_HELLO``, ``AWAIT_SERVER_PROOF``,
+``AWAIT_CLIENT_PROOF``, and ``CLOSED`` and ``ERROR``), the table (its own rows
+plus ``common_rows``), its message decoder, its version and
 auth context, and ``_on_message`` for its own messages.
 """
 
@@ -90,14 +92,25 @@ class RemoteProtocolError(ProtocolError):
 Kind: TypeAlias = type[Any]
 
 
-def open_table(
-    state: Any, kinds: tuple[Kind, ...] = (Error, ConnectionClosed)
-) -> dict[tuple[Any, Role, Kind], Any]:
-    """The rows every table has: either side may give up or hang up in any live state."""
-    live = [s for s in state if s.name not in ("CLOSED", "ERROR")]
+def common_rows(state: Any, authenticated: Any) -> dict[tuple[Any, Role, Kind], Any]:
+    """The rows every table has.
+
+    The opening (the client's Hello, the server's Hello and Proof, the client's
+    Proof, ending in ``authenticated``); either side may give up (Error) or hang
+    up in any live state; after the peer broke the protocol we may still tell it why.
+    """
+    client, server = Role.CLIENT, Role.SERVER
     rows: dict[tuple[Any, Role, Kind], Any] = {
-        (s, role, kind): state.CLOSED for s in live for role in Role for kind in kinds
+        (state.AWAIT_CLIENT_HELLO, client, Hello): state.AWAIT_SERVER_HELLO,
+        (state.AWAIT_SERVER_HELLO, server, Hello): state.AWAIT_SERVER_PROOF,
+        (state.AWAIT_SERVER_PROOF, server, Proof): state.AWAIT_CLIENT_PROOF,
+        (state.AWAIT_CLIENT_PROOF, client, Proof): authenticated,
     }
+    live = [s for s in state if s.name not in ("CLOSED", "ERROR")]
+    for s in live:
+        for role in Role:
+            rows[s, role, Error] = state.CLOSED
+            rows[s, role, ConnectionClosed] = state.CLOSED
     rows.update({(state.ERROR, role, Error): state.CLOSED for role in Role})
     return rows
 
