@@ -479,13 +479,15 @@ _SHOWN_KEYS: Final = frozenset(
     {
         "role", "pair", "generation", "guest_pid", "uptime_s", "icount", "log_seq",
         "acked_seq", "replayed_seq", "held_outputs", "output_rule", "requests_total",
-        "outputs_total", "log_bytes_total",
+        "outputs_total", "log_bytes_total", "exits_total", "input_bytes_total",
     }
 )  # fmt: skip
 _SHOWN_NESTED: Final = {
     "lag": frozenset({"entries", "bytes", "ms"}),
     "peer": frozenset({"state", "silent_ms", "address"}),
     "arbiter": frozenset({"state", "silent_ms", "address"}),
+    "channel_rtt_ms": frozenset({"p50", "p99", "samples"}),
+    "lag_ms": frozenset({"p50", "p99", "samples"}),
 }
 _MISSING: Final = object()
 
@@ -519,6 +521,16 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _value(status, ("lag", "bytes"), _bytes),
         _value(status, ("lag", "ms"), _millis),
     )
+    row(
+        "lag p50/p99",
+        _value(status, ("lag_ms", "p50"), _millis),
+        _value(status, ("lag_ms", "p99"), _millis),
+    )
+    row(
+        "log rtt p50/p99",
+        _value(status, ("channel_rtt_ms", "p50"), _millis),
+        _value(status, ("channel_rtt_ms", "p99"), _millis),
+    )
     row("outputs", _suffixed(status, ("held_outputs",), _count, "held"), _output_rule(status))
     for name in ("peer", "arbiter"):
         row(
@@ -530,7 +542,9 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
     row(
         "totals",
         _suffixed(status, ("requests_total",), _count, "requests"),
+        _suffixed(status, ("exits_total",), _count, "exits"),
         _suffixed(status, ("outputs_total",), _count, "outputs"),
+        _suffixed(status, ("input_bytes_total",), _bytes, "client input"),
         _suffixed(status, ("log_bytes_total",), _bytes, "logged"),
     )
     for key, value in status.items():  # what the rows above leave out
