@@ -635,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT or SIGTERM; return the process exit status."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, exit_quietly)
-    server = KVServer(args.host, args.port)
+    try:
+        server = KVServer(args.host, args.port)
+    except OSError as exc:
+        print(f"kv: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
     host, port = server.address
     try:
         print(f"kv listening on {host}:{port}", flush=True)

@@ -383,6 +383,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
         f"{result.log_bytes} bytes in {args.log}; guest returncode {result.returncode}",
         file=sys.stderr,
     )
+    # A guest that failed on its own (not stopped by our Ctrl-C) is a failed run.
+    if result.returncode not in (0, None) and not result.signals:
+        return EXIT_FAILED
     return EXIT_OK
 
 
