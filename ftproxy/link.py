@@ -24,7 +24,6 @@ from ftproxy.channel import (
     RemoteProtocolError,
     Welcome,
 )
-from ftproxy.wire import Header
 
 log = structlog.get_logger()
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -150,7 +149,3 @@ async def join_primary(
         await link.aclose()
         raise LinkRefused(f"the primary sent {type(welcome).__name__} instead of Welcome")
     return link, welcome
-
-
-def welcome_for(pair: str, generation: int, header: Header) -> Welcome:
-    return Welcome(pair=pair, generation=generation, header=header)

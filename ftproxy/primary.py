@@ -18,10 +18,10 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError
+from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guestproc import GuestProcess, start_guest
-from ftproxy.link import LinkRefused, LogLink, accept_backup, welcome_for
+from ftproxy.link import LinkRefused, LogLink, accept_backup
 from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
@@ -189,7 +189,7 @@ async def serve_primary(
         return EXIT_HALTED
     env = guest_environment(options.extra_env)
     header = new_header(options.argv, env, options.policy)
-    welcome = welcome_for(options.pair, options.generation, header)
+    welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     port = listeners[0].socket.getsockname()[1]
     bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
@@ -224,7 +224,7 @@ async def serve_primary(
 
 
 async def _accept_one_backup(
-    listeners: list[trio.SocketListener], options: ReplicaOptions, welcome: Any
+    listeners: list[trio.SocketListener], options: ReplicaOptions, welcome: Welcome
 ) -> LogLink:
     """Take the first backup that authenticates and runs the same program."""
     while True:

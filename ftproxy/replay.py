@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import trio
 
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import start_guest
@@ -220,7 +219,3 @@ async def replay(
         end_reason=end.reason if end else None,
         truncated=contents.truncated_at is not None,
     )
-
-
-def run_replay(contents: LogContents, **kwargs: Any) -> ReplayResult:
-    return trio.run(lambda: replay(contents, **kwargs))

@@ -31,8 +31,6 @@ log = structlog.get_logger()
 # The host environment a guest gets; everything else is left out so that the
 # log (which pins the environment) carries no secrets by accident.
 PASSED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH")
-FLUSH_INTERVAL_S = 0.05
-STOP_GRACE_S = 10.0
 
 
 def guest_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
@@ -96,7 +94,7 @@ def output_record(seq: int, message: tuple[Any, ...]) -> Output:
     """The log record of one guest output message."""
     op = message[0]
     try:
-        if op in (p.OP_SEND,):
+        if op == p.OP_SEND:
             _, sock, data = message
             return Output(seq, op, sock, data)
         if op == p.OP_SENDTO:

@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ftproxy.guest import _vclock, _ventropy, _vselect, _vsignal, _vsocket
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
+from ftproxy.guest._runtime import Runtime, refusal
 
 _THREAD_WHY = (
     "ftproxy replays a single-threaded guest; how a second thread interleaves with "
@@ -35,14 +35,6 @@ _PROCESS_WHY = (
     "a child process's input and output are not virtual devices, so the backup could "
     "not replay them"
 )
-
-
-def _refuse(name: str, why: str) -> Callable[..., Any]:
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedInGuest(name, why)
-
-    refused.__name__ = name.rsplit(".", 1)[-1]
-    return refused
 
 
 def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
@@ -80,7 +72,7 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     replace(os, "kill", kill)
     for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen"):
         if hasattr(os, name):
-            replace(os, name, _refuse(f"os.{name}", _PROCESS_WHY))
+            replace(os, name, refusal(f"os.{name}", _PROCESS_WHY))
     real_exit = os._exit
 
     def _exit(code: int) -> None:
@@ -99,7 +91,7 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     for name in ("fromfd", "fromshare", "send_fds", "recv_fds"):
         if hasattr(socket, name):
             replace(
-                socket, name, _refuse(f"socket.{name}", "host file descriptors cannot be replayed")
+                socket, name, refusal(f"socket.{name}", "host file descriptors cannot be replayed")
             )
 
     replace(select, "select", _vselect.select)
@@ -124,10 +116,10 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
         if hasattr(signal, name):
             replace(signal, name, value)
 
-    replace(threading.Thread, "start", _refuse("threading.Thread.start", _THREAD_WHY))
-    replace(_thread, "start_new_thread", _refuse("_thread.start_new_thread", _THREAD_WHY))
+    replace(threading.Thread, "start", refusal("threading.Thread.start", _THREAD_WHY))
+    replace(_thread, "start_new_thread", refusal("_thread.start_new_thread", _THREAD_WHY))
     if hasattr(_thread, "start_new"):
-        replace(_thread, "start_new", _refuse("_thread.start_new", _THREAD_WHY))
+        replace(_thread, "start_new", refusal("_thread.start_new", _THREAD_WHY))
 
     _rebind_copies(originals)
     _PatchOnImport.install(
@@ -182,7 +174,7 @@ def _inline_default_executor(module: ModuleType) -> None:
 
 
 def _refuse_fork_exec(module: ModuleType) -> None:
-    setattr(module, "fork_exec", _refuse("subprocess", _PROCESS_WHY))  # noqa: B010
+    setattr(module, "fork_exec", refusal("subprocess", _PROCESS_WHY))  # noqa: B010
 
 
 class _PatchOnImport(MetaPathFinder):

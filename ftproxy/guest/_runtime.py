@@ -31,6 +31,16 @@ class UnsupportedInGuest(RuntimeError):
         self.why = why
 
 
+def refusal(name: str, why: str) -> Callable[..., Any]:
+    """A stand-in for ``name`` that raises UnsupportedInGuest saying ``why``."""
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedInGuest(name, why)
+
+    refused.__name__ = name.rsplit(".", 1)[-1]
+    return refused
+
+
 class GuestSocket(Protocol):
     """What the runtime needs of a virtual socket to hand it events."""
 

@@ -13,7 +13,7 @@ import selectors
 from collections.abc import Iterable
 from typing import Any
 
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
+from ftproxy.guest._runtime import Runtime, UnsupportedInGuest, refusal
 from ftproxy.guest._vsocket import VirtualSocket
 
 _runtime: Runtime
@@ -135,21 +135,13 @@ def poll() -> VirtualPoll:
     return VirtualPoll()
 
 
-def _refuse(name: str) -> Any:
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedInGuest(
-            name,
-            "it is not virtualized; selectors.DefaultSelector, select.select and "
-            "select.poll are, and asyncio and socketserver use those",
-        )
-
-    refused.__name__ = name.rsplit(".", 1)[-1]
-    return refused
-
-
-epoll = _refuse("select.epoll")
-devpoll = _refuse("select.devpoll")
-kqueue = _refuse("select.kqueue")
+_NOT_VIRTUALIZED = (
+    "it is not virtualized; selectors.DefaultSelector, select.select and "
+    "select.poll are, and asyncio and socketserver use those"
+)
+epoll = refusal("select.epoll", _NOT_VIRTUALIZED)
+devpoll = refusal("select.devpoll", _NOT_VIRTUALIZED)
+kqueue = refusal("select.kqueue", _NOT_VIRTUALIZED)
 
 
 class VirtualSelector(selectors._BaseSelectorImpl):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
+from ftproxy.guest._runtime import Runtime, refusal
 
 Handler = Callable[[int, Any], Any] | int | None
 
@@ -101,14 +101,6 @@ def _die_by(signum: int) -> None:
     _real_exit(128 + signum)
 
 
-def _refuse(name: str, why: str) -> Callable[..., Any]:
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedInGuest(name, why)
-
-    refused.__name__ = name.rsplit(".", 1)[-1]
-    return refused
-
-
 _TIMER_WHY = (
     "signal-driven timers fire at host-chosen points; use time.sleep, select or asyncio timers"
 )
@@ -119,10 +111,10 @@ REPLACEMENTS: dict[str, Any] = {
     "set_wakeup_fd": set_wakeup_fd,
     "siginterrupt": siginterrupt,
     "raise_signal": raise_signal,
-    "alarm": _refuse("signal.alarm", _TIMER_WHY),
-    "setitimer": _refuse("signal.setitimer", _TIMER_WHY),
-    "pause": _refuse("signal.pause", "it waits for a host signal; the guest gets signals at exits"),
-    "sigwait": _refuse("signal.sigwait", "it waits for a host signal"),
-    "sigwaitinfo": _refuse("signal.sigwaitinfo", "it waits for a host signal"),
-    "sigtimedwait": _refuse("signal.sigtimedwait", "it waits for a host signal"),
+    "alarm": refusal("signal.alarm", _TIMER_WHY),
+    "setitimer": refusal("signal.setitimer", _TIMER_WHY),
+    "pause": refusal("signal.pause", "it waits for a host signal; the guest gets signals at exits"),
+    "sigwait": refusal("signal.sigwait", "it waits for a host signal"),
+    "sigwaitinfo": refusal("signal.sigwaitinfo", "it waits for a host signal"),
+    "sigtimedwait": refusal("signal.sigtimedwait", "it waits for a host signal"),
 }
