@@ -90,7 +90,7 @@ class LogAnswers:
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         op, sock = message[0], message[1]
-        data = message[2] if op in (p.OP_SEND, p.OP_SENDTO) else b""
+        data = message[2] if op in (p.OP_SEND, p.OP_SENDTO, p.OP_FRAME) else b""
         extra = message[3] if op == p.OP_SENDTO else message[2] if op == p.OP_SHUTDOWN else None
         if isinstance(extra, tuple):
             extra = list(extra)  # the log's msgpack gives tuples back as lists

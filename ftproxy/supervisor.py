@@ -112,7 +112,7 @@ class Supervisor:
             self.seq += 1
             self.icount = icount
             await self.guest.reply(body)
-        elif op in (p.OP_SEND, p.OP_SENDTO, p.OP_SHUTDOWN, p.OP_CLOSE):
+        elif op in (p.OP_SEND, p.OP_SENDTO, p.OP_SHUTDOWN, p.OP_CLOSE, p.OP_FRAME):
             self.outputs += 1
             try:
                 self.mode.output(self.seq, message)

@@ -25,8 +25,25 @@ class Policy(msgspec.Struct, array_like=True, frozen=True):
     clock_step_ns: int
 
 
+class Network(msgspec.Struct, array_like=True, frozen=True):
+    """Packet mode: the address the guest's own TCP/IP stack serves."""
+
+    mac: bytes
+    ip: str
+    prefix_len: int
+    gateway: str | None = None
+
+    def boot_value(self) -> tuple[bytes, str, int, str | None]:
+        """The form the guest's boot reply carries (see ``ftproxy.guest.protocol``)."""
+        return (self.mac, self.ip, self.prefix_len, self.gateway)
+
+
 class Header(msgspec.Struct, tag=0, array_like=True, frozen=True):
-    """What a replica needs to start a guest that executes like the recorded one."""
+    """What a replica needs to start a guest that executes like the recorded one.
+
+    ``network`` is None in socket mode; in packet mode the guest's stack is
+    part of its execution, so its address is pinned here like the policy.
+    """
 
     version: int
     argv: list[str]
@@ -35,6 +52,7 @@ class Header(msgspec.Struct, tag=0, array_like=True, frozen=True):
     python: str
     policy: Policy
     created_ns: int
+    network: Network | None = None
 
 
 class Entry(msgspec.Struct, tag=1, array_like=True, frozen=True):

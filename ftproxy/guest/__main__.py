@@ -24,8 +24,13 @@ def main() -> None:
         raise SystemExit(2)
     script = os.path.abspath(sys.argv[1])
     runtime = Runtime()
-    seed, pid, hostname = runtime.boot()
+    seed, pid, hostname, network = runtime.boot()
     install(runtime, seed, pid, hostname)
+    if network is not None:
+        # Packet mode: imported only here, so a socket-mode guest imports no stack.
+        from ftproxy.guest._vnet import PacketNetwork
+
+        runtime.network = PacketNetwork(runtime, network, seed)
     sys.argv = sys.argv[1:]
     sys.path[0] = os.path.dirname(script)
     try:

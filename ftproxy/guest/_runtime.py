@@ -41,6 +41,26 @@ def refusal(name: str, why: str) -> Callable[..., Any]:
     return refused
 
 
+class Network(Protocol):
+    """Packet mode: the guest's own TCP/IP stack stands where the supervisor's sockets were."""
+
+    def request(self, kind: int, args: tuple[Any, ...]) -> Any:
+        """Answer a BIND, LISTEN or CONNECT request as the supervisor would."""
+        ...
+
+    def output(self, message: tuple[Any, ...]) -> None:
+        """Take a socket output (send, sendto, shutdown, close)."""
+        ...
+
+    def timeout_ns(self, timeout_ns: int) -> int:
+        """``timeout_ns`` (-1: none) shortened to the stack's next timer."""
+        ...
+
+    def settle(self, frames: list[bytes]) -> list[tuple[Any, ...]]:
+        """Take received frames and due timers; return the sockets' new events."""
+        ...
+
+
 class GuestSocket(Protocol):
     """What the runtime needs of a virtual socket to hand it events."""
 
@@ -85,6 +105,8 @@ class Runtime:
         self.signal_sink: Callable[[int], None] = _no_signal_sink
         self._pending_signals: list[int] = []
         self._in_exit = False
+        # Packet mode's stack (None in socket mode, where the supervisor holds the sockets).
+        self.network: Network | None = None
 
     # -- counting and time -------------------------------------------------
 
@@ -131,6 +153,21 @@ class Runtime:
             written = os.write(self._request_fd, view)
             view = view[written:]
 
+    # -- what sockets ask -------------------------------------------------
+
+    def request(self, kind: int, args: tuple[Any, ...]) -> Any:
+        """A socket's set-up request: an exit (socket mode) or the guest's stack (packet mode)."""
+        if self.network is not None:
+            return self.network.request(kind, args)
+        return self.exit(kind, args)
+
+    def socket_output(self, message: tuple[Any, ...], payload: bytes = b"") -> None:
+        """A socket's output: to the supervisor (socket mode) or the guest's stack (packet mode)."""
+        if self.network is not None:
+            self.network.output(message)
+        else:
+            self.emit(message, payload)
+
     # -- exits -------------------------------------------------------------
 
     def exit(self, kind: int, args: tuple[Any, ...]) -> Any:
@@ -154,12 +191,12 @@ class Runtime:
         self._icount_base = self.icount
         return result
 
-    def boot(self) -> tuple[bytes, int, str]:
-        """The first exit: learn the pinned policy; return (seed, pid, hostname)."""
-        seed, pid, exit_every, clock_step_ns, hostname = self.exit(p.KIND_BOOT, ())
+    def boot(self) -> tuple[bytes, int, str, Any]:
+        """The first exit: learn the pinned policy; return (seed, pid, hostname, network)."""
+        seed, pid, exit_every, clock_step_ns, hostname, network = self.exit(p.KIND_BOOT, ())
         self.exit_every = exit_every
         self.clock_step_ns = clock_step_ns
-        return seed, pid, hostname
+        return seed, pid, hostname, network
 
     def wait(
         self,
@@ -169,6 +206,12 @@ class Runtime:
     ) -> None:
         """Block until input for ``readable``, room in ``writable``, a signal or the deadline."""
         timeout = -1 if deadline_ns is None else max(0, deadline_ns - self.mono_ns())
+        if self.network is not None:
+            # The stack may hold input already (more than one event's worth), and
+            # its timers (retransmissions) must fire even while the program sleeps.
+            if self._settle_network([]):
+                return
+            timeout = self.network.timeout_ns(timeout)
         want_in = [s.wire_id for s in readable if s._wants_input()]
         want_out = [s.wire_id for s in writable if s._write_blocked()]
         self._exit_wait(timeout, want_in, want_out)
@@ -182,17 +225,34 @@ class Runtime:
     def _exit_wait(self, timeout: int, want_in: list[int], want_out: list[int]) -> None:
         events = self.exit(p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured)))
         signals = self._pending_signals
+        frames: list[bytes] = []
         for event in events:
-            if event[0] == p.EV_SIGNAL:
+            tag = event[0]
+            if tag == p.EV_SIGNAL:
                 signals.append(event[1])
+                continue
+            if tag == p.EV_FRAME:
+                frames.append(event[1])
                 continue
             sock = self.sockets.get(event[1])
             if sock is not None:
                 sock._on_event(event)
+        if self.network is not None:
+            self._settle_network(frames)
         if signals:
             self._pending_signals = []
             for signum in signals:
                 self.signal_sink(signum)
+
+    def _settle_network(self, frames: list[bytes]) -> bool:
+        """Run the stack on ``frames`` and its due timers; hand out what that made ready."""
+        assert self.network is not None
+        events = self.network.settle(frames)
+        for event in events:
+            sock = self.sockets.get(event[1])
+            if sock is not None:
+                sock._on_event(event)
+        return bool(events)
 
     def _read_frame(self) -> memoryview:
         header = self._read_exact(p.LENGTH.size)

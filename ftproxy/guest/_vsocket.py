@@ -287,7 +287,7 @@ class VirtualSocket:
         if self._state != "new":
             raise _os_error(_errno.EINVAL)
         addr = self._normalize(address)
-        code, bound = _runtime.exit(p.KIND_BIND, (self.wire_id, self._family, self._type, addr))
+        code, bound = _runtime.request(p.KIND_BIND, (self.wire_id, self._family, self._type, addr))
         if code:
             raise _os_error(code)
         self._local = bound
@@ -303,7 +303,7 @@ class VirtualSocket:
             return
         if self._state == "new":
             self.bind(("", 0))
-        code = _runtime.exit(p.KIND_LISTEN, (self.wire_id, backlog))
+        code = _runtime.request(p.KIND_LISTEN, (self.wire_id, backlog))
         if code:
             raise _os_error(code)
         self._state = "listening"
@@ -350,7 +350,7 @@ class VirtualSocket:
         if self._state not in ("new", "bound"):
             return _errno.EINVAL
         timeout = -1 if self._timeout is None or self._timeout == 0 else int(self._timeout * 1e9)
-        code, local, peer = _runtime.exit(
+        code, local, peer = _runtime.request(
             p.KIND_CONNECT, (self.wire_id, self._family, addr, timeout)
         )
         if code:
@@ -454,7 +454,7 @@ class VirtualSocket:
         chunk = payload if len(payload) <= room else payload[:room]
         if chunk:
             self._sent += len(chunk)
-            _runtime.emit((p.OP_SEND, self.wire_id, chunk), chunk)
+            _runtime.socket_output((p.OP_SEND, self.wire_id, chunk), chunk)
             if self._sent - self._written >= p.SEND_BUFFER // 2:
                 _runtime.pressured.add(self.wire_id)
         return len(chunk)
@@ -485,7 +485,7 @@ class VirtualSocket:
         if self._state == "new":
             self.bind(("", 0))
         payload = bytes(data)
-        _runtime.emit((p.OP_SENDTO, self.wire_id, payload, address), payload)
+        _runtime.socket_output((p.OP_SENDTO, self.wire_id, payload, address), payload)
         return len(payload)
 
     # -- ending ------------------------------------------------------------
@@ -503,7 +503,7 @@ class VirtualSocket:
                 self._pair._eof = True
                 return
         if self._pair is None:
-            _runtime.emit((p.OP_SHUTDOWN, self.wire_id, how))
+            _runtime.socket_output((p.OP_SHUTDOWN, self.wire_id, how))
 
     def close(self) -> None:
         _runtime.tick()
@@ -527,7 +527,7 @@ class VirtualSocket:
             return
         if _runtime.sockets.pop(self.wire_id, None) is not None:
             _runtime.pressured.discard(self.wire_id)
-            _runtime.emit((p.OP_CLOSE, self.wire_id))
+            _runtime.socket_output((p.OP_CLOSE, self.wire_id))
 
     def detach(self) -> int:
         raise UnsupportedInGuest(

@@ -16,6 +16,7 @@ reply the guest consumed, so outputs carry no seq themselves.
     (OP_SENDTO, sock, data, addr)
     (OP_SHUTDOWN, sock, how)
     (OP_CLOSE, sock)
+    (OP_FRAME, 0, frame)                    # packet mode: an Ethernet frame to transmit
     (OP_EXIT, icount, kind, args, digest)   # always the last message of a frame
     (OP_STACK, text)                        # the guest's answer to a halt
 
@@ -26,12 +27,17 @@ Supervisor -> guest: one frame per exit request, the reply
 
 Exit kinds, their args and results:
 
-    KIND_BOOT     ()                                  -> (seed, pid, exit_every, clock_step_ns)
+    KIND_BOOT     ()          -> (seed, pid, exit_every, clock_step_ns, hostname, network)
     KIND_WAIT     (timeout_ns, readable, writable, pressured) -> [event, ...]
     KIND_BIND     (sock, family, type, addr)          -> (errno, addr)
     KIND_LISTEN   (sock, backlog)                     -> errno
     KIND_CONNECT  (sock, family, addr, timeout_ns)    -> (errno, local_addr, peer_addr)
     KIND_RESOLVE  (host, port, family, type, proto, flags) -> (gai_error, [addrinfo, ...])
+
+``network`` is None in socket mode. In packet mode it is ``(mac, ip, prefix_len,
+gateway)``: the guest runs its own TCP/IP stack (``ftproxy.netstack``) for that
+address, answers BIND, LISTEN and CONNECT itself, and exchanges only Ethernet
+frames with its supervisor: EV_FRAME events in, OP_FRAME outputs out.
 
 ``timeout_ns`` is -1 for "no timeout". In a wait, ``readable`` lists the sockets
 whose input (data, EOF, reset, new connections, datagrams) ends the wait,
@@ -47,6 +53,7 @@ Events in a wait's result:
     (EV_SENT, conn, total_bytes_written)    # cumulative, so a repeat is harmless
     (EV_DGRAM, sock, data, addr)
     (EV_SIGNAL, signum)
+    (EV_FRAME, frame)                       # packet mode: a received Ethernet frame
 
 Addresses are tuples as the ``socket`` module uses them: ``(host, port)`` for
 IPv4, ``(host, port, flowinfo, scope_id)`` for IPv6.
@@ -73,6 +80,7 @@ OP_SENDTO: Final = 2
 OP_SHUTDOWN: Final = 3
 OP_CLOSE: Final = 4
 OP_STACK: Final = 5
+OP_FRAME: Final = 6
 
 KIND_BOOT: Final = 0
 KIND_WAIT: Final = 1
@@ -97,6 +105,7 @@ OP_NAMES: Final = {
     OP_SHUTDOWN: "shutdown",
     OP_CLOSE: "close",
     OP_STACK: "stack",
+    OP_FRAME: "frame",
 }
 
 EV_ACCEPT: Final = 0
@@ -106,6 +115,7 @@ EV_RESET: Final = 3
 EV_SENT: Final = 4
 EV_DGRAM: Final = 5
 EV_SIGNAL: Final = 6
+EV_FRAME: Final = 7
 
 EVENT_NAMES: Final = {
     EV_ACCEPT: "accept",
@@ -115,6 +125,7 @@ EVENT_NAMES: Final = {
     EV_SENT: "sent",
     EV_DGRAM: "dgram",
     EV_SIGNAL: "signal",
+    EV_FRAME: "frame",
 }
 
 # Sockets the guest creates are numbered by the guest from FIRST_GUEST_SOCK;

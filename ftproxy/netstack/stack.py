@@ -188,6 +188,12 @@ class NetStack:
         conn._start_handshake(self._now)
         return conn
 
+    def free_port(self) -> int:
+        """An ephemeral port that no listener, connection or UDP socket uses."""
+        return self._ephemeral(
+            lambda p: p not in self._listeners and p not in self._udp and not self._port_busy(p)
+        )
+
     def udp_bind(self, port: int = 0) -> UdpSocket:
         """A UDP socket bound to ``port`` (0: an ephemeral port)."""
         if port == 0:
