@@ -11,6 +11,7 @@ reads as reset (the new front does not know it), as a logged input.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import signal
 from collections import deque
@@ -27,6 +28,7 @@ from ftproxy.channel import (
     RemoteProtocolError,
     Welcome,
 )
+from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
@@ -44,8 +46,8 @@ from ftproxy.replica import (
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
-from ftproxy.wire import Entry
-from ftproxy.world import WorldAnswers
+from ftproxy.wire import Entry, Header
+from ftproxy.world import WorldAnswers, open_front
 
 log = structlog.get_logger()
 
@@ -180,13 +182,14 @@ class Backup(ReplicaShell):
         self.replica.won()
         assert self.nursery is not None
         doorbell = Doorbell()
-        front = SocketFront(self.nursery, doorbell, self.options.address_map)
+        front = open_front(self.nursery, doorbell, self.options.address_map, self.options.packet)
         world = WorldAnswers(front, doorbell, self.options.policy, self.guest_pid, _discard)
         if self._last is not None:
             wall, mono, _ = p.decode_body(self._last.reply)
             world.clock.continue_from(wall, mono, self._last.icount)
-        for sock, (family, kind, address, backlog) in self._bound.items():
-            await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
+        if isinstance(front, SocketFront):
+            for sock, (family, kind, address, backlog) in self._bound.items():
+                await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
 
@@ -249,6 +252,14 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         log.error("replica_refused", role="backup", reason=str(exc))
         return EXIT_HALTED
     options.pair, options.generation = welcome.pair, welcome.generation
+    packet, network = options.packet, welcome.header.network
+    if packet is not None and packet.network is None and network is not None:
+        options.packet = dataclasses.replace(packet, network=network)
+    mismatch = _front_mismatch(options.packet, welcome.header)
+    if mismatch:
+        log.error("replica_refused", role="backup", reason=mismatch)
+        await link.aclose()
+        return EXIT_HALTED
     backup = Backup(options, link, welcome)
     try:
         await backup.arbiter.check_undecided()
@@ -270,6 +281,28 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
             code = await _run_guest(backup, supervisor, guest, signals)
             nursery.cancel_scope.cancel()
     return code
+
+
+def _front_mismatch(packet: PacketConfig | None, header: Header) -> str:
+    """Why this backup cannot take over the primary's network identity ("" if it can)."""
+    theirs = header.network
+    if theirs is None:
+        if packet is not None:
+            return "the primary runs in socket mode; start the backup without --front packet"
+        return ""
+    address = f"{theirs.ip}/{theirs.prefix_len}"
+    if packet is None:
+        return (
+            f"the primary runs in packet mode for {address}; start the backup with "
+            "--front packet (and --interface if its NIC is not eth0)"
+        )
+    mine = packet.network
+    if mine is not None and mine != theirs:
+        return (
+            f"the primary serves {address} at {format_mac(theirs.mac)}, this backup was "
+            f"given {mine.ip}/{mine.prefix_len} at {format_mac(mine.mac)}"
+        )
+    return ""
 
 
 def _cwd(recorded: str) -> str:

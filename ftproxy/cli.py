@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="device calls between forced exits (pinned in the log)",
     )
+    _add_front_arguments(record)
 
     replay = commands.add_parser(
         "replay",
@@ -202,6 +203,64 @@ def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_front_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "packet mode",
+        "The guest runs its own TCP/IP stack for a virtual IP and MAC; client connections "
+        "survive a failover. Needs root.",
+    )
+    group.add_argument(
+        "--front",
+        choices=("socket", "packet"),
+        default="socket",
+        help="socket: the supervisor terminates TCP/UDP (default); packet: raw Ethernet frames",
+    )
+    group.add_argument(
+        "--vip",
+        metavar="IP/PREFIX",
+        help="the virtual IP the guest serves, e.g. 10.200.0.100/24 (a backup takes the "
+        "primary's if omitted)",
+    )
+    group.add_argument(
+        "--interface", default="eth0", metavar="NAME", help="the NIC to use (default eth0)"
+    )
+    group.add_argument("--mac", help="the virtual MAC (default 02:00 and the VIP's four bytes)")
+    group.add_argument("--gateway", metavar="IP", help="the guest's default gateway, if any")
+    group.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="drop each frame in or out with probability P, to test under loss (default 0)",
+    )
+    group.add_argument(
+        "--drop-seed", type=int, default=0, metavar="N", help="seed of --drop-rate's choices"
+    )
+
+
+def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> Any:
+    """The PacketConfig the front arguments ask for, or None in socket mode."""
+    from ftproxy.front import PacketConfig, check_interface, parse_network
+
+    if args.front != "packet":
+        for flag in ("vip", "mac", "gateway"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} goes with --front packet")
+        return None
+    if not 0.0 <= args.drop_rate < 1.0:
+        raise ValueError(f"--drop-rate {args.drop_rate}: expected a probability in [0, 1)")
+    if args.map:
+        raise ValueError("--map is for socket mode; in packet mode clients reach the --vip")
+    check_interface(args.interface)
+    if args.vip is None:
+        if vip_required:
+            raise ValueError("--front packet needs --vip IP/PREFIX, e.g. 10.200.0.100/24")
+        network = None
+    else:
+        network = parse_network(args.vip, args.mac, args.gateway)
+    return PacketConfig(args.interface, network, args.drop_rate, args.drop_seed)
+
+
 def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arbiter", required=True, metavar="HOST:PORT", help="the arbiter")
     parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
@@ -238,6 +297,7 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="the same bound in unreplayed log bytes (default 8 MiB)",
     )
     parser.add_argument("--exit-every", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+    _add_front_arguments(parser)
 
 
 def _secret(args: argparse.Namespace, command: str) -> bytes | None:
@@ -277,6 +337,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         admin=arbiter.parse_address(args.admin) if args.admin else None,
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
         extra_env=_parse_env(args.env),
+        packet=_packet_config(args, vip_required=command == "primary"),
     )
 
 
@@ -371,6 +432,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
             address_map=parse_address_map(args.map),
             policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
             extra_env=_parse_env(args.env),
+            packet=_packet_config(args),
         )
         result = trio.run(record, options)
     except ValueError as exc:

@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
-from ftproxy.front.socket import Doorbell, SocketFront
+from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, accept_backup
 from ftproxy.replica import (
@@ -35,7 +35,7 @@ from ftproxy.replica import (
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
-from ftproxy.world import WorldAnswers, guest_environment, new_header
+from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front
 
 log = structlog.get_logger()
 
@@ -188,7 +188,8 @@ async def serve_primary(
         bound.error("replica_refused", reason=str(exc))
         return EXIT_HALTED
     env = guest_environment(options.extra_env)
-    header = new_header(options.argv, env, options.policy)
+    network = options.packet.network if options.packet else None
+    header = new_header(options.argv, env, options.policy, network)
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     port = listeners[0].socket.getsockname()[1]
@@ -202,7 +203,7 @@ async def serve_primary(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with admin_endpoint(options, primary.board), trio.open_nursery() as nursery:
             doorbell = Doorbell()
-            front = SocketFront(nursery, doorbell, options.address_map)
+            front = open_front(nursery, doorbell, options.address_map, options.packet)
             guest = await start_guest(options.argv, env, header.cwd)
             primary.board.guest_pid = guest.pid
             primary.world = WorldAnswers(
@@ -211,6 +212,7 @@ async def serve_primary(
                 options.policy,
                 guest.pid,
                 primary._logged,
+                network=network,
                 input_allowed=primary._input_allowed,
             )
             supervisor = Supervisor(guest, primary)

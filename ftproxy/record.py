@@ -16,13 +16,14 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.front.socket import AddressMap, Doorbell, SocketFront
+from ftproxy.front import PacketConfig
+from ftproxy.front.socket import AddressMap, Doorbell
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.logfile import LogWriter
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import End, Policy
-from ftproxy.world import WorldAnswers, guest_environment, new_header, output_record
+from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front, output_record
 
 log = structlog.get_logger()
 FLUSH_INTERVAL_S = 0.05
@@ -65,6 +66,7 @@ class RecordOptions:
     )
     extra_env: dict[str, str] = field(default_factory=dict)
     stop_grace_s: float = STOP_GRACE_S
+    packet: PacketConfig | None = None
 
 
 async def record(
@@ -74,7 +76,8 @@ async def record(
 ) -> RecordResult:
     """Run the guest against the real network until it exits, logging every input."""
     env = guest_environment(options.extra_env)
-    header = new_header(options.argv, env, options.policy)
+    network = options.packet.network if options.packet else None
+    header = new_header(options.argv, env, options.policy, network)
     writer = LogWriter(options.log_path, header)
     received: list[int] = []
     bound = log.bind(role="recorder")
@@ -82,10 +85,12 @@ async def record(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 doorbell = Doorbell()
-                front = SocketFront(nursery, doorbell, options.address_map)
+                front = open_front(nursery, doorbell, options.address_map, options.packet)
                 guest = await start_guest(options.argv, env, header.cwd)
                 bound.info("guest_started", pid=guest.pid, argv=options.argv, log=options.log_path)
-                world = WorldAnswers(front, doorbell, options.policy, guest.pid, writer.append)
+                world = WorldAnswers(
+                    front, doorbell, options.policy, guest.pid, writer.append, network=network
+                )
                 supervisor = Supervisor(guest, RecordMode(world, writer))
                 # Killing the guest must also stop a supervisor waiting inside an answer.
                 stopper = _Stopper(guest)

@@ -15,6 +15,7 @@ import structlog
 import trio
 
 import arbiter
+from ftproxy.front import PacketConfig
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
 from ftproxy.link import LogLink
@@ -54,6 +55,8 @@ class ReplicaOptions:
     # Only without the output rule: hold each log batch this long before
     # shipping it, so that the demo shows what the rule protects every time.
     ship_delay_s: float = 0.0
+    # Packet mode (None: socket mode). A backup's comes from the primary's header.
+    packet: PacketConfig | None = None
 
 
 def generation_key(pair: str, generation: int) -> str:

@@ -5,6 +5,10 @@ gone live (``ftproxy.backup``) all answer their guest's exits this way; each
 answer becomes a log entry through ``on_entry``. What happens to outputs (logged,
 gated by the output rule) is the caller's business; ``apply_output`` puts one
 on the wire.
+
+The front is the socket front (socket mode: the supervisor terminates TCP and
+UDP for the guest) or the packet front (packet mode: the guest runs its own
+TCP/IP stack and the supervisor moves Ethernet frames).
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
 
-from ftproxy.front.socket import Doorbell, SocketFront
+from ftproxy.front import PacketConfig
+from ftproxy.front.packet import PacketFront
+from ftproxy.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
 from ftproxy.guest import protocol as p
 from ftproxy.supervisor import Exit, GuestFailure
-from ftproxy.wire import FORMAT_VERSION, Entry, Header, Output, Policy
+from ftproxy.wire import FORMAT_VERSION, Entry, Header, Network, Output, Policy
 
 log = structlog.get_logger()
 
@@ -44,7 +50,9 @@ def guest_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
     return env
 
 
-def new_header(argv: Sequence[str], env: Mapping[str, str], policy: Policy) -> Header:
+def new_header(
+    argv: Sequence[str], env: Mapping[str, str], policy: Policy, network: Network | None = None
+) -> Header:
     return Header(
         version=FORMAT_VERSION,
         argv=list(argv),
@@ -53,7 +61,57 @@ def new_header(argv: Sequence[str], env: Mapping[str, str], policy: Policy) -> H
         python=sys.version,
         policy=policy,
         created_ns=time.time_ns(),
+        network=network,
     )
+
+
+def open_front(
+    nursery: trio.Nursery,
+    doorbell: Doorbell,
+    address_map: AddressMap,
+    packet: PacketConfig | None,
+) -> Front:
+    """The socket front, or the packet front when ``packet`` is set."""
+    if packet is None:
+        return SocketFront(nursery, doorbell, address_map)
+    network = packet.network
+    if network is None:
+        raise ValueError("packet mode needs the virtual IP (--vip)")
+    front = PacketFront(
+        nursery,
+        doorbell,
+        packet.interface,
+        network.mac,
+        f"{network.ip}/{network.prefix_len}",
+        drop_rate=packet.drop_rate,
+        drop_seed=packet.drop_seed,
+    )
+    # Whoever opens the virtual MAC serves it from now on (a new primary, a
+    # backup gone live): gratuitous ARP moves the switch's entry for it here.
+    nursery.start_soon(front.announce_repeatedly)
+    return front
+
+
+class Front(Protocol):
+    """What answering exits needs of a front, in either mode."""
+
+    input_bytes: int
+
+    def ready(self, readable: list[int], writable: list[int]) -> bool:
+        """Would a wait for these sockets end now?"""
+        ...
+
+    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
+        """Take every ready event for these sockets."""
+        ...
+
+    def apply(self, message: tuple[Any, ...]) -> None:
+        """Put one guest output on the network; ValueError if this front has no such output."""
+        ...
+
+    def close_all(self) -> None:
+        """Let go of the network (the guest ended)."""
+        ...
 
 
 class WorldClock:
@@ -94,7 +152,7 @@ def output_record(seq: int, message: tuple[Any, ...]) -> Output:
     """The log record of one guest output message."""
     op = message[0]
     try:
-        if op == p.OP_SEND:
+        if op in (p.OP_SEND, p.OP_FRAME):
             _, sock, data = message
             return Output(seq, op, sock, data)
         if op == p.OP_SENDTO:
@@ -114,16 +172,18 @@ class WorldAnswers:
 
     def __init__(
         self,
-        front: SocketFront,
+        front: Front,
         doorbell: Doorbell,
         policy: Policy,
         guest_pid: int,
         on_entry: Callable[[Entry], None],
         *,
+        network: Network | None = None,
         clock: WorldClock | None = None,
         input_allowed: Callable[[], Awaitable[None]] = _always_ready,
     ) -> None:
         self.front = front
+        self._network = network
         self._doorbell = doorbell
         self._policy = policy
         self._pid = guest_pid
@@ -160,16 +220,23 @@ class WorldAnswers:
                 self._policy.exit_every,
                 self._policy.clock_step_ns,
                 socket.gethostname(),
+                None if self._network is None else self._network.boot_value(),
             )
             return boot, 0
-        if kind == p.KIND_BIND:
-            return self.front.bind(*args), 0
-        if kind == p.KIND_LISTEN:
-            return self.front.listen(*args), 0
-        if kind == p.KIND_CONNECT:
-            return await self.front.connect(*args), 0
         if kind == p.KIND_RESOLVE:
-            return await self.front.resolve(*args), 0
+            return await resolve_name(*args), 0
+        front = self.front
+        if isinstance(front, SocketFront):
+            if kind == p.KIND_BIND:
+                return front.bind(*args), 0
+            if kind == p.KIND_LISTEN:
+                return front.listen(*args), 0
+            if kind == p.KIND_CONNECT:
+                return await front.connect(*args), 0
+        elif kind in (p.KIND_BIND, p.KIND_LISTEN, p.KIND_CONNECT):
+            raise GuestFailure(
+                f"a {exit.kind_name} exit in packet mode: the guest's own stack answers those"
+            )
         raise GuestFailure(f"unknown exit kind {kind}")
 
     async def _wait(self, exit: Exit) -> tuple[list[Any], int]:
@@ -194,12 +261,7 @@ class WorldAnswers:
 
     def apply_output(self, message: tuple[Any, ...]) -> None:
         """Put one guest output on the real network."""
-        op = message[0]
-        if op == p.OP_SEND:
-            self.front.send(message[1], message[2])
-        elif op == p.OP_SENDTO:
-            self.front.sendto(message[1], message[2], message[3])
-        elif op == p.OP_SHUTDOWN:
-            self.front.shutdown(message[1], message[2])
-        else:
-            self.front.close(message[1])
+        try:
+            self.front.apply(message)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise GuestFailure(f"malformed output {message!r:.80}: {exc}") from None

@@ -164,21 +164,21 @@ class SocketFront:
         self._add_stream(sock_id, sock)
         return 0, sock.getsockname(), sock.getpeername()
 
-    async def resolve(self, function: str, args: tuple[Any, ...]) -> tuple[int, Any]:
-        try:
-            if function == "getaddrinfo":
-                infos = await trio.to_thread.run_sync(socket.getaddrinfo, *args)
-                return 0, [(int(f), int(t), pr, canon, addr) for f, t, pr, canon, addr in infos]
-            if function == "gethostbyaddr":
-                name, aliases, addrs = await trio.to_thread.run_sync(socket.gethostbyaddr, *args)
-                return 0, (name, aliases, addrs)
-        except socket.gaierror as exc:
-            return exc.errno or socket.EAI_FAIL, str(exc.strerror)
-        except OSError as exc:
-            return exc.errno or 1, str(exc.strerror)
-        return socket.EAI_FAIL, f"unknown lookup {function}"
-
     # -- outputs -----------------------------------------------------------
+
+    def apply(self, message: tuple[Any, ...]) -> None:
+        """Put one guest output on the network."""
+        op = message[0]
+        if op == p.OP_SEND:
+            self.send(message[1], message[2])
+        elif op == p.OP_SENDTO:
+            self.sendto(message[1], message[2], message[3])
+        elif op == p.OP_SHUTDOWN:
+            self.shutdown(message[1], message[2])
+        elif op == p.OP_CLOSE:
+            self.close(message[1])
+        else:
+            raise ValueError(f"a {p.OP_NAMES.get(op, op)} output in socket mode")
 
     def send(self, sock_id: int, data: bytes) -> None:
         stream = self._streams.get(sock_id)
@@ -429,6 +429,22 @@ class SocketFront:
         for sock in self._bound.values():
             sock.close()
         self._bound.clear()
+
+
+async def resolve_name(function: str, args: tuple[Any, ...]) -> tuple[int, Any]:
+    """Answer a RESOLVE exit with the host's resolver: (error code, result)."""
+    try:
+        if function == "getaddrinfo":
+            infos = await trio.to_thread.run_sync(socket.getaddrinfo, *args)
+            return 0, [(int(f), int(t), pr, canon, addr) for f, t, pr, canon, addr in infos]
+        if function == "gethostbyaddr":
+            name, aliases, addrs = await trio.to_thread.run_sync(socket.gethostbyaddr, *args)
+            return 0, (name, aliases, addrs)
+    except socket.gaierror as exc:
+        return exc.errno or socket.EAI_FAIL, str(exc.strerror)
+    except OSError as exc:
+        return exc.errno or 1, str(exc.strerror)
+    return socket.EAI_FAIL, f"unknown lookup {function}"
 
 
 def parse_address_map(items: list[str]) -> AddressMap:
