@@ -5,6 +5,12 @@ dict. Both decode entry replies (marshal bodies of the guest pipe, see
 ``ftproxy.guest.protocol``) and never fail on one that does not decode: the
 listing shows ``<undecodable reply: ...>`` for it and the totals count it.
 
+In packet mode (a header with a ``network``) the guest runs its own TCP/IP
+stack and only Ethernet frames cross its pipe: EV_FRAME events in, OP_FRAME
+outputs out. The listing gives each frame a line of its own, decoded with the
+guest stack's parsers (``ftproxy.netstack.packets``): ARP, IPv4 with TCP, UDP
+or ICMP, a bad checksum noted rather than the frame hidden.
+
 The log keeps an exit's kind and result but not its request arguments, so the
 socket a BIND, LISTEN or CONNECT was about is not recorded. ``map_guest_sockets``
 infers it from the sockets that later events and outputs name; the listing
@@ -22,13 +28,15 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ftproxy.guest import protocol as p
 from ftproxy.logfile import MAGIC, LogContents
-from ftproxy.wire import End, Entry, Output, Record, encode_record
+from ftproxy.netstack import packets as pk
+from ftproxy.wire import End, Entry, Network, Output, Record, encode_record
 
 Address = tuple[Any, ...]
+_Parsed = TypeVar("_Parsed")
 
 # The on-disk layout of ``ftproxy.logfile``: magic, a u16 version, then records
 # each prefixed by a u32 length.
@@ -91,6 +99,7 @@ _EVENT_FIELDS: Final[dict[int, tuple[Callable[[Any], bool], ...]]] = {
     p.EV_SENT: (_is_int, _is_int),
     p.EV_DGRAM: (_is_int, _is_bytes, _is_address),
     p.EV_SIGNAL: (_is_int,),
+    p.EV_FRAME: (_is_bytes,),
 }
 
 
@@ -107,13 +116,27 @@ def _is_wait_result(result: Any) -> bool:
     return isinstance(result, list | tuple) and all(_is_event(event) for event in result)
 
 
+def _is_boot_network(value: Any) -> bool:
+    """None (socket mode) or packet mode's ``(mac, ip, prefix_len, gateway)``."""
+    return value is None or (
+        isinstance(value, tuple | list)
+        and len(value) == 4
+        and isinstance(value[0], bytes)
+        and len(value[0]) == 6
+        and isinstance(value[1], str)
+        and _is_int(value[2])
+        and (value[3] is None or isinstance(value[3], str))
+    )
+
+
 def _is_boot_result(result: Any) -> bool:
-    # The protocol documents (seed, pid, exit_every, clock_step_ns); the runtime
-    # also takes a hostname after them, so accept anything from four fields on.
+    # (seed, pid, exit_every, clock_step_ns, hostname, network) now; logs recorded
+    # before packet mode end at the hostname, older ones at clock_step_ns.
     return (
         isinstance(result, tuple | list)
         and len(result) >= 4
         and all(_is_int(part) for part in result[1:4])
+        and (len(result) < 6 or _is_boot_network(result[5]))
     )
 
 
@@ -458,6 +481,208 @@ _GAI_ERROR_NAMES: Final = {
 }
 
 
+# -- Ethernet frames (packet mode) --------------------------------------------
+
+_ETHERTYPE_NAMES: Final = {0x86DD: "IPv6", 0x8100: "802.1Q", 0x88CC: "LLDP"}
+# TCP flag letters in scapy's order, as Wireshark users see them in ``[SA]``.
+_TCP_FLAG_LETTERS: Final = (
+    (pk.TCP_FIN, "F"),
+    (pk.TCP_SYN, "S"),
+    (pk.TCP_RST, "R"),
+    (pk.TCP_PSH, "P"),
+    (pk.TCP_ACK, "A"),
+    (pk.TCP_URG, "U"),
+)
+_ICMP_TYPE_NAMES: Final = {
+    pk.ICMP_ECHO_REPLY: "echo reply",
+    pk.ICMP_ECHO_REQUEST: "echo request",
+    pk.ICMP_DEST_UNREACH: "unreachable",
+    11: "time exceeded",
+}
+_ICMP_UNREACHABLE_NAMES: Final = {0: "net", 1: "host", 2: "protocol", 3: "port", 4: "frag-needed"}
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """The layers of an Ethernet frame, as the guest stack's parsers read them.
+
+    A layer is None when the frame does not carry it or it is malformed; one whose
+    only fault is its checksum is decoded anyway and named in ``bad_checksums``
+    (the guest stack drops such a frame).
+    """
+
+    size: int
+    ethernet: pk.EthernetHeader | None
+    arp: pk.ArpPacket | None = None
+    ipv4: pk.Ipv4Header | None = None
+    tcp: pk.TcpSegment | None = None
+    udp: pk.UdpDatagram | None = None
+    icmp: pk.IcmpEcho | None = None
+    bad_checksums: tuple[str, ...] = ()
+
+    @property
+    def payload(self) -> bytes:
+        """The TCP or UDP payload (empty for anything else)."""
+        if self.tcp is not None:
+            return self.tcp.payload
+        return b"" if self.udp is None else self.udp.payload
+
+
+def _with_checksum(data: bytes, offset: int, initial: int = 0) -> bytes:
+    """``data`` with the Internet checksum at ``offset`` made right (``initial``: the
+    pseudo-header's sum), so that a parser checking it reads the rest."""
+    if len(data) < offset + 2:
+        return data
+    blank = data[:offset] + b"\x00\x00" + data[offset + 2 :]
+    return data[:offset] + pk.checksum(blank, initial).to_bytes(2, "big") + data[offset + 2 :]
+
+
+def _parse_noting_checksum(
+    parse: Callable[[bytes], _Parsed | None],
+    data: bytes,
+    fix: Callable[[bytes], bytes],
+    layer: str,
+    bad: list[str],
+) -> _Parsed | None:
+    """``parse(data)``; if that fails, ``parse(fix(data))``, noting ``layer`` in ``bad``."""
+    parsed = parse(data)
+    if parsed is None:
+        parsed = parse(fix(data))
+        if parsed is not None:
+            bad.append(layer)
+    return parsed
+
+
+def _fix_ipv4_checksum(packet: bytes) -> bytes:
+    header_len = (packet[0] & 0x0F) * 4 if packet else 0
+    return _with_checksum(packet[:header_len], 10) + packet[header_len:]
+
+
+def decode_frame(frame: bytes) -> DecodedFrame:
+    """Decode an Ethernet frame's ARP, IPv4, TCP, UDP or ICMP layers; never raises."""
+    size = len(frame)
+    ethernet = pk.parse_ethernet(frame)
+    if ethernet is None:
+        return DecodedFrame(size, None)
+    body = bytes(frame[pk.ETH_HEADER_LEN :])
+    if ethernet.ethertype == pk.ETHERTYPE_ARP:
+        return DecodedFrame(size, ethernet, arp=pk.parse_arp(body))
+    if ethernet.ethertype != pk.ETHERTYPE_IPV4:
+        return DecodedFrame(size, ethernet)
+    bad: list[str] = []
+    ip = _parse_noting_checksum(pk.parse_ipv4, body, _fix_ipv4_checksum, "IP", bad)
+    if ip is None or ip.is_fragment:
+        return DecodedFrame(size, ethernet, ipv4=ip, bad_checksums=tuple(bad))
+    segment = body[ip.header_len : ip.total_len]
+    tcp = udp = icmp = None
+    if ip.proto == pk.IPPROTO_TCP:
+        pseudo = pk.pseudo_header_sum(ip.src, ip.dst, pk.IPPROTO_TCP, len(segment))
+        tcp = _parse_noting_checksum(
+            lambda data: pk.parse_tcp(data, ip.src, ip.dst),
+            segment,
+            lambda data: _with_checksum(data, 16, pseudo),
+            "TCP",
+            bad,
+        )
+    elif ip.proto == pk.IPPROTO_UDP:
+        udp = _parse_noting_checksum(
+            lambda data: pk.parse_udp(data, ip.src, ip.dst),
+            segment,
+            lambda data: data[:6] + b"\x00\x00" + data[8:],  # zero: "no checksum"
+            "UDP",
+            bad,
+        )
+    elif ip.proto == pk.IPPROTO_ICMP:
+        icmp = _parse_noting_checksum(
+            pk.parse_icmp_echo, segment, lambda data: _with_checksum(data, 2), "ICMP", bad
+        )
+    return DecodedFrame(size, ethernet, None, ip, tcp, udp, icmp, tuple(bad))
+
+
+def _payload_text(data: bytes, data_preview: int) -> str:
+    text = f"len={len(data)}"
+    return f"{text} {preview_bytes(data, data_preview)}" if data_preview > 0 and data else text
+
+
+def _describe_arp(arp: pk.ArpPacket | None) -> str:
+    if arp is None:
+        return "ARP <malformed>"
+    sender, target = pk.int_to_ip(arp.sender_ip), pk.int_to_ip(arp.target_ip)
+    if arp.op == pk.ARP_REQUEST:
+        gratuitous = " (gratuitous)" if arp.sender_ip == arp.target_ip else ""
+        return f"ARP who-has {target} tell {sender}{gratuitous}"
+    if arp.op == pk.ARP_REPLY:
+        return f"ARP {sender} is-at {pk.mac_to_str(arp.sender_mac)}"
+    return f"ARP op={arp.op} {sender} > {target}"
+
+
+def _describe_tcp(tcp: pk.TcpSegment, src: str, dst: str, data_preview: int) -> str:
+    flags = "".join(letter for bit, letter in _TCP_FLAG_LETTERS if tcp.flags & bit)
+    text = f"TCP {src}:{tcp.src_port} > {dst}:{tcp.dst_port} [{flags}] seq={tcp.seq}"
+    if tcp.has_ack:
+        text += f" ack={tcp.ack}"
+    text += f" win={tcp.window}"
+    if tcp.mss is not None:
+        text += f" mss={tcp.mss}"
+    if tcp.payload:
+        text += f" {_payload_text(tcp.payload, data_preview)}"
+    return text
+
+
+def _describe_icmp(icmp: pk.IcmpEcho, src: str, dst: str) -> str:
+    name = _ICMP_TYPE_NAMES.get(icmp.type, f"type={icmp.type} code={icmp.code}")
+    if icmp.type in (pk.ICMP_ECHO_REQUEST, pk.ICMP_ECHO_REPLY):
+        return f"ICMP {src} > {dst} {name} id={icmp.ident} seq={icmp.seq} len={len(icmp.payload)}"
+    if icmp.type == pk.ICMP_DEST_UNREACH:
+        name = f"{_ICMP_UNREACHABLE_NAMES.get(icmp.code, f'code={icmp.code}')} {name}"
+    return f"ICMP {src} > {dst} {name}"
+
+
+def _describe_ipv4(frame: DecodedFrame, data_preview: int) -> str:
+    ip = frame.ipv4
+    if ip is None:
+        return "IPv4 <malformed>"
+    src, dst = pk.int_to_ip(ip.src), pk.int_to_ip(ip.dst)
+    if ip.is_fragment:
+        offset = (ip.flags_fragment & pk.IP_OFFSET_MASK) * 8
+        more = " more" if ip.flags_fragment & pk.IP_FLAG_MF else ""
+        return f"IPv4 {src} > {dst} fragment proto={ip.proto} id={ip.ident} offset={offset}{more}"
+    if ip.proto == pk.IPPROTO_TCP:
+        if frame.tcp is None:
+            return f"TCP {src} > {dst} <malformed>"
+        return _describe_tcp(frame.tcp, src, dst, data_preview)
+    if ip.proto == pk.IPPROTO_UDP:
+        if frame.udp is None:
+            return f"UDP {src} > {dst} <malformed>"
+        udp = frame.udp
+        text = _payload_text(udp.payload, data_preview)
+        return f"UDP {src}:{udp.src_port} > {dst}:{udp.dst_port} {text}"
+    if ip.proto == pk.IPPROTO_ICMP:
+        if frame.icmp is None:
+            return f"ICMP {src} > {dst} <malformed>"
+        return _describe_icmp(frame.icmp, src, dst)
+    return f"IPv4 {src} > {dst} proto={ip.proto} len={ip.total_len - ip.header_len}"
+
+
+def describe_frame(frame: bytes, data_preview: int = 32) -> str:
+    """One Ethernet frame in a short line: its size and what it carries, e.g.
+    ``74B TCP 10.0.0.1:41234 > 10.0.0.2:6380 [S] seq=1 win=65535 mss=1460``."""
+    decoded = decode_frame(frame)
+    ethernet = decoded.ethernet
+    if ethernet is None:
+        what = "<runt: no Ethernet header>"
+    elif ethernet.ethertype == pk.ETHERTYPE_ARP:
+        what = _describe_arp(decoded.arp)
+    elif ethernet.ethertype == pk.ETHERTYPE_IPV4:
+        what = _describe_ipv4(decoded, data_preview)
+    else:
+        name = _ETHERTYPE_NAMES.get(ethernet.ethertype)
+        what = f"ethertype 0x{ethernet.ethertype:04x}" + (f" ({name})" if name else "")
+    if decoded.bad_checksums:
+        what += f" (bad checksum: {', '.join(decoded.bad_checksums)})"
+    return f"{decoded.size}B {what}"
+
+
 # -- one line per record ------------------------------------------------------
 
 
@@ -480,18 +705,45 @@ def describe_event(event: tuple[Any, ...], data_preview: int) -> str:
         return f"{name} #{sock} {size} from {format_address(sender)} {text}".rstrip()
     if code == p.EV_SIGNAL:
         return f"{name} {_signal_name(event[1])}"
+    if code == p.EV_FRAME:
+        return f"{name} in {describe_frame(event[1], data_preview)}"
     return f"{name} #{event[1]}"
 
 
 def _describe_wait(result: Any, waited: str, data_preview: int) -> str:
-    events = "; ".join(describe_event(tuple(event), data_preview) for event in result)
-    return f"wait{waited}: {events or 'no events'}"
+    """The wait's line. Frames get lines of their own (``frame_lines``): here, a count."""
+    frames = sum(1 for event in result if event[0] == p.EV_FRAME)
+    parts = [f"{frames} frame{'' if frames == 1 else 's'}"] if frames else []
+    parts += [
+        describe_event(tuple(event), data_preview) for event in result if event[0] != p.EV_FRAME
+    ]
+    return f"wait{waited}: {'; '.join(parts) or 'no events'}"
+
+
+def frame_lines(entry: Entry, reply: Reply, *, data_preview: int = 32) -> Iterator[str]:
+    """The indented lines of the frames a wait received, one per frame, in order."""
+    if entry.kind != p.KIND_WAIT:
+        return
+    for event in reply.result:
+        if event[0] == p.EV_FRAME:
+            yield f"{OUTPUT_INDENT}{describe_event(tuple(event), data_preview)}"
+
+
+def format_network(network: Network) -> str:
+    """``10.200.0.100/24 mac 02:00:0a:c8:00:64``, and the gateway when there is one."""
+    gateway = "" if network.gateway is None else f" gateway {network.gateway}"
+    return f"{network.ip}/{network.prefix_len} mac {pk.mac_to_str(network.mac)}{gateway}"
 
 
 def _describe_boot(result: Any) -> str:
     _seed, pid, exit_every, clock_step_ns, *rest = result
     host = f" host={rest[0]}" if rest and isinstance(rest[0], str) else ""
-    return f"boot pid={pid} exit_every={exit_every} step={clock_step_ns}ns{host}"
+    net = ""
+    if len(rest) >= 2 and rest[1] is not None:
+        mac, ip, prefix_len, gateway = rest[1]
+        net = f" net={ip}/{prefix_len} mac={pk.mac_to_str(mac)}"
+        net += "" if gateway is None else f" gw={gateway}"
+    return f"boot pid={pid} exit_every={exit_every} step={clock_step_ns}ns{host}{net}"
 
 
 def _describe_bind(result: Any, sock: int | None) -> str:
@@ -571,6 +823,8 @@ def describe_output(output: Output, *, data_preview: int = 32) -> str:
         what = f"{what} {size} to {format_address(output.extra)} {text}".rstrip()
     elif output.op == p.OP_SHUTDOWN:
         what += f" {_SHUTDOWN_NAMES.get(output.extra, _short_repr(output.extra))}"
+    elif output.op == p.OP_FRAME:
+        what = f"{name} {describe_frame(output.data, data_preview)}"
     elif output.data:
         what += f" {_sized_data(output.data, data_preview)}"
     return f"{OUTPUT_INDENT}out after seq {output.seq}: {what}"
@@ -628,6 +882,8 @@ def describe_header(contents: LogContents) -> Iterator[str]:
     policy = header.policy
     yield f"  policy:  exit_every={policy.exit_every} clock_step={policy.clock_step_ns}ns"
     yield f"  created: {format_iso_utc(header.created_ns)}"
+    if header.network is not None:
+        yield f"  network: {format_network(header.network)} (packet mode)"
     yield f"  records: {contents.entries} entries, {outputs} outputs; {_ending(contents)}"
 
 
@@ -659,6 +915,8 @@ def describe_log(contents: LogContents, *, data_preview: int = 32) -> Iterator[s
                 previous_mono_ns = reply.mono_ns
             kind = kind_name(record.kind)
             yield columns.line(record.seq, record.icount, kind, len(record.reply), summary)
+            if reply is not None:
+                yield from frame_lines(record, reply, data_preview=data_preview)
         elif isinstance(record, Output):
             yield describe_output(record, data_preview=data_preview)
         elif isinstance(record, End):
@@ -693,12 +951,27 @@ def _count_entry(entry: Entry, reply: Reply | None, totals: Counter[str]) -> Cou
         events[p.EVENT_NAMES.get(event[0], f"event{event[0]}")] += 1
         if event[0] in (p.EV_DATA, p.EV_DGRAM):
             totals["bytes_in"] += len(event[2])
+        elif event[0] == p.EV_FRAME:
+            totals["frames_in"] += 1
+            totals["frame_bytes_in"] += len(event[1])
     return events
+
+
+def _network_summary(network: Network | None) -> dict[str, object] | None:
+    if network is None:
+        return None
+    return {
+        "mac": pk.mac_to_str(network.mac),
+        "ip": network.ip,
+        "prefix_len": network.prefix_len,
+        "gateway": network.gateway,
+    }
 
 
 def log_summary(contents: LogContents) -> dict[str, object]:
     """Totals of a log as a JSON-ready dict: counts per exit kind, event and output op,
-    client input bytes (EV_DATA and EV_DGRAM payloads), output bytes, and sizes."""
+    client input bytes (EV_DATA and EV_DGRAM payloads), output bytes (all but frames),
+    frames and their bytes each way (packet mode), and sizes."""
     replies = decode_replies(contents.records)
     kinds: Counter[str] = Counter()
     events: Counter[str] = Counter()
@@ -712,7 +985,11 @@ def log_summary(contents: LogContents) -> dict[str, object]:
             events += _count_entry(record, replies.get(index), totals)
         elif isinstance(record, Output):
             ops[p.OP_NAMES.get(record.op, f"op{record.op}")] += 1
-            totals["bytes_out"] += len(record.data)
+            if record.op == p.OP_FRAME:
+                totals["frames_out"] += 1
+                totals["frame_bytes_out"] += len(record.data)
+            else:
+                totals["bytes_out"] += len(record.data)
         elif isinstance(record, End):
             end = record
     walls = [reply.wall_ns for reply in replies.values()]
@@ -720,6 +997,7 @@ def log_summary(contents: LogContents) -> dict[str, object]:
         "format_version": contents.header.version,
         "argv": list(contents.header.argv),
         "created_ns": contents.header.created_ns,
+        "network": _network_summary(contents.header.network),
         "entries": contents.entries,
         "outputs": sum(ops.values()),
         "ended": end is not None,
@@ -732,6 +1010,10 @@ def log_summary(contents: LogContents) -> dict[str, object]:
         "outputs_by_op": dict(ops),
         "bytes_in": totals["bytes_in"],
         "bytes_out": totals["bytes_out"],
+        "frames_in": totals["frames_in"],
+        "frames_out": totals["frames_out"],
+        "frame_bytes_in": totals["frame_bytes_in"],
+        "frame_bytes_out": totals["frame_bytes_out"],
         "reply_bytes": totals["reply_bytes"],
         "undecodable_replies": contents.entries - len(replies),
         "wall_span_ns": max(walls) - min(walls) if walls else 0,

@@ -1,8 +1,13 @@
 """Export a log's network conversation as a pcap file that Wireshark can open.
 
-The log holds what the guest received and sent, not packets, so the packets
-are synthesized: every accepted or connected TCP connection gets a three-way
-handshake where it first appears, client input (EV_DATA) and guest output
+A packet-mode log (its header names the guest's ``network``) holds the Ethernet
+frames themselves: the export is exactly those frames, in log order, received
+ones (EV_FRAME) at the wall clock of their entry and sent ones (OP_FRAME) at
+that of the entry they follow.
+
+A socket-mode log holds what the guest received and sent, not packets, so the
+packets are synthesized: every accepted or connected TCP connection gets a
+three-way handshake where it first appears, client input (EV_DATA) and guest output
 (OP_SEND) become data segments with consistent sequence and acknowledgement
 numbers per direction, EV_EOF and OP_SHUTDOWN/OP_CLOSE become FINs and EV_RESET
 an RST; EV_DGRAM and OP_SENDTO become UDP datagrams. Each packet carries the
@@ -19,6 +24,7 @@ import ipaddress
 import itertools
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,10 +41,11 @@ from ftproxy.logview import (
     ROLE_STREAM,
     Reply,
     SocketMap,
+    decode_frame,
     decode_replies,
     map_guest_sockets,
 )
-from ftproxy.wire import Entry, Output
+from ftproxy.wire import Entry, Output, Record
 
 LINKTYPE_ETHERNET: Final = 1
 # The most payload one synthesized segment carries: fits an IP packet's 64 KiB.
@@ -61,10 +68,12 @@ class PcapStats:
     """What an export wrote."""
 
     packets: int
-    tcp_streams: int
+    tcp_streams: int  # packet mode: distinct TCP address and port pairs
     udp_datagrams: int
-    bytes_in: int  # payload bytes from peers to the guest (TCP and UDP)
-    bytes_out: int  # payload bytes from the guest to peers (TCP and UDP)
+    # Payload bytes (TCP and UDP) from peers to the guest and back; in packet mode
+    # as the frames carry them, retransmissions included.
+    bytes_in: int
+    bytes_out: int
 
 
 @dataclass(frozen=True)
@@ -336,6 +345,78 @@ class _PcapBuilder:
         )
 
 
+class _FrameCounts:
+    """Totals of the frames a packet-mode export writes, for its PcapStats."""
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.udp_datagrams = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._tcp_pairs: set[frozenset[tuple[int, int]]] = set()
+
+    def count(self, frame: bytes, inbound: bool) -> None:
+        self.packets += 1
+        decoded = decode_frame(frame)
+        ip = decoded.ipv4
+        if ip is None:
+            return
+        if decoded.tcp is not None:
+            tcp = decoded.tcp
+            self._tcp_pairs.add(frozenset({(ip.src, tcp.src_port), (ip.dst, tcp.dst_port)}))
+        elif decoded.udp is not None:
+            self.udp_datagrams += 1
+        if inbound:
+            self.bytes_in += len(decoded.payload)
+        else:
+            self.bytes_out += len(decoded.payload)
+
+    def stats(self) -> PcapStats:
+        return PcapStats(
+            packets=self.packets,
+            tcp_streams=len(self._tcp_pairs),
+            udp_datagrams=self.udp_datagrams,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+        )
+
+
+LoggedFrame = tuple[int | None, bool, bytes]  # wall_ns, inbound, the Ethernet frame
+
+
+def logged_frames(records: Sequence[Record], replies: dict[int, Reply]) -> list[LoggedFrame]:
+    """A packet-mode log's frames in log order, each as (wall_ns, inbound, frame).
+
+    A received frame takes the wall clock of its entry, a sent one that of the
+    entry it follows (None when that entry's reply did not decode, or it follows
+    none). ``replies`` are the decoded replies by record index (``decode_replies``).
+    """
+    frames: list[LoggedFrame] = []
+    wall_by_seq: dict[int, int] = {}
+    for index, record in enumerate(records):
+        if isinstance(record, Entry) and index in replies:
+            reply = replies[index]
+            wall_by_seq[record.seq] = reply.wall_ns
+            if record.kind == p.KIND_WAIT:
+                frames += [(reply.wall_ns, True, e[1]) for e in reply.result if e[0] == p.EV_FRAME]
+        elif isinstance(record, Output) and record.op == p.OP_FRAME:
+            frames.append((wall_by_seq.get(record.seq), False, record.data))
+    return frames
+
+
+def _write_frames(
+    writer: PcapWriter, contents: LogContents, replies: dict[int, Reply]
+) -> PcapStats:
+    counts = _FrameCounts()
+    now_ns = contents.header.created_ns
+    for wall_ns, inbound, frame in logged_frames(contents.records, replies):
+        now_ns = now_ns if wall_ns is None else wall_ns
+        seconds, nanoseconds = divmod(now_ns, 1_000_000_000)
+        writer.write_packet(frame, sec=seconds, usec=nanoseconds // 1_000)
+        counts.count(frame, inbound)
+    return counts.stats()
+
+
 def export_pcap(contents: LogContents, path: str | os.PathLike[str]) -> PcapStats:
     """Write the conversation recorded in ``contents`` to ``path`` as a classic
     Ethernet pcap (microsecond timestamps); return what was written.
@@ -343,10 +424,12 @@ def export_pcap(contents: LogContents, path: str | os.PathLike[str]) -> PcapStat
     Entries whose reply does not decode are skipped.
     """
     replies = decode_replies(contents.records)
-    sockets = map_guest_sockets(contents.records, replies)
     writer = PcapWriter(os.fspath(path), linktype=LINKTYPE_ETHERNET, endianness="<")
     try:
         writer.write_header(None)  # an empty log still makes a valid, empty capture
+        if contents.header.network is not None:
+            return _write_frames(writer, contents, replies)
+        sockets = map_guest_sockets(contents.records, replies)
         builder = _PcapBuilder(writer, sockets, contents.header.created_ns)
         for index, record in enumerate(contents.records):
             if isinstance(record, Entry) and index in replies:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from scapy.utils import rdpcap
 
 from ftproxy.guest import protocol as p
 from ftproxy.logfile import LogContents, LogWriter, read_log
+from ftproxy.netstack import packets as pk
 from ftproxy.pcap import MAX_SEGMENT, PcapStats, export_pcap
-from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Output, Policy, Record
+from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Network, Output, Policy, Record
 
 WALL_START_NS = 1_714_564_801_000_000_000
 WALL_STEP_NS = 2_500_000
@@ -32,9 +34,10 @@ Key = tuple[str, int, str, int]  # source host, source port, destination host, d
 class LogBuilder:
     """Records for a synthetic log: entries numbered from 1, outputs after the last one."""
 
-    def __init__(self) -> None:
+    def __init__(self, network: Network | None = None) -> None:
         self.records: list[Record] = []
         self.seq = 0
+        self.network = network
 
     def wall_ns(self, seq: int) -> int:
         return WALL_START_NS + seq * WALL_STEP_NS
@@ -55,7 +58,16 @@ class LogBuilder:
         return self.wait((p.EV_ACCEPT, 1000, conn, peer, local))
 
     def write(self, path: Path) -> LogContents:
-        header = Header(FORMAT_VERSION, ["svc"], {}, "/", "3.11", Policy(200, 1000), WALL_START_NS)
+        header = Header(
+            FORMAT_VERSION,
+            ["svc"],
+            {},
+            "/",
+            "3.11",
+            Policy(200, 1000),
+            WALL_START_NS,
+            self.network,
+        )
         writer = LogWriter(path, header)
         for record in [*self.records, End("guest_exited", 0)]:
             writer.append(record)
@@ -319,3 +331,141 @@ def test_streams_reassemble_to_the_chunks(
         assert flags_of(flows[client_key])[-1] == "FA"
     assert stats.bytes_in == sum(len(d) for (_, out), d in sent.items() if not out)
     assert stats.bytes_out == sum(len(d) for (_, out), d in sent.items() if out)
+
+
+# -- packet mode: the logged Ethernet frames themselves ---------------------------
+
+GUEST_MAC = b"\x02\x00\x0a\xc8\x00\x64"
+CLIENT_MAC = b"\x02\x00\x0a\xc8\x00\x0a"
+GUEST_IP = pk.ip_to_int("10.200.0.100")
+CLIENT_IP = pk.ip_to_int("10.200.0.10")
+NETWORK = Network(GUEST_MAC, "10.200.0.100", 24)
+PCAP_HEADER = struct.Struct("<IHHiIII")
+PCAP_RECORD = struct.Struct("<IIII")
+
+
+def ip_frame(proto: int, payload: bytes, inbound: bool) -> bytes:
+    src, dst = (CLIENT_IP, GUEST_IP) if inbound else (GUEST_IP, CLIENT_IP)
+    macs = (GUEST_MAC, CLIENT_MAC) if inbound else (CLIENT_MAC, GUEST_MAC)
+    packet = pk.build_ipv4(src, dst, proto, payload, ident=1)
+    return pk.build_ethernet(*macs, pk.ETHERTYPE_IPV4, packet)
+
+
+def tcp_frame(flags: int, seq: int, ack: int, data: bytes = b"", *, inbound: bool) -> bytes:
+    src, dst = (CLIENT_IP, GUEST_IP) if inbound else (GUEST_IP, CLIENT_IP)
+    ports = (41234, 6380) if inbound else (6380, 41234)
+    segment = pk.build_tcp(src, dst, *ports, seq, ack, flags, 65535, data)
+    return ip_frame(pk.IPPROTO_TCP, segment, inbound)
+
+
+def udp_frame(data: bytes, *, inbound: bool) -> bytes:
+    src, dst = (CLIENT_IP, GUEST_IP) if inbound else (GUEST_IP, CLIENT_IP)
+    ports = (40000, 9999) if inbound else (9999, 40000)
+    return ip_frame(pk.IPPROTO_UDP, pk.build_udp(src, dst, *ports, data), inbound)
+
+
+def echo_frame(icmp_type: int, *, inbound: bool) -> bytes:
+    return ip_frame(pk.IPPROTO_ICMP, pk.build_icmp_echo(icmp_type, 7, 1, b"abcd"), inbound)
+
+
+ARP_REQUEST = pk.build_arp_frame(
+    pk.ARP_REQUEST, pk.BROADCAST_MAC, CLIENT_MAC, CLIENT_IP, pk.ZERO_MAC, GUEST_IP
+)
+ARP_REPLY = pk.build_arp_frame(pk.ARP_REPLY, CLIENT_MAC, GUEST_MAC, GUEST_IP, CLIENT_MAC, CLIENT_IP)
+SYN, ACK, PSH = pk.TCP_SYN, pk.TCP_ACK, pk.TCP_PSH
+
+
+def read_pcap(path: Path) -> tuple[int, list[tuple[int, bytes]]]:
+    """A classic little-endian pcap's link type and its (timestamp in usec, frame) records."""
+    data = path.read_bytes()
+    magic, _major, _minor, _zone, _sigfigs, _snaplen, linktype = PCAP_HEADER.unpack_from(data)
+    assert magic == 0xA1B2C3D4
+    records = []
+    offset = PCAP_HEADER.size
+    while offset < len(data):
+        seconds, micros, captured, length = PCAP_RECORD.unpack_from(data, offset)
+        offset += PCAP_RECORD.size
+        assert captured == length
+        records.append((seconds * 1_000_000 + micros, data[offset : offset + captured]))
+        offset += captured
+    return linktype, records
+
+
+def test_packet_mode_exports_exactly_the_logged_frames(tmp_path: Path) -> None:
+    announce = pk.build_gratuitous_arp(GUEST_MAC, GUEST_IP)
+    log = LogBuilder(NETWORK)
+    log.output(p.OP_FRAME, 0, announce)  # before any entry: at the log's creation
+    log.entry(p.KIND_BOOT, (b"\x01" * 32, 99, 200, 1000, "vm", NETWORK.boot_value()))
+    arp_at = log.wait((p.EV_FRAME, ARP_REQUEST))
+    log.output(p.OP_FRAME, 0, ARP_REPLY)
+    syn_at = log.wait((p.EV_FRAME, tcp_frame(SYN, 100, 0, inbound=True)))
+    log.output(p.OP_FRAME, 0, tcp_frame(SYN | ACK, 500, 101, inbound=False))
+    data_at = log.wait(
+        (p.EV_FRAME, tcp_frame(ACK, 101, 501, inbound=True)),
+        (p.EV_SIGNAL, 2),
+        (p.EV_FRAME, tcp_frame(PSH | ACK, 101, 501, b"PING\r\n", inbound=True)),
+    )
+    log.output(p.OP_FRAME, 0, tcp_frame(PSH | ACK, 501, 107, b"+PONG\r\n", inbound=False))
+    udp_at = log.wait((p.EV_FRAME, udp_frame(b"hello!", inbound=True)))
+    log.output(p.OP_FRAME, 0, udp_frame(b"1:hello!", inbound=False))
+    ping_at = log.wait((p.EV_FRAME, echo_frame(pk.ICMP_ECHO_REQUEST, inbound=True)))
+    log.output(p.OP_FRAME, 0, echo_frame(pk.ICMP_ECHO_REPLY, inbound=False))
+    stats = export_pcap(log.write(tmp_path / "svc.log"), tmp_path / "svc.pcap")
+
+    linktype, records = read_pcap(tmp_path / "svc.pcap")
+    assert linktype == 1  # Ethernet
+    expected = [
+        (WALL_START_NS, announce),
+        (log.wall_ns(arp_at), ARP_REQUEST),
+        (log.wall_ns(arp_at), ARP_REPLY),
+        (log.wall_ns(syn_at), tcp_frame(SYN, 100, 0, inbound=True)),
+        (log.wall_ns(syn_at), tcp_frame(SYN | ACK, 500, 101, inbound=False)),
+        (log.wall_ns(data_at), tcp_frame(ACK, 101, 501, inbound=True)),
+        (log.wall_ns(data_at), tcp_frame(PSH | ACK, 101, 501, b"PING\r\n", inbound=True)),
+        (log.wall_ns(data_at), tcp_frame(PSH | ACK, 501, 107, b"+PONG\r\n", inbound=False)),
+        (log.wall_ns(udp_at), udp_frame(b"hello!", inbound=True)),
+        (log.wall_ns(udp_at), udp_frame(b"1:hello!", inbound=False)),
+        (log.wall_ns(ping_at), echo_frame(pk.ICMP_ECHO_REQUEST, inbound=True)),
+        (log.wall_ns(ping_at), echo_frame(pk.ICMP_ECHO_REPLY, inbound=False)),
+    ]
+    assert [frame for _, frame in records] == [frame for _, frame in expected]
+    assert [usec for usec, _ in records] == [wall_ns // 1000 for wall_ns, _ in expected]
+    assert stats == PcapStats(
+        packets=12, tcp_streams=1, udp_datagrams=2, bytes_in=6 + 6, bytes_out=7 + 8
+    )
+    # Wireshark's view, through scapy: the same conversation, layer by layer.
+    packets = list(rdpcap(str(tmp_path / "svc.pcap")))
+    assert [str(packet[TCP].flags) for packet in packets if TCP in packet] == [
+        "S",
+        "SA",
+        "A",
+        "PA",
+        "PA",
+    ]
+    assert [bytes(packet[UDP].payload) for packet in packets if UDP in packet] == [
+        b"hello!",
+        b"1:hello!",
+    ]
+
+
+def test_packet_mode_skips_undecodable_entries_and_ignores_socket_records(
+    tmp_path: Path,
+) -> None:
+    log = LogBuilder(NETWORK)
+    first = log.wait((p.EV_FRAME, ARP_REQUEST))
+    log.entry(p.KIND_WAIT, None, reply=b"\xffgarbage")
+    log.output(p.OP_FRAME, 0, ARP_REPLY)  # after an entry that does not decode
+    log.output(p.OP_SEND, CONN, b"not a frame")
+    stats = export_pcap(log.write(tmp_path / "svc.log"), tmp_path / "svc.pcap")
+    _, records = read_pcap(tmp_path / "svc.pcap")
+    assert records == [
+        (log.wall_ns(first) // 1000, ARP_REQUEST),
+        (log.wall_ns(first) // 1000, ARP_REPLY),  # the last time known
+    ]
+    assert stats == PcapStats(packets=2, tcp_streams=0, udp_datagrams=0, bytes_in=0, bytes_out=0)
+
+
+def test_empty_packet_mode_log_gives_an_empty_capture(tmp_path: Path) -> None:
+    stats, packets = export(LogBuilder(NETWORK), tmp_path)
+    assert packets == [] and stats.packets == 0
+    assert read_pcap(tmp_path / "svc.pcap") == (1, [])
