@@ -35,6 +35,7 @@ from ftproxy.front.packet import (
 )
 from ftproxy.front.socket import Doorbell
 from ftproxy.guest import protocol as p
+from ftproxy.netstack import packets as pk
 
 VIP = "10.203.0.100"
 VIP_INT = int(ipaddress.IPv4Address(VIP))
@@ -534,3 +535,39 @@ async def test_close_all_right_after_opening(veth: Veth) -> None:
         async with trio.open_nursery() as nursery:
             front = PacketFront(nursery, Doorbell(), veth.front_end, VMAC, VIP)
             front.close_all()  # before its tasks ever ran
+
+
+@given(
+    proto=st.sampled_from([pk.IPPROTO_TCP, pk.IPPROTO_UDP]),
+    payload=st.binary(max_size=3000),
+    ports=st.tuples(st.integers(1, 65535), st.integers(1, 65535)),
+)
+def test_offloaded_checksums_are_completed_as_a_nic_would(
+    proto: int, payload: bytes, ports: tuple[int, int]
+) -> None:
+    src, dst = pk.ip_to_int("10.200.0.10"), pk.ip_to_int(VIP)
+    if proto == pk.IPPROTO_TCP:
+        segment = pk.build_tcp(src, dst, *ports, 1, 2, pk.TCP_ACK | pk.TCP_PSH, 65535, payload)
+        offset = 16
+    else:
+        segment = pk.build_udp(src, dst, *ports, payload)
+        offset = 6
+    frame = pk.build_ethernet(
+        VMAC,
+        b"\x02\x00\x0a\xc8\x00\x0a",
+        pk.ETHERTYPE_IPV4,
+        pk.build_ipv4(src, dst, proto, segment, 1),
+    )
+    # What the host hands a packet socket under checksum offload: the field
+    # holds only the pseudo-header's sum, for the hardware to finish.
+    start = pk.ETH_HEADER_LEN + pk.IPV4_HEADER_LEN
+    partial = pk.pseudo_header_sum(src, dst, proto, len(segment)).to_bytes(2, "big")
+    offloaded = frame[: start + offset] + partial + frame[start + offset + 2 :]
+    assert packet.complete_checksum(offloaded) == frame
+    assert packet.complete_checksum(frame) == frame
+
+
+def test_frames_without_a_transport_checksum_are_left_alone() -> None:
+    arp = bytes(packet._gratuitous_arp(VMAC, VIP))
+    assert packet.complete_checksum(arp) == arp
+    assert packet.complete_checksum(b"\x00" * 20) == b"\x00" * 20
