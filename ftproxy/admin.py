@@ -488,6 +488,22 @@ _SHOWN_NESTED: Final = {
     "arbiter": frozenset({"state", "silent_ms", "address"}),
     "channel_rtt_ms": frozenset({"p50", "p99", "samples"}),
     "lag_ms": frozenset({"p50", "p99", "samples"}),
+    "front": frozenset(
+        {
+            "mode",
+            "vip",
+            "interface",
+            "connections",
+            "frames_in",
+            "frames_received",
+            "frames_filtered",
+            "frames_sent",
+            "frames_dropped_in",
+            "frames_dropped_out",
+            "mac",
+            "checksums_completed",
+        }
+    ),
 }
 _MISSING: Final = object()
 
@@ -530,6 +546,17 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         "log rtt p50/p99",
         _value(status, ("channel_rtt_ms", "p50"), _millis),
         _value(status, ("channel_rtt_ms", "p99"), _millis),
+    )
+    row(
+        "front",
+        _value(status, ("front", "mode"), str),
+        _value(status, ("front", "vip"), str),
+        _labelled("on", status, ("front", "interface"), str),
+        _suffixed(status, ("front", "connections"), _count, "connections"),
+        _suffixed(status, ("front", "frames_in"), _count, "frames in"),
+        _suffixed(status, ("front", "frames_sent"), _count, "out"),
+        _suffixed(status, ("front", "frames_dropped_in"), _count, "dropped in"),
+        _suffixed(status, ("front", "frames_dropped_out"), _count, "dropped out"),
     )
     row("outputs", _suffixed(status, ("held_outputs",), _count, "held"), _output_rule(status))
     for name in ("peer", "arbiter"):

@@ -184,6 +184,8 @@ class Backup(ReplicaShell):
         doorbell = Doorbell()
         front = open_front(self.nursery, doorbell, self.options.address_map, self.options.packet)
         world = WorldAnswers(front, doorbell, self.options.policy, self.guest_pid, _discard)
+        self.board.input_bytes = lambda: front.input_bytes
+        self.board.front = front.status
         if self._last is not None:
             wall, mono, _ = p.decode_body(self._last.reply)
             world.clock.continue_from(wall, mono, self._last.icount)

@@ -219,6 +219,7 @@ async def serve_primary(
             primary.board.icount = lambda: supervisor.icount
             primary.board.seq = lambda: supervisor.seq
             primary.board.input_bytes = lambda: front.input_bytes
+            primary.board.front = front.status
             code = await _run_guest(primary, supervisor, guest, signals, nursery)
             front.close_all()
             nursery.cancel_scope.cancel()

@@ -145,6 +145,7 @@ class StatusBoard:
     channel_rtt_ms: Samples = field(default_factory=Samples)
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
+    front: Callable[[], Mapping[str, Any]] | None = None
 
     def snapshot(self) -> Mapping[str, Any]:
         now = trio.current_time()
@@ -183,6 +184,8 @@ class StatusBoard:
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
         status["input_bytes_total"] = self.input_bytes()
+        if self.front is not None:
+            status["front"] = self.front()
         return status
 
 

@@ -109,6 +109,10 @@ class Front(Protocol):
         """Put one guest output on the network; ValueError if this front has no such output."""
         ...
 
+    def status(self) -> dict[str, Any]:
+        """What ``ftproxy status`` shows of this front."""
+        ...
+
     def close_all(self) -> None:
         """Let go of the network (the guest ended)."""
         ...

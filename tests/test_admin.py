@@ -540,3 +540,36 @@ async def test_watch_json_prints_a_line_each_refresh(admin: str) -> None:
 async def test_watch_needs_a_first_answer(refused_address: str) -> None:
     with pytest.raises(AdminUnavailable, match="Connection refused"):
         await watch_status(refused_address, 1.0, console=Console(file=io.StringIO()))
+
+
+def test_render_status_shows_the_packet_front_in_one_row() -> None:
+    status = {
+        **EXAMPLE,
+        "front": {
+            "mode": "packet",
+            "vip": "10.200.0.100",
+            "mac": "02:00:0a:c8:00:64",
+            "interface": "eth0",
+            "frames_in": 1200,
+            "frames_received": 1500,
+            "frames_filtered": 300,
+            "frames_sent": 1100,
+            "frames_dropped_in": 0,
+            "frames_dropped_out": 2,
+            "checksums_completed": 900,
+        },
+    }
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render_status(status))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    row = next(line for line in text.splitlines() if "front" in line)
+    for shown in (
+        "packet",
+        "10.200.0.100",
+        "on eth0",
+        "1,200 frames in",
+        "1,100 out",
+        "2 dropped out",
+    ):
+        assert shown in row
+    assert "frames_filtered" not in text  # counted, but not what a user reads

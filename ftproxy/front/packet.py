@@ -206,6 +206,7 @@ class PacketFront:
         self._receiving = trio.CancelScope()
         self._preparing = trio.CancelScope()
         self.input_bytes = 0  # bytes of frames handed to the guest, for log-size ratios
+        self._frames_in = 0  # frames handed to the guest
         self.stats: dict[str, int] = {
             "frames_received": 0,  # every frame read from the interface
             "frames_filtered": 0,  # not for the guest: other hosts, noise, outgoing frames
@@ -293,6 +294,7 @@ class PacketFront:
             frame = queue.popleft()
             events.append((p.EV_FRAME, frame))
             self.input_bytes += len(frame)
+        self._frames_in += len(events)
         return events
 
     # -- outputs -----------------------------------------------------------
@@ -420,6 +422,17 @@ class PacketFront:
                     queued += 1
                 if queued:
                     self._doorbell.ring()
+
+    def status(self) -> dict[str, Any]:
+        """What ``ftproxy status`` shows of this front."""
+        return {
+            "mode": "packet",
+            "vip": self.ip,
+            "mac": format_mac(self.mac),
+            "interface": self.interface,
+            "frames_in": self._frames_in,
+            **self.stats,
+        }
 
     def close_all(self) -> None:
         """Close the socket and stop the receive task (the guest ended)."""

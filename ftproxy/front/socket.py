@@ -417,6 +417,10 @@ class SocketFront:
                 scope.cancel()
             stream.sock.close()
 
+    def status(self) -> dict[str, Any]:
+        """What ``ftproxy status`` shows of this front."""
+        return {"mode": "socket", "connections": len(self._streams)}
+
     def close_all(self) -> None:
         """Close every real socket (the guest ended)."""
         for sid in list(self._streams):
