@@ -33,16 +33,19 @@ import trio
 from ftproxy.front import format_mac, mac_for_ip, parse_mac
 from ftproxy.front.socket import Doorbell
 from ftproxy.guest import protocol as p
-from ftproxy.netstack.packets import checksum, pseudo_header_sum
+from ftproxy.netstack.packets import (
+    BROADCAST_MAC,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    checksum,
+    pseudo_header_sum,
+)
 
 log = structlog.get_logger()
 
 __all__ = ["PacketFront", "PacketFrontError", "format_mac", "mac_for_ip", "parse_mac", "wanted"]
 
 ETH_P_ALL: Final = 0x0003
-ETH_P_ARP: Final = 0x0806
-ETH_P_IP: Final = 0x0800
-BROADCAST_MAC: Final = b"\xff" * 6
 MAX_BATCH: Final = 512
 # The largest frame a GSO/GRO interface may hand us (64 KiB IP + Ethernet + VLAN),
 # so no frame is ever silently truncated; the buffer size costs nothing measurable.
@@ -57,7 +60,7 @@ _PACKET_ADD_MEMBERSHIP: Final = 1
 _PACKET_MR_PROMISC: Final = 1
 _PACKET_IGNORE_OUTGOING: Final = 23
 _PACKET_AUXDATA: Final = 8
-_TP_STATUS_CSUMNOTREADY: Final = 8
+_CSUM_NOT_READY: Final = 8  # TP_STATUS_CSUMNOTREADY in tpacket_auxdata.tp_status
 _AUXDATA_SIZE: Final = socket.CMSG_SPACE(20)  # struct tpacket_auxdata
 _SO_SNDBUFFORCE: Final = 32
 _SO_RCVBUFFORCE: Final = 33
@@ -66,7 +69,6 @@ _IFF_UP: Final = 0x1
 
 _U32 = struct.Struct("!I")
 _U32N = struct.Struct("=I")
-_CSUM_NOT_READY: Final = _TP_STATUS_CSUMNOTREADY
 _ARP_ETHER_IPV4 = b"\x00\x01\x08\x00\x06\x04"  # htype 1, ptype IPv4, hlen 6, plen 4
 
 
@@ -120,13 +122,13 @@ def wanted(frame: bytes, mac: bytes, ip_int: int, broadcast_int: int | None) -> 
     if destination != BROADCAST_MAC:
         return False
     ethertype = frame[12] << 8 | frame[13]
-    if ethertype == ETH_P_ARP:
+    if ethertype == ETHERTYPE_ARP:
         return (
             len(frame) >= 42
             and frame[14:20] == _ARP_ETHER_IPV4
             and _U32.unpack_from(frame, 38)[0] == ip_int
         )
-    if ethertype == ETH_P_IP:
+    if ethertype == ETHERTYPE_IPV4:
         if len(frame) < 34:
             return False
         target = _U32.unpack_from(frame, 30)[0]
@@ -147,7 +149,7 @@ def _gratuitous_arp(mac: bytes, ip: str) -> bytes:
     from scapy.layers.l2 import ARP, Ether
 
     text_mac = format_mac(mac)
-    packet = Ether(dst="ff:ff:ff:ff:ff:ff", src=text_mac, type=ETH_P_ARP) / ARP(
+    packet = Ether(dst="ff:ff:ff:ff:ff:ff", src=text_mac, type=ETHERTYPE_ARP) / ARP(
         op=1, hwsrc=text_mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip
     )
     return bytes(packet)
