@@ -183,7 +183,16 @@ class Backup(ReplicaShell):
         assert self.nursery is not None
         doorbell = Doorbell()
         front = open_front(self.nursery, doorbell, self.options.address_map, self.options.packet)
-        world = WorldAnswers(front, doorbell, self.options.policy, self.guest_pid, _discard)
+        packet = self.options.packet
+        world = WorldAnswers(
+            front,
+            doorbell,
+            self.options.policy,
+            self.guest_pid,
+            _discard,
+            # The guest may not have booted yet: its boot must name the same network.
+            network=packet.network if packet is not None else None,
+        )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
         if self._last is not None:

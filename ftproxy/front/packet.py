@@ -136,6 +136,11 @@ def wanted(frame: bytes, mac: bytes, ip_int: int, broadcast_int: int | None) -> 
     return False
 
 
+def preload_scapy() -> None:
+    """Import the scapy layers the front needs (a few hundred ms), while a pause is harmless."""
+    from scapy.layers import l2  # noqa: F401
+
+
 def _gratuitous_arp(mac: bytes, ip: str) -> bytes:
     """The announcement frame for (ip, mac), built with scapy (imported here: it is slow).
 
@@ -204,6 +209,7 @@ class PacketFront:
         self._drop_out = random.Random(f"out:{drop_seed}")
         self._last_send_error = 0
         self._garp: bytes | None = None
+        self._announcement_ready = trio.Event()
         self._closed = False
         self._receiving = trio.CancelScope()
         self._preparing = trio.CancelScope()
@@ -355,7 +361,13 @@ class PacketFront:
         )
 
     async def announce_repeatedly(self, count: int = 3, interval_s: float = 0.2) -> None:
-        """Announce ``count`` times, ``interval_s`` apart: one frame may be lost."""
+        """Announce ``count`` times, ``interval_s`` apart: one frame may be lost.
+
+        Waits for the frame built off the supervisor's thread: building it here
+        could import scapy on the event loop and silence the heartbeats longer
+        than the peer timeout, which a backup takes for a dead primary.
+        """
+        await self._announcement_ready.wait()
         for i in range(count):
             if i:
                 await trio.sleep(interval_s)
@@ -374,6 +386,7 @@ class PacketFront:
             garp = await trio.to_thread.run_sync(_gratuitous_arp, self.mac, self.ip)
             if self._garp is None:
                 self._garp = garp
+            self._announcement_ready.set()
 
     async def _receive_loop(self) -> None:
         """Wait until readable, then drain without awaiting: ~5x the frames/s of one await each."""
