@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the failover demo: a replicated kv store, a write load, kill -9 of the primary",
         description="Start an embedded arbiter, a primary and a backup of examples/kv.py on "
         "loopback, drive INCRs and SETs, kill the primary with SIGKILL, and report how many "
-        "acknowledged writes survived and how long the failover took.",
+        "acknowledged writes survived and how long the failover took. With --packet (root): "
+        "the same in a lab of network namespaces, in packet mode, where one client "
+        "connection to the virtual IP survives the failover.",
     )
     from ftproxy.demo import add_demo_arguments
 
@@ -252,6 +254,10 @@ def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> An
     if args.map:
         raise ValueError("--map is for socket mode; in packet mode clients reach the --vip")
     check_interface(args.interface)
+    # Before the event loop runs: later, scapy's import would stall the heartbeats.
+    from ftproxy.front.packet import preload_scapy
+
+    preload_scapy()
     if args.vip is None:
         if vip_required:
             raise ValueError("--front packet needs --vip IP/PREFIX, e.g. 10.200.0.100/24")

@@ -1,36 +1,51 @@
 """``ftproxy demo``: a failover under load, and a verdict on what the clients were told.
 
-Everything runs on 127.0.0.1 with ports picked here: an arbiter embedded in this
-process (its store in a temporary directory), a primary and a backup in their own
-processes with ``examples/kv.py`` as the guest, and a few client tasks that INCR
-their own counter and SET fresh keys, recording every write whose reply they
-actually received (an *acknowledged* write). After ``--warmup`` seconds the primary
-and its guest are killed with SIGKILL; the load goes on through the failover for
-``--after`` seconds; then every acknowledged write is read back from the new
-primary. ``lost`` counts the acknowledged writes that are not there: 0 is the
-output rule's promise, and ``--no-output-rule`` shows what breaking it costs.
+Socket mode (the default) runs everything on 127.0.0.1 with ports picked here: an
+arbiter embedded in this process (its store in a temporary directory), a primary and
+a backup in their own processes with ``examples/kv.py`` as the guest, and a few client
+tasks that INCR their own counter and SET fresh keys, recording every write whose
+reply they actually received (an *acknowledged* write). After ``--warmup`` seconds the
+primary and its guest are killed with SIGKILL; the load goes on through the failover
+for ``--after`` seconds; then every acknowledged write is read back from the new
+primary. ``lost`` counts the acknowledged writes that are not there: 0 is the output
+rule's promise, and ``--no-output-rule`` shows what breaking it costs. The clients
+reconnect after the failover: their connections died with the primary's kernel.
+
+``--packet`` (root) shows what packet mode adds: the connections survive. It builds
+a lab of its own (``ftproxy.lab``, prefix ``ftdemo``), runs the arbiter, the primary
+and the backup in their hosts, the replicas with ``--front packet`` for the virtual
+IP, and holds ONE kernel TCP connection from the client host to the virtual IP:
+INCR, SET, GET in turn, every reply checked. The primary is killed (or, with
+``--partition``, cut off at the switch); the same connection goes on through the
+failover and reads every acknowledged write back at the end. The demo's own thread
+runs in the client host's network namespace, so its sockets are the client's.
 
 The live view (rich) polls both replicas' admin endpoints; ``--json`` replaces it
-with one JSON object on stdout. All I/O is trio's; every process and the
-temporary directory go on every way out, Ctrl-C included.
+with one JSON object on stdout. All I/O is trio's; every process, the temporary
+directory and the lab go on every way out, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import ctypes
 import json
 import math
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from types import FrameType
+from typing import Any, Final, Protocol
 
 import structlog
 import trio
@@ -42,6 +57,7 @@ from rich.text import Text
 
 import arbiter
 import ftproxy
+from ftproxy import lab as netlab
 from ftproxy.admin import AdminUnavailable, fetch_status
 
 HOST: Final = "127.0.0.1"
@@ -50,6 +66,7 @@ READY_MARKER: Final = "kv listening on"
 
 EXIT_OK: Final = 0
 EXIT_LOST: Final = 1
+EXIT_USAGE: Final = 2
 EXIT_FAILED: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
@@ -70,6 +87,26 @@ MAX_LAG_FACTOR: Final = 5
 # The primary sends no heartbeat while it holds a batch back, and the backup presumes
 # it dead after 500 ms of silence (``--peer-timeout-ms``): stay well below.
 MAX_SHIP_DELAY_MS: Final = 400.0
+
+# --packet: the lab, and where everything listens inside it.
+LAB_PREFIX: Final = "ftdemo"  # not the user's ``ftproxy lab`` (prefix ftlab)
+NEEDS_ROOT: Final = (
+    "--packet needs root (it builds network namespaces and raw sockets): "
+    "run `sudo ftproxy demo --packet`"
+)
+VIP_PREFIX_LEN: Final = netlab.SUBNET.prefixlen
+SERVICE_PORT: Final = 6380
+LOG_PORT: Final = 7000
+ARBITER_PORT: Final = 7100
+ADMIN_PORT: Final = 7200
+# A request through the failover waits for the client's TCP retransmissions, which
+# back off (0.2 s, 0.4 s, 0.8 s...): a partition is only noticed after the peer
+# timeout, so give a reply far longer than the socket demo does before calling the
+# connection broken.
+PACKET_REQUEST_TIMEOUT_S: Final = 10.0
+STALL_REPORTED_S: Final = 0.05  # a silence after the kill worth an event in the view
+_CLONE_NEWNET: Final = 0x40000000
+_TCP_INFO_TOTAL_RETRANS: Final = 100  # offset of tcpi_total_retrans in struct tcp_info
 
 
 class DemoError(Exception):
@@ -140,10 +177,26 @@ class RespConnection:
         self._buffer = bytearray()
 
     @classmethod
-    async def open(cls, port: int) -> RespConnection:
+    async def open(cls, port: int, host: str = HOST) -> RespConnection:
         """Connect once; OSError if nobody listens (trio sets TCP_NODELAY)."""
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            return cls(await trio.open_tcp_stream(HOST, port))
+            return cls(await trio.open_tcp_stream(host, port))
+
+    @property
+    def local_address(self) -> str:
+        """The client's end of the connection, ``IP:PORT``."""
+        host, port = self._stream.socket.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def retransmissions(self) -> int | None:
+        """Segments the client's kernel retransmitted on this connection (TCP_INFO)."""
+        try:
+            info = self._stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        if len(info) < _TCP_INFO_TOTAL_RETRANS + 4:
+            return None
+        return int(struct.unpack_from("I", info, _TCP_INFO_TOTAL_RETRANS)[0])
 
     async def send(self, commands: Sequence[Sequence[bytes]]) -> None:
         """Send several requests in one write: pipelining, for reading back quickly."""
@@ -160,9 +213,9 @@ class RespConnection:
         del self._buffer[:used]
         return reply
 
-    async def call(self, *args: bytes) -> Reply:
-        """One request and its reply, within REQUEST_TIMEOUT_S."""
-        with trio.fail_after(REQUEST_TIMEOUT_S):
+    async def call(self, *args: bytes, timeout: float = REQUEST_TIMEOUT_S) -> Reply:
+        """One request and its reply, within ``timeout`` seconds."""
+        with trio.fail_after(timeout):
             await self.send([args])
             return await self.receive()
 
@@ -182,12 +235,12 @@ CONNECTION_ERRORS: Final = (
 )
 
 
-async def connect_retrying(port: int) -> RespConnection:
+async def connect_retrying(port: int, host: str = HOST) -> RespConnection:
     """Connect, retrying with a short backoff until the service accepts (or cancelled)."""
     delay = BACKOFF_FIRST_S
     while True:
         try:
-            return await RespConnection.open(port)
+            return await RespConnection.open(port, host)
         except (OSError, trio.TooSlowError):
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
@@ -345,6 +398,149 @@ class Load:
             )
 
 
+def describe_connection_error(exc: BaseException, timeout: float | None = None) -> str:
+    """What broke a connection, in a few words (trio wraps the OSError it got)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "no reply" + (f" within {timeout:g} s" if timeout is not None else "")
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(cause or exc) or type(exc).__name__
+
+
+class ConnectionLoad:
+    """One client connection to the virtual IP, kept open through the failover.
+
+    INCR, SET, GET in turn, one request at a time, every reply checked against what
+    exactly-once execution must answer: each INCR one more than the last (a lost
+    INCR repeats a number, one applied twice skips one), a SET OK, a GET the value
+    just set. It never reconnects: a reset, a close, or a request unanswered for
+    ``timeout`` seconds ends the load and fails the demo.
+    """
+
+    def __init__(self, host: str, port: int, events: Events, timeout: float) -> None:
+        self.host, self.port = host, port
+        self.stats = LoadStats(1)
+        self.connection: RespConnection | None = None
+        self.client_address = ""
+        self.error: str | None = None  # why the connection broke, if it did
+        self.wrong: list[str] = []  # the first wrong replies, described
+        self.wrong_count = 0
+        self.retransmissions: int | None = None
+        self.stopped = False
+        self.finished = trio.Event()
+        self._events = events
+        self._timeout = timeout
+        self._last_reply: float | None = None
+        self._first_reply: float | None = None
+        self._replies_before_kill = 0
+        self._last_incr = 0
+        self._first_ack = trio.Event()
+
+    async def connect(self, timeout: float) -> None:
+        """Open the connection (the guest may still be answering its first ARP)."""
+        with trio.move_on_after(timeout):
+            self.connection = await connect_retrying(self.port, self.host)
+        if self.connection is None:
+            raise DemoError(f"could not connect to {self.host}:{self.port} within {timeout:g} s")
+        self.client_address = self.connection.local_address
+
+    async def run(self) -> None:
+        """Run until :meth:`stop` or until the connection breaks; never reconnect."""
+        assert self.connection is not None
+        n = 0
+        try:
+            while not self.stopped:
+                n += 1
+                await self._round(self.connection, n)
+        except CONNECTION_ERRORS as exc:
+            self.error = describe_connection_error(exc, self._timeout)
+            self._events.emit(
+                "connection_broken",
+                f"the connection broke: {self.error} (round {n})",
+                error=self.error,
+                round=n,
+            )
+        finally:
+            self.retransmissions = self.connection.retransmissions()
+            self.finished.set()
+
+    async def stop(self) -> None:
+        """Let the round in flight finish (so no request is left unanswered), then stop."""
+        self.stopped = True
+        await self.finished.wait()
+
+    async def wait_first_ack(self) -> None:
+        """Return once some write was acknowledged: the service really serves."""
+        await self._first_ack.wait()
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """Replies per second on the connection: while the pair served it (up to the
+        kill), and from the new primary alone (after the failover's silence)."""
+        stats, first, last = self.stats, self._first_reply, self._last_reply
+        if stats.kill_at is None or first is None or last is None:
+            return None, None
+        pair = (
+            self._replies_before_kill / (stats.kill_at - first) if stats.kill_at > first else None
+        )
+        after = last - stats.kill_at - (stats.failover_s or 0.0)
+        alone = (stats.replies - self._replies_before_kill) / after if after > 0 else None
+        return pair, alone
+
+    async def _round(self, connection: RespConnection, n: int) -> None:
+        key, value = b"demo:key:%d" % n, b"%d" % n
+        self.stats.unanswered_incrs[0] += 1
+        reply = await self._call(connection, b"INCR", counter_key(0))
+        self.stats.unanswered_incrs[0] -= 1
+        expected = self._last_incr + 1
+        if isinstance(reply, int):
+            self.stats.acked_incrs[0] += 1
+            self._last_incr = reply
+        self._check(reply == expected, f"INCR #{n} answered {reply!r}, expected {expected}")
+        reply = await self._call(connection, b"SET", key, value)
+        if reply == "OK":
+            self.stats.acked_sets[key] = value
+        self._check(reply == "OK", f"SET #{n} answered {reply!r}")
+        reply = await self._call(connection, b"GET", key)
+        self._check(reply == value, f"GET #{n} answered {reply!r}, expected {value!r}")
+
+    async def _call(self, connection: RespConnection, *args: bytes) -> Reply:
+        reply = await connection.call(*args, timeout=self._timeout)
+        self._replied()
+        return reply
+
+    def _check(self, correct: bool, wrong: str) -> None:
+        if not correct:
+            self.wrong_count += 1
+            if len(self.wrong) < EVENTS_SHOWN:
+                self.wrong.append(wrong)
+            self._events.emit("wrong_reply", wrong)
+
+    def _replied(self) -> None:
+        """Count a reply; after the kill, keep the longest silence that ended since: the
+        failover as this client saw it (from the old primary's last reply before the
+        kill to the new one's first; a reply already on its way at the kill does not
+        cut the measure short)."""
+        stats, now = self.stats, trio.current_time()
+        stats.replies += 1
+        self._first_ack.set()
+        last, self._last_reply = self._last_reply, now
+        if self._first_reply is None:
+            self._first_reply = now
+        if stats.kill_at is None or last is None or now < stats.kill_at:
+            self._replies_before_kill += 1
+            return
+        silence = now - last
+        if stats.failover_s is None or silence > stats.failover_s:
+            stats.last_old_reply, stats.first_new_reply = last, now
+        if silence >= STALL_REPORTED_S:
+            self._events.emit(
+                "service_answers",
+                f"the same connection answers again after {silence:.3f} s of silence",
+                silence_s=round(silence, 4),
+            )
+
+
 class RateMeter:
     """Replies per second over the last second, from samples of a growing count."""
 
@@ -366,7 +562,8 @@ class RateMeter:
 
 @dataclass
 class Replica:
-    """A primary or backup process, its guest, and what its admin endpoint last said."""
+    """A primary or backup process, its guest, and what its admin endpoint last said
+    (``--packet`` runs its arbiter process as one too, with no guest and no admin)."""
 
     name: str
     process: trio.Process
@@ -377,6 +574,7 @@ class Replica:
     status: dict[str, Any] | None = None
     unreachable: str = ""
     exit_expected: bool = False
+    fate: str = "killed"  # what the demo did to it, once ``exit_expected``
 
     async def watch_stdout(self) -> None:
         """Read the replica's stdout (its guest's too) to the end: set ``ready`` at the
@@ -418,6 +616,8 @@ class Replica:
 
     async def stop(self) -> None:
         """Kill the replica and its guest and reap the replica; safe to call twice."""
+        if not self.exit_expected:
+            self.fate = "stopped"
         await self.kill()
         with trio.move_on_after(STOP_TIMEOUT_S):
             await self.process.wait()
@@ -471,28 +671,48 @@ async def _is_guest(pid: int) -> bool:
         return False
 
 
-async def start_replica(
-    name: str, role_args: list[str], admin: str, service_port: int, workdir: Path
-) -> Replica:
-    """Start ``ftproxy ROLE`` for kv.py, stdout piped, stderr in a file of the workdir.
+@dataclass(frozen=True)
+class Launch:
+    """How to start one replica: its role's arguments, its admin endpoint, where."""
 
-    Its own session keeps a Ctrl-C at the terminal for the demo, which then stops it.
-    """
+    name: str
+    role_args: list[str]
+    admin: str
+    netns: str | None = None  # a lab host's network namespace (``--packet``)
+
+
+FTPROXY_COMMAND: Final = (sys.executable, "-m", "ftproxy.cli", "--log-format", "json")
+
+
+def in_netns(netns: str | None, command: Sequence[str]) -> list[str]:
+    """``command``, run inside the network namespace ``netns`` if there is one
+    (``ip netns exec`` execs in place: the process's pid is the command's own)."""
+    return ["ip", "netns", "exec", netns, *command] if netns else list(command)
+
+
+async def start_replica(
+    launch: Launch, service_port: int, workdir: Path, auth: Sequence[str]
+) -> Replica:
+    """Start ``ftproxy ROLE`` for kv.py (``auth``: ``--insecure`` or ``--secret-file F``)."""
     command = [
-        sys.executable,
-        "-m",
-        "ftproxy.cli",
-        "--log-format",
-        "json",
-        *role_args,
+        *FTPROXY_COMMAND,
+        *launch.role_args,
         "--admin",
-        admin,
-        "--insecure",
+        launch.admin,
+        *auth,
         "--",
         str(KV_SCRIPT),
         "--port",
         str(service_port),
     ]
+    return await start_process(launch.name, in_netns(launch.netns, command), launch.admin, workdir)
+
+
+async def start_process(name: str, command: list[str], admin: str, workdir: Path) -> Replica:
+    """Start ``command``, stdout piped, stderr in a file of the workdir.
+
+    Its own session keeps a Ctrl-C at the terminal for the demo, which then stops it.
+    """
     stderr_path = workdir / f"{name}.stderr"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
@@ -530,6 +750,32 @@ async def free_ports(count: int) -> list[int]:
 
 
 # --- The verdict ------------------------------------------------------------------------
+
+
+class Outcome(Protocol):
+    """What a verdict panel and ``--json`` need from either demo's verdict."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def title(self) -> str: ...
+
+    def summary(self) -> str: ...
+
+    def rows(self) -> list[tuple[str, RenderableType]]: ...
+
+    def notes(self) -> list[Text]: ...
+
+    def as_json(self) -> dict[str, Any]: ...
+
+
+def _lost_cell(lost: int) -> Text:
+    return Text(f"{lost:,}", style="red" if lost else "green")
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
 
 
 @dataclass(frozen=True)
@@ -572,8 +818,39 @@ class Verdict:
             return f"{self.lost} acknowledged write{'s' if self.lost != 1 else ''} lost"
         return f"{self.extra_incrs} increments more than were sent"
 
+    @property
+    def title(self) -> str:
+        return "output rule ON" if self.output_rule else "output rule OFF (unsafe)"
+
+    def rows(self) -> list[tuple[str, RenderableType]]:
+        return [
+            (
+                "acknowledged writes",
+                f"{self.acked:,}  ({self.acked_incrs:,} INCR, {self.acked_sets:,} SET)",
+            ),
+            ("found after failover", f"{self.found:,}"),
+            ("lost", _lost_cell(self.lost)),
+            ("failover (clients' view)", _seconds(self.failover_s)),
+            ("requests answered", f"{self.replies:,}, {self.reconnects} reconnects"),
+        ]
+
+    def notes(self) -> list[Text]:
+        if self.output_rule:
+            return []
+        return [
+            Text(
+                "Expected: without the output rule a reply leaves before the backup holds the "
+                f"log that produced it (here the log ships up to {self.ship_delay_ms:g} ms "
+                "later), so writes acknowledged just before the kill die with the primary. "
+                "The output rule prevents exactly this: run without --no-output-rule to see "
+                "none lost.",
+                style="yellow",
+            )
+        ]
+
     def as_json(self) -> dict[str, Any]:
         return {
+            "mode": "socket",
             "acked": self.acked,
             "found": self.found,
             "lost": self.lost,
@@ -592,19 +869,24 @@ class Verdict:
         }
 
 
-async def read_back(port: int, keys: list[bytes]) -> list[Reply]:
+async def read_back(port: int, keys: list[bytes], host: str = HOST) -> list[Reply]:
     """GET every key from the service, pipelined in batches, on a fresh connection."""
     with trio.fail_after(VERIFY_TIMEOUT_S):
-        connection = await connect_retrying(port)
+        connection = await connect_retrying(port, host)
         try:
-            replies: list[Reply] = []
-            for at in range(0, len(keys), VERIFY_BATCH):
-                batch = keys[at : at + VERIFY_BATCH]
-                await connection.send([(b"GET", key) for key in batch])
-                replies += [await connection.receive() for _ in batch]
-            return replies
+            return await read_back_on(connection, keys)
         finally:
             await connection.aclose()
+
+
+async def read_back_on(connection: RespConnection, keys: list[bytes]) -> list[Reply]:
+    """GET every key on ``connection``, pipelined in batches of VERIFY_BATCH."""
+    replies: list[Reply] = []
+    for at in range(0, len(keys), VERIFY_BATCH):
+        batch = keys[at : at + VERIFY_BATCH]
+        await connection.send([(b"GET", key) for key in batch])
+        replies += [await connection.receive() for _ in batch]
+    return replies
 
 
 async def verify(port: int, stats: LoadStats, config: DemoConfig) -> Verdict:
@@ -647,6 +929,217 @@ async def verify(port: int, stats: LoadStats, config: DemoConfig) -> Verdict:
     )
 
 
+@dataclass(frozen=True)
+class PacketVerdict:
+    """``--packet``: one connection through the failover, and what it was told."""
+
+    failure: str  # "kill" or "partition"
+    service: str
+    client: str
+    connection_error: str | None  # None: the connection survived
+    read_back_on: str  # "the same connection", or "a new connection" if it broke
+    acked_incrs: int
+    counter: int  # the counter's value read back at the end
+    unanswered_incrs: int  # 1 if the connection broke during an INCR
+    acked_sets: int
+    found_sets: int
+    requests: int
+    wrong: tuple[str, ...]
+    wrong_replies: int
+    failover_s: float | None
+    retransmissions: int | None
+    rate_pair: float | None  # replies per second while the pair served
+    rate_alone: float | None  # the same after the failover, the new primary alone
+    duration_s: float
+
+    @property
+    def survived(self) -> bool:
+        return self.connection_error is None
+
+    @property
+    def acked(self) -> int:
+        return self.acked_incrs + self.acked_sets
+
+    @property
+    def found(self) -> int:
+        return min(self.counter, self.acked_incrs) + self.found_sets
+
+    @property
+    def lost(self) -> int:
+        return self.acked - self.found
+
+    @property
+    def extra_incrs(self) -> int:
+        """Increments beyond those sent: a request applied twice."""
+        return max(0, self.counter - self.acked_incrs - self.unanswered_incrs)
+
+    @property
+    def passed(self) -> bool:
+        """One connection, never broken, every reply right, every write there once."""
+        return self.survived and not self.wrong_replies and not self.lost and not self.extra_incrs
+
+    @property
+    def what(self) -> str:
+        return (
+            "partition of the primary" if self.failure == "partition" else "kill -9 of the primary"
+        )
+
+    @property
+    def title(self) -> str:
+        return f"packet mode, {self.what}"
+
+    def summary(self) -> str:
+        if self.passed:
+            return (
+                f"one connection survived the {self.what}: no reset, every reply correct, "
+                "no acknowledged write lost"
+            )
+        problems = [] if self.survived else [f"the connection broke ({self.connection_error})"]
+        if self.wrong_replies:
+            problems.append(f"{self.wrong_replies} wrong replies")
+        if self.lost:
+            problems.append(f"{self.lost} acknowledged writes lost")
+        if self.extra_incrs:
+            problems.append(f"{self.extra_incrs} increments applied twice")
+        return ", ".join(problems)
+
+    def rows(self) -> list[tuple[str, RenderableType]]:
+        state = (
+            Text("kept open throughout", style="green")
+            if self.survived
+            else Text(f"broken: {self.connection_error}", style="red")
+        )
+        rows: list[tuple[str, RenderableType]] = [
+            ("connection", Text.assemble(f"1, {self.client} → {self.service}, ", state)),
+            (
+                "requests answered",
+                Text.assemble(
+                    f"{self.requests:,}, 0 reconnects, ",
+                    (f"{self.wrong_replies} wrong", "red" if self.wrong_replies else "green"),
+                ),
+            ),
+            (
+                "INCR counter",
+                f"{self.acked_incrs:,} INCRs answered in sequence, read back {self.counter:,}",
+            ),
+            (
+                "acknowledged writes",
+                f"{self.acked:,}  ({self.acked_incrs:,} INCR, {self.acked_sets:,} SET)",
+            ),
+            ("found after failover", f"{self.found:,}, read back on {self.read_back_on}"),
+            ("lost", _lost_cell(self.lost)),
+            ("failover (client's view)", _seconds(self.failover_s)),
+        ]
+        if self.rate_pair is not None and self.rate_alone is not None:
+            rows.append(
+                (
+                    "requests per second",
+                    f"{self.rate_pair:,.0f} with the backup, {self.rate_alone:,.0f} alone after",
+                )
+            )
+        if self.retransmissions is not None:
+            rows.append(("client TCP retransmissions", f"{self.retransmissions:,}"))
+        return rows
+
+    def notes(self) -> list[Text]:
+        notes = [Text(f"wrong reply: {w}", style="red") for w in self.wrong]
+        if self.passed:
+            notes.append(
+                Text(
+                    "The client's kernel never saw the failover: the backup's guest had "
+                    "replayed the primary's, its TCP state included, took over the virtual "
+                    "IP with a gratuitous ARP, and the client's retransmissions reached it.",
+                    style="dim",
+                )
+            )
+        return notes
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "mode": "packet",
+            "failure": self.failure,
+            "connection_survived": self.survived,
+            "connections": 1,
+            "reconnects": 0,
+            "connection_error": self.connection_error,
+            "acked": self.acked,
+            "found": self.found,
+            "lost": self.lost,
+            "failover_s": None if self.failover_s is None else round(self.failover_s, 4),
+            "requests": self.requests,
+            "wrong_replies": self.wrong_replies,
+            "wrong": list(self.wrong),
+            "counter": self.counter,
+            "acked_incrs": self.acked_incrs,
+            "extra_incrs": self.extra_incrs,
+            "acked_sets": self.acked_sets,
+            "found_sets": self.found_sets,
+            "read_back_on": self.read_back_on,
+            "client": self.client,
+            "service": self.service,
+            "client_retransmissions": self.retransmissions,
+            "req_per_s_pair": None if self.rate_pair is None else round(self.rate_pair, 1),
+            "req_per_s_alone": None if self.rate_alone is None else round(self.rate_alone, 1),
+            "output_rule": True,
+            "verdict": self.summary(),
+            "passed": self.passed,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+async def verify_connection(load: ConnectionLoad, failure: str) -> PacketVerdict:
+    """Read every acknowledged write back, on the load's own connection if it lives."""
+    stats = load.stats
+    keys = [counter_key(0), *stats.acked_sets]
+    replies: list[Reply] | None = None
+    where = "the same connection"
+    if load.error is None and load.connection is not None:
+        try:
+            with trio.fail_after(VERIFY_TIMEOUT_S):
+                replies = await read_back_on(load.connection, keys)
+        except CONNECTION_ERRORS as exc:
+            load.error = f"reading back: {describe_connection_error(exc, VERIFY_TIMEOUT_S)}"
+    if replies is None:  # the connection broke: still count what was lost
+        where = "a new connection"
+        try:
+            replies = await read_back(load.port, keys, load.host)
+        except trio.TooSlowError:
+            raise DemoError(
+                f"the service on {load.host}:{load.port} did not answer within "
+                f"{VERIFY_TIMEOUT_S:g} s after the failover (and the connection broke: "
+                f"{load.error})"
+            ) from None
+        except CONNECTION_ERRORS as exc:
+            raise DemoError(f"reading the writes back failed: {exc}") from None
+    if load.connection is not None:
+        await load.connection.aclose()
+    counter = int(replies[0]) if isinstance(replies[0], bytes) else 0
+    found_sets = sum(
+        reply == value for value, reply in zip(stats.acked_sets.values(), replies[1:], strict=True)
+    )
+    rate_pair, rate_alone = load.rates()
+    return PacketVerdict(
+        failure=failure,
+        service=f"{load.host}:{load.port}",
+        client=load.client_address,
+        connection_error=load.error,
+        read_back_on=where,
+        acked_incrs=stats.acked_incrs[0],
+        counter=counter,
+        unanswered_incrs=stats.unanswered_incrs[0],
+        acked_sets=len(stats.acked_sets),
+        found_sets=found_sets,
+        requests=stats.replies,
+        wrong=tuple(load.wrong),
+        wrong_replies=load.wrong_count,
+        failover_s=stats.failover_s,
+        retransmissions=load.retransmissions,
+        rate_pair=rate_pair,
+        rate_alone=rate_alone,
+        duration_s=0.0,
+    )
+
+
 # --- The run ----------------------------------------------------------------------------
 
 
@@ -661,6 +1154,8 @@ class DemoConfig:
     ship_delay_ms: float
     start_timeout_s: float
     json: bool
+    packet: bool = False
+    partition: bool = False  # --packet only: cut the primary off instead of killing it
 
 
 @dataclass
@@ -670,11 +1165,12 @@ class Demo:
     config: DemoConfig
     events: Events
     replicas: list[Replica] = field(default_factory=list)
-    load: Load | None = None
+    arbiter: Replica | None = None  # --packet: the arbiter's process in its lab host
+    load: Load | ConnectionLoad | None = None
     rate: float = 0.0  # replies per second, over the last second
 
 
-async def run(demo: Demo, workdir: Path) -> Verdict:
+async def run(demo: Demo, workdir: Path) -> Outcome:
     """Arbiter, pair, load, kill, failover, read-back; every replica stopped on the way out."""
     events = demo.events
     async with trio.open_nursery() as nursery:
@@ -684,21 +1180,46 @@ async def run(demo: Demo, workdir: Path) -> Verdict:
         service, log_port, primary_admin, backup_admin = await free_ports(4)
         ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_port)
         try:
-            primary, backup = await _start_pair(demo, workdir, nursery, ports)
+            primary, backup = await _start_pair(
+                demo, workdir, nursery, _socket_launches(demo.config, ports), ports.service
+            )
             verdict = await _failover(demo, nursery, primary, backup, ports.service)
         finally:
-            with trio.CancelScope(shield=True):
-                for replica in demo.replicas:
-                    await replica.stop()
+            await _stop_all(demo)
         nursery.cancel_scope.cancel()
     return verdict
 
 
-async def _start_pair(
-    demo: Demo, workdir: Path, nursery: trio.Nursery, ports: Ports
-) -> tuple[Replica, Replica]:
-    """Start primary and backup; return once both guests listen (the backup's replaying)."""
-    config = demo.config
+async def run_packet(demo: Demo, workdir: Path) -> Outcome:
+    """``--packet``, inside the lab: arbiter, pair in packet mode, one connection, kill
+    (or partition), failover, read-back on the same connection. The lab is up and this
+    thread is in the client host's network namespace (see :func:`_packet_lab`)."""
+    lab = netlab.Lab(LAB_PREFIX)
+    secret = _write_secret(workdir / "secret")
+    auth = ["--secret-file", str(secret)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_exit_on_signals)
+        try:
+            await _start_lab_arbiter(demo, workdir, nursery, lab, auth)
+            primary, backup = await _start_pair(
+                demo, workdir, nursery, _packet_launches(lab), SERVICE_PORT, auth
+            )
+            verdict = await _packet_failover(demo, nursery, lab, primary, backup)
+        finally:
+            await _stop_all(demo)
+        nursery.cancel_scope.cancel()
+    return verdict
+
+
+async def _stop_all(demo: Demo) -> None:
+    """Stop every process the demo started, whatever is being raised meanwhile."""
+    with trio.CancelScope(shield=True):
+        for replica in [*demo.replicas, *([demo.arbiter] if demo.arbiter else [])]:
+            await replica.stop()
+
+
+def _socket_launches(config: DemoConfig, ports: Ports) -> list[Launch]:
+    """The pair on loopback, the embedded arbiter's port given."""
     arbiter_at, log_at = f"{HOST}:{ports.arbiter}", f"{HOST}:{ports.log}"
     primary_args = ["primary", "--log-listen", log_at, "--arbiter", arbiter_at]
     if not config.output_rule:
@@ -713,11 +1234,87 @@ async def _start_pair(
             f"{MAX_LAG_FACTOR * config.ship_delay_ms + DEFAULT_MAX_LAG_MS:g}",
         ]
     backup_args = ["backup", "--primary", log_at, "--arbiter", arbiter_at]
-    for name, args, admin in (
-        ("primary", primary_args, ports.primary_admin),
-        ("backup", backup_args, ports.backup_admin),
-    ):
-        replica = await start_replica(name, args, f"{HOST}:{admin}", ports.service, workdir)
+    return [
+        Launch("primary", primary_args, f"{HOST}:{ports.primary_admin}"),
+        Launch("backup", backup_args, f"{HOST}:{ports.backup_admin}"),
+    ]
+
+
+def _packet_launches(lab: netlab.Lab) -> list[Launch]:
+    """The pair in the lab's primary and backup hosts, packet front, serving the VIP."""
+    primary_ip, backup_ip = lab.address("primary"), lab.address("backup")
+    arbiter_at = f"{lab.address('arbiter')}:{ARBITER_PORT}"
+    log_at = f"{primary_ip}:{LOG_PORT}"
+    front = ["--front", "packet", "--interface", netlab.HOST_IFACE]
+    primary_args = ["primary", "--log-listen", log_at, "--arbiter", arbiter_at, *front]
+    primary_args += ["--vip", f"{netlab.VIP}/{VIP_PREFIX_LEN}"]
+    backup_args = ["backup", "--primary", log_at, "--arbiter", arbiter_at, *front]
+    return [
+        Launch("primary", primary_args, f"{primary_ip}:{ADMIN_PORT}", lab.namespace("primary")),
+        Launch("backup", backup_args, f"{backup_ip}:{ADMIN_PORT}", lab.namespace("backup")),
+    ]
+
+
+def _write_secret(path: Path) -> Path:
+    """32 random bytes, base64, in a file only root may read: what ``auth`` expects."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(base64.b64encode(os.urandom(32)) + b"\n")
+    return path
+
+
+async def _start_lab_arbiter(
+    demo: Demo, workdir: Path, nursery: trio.Nursery, lab: netlab.Lab, auth: Sequence[str]
+) -> None:
+    """``ftproxy arbiter`` in the lab's arbiter host; return once it listens."""
+    address = f"{lab.address('arbiter')}:{ARBITER_PORT}"
+    command = [
+        *FTPROXY_COMMAND,
+        "arbiter",
+        "--listen",
+        address,
+        "--data-dir",
+        str(workdir / "arbiter-store"),
+        *auth,
+    ]
+    process = demo.arbiter = await start_process(
+        "arbiter", in_netns(lab.namespace("arbiter"), command), "", workdir
+    )
+    nursery.start_soon(process.watch_stdout)
+    with trio.move_on_after(demo.config.start_timeout_s) as waited:
+        while b'"arbiter_listening"' not in await _read_bytes(process.stderr_path):
+            await trio.sleep(REFRESH_S / 4)
+    if waited.cancelled_caught:
+        raise DemoError(
+            f"the arbiter did not listen on {address} within "
+            f"{demo.config.start_timeout_s:g} s{await process.stderr_tail()}"
+        )
+    demo.events.emit(
+        "arbiter_started",
+        f"arbiter on {address} (host arbiter, pid {process.process.pid})",
+        address=address,
+    )
+
+
+async def _read_bytes(path: Path) -> bytes:
+    try:
+        return await trio.Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+async def _start_pair(
+    demo: Demo,
+    workdir: Path,
+    nursery: trio.Nursery,
+    launches: Sequence[Launch],
+    service_port: int,
+    auth: Sequence[str] = ("--insecure",),
+) -> tuple[Replica, Replica]:
+    """Start primary and backup; return once both guests listen (the backup's replaying)."""
+    config = demo.config
+    for launch in launches:
+        replica = await start_replica(launch, service_port, workdir, auth)
         demo.replicas.append(replica)
         nursery.start_soon(replica.watch_stdout)
     primary, backup = demo.replicas
@@ -732,10 +1329,11 @@ async def _start_pair(
         )
     for replica in demo.replicas:
         nursery.start_soon(replica.poll_status)
+    service = f"{netlab.VIP if config.packet else HOST}:{service_port}"
     demo.events.emit(
         "pair_ready",
-        f"primary and backup ready, kv.py on {HOST}:{ports.service}",
-        service=f"{HOST}:{ports.service}",
+        f"primary and backup ready, kv.py on {service}",
+        service=service,
         pids={r.name: [r.process.pid, *r.guest_pids] for r in (primary, backup)},
         workdir=str(workdir),
     )
@@ -749,10 +1347,7 @@ async def _failover(
     config, events = demo.config, demo.events
     load = demo.load = Load(service, config.clients, events)
     nursery.start_soon(load.run)
-    with trio.move_on_after(config.start_timeout_s) as waited:
-        await load.wait_first_ack()
-    if waited.cancelled_caught:
-        raise DemoError(f"no write was acknowledged within {config.start_timeout_s:g} s")
+    await _wait_first_ack(load, config)
     events.emit("load_started", f"load running: {config.clients} clients, INCR + SET")
     await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
     events.emit(
@@ -771,6 +1366,62 @@ async def _failover(
     )
     verdict = await verify(service, load.stats, config)
     return replace(verdict, duration_s=trio.current_time() - events.started_at)
+
+
+async def _packet_failover(
+    demo: Demo, nursery: trio.Nursery, lab: netlab.Lab, primary: Replica, backup: Replica
+) -> PacketVerdict:
+    """One connection, warm-up, kill -9 (or partition) of the primary, the same
+    connection through the failover, read-back on it."""
+    config, events = demo.config, demo.events
+    load = demo.load = ConnectionLoad(netlab.VIP, SERVICE_PORT, events, PACKET_REQUEST_TIMEOUT_S)
+    await load.connect(config.start_timeout_s)
+    events.emit(
+        "connected",
+        f"one connection from the client host: {load.client_address} → {netlab.VIP}:{SERVICE_PORT}",
+        client=load.client_address,
+    )
+    nursery.start_soon(load.run)
+    await _wait_first_ack(load, config)
+    events.emit("load_started", "load running on that connection: INCR, SET, GET in turn")
+    await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
+    if load.error is not None:
+        raise DemoError(f"the connection broke before the failover: {load.error}")
+    primary.exit_expected = True  # killed or partitioned: it may end, the demo goes on
+    if config.partition:
+        primary.fate = "partitioned"
+        events.emit(
+            "partitioning_primary",
+            "partition: the primary host is cut off at the switch",
+            acked=load.stats.acked,
+        )
+        await trio.to_thread.run_sync(lab.partition, "primary")
+    else:
+        events.emit(
+            "killing_primary",
+            f"kill -9 of the primary (pid {primary.process.pid}) and its guest",
+            pid=primary.process.pid,
+            acked=load.stats.acked,
+        )
+        await primary.kill()
+    load.stats.kill_at = trio.current_time()
+    nursery.start_soon(_announce_go_live, backup, events)
+    await trio.sleep(config.after_s)
+    await load.stop()
+    events.emit(
+        "load_stopped",
+        f"load stopped: {load.stats.acked} acknowledged writes; reading back on "
+        + ("the same connection" if load.error is None else "a new one"),
+    )
+    verdict = await verify_connection(load, "partition" if config.partition else "kill")
+    return replace(verdict, duration_s=trio.current_time() - events.started_at)
+
+
+async def _wait_first_ack(load: Load | ConnectionLoad, config: DemoConfig) -> None:
+    with trio.move_on_after(config.start_timeout_s) as waited:
+        await load.wait_first_ack()
+    if waited.cancelled_caught:
+        raise DemoError(f"no write was acknowledged within {config.start_timeout_s:g} s")
 
 
 async def _announce_go_live(backup: Replica, events: Events) -> None:
@@ -798,7 +1449,7 @@ def _replica_row(replica: Replica) -> list[RenderableType]:
     """One line of the replica table, from the last status fetched."""
     status = replica.status
     if replica.exit_expected:
-        return [replica.name, Text("killed", style="red")]
+        return [replica.name, Text(replica.fate, style="red")]
     if status is None:
         return [replica.name, Text(replica.unreachable or "starting", style="dim")]
     lag = status.get("lag") or {}
@@ -829,6 +1480,18 @@ def render_view(demo: Demo) -> RenderableType:
     load = demo.load
     if load is None:
         load_line = Text("load: not started", style="dim")
+    elif isinstance(load, ConnectionLoad):
+        load_line = Text.assemble(
+            ("load ", "bold"),
+            f"1 connection {load.client_address or '(connecting)'} → {netlab.VIP}:{SERVICE_PORT}  ",
+            (f"{demo.rate:,.0f} req/s", "bold"),
+            f"  acked writes {load.stats.acked:,}  wrong replies {load.wrong_count}  ",
+            (
+                ("connection open", "green")
+                if load.error is None
+                else (f"connection broken: {load.error}", "bold red")
+            ),
+        )
     else:
         load_line = Text.assemble(
             ("load ", "bold"),
@@ -839,51 +1502,42 @@ def render_view(demo: Demo) -> RenderableType:
     events = Text("\n").join(
         Text.assemble((f"{at:6.2f}s ", "dim"), message) for at, message in demo.events.shown
     )
-    rule = (
-        Text("output rule ON", style="green")
-        if demo.config.output_rule
-        else Text(f"output rule OFF (ship delay {demo.config.ship_delay_ms:g} ms)", style="red")
-    )
+    if demo.config.packet:
+        title = Text.assemble(
+            "ftproxy demo --packet: kv.py on ",
+            (f"{netlab.VIP}:{SERVICE_PORT}", "bold"),
+            f", primary + backup in lab {LAB_PREFIX}, ",
+            Text("output rule ON", style="green"),
+        )
+    else:
+        rule = (
+            Text("output rule ON", style="green")
+            if demo.config.output_rule
+            else Text(f"output rule OFF (ship delay {demo.config.ship_delay_ms:g} ms)", style="red")
+        )
+        title = Text.assemble("ftproxy demo: kv.py, primary + backup, ", rule)
     return Panel(
-        Group(table, Text(""), load_line, Text(""), events),
-        title=Text.assemble("ftproxy demo: kv.py, primary + backup, ", rule),
-        border_style="blue",
+        Group(table, Text(""), load_line, Text(""), events), title=title, border_style="blue"
     )
 
 
-def render_verdict(verdict: Verdict) -> RenderableType:
+def render_verdict(verdict: Outcome) -> RenderableType:
     """The verdict panel: the numbers, then what they mean."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row(
-        "acknowledged writes",
-        f"{verdict.acked:,}  ({verdict.acked_incrs:,} INCR, {verdict.acked_sets:,} SET)",
-    )
-    table.add_row("found after failover", f"{verdict.found:,}")
-    table.add_row("lost", Text(f"{verdict.lost:,}", style="red" if verdict.lost else "green"))
-    failover = "n/a" if verdict.failover_s is None else f"{verdict.failover_s:.3f} s"
-    table.add_row("failover (clients' view)", failover)
-    table.add_row("requests answered", f"{verdict.replies:,}, {verdict.reconnects} reconnects")
+    table.add_column(justify="right" if isinstance(verdict, Verdict) else "left")
+    for name, value in verdict.rows():
+        table.add_row(name, value)
     parts: list[RenderableType] = [table, Text("")]
     if verdict.passed:
         parts.append(Text("✔ " + verdict.summary(), style="bold green"))
     else:
         parts.append(Text("✘ " + verdict.summary(), style="bold red"))
-    if not verdict.output_rule:
-        parts.append(
-            Text(
-                "Expected: without the output rule a reply leaves before the backup holds the "
-                f"log that produced it (here the log ships up to {verdict.ship_delay_ms:g} ms "
-                "later), so writes acknowledged just before the kill die with the primary. "
-                "The output rule prevents exactly this: run without --no-output-rule to see "
-                "none lost.",
-                style="yellow",
-            )
-        )
-    style = "green" if verdict.passed else ("yellow" if not verdict.output_rule else "red")
-    title = "output rule ON" if verdict.output_rule else "output rule OFF (unsafe)"
-    return Panel(Group(*parts), title=f"verdict: {title}", border_style=style, expand=False)
+    notes = verdict.notes()
+    parts += notes
+    unsafe = isinstance(verdict, Verdict) and not verdict.output_rule
+    style = "green" if verdict.passed else ("yellow" if unsafe else "red")
+    return Panel(Group(*parts), title=f"verdict: {verdict.title}", border_style=style, expand=False)
 
 
 async def _refresh(live: Live, demo: Demo) -> None:
@@ -912,7 +1566,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="load after the kill, through the failover (default 3)",
     )
     parser.add_argument(
-        "--clients", type=int, default=4, metavar="N", help="concurrent clients (default 4)"
+        "--clients",
+        type=int,
+        default=None,
+        metavar="N",
+        help="concurrent clients (default 4; --packet holds one connection)",
     )
     parser.add_argument(
         "--json", action="store_true", help="no live view: print the verdict as one JSON object"
@@ -937,6 +1595,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="how long the pair may take to start serving (default 15)",
     )
+    parser.add_argument(
+        "--packet",
+        action="store_true",
+        help="packet mode (root): in a lab of network namespaces, one client connection to "
+        f"the virtual IP {netlab.VIP} survives the failover",
+    )
+    parser.add_argument(
+        "--partition",
+        action="store_true",
+        help="with --packet: cut the primary off at the switch instead of killing it",
+    )
 
 
 def _config(args: argparse.Namespace) -> DemoConfig:
@@ -950,27 +1619,42 @@ def _config(args: argparse.Namespace) -> DemoConfig:
             f"--ship-delay-ms must be at most {MAX_SHIP_DELAY_MS:g}: no heartbeat leaves "
             "the primary during the delay, and the backup gives it up after 500 ms"
         )
-    if args.clients < 1:
+    if args.clients is not None and args.clients < 1:
         raise ValueError("--clients must be at least 1")
+    if args.packet:
+        for flag, value in (
+            ("--clients", args.clients is not None),
+            ("--no-output-rule", args.no_output_rule),
+        ):
+            if value:
+                raise ValueError(f"{flag} is for the socket demo; --packet holds one connection")
+    elif args.partition:
+        raise ValueError("--partition needs --packet")
     return DemoConfig(
         warmup_s=args.warmup,
         after_s=args.after,
-        clients=args.clients,
+        clients=1 if args.packet else (args.clients or 4),
         output_rule=not args.no_output_rule,
         ship_delay_ms=args.ship_delay_ms,
         start_timeout_s=args.start_timeout,
         json=args.json,
+        packet=args.packet,
+        partition=args.partition,
     )
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """``ftproxy demo``: 0 when no acknowledged write was lost (or, with
-    ``--no-output-rule``, when the demonstration ran to its end), 1 when the output
-    rule's promise was broken, 3 when the demo could not run, 130 when interrupted."""
+    ``--no-output-rule``, when the demonstration ran to its end; with ``--packet``,
+    when besides the one connection survived with every reply right), 1 when the
+    promise was broken, 2 for bad options (or ``--packet`` without root), 3 when the
+    demo could not run, 130 when interrupted."""
     try:
         config = _config(args)
     except ValueError as exc:
-        return _fail(str(exc), 2)
+        return _fail(str(exc), EXIT_USAGE)
+    if config.packet and os.geteuid() != 0:
+        return _fail(NEEDS_ROOT, EXIT_USAGE)
     if not KV_SCRIPT.is_file():
         return _fail(f"the demo's guest {KV_SCRIPT} is missing", EXIT_FAILED)
     try:
@@ -986,31 +1670,103 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict.passed else EXIT_LOST
 
 
-def _run_in_tempdir(config: DemoConfig) -> Verdict:
-    """Run the demo in a temporary directory (the arbiter's store, the replicas' logs)."""
+Runner = Callable[[Demo, Path], Awaitable[Outcome]]
+
+
+def _run_in_tempdir(config: DemoConfig) -> Outcome:
+    """Run the demo in a temporary directory (the arbiter's store, the replicas' logs);
+    ``--packet`` in its lab, from the client host's network namespace."""
     with tempfile.TemporaryDirectory(prefix="ftproxy-demo-") as tmp:
         workdir = Path(tmp)
-        if config.json:
-            return trio.run(_run_quiet, config, workdir)
-        with _stderr_held_back(workdir / "held-back.log"):
-            return trio.run(_run_live, config, workdir)
+        with _packet_lab() if config.packet else contextlib.nullcontext():
+            runner: Runner = run_packet if config.packet else run
+            if config.json:
+                return trio.run(_run_quiet, config, workdir, runner)
+            with _stderr_held_back(workdir / "held-back.log"):
+                return trio.run(_run_live, config, workdir, runner)
 
 
-async def _run_quiet(config: DemoConfig, workdir: Path) -> Verdict:
+async def _run_quiet(config: DemoConfig, workdir: Path, runner: Runner) -> Outcome:
     """The demo with no view: its events are logged, as the progress report."""
-    return await run(Demo(config, Events(log_events=True)), workdir)
+    return await runner(Demo(config, Events(log_events=True)), workdir)
 
 
-async def _run_live(config: DemoConfig, workdir: Path) -> Verdict:
+async def _run_live(config: DemoConfig, workdir: Path, runner: Runner) -> Outcome:
     """The demo under the live view, which shows its events instead of the log."""
     demo = Demo(config, Events(log_events=False))
     with Live(render_view(demo), auto_refresh=False, console=Console()) as live:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_refresh, live, demo)
-            verdict = await run(demo, workdir)
+            verdict = await runner(demo, workdir)
             nursery.cancel_scope.cancel()
         live.update(render_view(demo), refresh=True)
     return verdict
+
+
+@contextlib.contextmanager
+def _packet_lab() -> Iterator[netlab.Lab]:
+    """The demo's own lab (prefix ``ftdemo``), up for the run and down after it, on
+    every way out; this thread is in the client host's network namespace meanwhile.
+
+    A leftover of a demo that was killed is rebuilt; a lab whose hosts still run
+    something belongs to a demo running now, and is left alone.
+    """
+    lab = netlab.Lab(LAB_PREFIX)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # trio's own inside run
+    try:
+        if lab.exists() and any(
+            p.pid != os.getpid() for h in lab.status().hosts for p in h.processes
+        ):
+            raise DemoError(
+                f"lab {LAB_PREFIX} is in use (another `ftproxy demo --packet`?); "
+                f"if not, remove it with `sudo ftproxy lab --prefix {LAB_PREFIX} down`"
+            )
+        try:
+            lab.up(force=True)
+            with _network_namespace(lab.namespace("client")):
+                yield lab
+        finally:
+            _uninterrupted(lab.down)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _uninterrupted(action: Callable[[], object]) -> None:
+    """Run ``action`` with Ctrl-C and SIGTERM held off: a clean-up must not stop half way."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in held}
+    try:
+        action()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _network_namespace(name: str) -> Iterator[None]:
+    """Move this thread into the named network namespace (``ip netns add NAME``) and
+    back: every socket it opens meanwhile belongs to that namespace. Processes
+    started from here go to their own host with ``ip netns exec``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter(fd: int, what: str) -> None:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot enter the network namespace of {what}: {os.strerror(err)}")
+
+    with (
+        open("/proc/thread-self/ns/net", "rb") as home,
+        open(os.path.join("/var/run/netns", name), "rb") as target,
+    ):
+        enter(target.fileno(), name)
+        try:
+            yield
+        finally:
+            enter(home.fileno(), "this process")
 
 
 @contextlib.contextmanager
@@ -1039,7 +1795,7 @@ def _exit_for(exc: BaseException) -> int:
     if any(isinstance(e, KeyboardInterrupt | Interrupted) for e in leaves):
         return _fail("interrupted; every process stopped", EXIT_INTERRUPTED)
     for leaf in leaves:
-        if isinstance(leaf, DemoError):
+        if isinstance(leaf, DemoError | netlab.LabError):
             return _fail(str(leaf), EXIT_FAILED)
     for leaf in leaves:
         if isinstance(leaf, OSError | arbiter.StoreError):

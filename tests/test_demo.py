@@ -3,13 +3,17 @@
 The end-to-end tests run the demo as a user does, in its own process; the rest check
 the pieces that decide its verdict (the RESP parsing) and its exits (bad options,
 a replica that fails, Ctrl-C), which must never leave a process or a directory.
+``--packet`` runs as root only (network namespaces, raw sockets): one connection
+must survive the failover, and the demo's lab must be gone afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +28,13 @@ from support import FTPROXY, ROOT
 from ftproxy import demo
 
 RUN_TIMEOUT = 30.0
+PACKET_RUN_TIMEOUT = 90.0
 FIELDS = {"acked", "found", "lost", "failover_s", "output_rule"}
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="ftproxy demo --packet needs root and iproute2 (network namespaces, raw sockets)",
+)
 
 
 @cache
@@ -36,12 +46,12 @@ def demo_command() -> tuple[str, ...]:
     return (sys.executable, "-m", "ftproxy.demo")
 
 
-def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
+def run_demo(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*demo_command(), *args],
         capture_output=True,
         text=True,
-        timeout=RUN_TIMEOUT,
+        timeout=timeout,
         cwd=ROOT,
     )
 
@@ -140,6 +150,80 @@ def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> Non
     assert not Path(pair["workdir"]).exists()
 
 
+@needs_root
+def test_packet_demo_keeps_one_connection_through_kill_9() -> None:
+    result = run_demo(
+        "--packet", "--json", "--warmup", "2", "--after", "2", timeout=PACKET_RUN_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    answer = verdict(result)
+    assert answer.keys() >= FIELDS
+    assert answer["mode"] == "packet" and answer["failure"] == "kill"
+    assert answer["connection_survived"] is True, answer["connection_error"]
+    assert answer["connections"] == 1 and answer["reconnects"] == 0
+    assert answer["read_back_on"] == "the same connection"
+    assert answer["acked"] > 0 and answer["lost"] == 0 and answer["found"] == answer["acked"]
+    assert answer["wrong_replies"] == 0 and answer["extra_incrs"] == 0
+    assert answer["counter"] == answer["acked_incrs"] > 0
+    assert answer["failover_s"] is not None and 0 < answer["failover_s"] < 5
+    assert "Traceback" not in result.stderr
+    assert not demo_lab_namespaces()
+
+
+@needs_root
+def test_interrupted_packet_demo_takes_its_lab_down() -> None:
+    process = subprocess.Popen(
+        [*demo_command(), "--packet", "--json", "--warmup", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    seen: dict[str, dict[str, Any]] = {}
+    try:
+        ready = wait_for_event(process, "load_started", seen, PACKET_RUN_TIMEOUT)
+        assert demo_lab_namespaces()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=PACKET_RUN_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert ready
+    assert process.returncode == demo.EXIT_INTERRUPTED, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    pids = [pid for group in seen["pair_ready"]["pids"].values() for pid in group]
+    assert wait_gone(pids), f"still running: {[p for p in pids if running(p)]}"
+    assert not demo_lab_namespaces()
+
+
+def test_packet_demo_without_root_says_so_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    args = demo_parser().parse_args(["--packet", "--json"])
+    assert demo.run_demo(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == [f"ftproxy demo: {demo.NEEDS_ROOT}"]
+    assert "root" in err and "sudo" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--partition",), "--partition needs --packet"),
+        (("--packet", "--clients", "2"), "--clients"),
+        (("--packet", "--no-output-rule"), "--no-output-rule"),
+    ],
+)
+def test_packet_options_that_make_no_sense_exit_2(
+    args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo.run_demo(demo_parser().parse_args(args)) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_resp_replies_parse_whole_or_not_at_all() -> None:
     assert demo.parse_reply(b"+OK\r\n") == ("OK", 5)
     assert demo.parse_reply(b":42\r\n:1") == (42, 5)
@@ -181,11 +265,14 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def wait_for_event(
-    process: subprocess.Popen[str], event: str, seen: dict[str, dict[str, Any]]
+    process: subprocess.Popen[str],
+    event: str,
+    seen: dict[str, dict[str, Any]],
+    timeout: float = RUN_TIMEOUT,
 ) -> bool:
     """Read the demo's JSON log from its stderr until ``event``; every event into ``seen``."""
     assert process.stderr is not None
-    deadline = time.monotonic() + RUN_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
         if not ready:
@@ -201,6 +288,12 @@ def wait_for_event(
         if record.get("event") == event:
             return True
     raise AssertionError(f"no {event!r} event; saw {sorted(seen)}")
+
+
+def demo_lab_namespaces() -> list[str]:
+    """The network namespaces of the packet demo's lab that exist now."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{demo.LAB_PREFIX}-")]
 
 
 def running(pid: int) -> bool:
