@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +13,27 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 GUESTS = Path(__file__).resolve().parent / "guests"
 FTPROXY = [sys.executable, "-m", "ftproxy.cli", "--log-format", "json"]
+
+
+def _netns_usable() -> bool:
+    if shutil.which("ip") is None:
+        return False
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+# Tests that build a lab of network namespaces (each with a prefix of its own).
+needs_lab = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
+    pytest.mark.skipif(not _netns_usable(), reason="`ip netns` is unavailable"),
+]
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="partitions need nft")
 
 
 def free_port() -> int:

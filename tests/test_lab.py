@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,23 +16,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support import needs_lab, needs_nft
 
 from ftproxy import lab as labmod
 from ftproxy.lab import HOSTS, Lab, LabError
 
-
-def _netns_usable() -> bool:
-    if shutil.which("ip") is None:
-        return False
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
-    return done.returncode == 0
-
-
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
-    pytest.mark.skipif(not _netns_usable(), reason="`ip netns` is unavailable"),
-]
-needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="partitions need nft")
+pytestmark = needs_lab
 
 PREFIX = f"ftlt{os.getpid()}"
 

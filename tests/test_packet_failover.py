@@ -33,23 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import EXAMPLES, FTPROXY, GUESTS, ROOT
+from support import EXAMPLES, FTPROXY, GUESTS, ROOT, needs_lab, needs_nft
 
 from ftproxy.lab import HOST_NAMES, VIP, Lab
 
-
-def _netns_usable() -> bool:
-    if shutil.which("ip") is None:
-        return False
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
-    return done.returncode == 0
-
-
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="packet mode in the lab needs root"),
-    pytest.mark.skipif(not _netns_usable(), reason="`ip netns` is unavailable"),
-]
-needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="partitions need nft")
+pytestmark = needs_lab
 needs_ping = pytest.mark.skipif(shutil.which("ping") is None, reason="needs `ping` (iputils-ping)")
 needs_redis_cli = pytest.mark.skipif(
     shutil.which("redis-cli") is None, reason="needs `redis-cli` (redis-tools)"
