@@ -61,7 +61,9 @@ class Backup(ReplicaShell):
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
-        self._last: Entry | None = None
+        # The guest's clock as the replayed replies set it: a live guest's
+        # clock continues from there (replies carry deltas, not absolutes).
+        self._clock = p.GuestClock(welcome.header.policy.clock_step_ns)
         # The guest's bound sockets, to bind for real at go-live:
         # sock -> [family, type, guest address, backlog or None]
         self._bound: dict[int, list[Any]] = {}
@@ -79,8 +81,7 @@ class Backup(ReplicaShell):
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
-                self._track_binds(exit, entry)
-                self._last = entry
+                self._track_clock_and_binds(exit, entry)
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
                 return entry.reply
@@ -95,15 +96,21 @@ class Backup(ReplicaShell):
         elif message[0] == p.OP_CLOSE:
             self._bound.pop(message[1], None)
 
-    def _track_binds(self, exit: Exit, entry: Entry) -> None:
+    def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
+        """Follow what go-live needs from a replayed entry: the clock, bound addresses."""
+        try:
+            mono_gain, wall_shift, result = p.decode_body(entry.reply)
+        except (p.ProtocolError, ValueError, TypeError):
+            raise GuestFailure(f"entry {entry.seq} holds no reply: {entry.reply[:40]!r}") from None
+        self._clock.apply(entry.icount, mono_gain, wall_shift)
         if exit.kind == p.KIND_BIND:
             sock, family, kind, _ = exit.args
-            code, address = p.decode_body(entry.reply)[2][:2]
+            code, address = result[:2]
             if code == 0:
                 self._bound[sock] = [family, kind, tuple(address), None]
         elif exit.kind == p.KIND_LISTEN:
             sock, backlog = exit.args
-            if sock in self._bound and p.decode_body(entry.reply)[2] == 0:
+            if sock in self._bound and result == 0:
                 self._bound[sock][3] = backlog
 
     # -- the log channel --------------------------------------------------------
@@ -181,10 +188,10 @@ class Backup(ReplicaShell):
         assert self.nursery is not None
         doorbell = Doorbell()
         front = SocketFront(self.nursery, doorbell, self.options.address_map)
-        world = WorldAnswers(front, doorbell, self.options.policy, self.guest_pid, _discard)
-        if self._last is not None:
-            wall, mono, _ = p.decode_body(self._last.reply)
-            world.clock.continue_from(wall, mono, self._last.icount)
+        # The guest runs with the primary's policy (its boot reply), whatever our flags say.
+        policy = self.welcome.header.policy
+        world = WorldAnswers(front, doorbell, policy, self.guest_pid, _discard)
+        world.clock.continue_from(self._clock)
         for sock, (family, kind, address, backlog) in self._bound.items():
             await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world

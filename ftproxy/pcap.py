@@ -342,7 +342,7 @@ def export_pcap(contents: LogContents, path: str | os.PathLike[str]) -> PcapStat
 
     Entries whose reply does not decode are skipped.
     """
-    replies = decode_replies(contents.records)
+    replies = decode_replies(contents.records, contents.header.policy.clock_step_ns)
     sockets = map_guest_sockets(contents.records, replies)
     writer = PcapWriter(os.fspath(path), linktype=LINKTYPE_ETHERNET, endianness="<")
     try:

@@ -56,34 +56,55 @@ def new_header(argv: Sequence[str], env: Mapping[str, str], policy: Policy) -> H
     )
 
 
-class WorldClock:
-    """Clock snapshots for replies: real time, never behind the guest's virtual time.
+# How far the host's wall clock may move away from the guest's (its monotonic
+# clock plus an offset) before a reply shifts the offset. Within it, a reply
+# carries no wall-clock change at all: the two host clocks only drift apart by
+# the nanoseconds between reading them, and the guest's wall clock stays this
+# close to the host's.
+WALL_TOLERANCE_NS = 1_000_000
 
-    ``offset_ns`` shifts the host's monotonic clock, so that a backup gone live
-    continues the guest's monotonic time from where the primary left it.
+
+class WorldClock:
+    """Clock readings for replies: real time, never behind the guest's virtual time.
+
+    ``guest`` is the guest's virtual clock as the replies so far set it;
+    ``snapshot`` reads the host's clocks for the next reply and answers the
+    deltas that reply carries (see ``ftproxy.guest.protocol``). A host offset
+    shifts the host's monotonic clock, so that a backup gone live continues the
+    guest's monotonic time from where the primary left it.
     """
 
-    def __init__(self, policy: Policy, *, mono: int = 0, wall: int = 0, icount: int = 0) -> None:
-        self._step = policy.clock_step_ns
-        self._mono = mono
-        self._wall = wall
-        self._icount = icount
-        self._offset = 0
+    def __init__(self, policy: Policy) -> None:
+        self.guest = p.GuestClock(policy.clock_step_ns)
+        self._host_offset = 0
 
-    def continue_from(self, wall: int, mono: int, icount: int) -> None:
-        """Take over a guest whose last snapshot was (wall, mono) at ``icount``."""
-        self._wall, self._mono, self._icount = wall, mono, icount
-        self._offset = max(0, mono - time.monotonic_ns())
+    def continue_from(self, guest: p.GuestClock) -> None:
+        """Take over a guest whose clock the replies so far set to ``guest``."""
+        self.guest = guest
+        self._host_offset = max(0, guest.mono_ns - time.monotonic_ns())
 
     def virtual_mono(self, icount: int) -> int:
-        return self._mono + (icount - self._icount) * self._step
+        return self.guest.mono_at(icount)
 
     def snapshot(self, icount: int, floor_mono: int = 0) -> tuple[int, int]:
-        advance = (icount - self._icount) * self._step
-        mono = max(time.monotonic_ns() + self._offset, self._mono + advance, floor_mono)
-        wall = max(time.time_ns(), self._wall + advance)
-        self._mono, self._wall, self._icount = mono, wall, icount
-        return wall, mono
+        """The (mono_gain, wall_shift) of the reply to the exit at ``icount``.
+
+        Monotonic: the host's, but never behind the guest's virtual clock nor
+        ``floor_mono``. Wall: unchanged offset while the host's wall clock is
+        within WALL_TOLERANCE_NS of the guest's; else moved to the host's, and
+        never backwards (a host clock stepped back holds the guest's at its
+        virtual value until the host catches up).
+        """
+        guest = self.guest
+        virtual = guest.mono_at(icount)
+        mono = max(time.monotonic_ns() + self._host_offset, virtual, floor_mono)
+        drift = time.time_ns() - (mono + guest.wall_offset_ns)
+        wall_shift = 0
+        if not -WALL_TOLERANCE_NS <= drift <= WALL_TOLERANCE_NS:
+            wall_shift = max(drift, virtual - mono)
+        mono_gain = mono - virtual
+        guest.apply(icount, mono_gain, wall_shift)
+        return mono_gain, wall_shift
 
 
 async def _always_ready() -> None:
@@ -120,7 +141,6 @@ class WorldAnswers:
         guest_pid: int,
         on_entry: Callable[[Entry], None],
         *,
-        clock: WorldClock | None = None,
         input_allowed: Callable[[], Awaitable[None]] = _always_ready,
     ) -> None:
         self.front = front
@@ -128,7 +148,7 @@ class WorldAnswers:
         self._policy = policy
         self._pid = guest_pid
         self._on_entry = on_entry
-        self.clock = clock or WorldClock(policy)
+        self.clock = WorldClock(policy)
         self._input_allowed = input_allowed
         self._signals: list[int] = []
 
@@ -144,8 +164,8 @@ class WorldAnswers:
             raise GuestFailure(
                 f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}"
             ) from None
-        wall, mono = self.clock.snapshot(exit.icount, floor)
-        body = p.encode_body((wall, mono, result))
+        mono_gain, wall_shift = self.clock.snapshot(exit.icount, floor)
+        body = p.encode_body((mono_gain, wall_shift, result))
         self._on_entry(Entry(seq, exit.icount, exit.kind, exit.digest, body))
         return body
 
@@ -172,7 +192,7 @@ class WorldAnswers:
             return await self.front.resolve(*args), 0
         raise GuestFailure(f"unknown exit kind {kind}")
 
-    async def _wait(self, exit: Exit) -> tuple[list[Any], int]:
+    async def _wait(self, exit: Exit) -> tuple[tuple[bytes, bytes, list[Any]], int]:
         timeout_ns, readable, writable, pressured = exit.args
         started = self.clock.virtual_mono(exit.icount)
         deadline = math.inf if timeout_ns < 0 else trio.current_time() + timeout_ns / 1e9
@@ -187,10 +207,11 @@ class WorldAnswers:
                 break
             with trio.move_on_at(deadline):
                 await self._doorbell.wait()
-        events: list[Any] = [(p.EV_SIGNAL, s) for s in self._signals]
-        self._signals.clear()
-        events += self.front.collect(readable, writable, pressured)
-        return events, (started + timeout_ns if timed_out else 0)
+        index, blob, events = self.front.collect(readable, writable, pressured)
+        if self._signals:
+            events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]
+            self._signals.clear()
+        return (index, blob, events), (started + timeout_ns if timed_out else 0)
 
     def apply_output(self, message: tuple[Any, ...]) -> None:
         """Put one guest output on the real network."""

@@ -35,18 +35,22 @@ class LogBuilder:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.seq = 0
+        self.clock = p.GuestClock(1000)
 
     def wall_ns(self, seq: int) -> int:
         return WALL_START_NS + seq * WALL_STEP_NS
 
     def entry(self, kind: int, result: Any, *, reply: bytes | None = None) -> int:
         self.seq += 1
-        body = reply or p.encode_body((self.wall_ns(self.seq), self.seq * 1000, result))
-        self.records.append(Entry(self.seq, self.seq * 10, kind, 0, body))
+        icount = self.seq * 10
+        if reply is None:
+            deltas = self.clock.deltas_to(icount, self.seq * 1000, self.wall_ns(self.seq))
+            reply = p.encode_body((*deltas, result))
+        self.records.append(Entry(self.seq, icount, kind, 0, reply))
         return self.seq
 
     def wait(self, *events: tuple[Any, ...]) -> int:
-        return self.entry(p.KIND_WAIT, list(events))
+        return self.entry(p.KIND_WAIT, p.wait_result(events))
 
     def output(self, op: int, sock: int, data: bytes = b"", extra: Any = None) -> None:
         self.records.append(Output(self.seq, op, sock, data, extra))

@@ -260,13 +260,17 @@ class SocketFront:
                 return True
         return False
 
-    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
-        """Take every ready event for these sockets, in a deterministic order."""
+    def collect(
+        self, readable: list[int], writable: list[int], pressured: list[int]
+    ) -> tuple[bytes, bytes, list[Any]]:
+        """Take every ready event for these sockets, in a deterministic order:
+        a wait result, stream input packed apart (see ``protocol.pack_data``)."""
+        chunks: list[tuple[int, bytes]] = []
         events: list[Any] = []
         for sid in readable:
             stream = self._streams.get(sid)
             if stream is not None:
-                self._collect_stream_input(sid, stream, events)
+                self._collect_stream_input(sid, stream, chunks, events)
                 continue
             listener = self._listeners.get(sid)
             if listener is not None:
@@ -290,13 +294,16 @@ class SocketFront:
             if stream.reset and not stream.reset_reported:
                 stream.reset_reported = True
                 events.append((p.EV_RESET, sid, stream.reset))
-        return events
+        index, blob = p.pack_data(chunks)
+        return index, blob, events
 
-    def _collect_stream_input(self, sid: int, stream: _Stream, events: list[Any]) -> None:
+    def _collect_stream_input(
+        self, sid: int, stream: _Stream, chunks: list[tuple[int, bytes]], events: list[Any]
+    ) -> None:
         if stream.inbox:
             chunk = bytes(stream.inbox[: p.RECV_CHUNK])
             del stream.inbox[: p.RECV_CHUNK]
-            events.append((p.EV_DATA, sid, chunk))
+            chunks.append((sid, chunk))
             self.input_bytes += len(chunk)
             stream.room.ring()
         elif stream.reset and not stream.reset_reported:

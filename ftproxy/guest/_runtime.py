@@ -4,9 +4,10 @@ Every call into a virtual device calls ``tick()``: the instruction counter
 (icount) advances by one and virtual time by a fixed step. The guest leaves for
 its supervisor (an *exit*) only when it would block, or after ``exit_every``
 device calls so that input is never starved. An exit sends the outputs buffered
-since the last one plus the request, and waits for the reply, which carries a
-clock snapshot and, for a wait, every ready event at once. This code runs the
-same way whether the supervisor records or replays: it never knows which.
+since the last one plus the request, and waits for the reply, which brings the
+virtual clock up to real time and, for a wait, carries every ready event at
+once. This code runs the same way whether the supervisor records or replays:
+it never knows which.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class GuestSocket(Protocol):
 
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
+_iter_data_index = p.DATA_INDEX.iter_unpack
 # Taken before the devices are installed: os._exit becomes a flushing wrapper.
 _real_exit = os._exit
 
@@ -69,8 +71,10 @@ class Runtime:
         self._since_exit = 0
         self.exit_every: int = p.DEFAULT_EXIT_EVERY
         self.clock_step_ns: int = p.DEFAULT_CLOCK_STEP_NS
-        self._wall_base = 0
+        # The virtual clock (protocol.GuestClock's arithmetic, inline: time.*
+        # calls it often): monotonic at the last reply, wall minus monotonic.
         self._mono_base = 0
+        self._wall_offset = 0
         self._icount_base = 0
         self._outbox: list[tuple[Any, ...]] = []
         self._outbox_bytes = 0
@@ -99,7 +103,7 @@ class Runtime:
         return self._mono_base + (self.icount - self._icount_base) * self.clock_step_ns
 
     def wall_ns(self) -> int:
-        return self._wall_base + (self.icount - self._icount_base) * self.clock_step_ns
+        return self.mono_ns() + self._wall_offset
 
     def allocate_fd(self) -> int:
         fd = self._next_fd
@@ -148,9 +152,9 @@ class Runtime:
         self._since_exit = 0
         if reply[0] is None:
             self._halt(reply[1])
-        wall_ns, mono_ns, result = reply
-        self._wall_base = wall_ns
-        self._mono_base = mono_ns
+        mono_gain, wall_shift, result = reply
+        self._mono_base = self.mono_ns() + mono_gain
+        self._wall_offset += wall_shift
         self._icount_base = self.icount
         return result
 
@@ -180,13 +184,22 @@ class Runtime:
         self._exit_wait(0, want_in, want_out)
 
     def _exit_wait(self, timeout: int, want_in: list[int], want_out: list[int]) -> None:
-        events = self.exit(p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured)))
+        index, blob, events = self.exit(
+            p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured))
+        )
+        sockets = self.sockets
+        offset = 0
+        for sid, length in _iter_data_index(index):
+            sock = sockets.get(sid)
+            if sock is not None:
+                sock._on_event((p.EV_DATA, sid, blob[offset : offset + length]))
+            offset += length
         signals = self._pending_signals
         for event in events:
             if event[0] == p.EV_SIGNAL:
                 signals.append(event[1])
                 continue
-            sock = self.sockets.get(event[1])
+            sock = sockets.get(event[1])
             if sock is not None:
                 sock._on_event(event)
         if signals:
