@@ -92,9 +92,13 @@ class Backup(ReplicaShell):
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
         if self.world is not None:
-            self.world.apply_output(message)
+            self.world.output_later(message)
         elif message[0] == p.OP_CLOSE:
             self._bound.pop(message[1], None)
+
+    def flush(self) -> None:
+        if self.world is not None:
+            self.world.flush_outputs()
 
     def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
         """Follow what go-live needs from a replayed entry: the clock, bound addresses."""

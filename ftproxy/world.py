@@ -4,7 +4,7 @@ Record mode (``ftproxy.record``), a primary (``ftproxy.primary``) and a backup
 gone live (``ftproxy.backup``) all answer their guest's exits this way; each
 answer becomes a log entry through ``on_entry``. What happens to outputs (logged,
 gated by the output rule) is the caller's business; ``apply_output`` puts one
-on the wire.
+on the wire, ``output_later`` once the guest runs again (``flush_outputs``).
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ class WorldAnswers:
         self.clock = WorldClock(policy)
         self._input_allowed = input_allowed
         self._signals: list[int] = []
+        self._unsent: list[tuple[Any, ...]] = []
 
     def deliver_signal(self, signum: int) -> None:
         """Hand ``signum`` to the guest at its next wait."""
@@ -187,8 +188,10 @@ class WorldAnswers:
         if kind == p.KIND_LISTEN:
             return self.front.listen(*args), 0
         if kind == p.KIND_CONNECT:
+            self.flush_outputs()  # it may take a while: nothing waits behind it
             return await self.front.connect(*args), 0
         if kind == p.KIND_RESOLVE:
+            self.flush_outputs()
             return await self.front.resolve(*args), 0
         raise GuestFailure(f"unknown exit kind {kind}")
 
@@ -205,6 +208,7 @@ class WorldAnswers:
             if trio.current_time() >= deadline:
                 timed_out = True
                 break
+            self.flush_outputs()  # a reply the client waits for may be what it waits on
             with trio.move_on_at(deadline):
                 await self._doorbell.wait()
         index, blob, events = self.front.collect(readable, writable, pressured)
@@ -213,8 +217,30 @@ class WorldAnswers:
             self._signals.clear()
         return (index, blob, events), (started + timeout_ns if timed_out else 0)
 
+    def output_later(self, message: tuple[Any, ...]) -> None:
+        """Put one guest output on the real network once the guest runs again.
+
+        The outputs of a frame come before its exit, but the guest waits for
+        the reply to that exit, not for them: answering first and sending
+        while the guest computes lets the two processes work at once. Whoever
+        answers the guest calls ``flush_outputs`` after replying, and before
+        anything that can block (a wait for input, connect, flow control).
+        """
+        self._unsent.append(message)
+
+    def flush_outputs(self) -> None:
+        """Put every output held by ``output_later`` on the network, in order."""
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            for message in unsent:
+                self._apply(message)
+
     def apply_output(self, message: tuple[Any, ...]) -> None:
-        """Put one guest output on the real network."""
+        """Put one guest output on the real network now (after any held back)."""
+        self.flush_outputs()
+        self._apply(message)
+
+    def _apply(self, message: tuple[Any, ...]) -> None:
         op = message[0]
         if op == p.OP_SEND:
             self.front.send(message[1], message[2])
