@@ -202,15 +202,16 @@ class WorldAnswers:
         timed_out = False
         # Flow control: while the backup lags too far, the guest gets no new input.
         await self._input_allowed()
-        while not (self._signals or self.front.ready(readable, writable)):
-            if timeout_ns == 0:
+        front = self.front
+        while True:
+            front.pump()
+            if self._signals or front.ready(readable, writable) or timeout_ns == 0:
                 break
             if trio.current_time() >= deadline:
                 timed_out = True
                 break
             self.flush_outputs()  # a reply the client waits for may be what it waits on
-            with trio.move_on_at(deadline):
-                await self._doorbell.wait()
+            await self._doorbell.wait_readable(front.input_fd, deadline)
         index, blob, events = self.front.collect(readable, writable, pressured)
         if self._signals:
             events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]
