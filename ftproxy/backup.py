@@ -103,9 +103,9 @@ class Backup(ReplicaShell):
     def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
         """Follow what go-live needs from a replayed entry: the clock, bound addresses."""
         try:
-            mono_gain, wall_shift, result = p.decode_body(entry.reply)
-        except (p.ProtocolError, ValueError, TypeError):
-            raise GuestFailure(f"entry {entry.seq} holds no reply: {entry.reply[:40]!r}") from None
+            mono_gain, wall_shift, result = p.split_reply(p.decode_body(entry.reply))
+        except p.ProtocolError as exc:
+            raise GuestFailure(f"entry {entry.seq} holds no reply: {exc}") from None
         self._clock.apply(entry.icount, mono_gain, wall_shift)
         if exit.kind == p.KIND_BIND:
             sock, family, kind, _ = exit.args

@@ -176,11 +176,12 @@ def decode_reply(entry: Entry, clock: p.GuestClock) -> Reply:
         value = p.decode_body(entry.reply)
     except p.ProtocolError as exc:
         raise UndecodableReply(str(exc)) from None
-    if not (
-        isinstance(value, tuple) and len(value) == 3 and _is_int(value[0]) and _is_int(value[1])
-    ):
-        raise UndecodableReply(f"not a (mono_gain, wall_shift, result) reply: {_short_repr(value)}")
-    mono_gain, wall_shift, result = value
+    try:
+        mono_gain, wall_shift, result = p.split_reply(value)
+    except p.ProtocolError:
+        raise UndecodableReply(
+            f"not a (mono_gain, result[, wall_shift]) reply: {_short_repr(value)}"
+        ) from None
     clock.apply(entry.icount, mono_gain, wall_shift)
     if entry.kind == p.KIND_WAIT:
         try:

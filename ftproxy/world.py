@@ -166,7 +166,7 @@ class WorldAnswers:
                 f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}"
             ) from None
         mono_gain, wall_shift = self.clock.snapshot(exit.icount, floor)
-        body = p.encode_body((mono_gain, wall_shift, result))
+        body = p.encode_reply(mono_gain, wall_shift, result)
         self._on_entry(Entry(seq, exit.icount, exit.kind, exit.digest, body))
         return body
 
@@ -195,7 +195,7 @@ class WorldAnswers:
             return await self.front.resolve(*args), 0
         raise GuestFailure(f"unknown exit kind {kind}")
 
-    async def _wait(self, exit: Exit) -> tuple[tuple[bytes, bytes, list[Any]], int]:
+    async def _wait(self, exit: Exit) -> tuple[tuple[bytes, bytes, list[Any] | None], int]:
         timeout_ns, readable, writable, pressured = exit.args
         started = self.clock.virtual_mono(exit.icount)
         deadline = math.inf if timeout_ns < 0 else trio.current_time() + timeout_ns / 1e9
@@ -216,7 +216,7 @@ class WorldAnswers:
         if self._signals:
             events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]
             self._signals.clear()
-        return (index, blob, events), (started + timeout_ns if timed_out else 0)
+        return (index, blob, events or None), (started + timeout_ns if timed_out else 0)
 
     def output_later(self, message: tuple[Any, ...]) -> None:
         """Put one guest output on the real network once the guest runs again.

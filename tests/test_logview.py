@@ -39,7 +39,7 @@ class LogBuilder:
         if reply is None:
             wall_ns = WALL_START_NS + self.seq * 1_000
             mono_ns = self.seq * MONO_STEP_NS
-            reply = p.encode_body((*self.clock.deltas_to(icount, mono_ns, wall_ns), result))
+            reply = p.encode_reply(*self.clock.deltas_to(icount, mono_ns, wall_ns), result)
         self.records.append(Entry(self.seq, icount, kind, 0, reply))
         return self.seq
 
@@ -203,12 +203,12 @@ def test_bind_then_connect_is_one_socket(tmp_path: Path) -> None:
         b"\xffgarbage",
         b"",
         p.encode_body("not a reply"),
-        p.encode_body((1, 2, (b"", b"", [(p.EV_DATA, FIRST_CONN)]))),  # data missing
-        p.encode_body((1, 2, (b"", b"", [(99, FIRST_CONN)]))),  # an unknown event
-        p.encode_body((1, 2, (p.DATA_INDEX.pack(FIRST_CONN, 5), b"abc", []))),  # short blob
-        p.encode_body((1, 2, (b"\0" * 3, b"", []))),  # a partial index entry
-        p.encode_body((1, 2, [(p.EV_DATA, FIRST_CONN, b"x")])),  # format version 1's events
-        p.encode_body((1_714_564_801_000_000_000, 1, [])),  # a version 1 clock, and events
+        p.encode_body((1, (b"", b"", [(p.EV_DATA, FIRST_CONN)]))),  # data missing
+        p.encode_body((1, (b"", b"", [(99, FIRST_CONN)]))),  # an unknown event
+        p.encode_body((1, (p.DATA_INDEX.pack(FIRST_CONN, 5), b"abc", None))),  # short blob
+        p.encode_body((1, (b"\0" * 3, b"", None))),  # a partial index entry
+        p.encode_body((1, (b"", b"", None), "2")),  # a wall shift that is no int
+        p.encode_body((1, 2, [(p.EV_DATA, FIRST_CONN, b"x")])),  # format version 1's
     ],
 )
 def test_undecodable_reply_is_shown_not_raised(tmp_path: Path, reply: bytes) -> None:

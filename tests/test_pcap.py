@@ -45,7 +45,7 @@ class LogBuilder:
         icount = self.seq * 10
         if reply is None:
             deltas = self.clock.deltas_to(icount, self.seq * 1000, self.wall_ns(self.seq))
-            reply = p.encode_body((*deltas, result))
+            reply = p.encode_reply(*deltas, result)
         self.records.append(Entry(self.seq, icount, kind, 0, reply))
         return self.seq
 
@@ -249,7 +249,8 @@ def test_large_data_is_split_into_segments(tmp_path: Path) -> None:
     big_out = b"x" * (MAX_SEGMENT + 1)
     log = LogBuilder()
     log.accept(CONN)
-    log.wait((p.EV_DATA, CONN, big_in))
+    pieces = range(0, len(big_in), MAX_SEGMENT)  # at most RECV_CHUNK each, as the front does
+    log.wait(*((p.EV_DATA, CONN, big_in[at : at + MAX_SEGMENT]) for at in pieces))
     log.output(p.OP_SEND, CONN, big_out)
     _, packets = export(log, tmp_path)
     flows = tcp_directions(packets)

@@ -152,11 +152,11 @@ class Runtime:
         self._since_exit = 0
         if reply[0] is None:
             self._halt(reply[1])
-        mono_gain, wall_shift, result = reply
-        self._mono_base = self.mono_ns() + mono_gain
-        self._wall_offset += wall_shift
+        self._mono_base = self.mono_ns() + reply[0]
+        if len(reply) == 3:
+            self._wall_offset += reply[2]
         self._icount_base = self.icount
-        return result
+        return reply[1]
 
     def boot(self) -> tuple[bytes, int, str]:
         """The first exit: learn the pinned policy; return (seed, pid, hostname)."""
@@ -194,6 +194,8 @@ class Runtime:
             if sock is not None:
                 sock._on_event((p.EV_DATA, sid, blob[offset : offset + length]))
             offset += length
+        if not events:
+            return
         signals = self._pending_signals
         for event in events:
             if event[0] == p.EV_SIGNAL:

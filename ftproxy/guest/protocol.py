@@ -21,25 +21,28 @@ reply the guest consumed, so outputs carry no seq themselves.
 
 Supervisor -> guest: one frame per exit request, the reply
 
-    (mono_gain, wall_shift, result)         # result depends on the exit kind
+    (mono_gain, result)                     # result depends on the exit kind
+    (mono_gain, result, wall_shift)         # the same, and the wall clock moves
     (None, reason)                          # halt: send OP_STACK, then exit
 
-The clock travels as small deltas, which marshal writes as 5-byte ints, where
-absolute nanoseconds would take 11-15 bytes in every log entry. Both ends know
-the guest's virtual clock: between exits its monotonic clock advances
-``clock_step_ns`` per device call, and its wall clock is the monotonic clock
-plus an offset. At an exit at ``icount``, the reply moves the monotonic clock
-``mono_gain`` ns beyond that virtual value (real time passed while the guest
-computed or waited) and changes the wall offset by ``wall_shift`` ns (0 unless
-the host's wall clock moved away from it, see ``ftproxy.world.WorldClock``).
-``GuestClock`` is that arithmetic; the guest runtime does the same inline.
-The values are exact at any size (marshal writes big ints as longs); the first
-reply carries the whole host clock, as gains from zero.
+Every reply is logged, so every byte of one counts. The clock travels as small
+deltas, which marshal writes as 5-byte ints, where absolute nanoseconds would
+take 11-15 bytes. Both ends know the guest's virtual clock: between exits its
+monotonic clock advances ``clock_step_ns`` per device call, and its wall clock
+is the monotonic clock plus an offset. At an exit at ``icount``, the reply
+moves the monotonic clock ``mono_gain`` ns beyond that virtual value (real
+time passed while the guest computed or waited) and, only when the host's wall
+clock moved away from the guest's (see ``ftproxy.world.WorldClock``), changes
+the wall offset by ``wall_shift`` ns. ``GuestClock`` is that arithmetic; the
+guest runtime does the same inline. The values are exact at any size (marshal
+writes big ints as longs); the first reply carries the whole host clock, as
+gains from zero. ``encode_reply`` and ``split_reply`` build and take apart
+replies for the supervisor's side.
 
 Exit kinds, their args and results:
 
     KIND_BOOT     ()                                  -> (seed, pid, exit_every, clock_step_ns)
-    KIND_WAIT     (timeout_ns, readable, writable, pressured) -> (index, blob, [event, ...])
+    KIND_WAIT     (timeout_ns, readable, writable, pressured) -> (index, blob, events)
     KIND_BIND     (sock, family, type, addr)          -> (errno, addr)
     KIND_LISTEN   (sock, backlog)                     -> errno
     KIND_CONNECT  (sock, family, addr, timeout_ns)    -> (errno, local_addr, peer_addr)
@@ -53,10 +56,11 @@ whose buffer is past half full (their progress is reported but does not wake).
 A wait's result carries stream input apart from the other events, because it
 is most of a log's bytes and a marshal tuple per chunk would cost 20 bytes of
 framing (a 59-byte SET would log as 79): ``index`` packs one ``DATA_INDEX``
-(conn, length) pair per chunk, 8 bytes, and ``blob`` is the chunks end to end,
+(conn, length) pair per chunk, 6 bytes, and ``blob`` is the chunks end to end,
 in that order. Every chunk is an ``EV_DATA`` event for its conn, delivered
 before the other events (``unpack_data`` and ``wait_events`` give them back as
-event tuples). The other events:
+event tuples). ``events`` is a list of the other events, or None when there
+are none:
 
     (EV_ACCEPT, listener, conn, peer_addr, local_addr)
     (EV_DATA, conn, data)                   # only as unpacked from index and blob
@@ -150,10 +154,11 @@ DEFAULT_CLOCK_STEP_NS: Final = 1000
 # The guest's virtual send buffer per stream socket: bounded so that
 # asyncio's drain() waits when the supervisor cannot write fast enough.
 SEND_BUFFER: Final = 256 * 1024
-# The most input a single event hands the guest for one socket.
-RECV_CHUNK: Final = 64 * 1024
 # One stream input chunk in a wait result's index: (conn, length).
-DATA_INDEX: Final = struct.Struct("<II")
+DATA_INDEX: Final = struct.Struct("<IH")
+# The most input a single event hands the guest for one socket: what the
+# index's 16-bit length holds.
+RECV_CHUNK: Final = 0xFFFF
 
 
 class ProtocolError(Exception):
@@ -225,6 +230,24 @@ class GuestClock:
         return mono_gain, wall_shift
 
 
+def encode_reply(mono_gain: int, wall_shift: int, result: Any) -> bytes:
+    """A reply body: the wall shift is left out when it is 0 (nearly always)."""
+    if wall_shift:
+        return marshal.dumps((mono_gain, result, wall_shift), MARSHAL_VERSION)
+    return marshal.dumps((mono_gain, result), MARSHAL_VERSION)
+
+
+def split_reply(value: Any) -> tuple[int, int, Any]:
+    """A decoded reply's (mono_gain, wall_shift, result); ProtocolError if it is not one."""
+    if (
+        isinstance(value, tuple)
+        and len(value) in (2, 3)
+        and all(isinstance(part, int) and not isinstance(part, bool) for part in value[::2])
+    ):
+        return value[0], (value[2] if len(value) == 3 else 0), value[1]
+    raise ProtocolError(f"not a (mono_gain, result[, wall_shift]) reply: {value!r:.80}")
+
+
 def pack_data(chunks: Sequence[tuple[int, bytes]]) -> tuple[bytes, bytes]:
     """A wait result's (index, blob) for these (conn, data) chunks, in order."""
     index = b"".join([DATA_INDEX.pack(conn, len(data)) for conn, data in chunks])
@@ -245,11 +268,13 @@ def unpack_data(index: bytes, blob: bytes) -> list[tuple[int, bytes]]:
     return chunks
 
 
-def wait_result(events: Sequence[tuple[Any, ...]]) -> tuple[bytes, bytes, list[tuple[Any, ...]]]:
+def wait_result(
+    events: Sequence[tuple[Any, ...]],
+) -> tuple[bytes, bytes, list[tuple[Any, ...]] | None]:
     """The wire form of a wait result given as event tuples (EV_DATA ones packed)."""
     chunks = [(event[1], event[2]) for event in events if event[0] == EV_DATA]
     index, blob = pack_data(chunks)
-    return index, blob, [event for event in events if event[0] != EV_DATA]
+    return index, blob, [event for event in events if event[0] != EV_DATA] or None
 
 
 def wait_events(result: Any) -> list[tuple[Any, ...]]:
@@ -260,7 +285,9 @@ def wait_events(result: Any) -> list[tuple[Any, ...]]:
     index, blob, others = result
     if not (isinstance(index, bytes) and isinstance(blob, bytes)):
         raise ProtocolError("a wait result's index and blob are bytes")
+    if others is None:
+        others = []
     if not isinstance(others, list | tuple):
-        raise ProtocolError("a wait result's events are a list")
+        raise ProtocolError("a wait result's events are a list or None")
     data = [(EV_DATA, conn, chunk) for conn, chunk in unpack_data(index, blob)]
     return [*data, *others]
