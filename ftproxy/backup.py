@@ -61,6 +61,7 @@ class Backup(ReplicaShell):
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
+        self._acked = (0, 0)  # the (received, replayed) the last ack said
         # The guest's clock as the replayed replies set it: a live guest's
         # clock continues from there (replies carry deltas, not absolutes).
         self._clock = p.GuestClock(welcome.header.policy.clock_step_ns)
@@ -132,7 +133,10 @@ class Backup(ReplicaShell):
                     self._entries.extend(event.entries)
                     self.replica.entries_received(event.entries[-1].seq, now)
                     self._arrived.ring()
-                    self._ack_due.ring()
+                    # Acked from here, not by waking send_acks: the primary's
+                    # held outputs wait for this, one task wake-up sooner.
+                    if not await self._ack():
+                        return
                 else:
                     self.replica.heard(now)
             elif isinstance(event, Heartbeat):
@@ -141,24 +145,40 @@ class Backup(ReplicaShell):
                 self.lose_peer("the primary closed the log channel")
                 return
 
+    async def _ack(self) -> bool:
+        """Say what is received and replayed, unless the last ack said it; False if the
+        channel broke."""
+        current = (self.replica.received, self.replica.replayed)
+        if current == self._acked:
+            return True
+        return await self._send(Ack(*current), current)
+
+    async def _send(self, message: Ack | Heartbeat, state: tuple[int, int]) -> bool:
+        try:
+            await self.joined.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.lose_peer("the log channel broke while sending")
+            return False
+        # Both tasks send: one may have said more meanwhile (both counts only grow).
+        self._acked = (max(self._acked[0], state[0]), max(self._acked[1], state[1]))
+        self.replica.sent(trio.current_time())
+        return True
+
     async def send_acks(self) -> None:
-        """Acknowledge on receipt (coalesced), and heartbeat when there is nothing to say."""
-        sent = (0, 0)
+        """Acknowledge replay progress (coalesced), and heartbeat when there is nothing
+        to say. Receipt is acknowledged by ``receive`` itself."""
         timing = self.options.timing
         while True:
-            current = (self.replica.received, self.replica.replayed)
-            if current == sent:
+            if (self.replica.received, self.replica.replayed) == self._acked:
                 with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
                     await self._ack_due.wait()
-                current = (self.replica.received, self.replica.replayed)
-            message: Ack | Heartbeat = Ack(*current) if current != sent else Heartbeat()
-            try:
-                await self.joined.send(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.lose_peer("the log channel broke while sending")
+            current = (self.replica.received, self.replica.replayed)
+            if current != self._acked:
+                sent = await self._send(Ack(*current), current)
+            else:
+                sent = await self._send(Heartbeat(), current)
+            if not sent:
                 return
-            sent = current
-            self.replica.sent(trio.current_time())
 
     @property
     def joined(self) -> LogLink:
