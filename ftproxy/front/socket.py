@@ -283,7 +283,6 @@ class SocketFront:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._unpoll(stream)
             self._fail(stream, exc.errno or errno.ECONNRESET)
             return
         if not data:
