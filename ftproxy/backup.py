@@ -63,7 +63,10 @@ class Backup(ReplicaShell):
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
-        self._last: Entry | None = None
+        self._acked = (0, 0)  # the (received, replayed) the last ack said
+        # The guest's clock as the replayed replies set it: a live guest's
+        # clock continues from there (replies carry deltas, not absolutes).
+        self._clock = p.GuestClock(welcome.header.policy.clock_step_ns)
         # The guest's bound sockets, to bind for real at go-live:
         # sock -> [family, type, guest address, backlog or None]
         self._bound: dict[int, list[Any]] = {}
@@ -81,8 +84,7 @@ class Backup(ReplicaShell):
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
-                self._track_binds(exit, entry)
-                self._last = entry
+                self._track_clock_and_binds(exit, entry)
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
                 return entry.reply
@@ -93,19 +95,29 @@ class Backup(ReplicaShell):
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
         if self.world is not None:
-            self.world.apply_output(message)
+            self.world.output_later(message)
         elif message[0] == p.OP_CLOSE:
             self._bound.pop(message[1], None)
 
-    def _track_binds(self, exit: Exit, entry: Entry) -> None:
+    def flush(self) -> None:
+        if self.world is not None:
+            self.world.flush_outputs()
+
+    def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
+        """Follow what go-live needs from a replayed entry: the clock, bound addresses."""
+        try:
+            mono_gain, wall_shift, result = p.split_reply(p.decode_body(entry.reply))
+        except p.ProtocolError as exc:
+            raise GuestFailure(f"entry {entry.seq} holds no reply: {exc}") from None
+        self._clock.apply(entry.icount, mono_gain, wall_shift)
         if exit.kind == p.KIND_BIND:
             sock, family, kind, _ = exit.args
-            code, address = p.decode_body(entry.reply)[2][:2]
+            code, address = result[:2]
             if code == 0:
                 self._bound[sock] = [family, kind, tuple(address), None]
         elif exit.kind == p.KIND_LISTEN:
             sock, backlog = exit.args
-            if sock in self._bound and p.decode_body(entry.reply)[2] == 0:
+            if sock in self._bound and result == 0:
                 self._bound[sock][3] = backlog
 
     # -- the log channel --------------------------------------------------------
@@ -123,7 +135,10 @@ class Backup(ReplicaShell):
                     self._entries.extend(event.entries)
                     self.replica.entries_received(event.entries[-1].seq, now)
                     self._arrived.ring()
-                    self._ack_due.ring()
+                    # Acked from here, not by waking send_acks: the primary's
+                    # held outputs wait for this, one task wake-up sooner.
+                    if not await self._ack():
+                        return
                 else:
                     self.replica.heard(now)
             elif isinstance(event, Heartbeat):
@@ -132,24 +147,40 @@ class Backup(ReplicaShell):
                 self.lose_peer("the primary closed the log channel")
                 return
 
+    async def _ack(self) -> bool:
+        """Say what is received and replayed, unless the last ack said it; False if the
+        channel broke."""
+        current = (self.replica.received, self.replica.replayed)
+        if current == self._acked:
+            return True
+        return await self._send(Ack(*current), current)
+
+    async def _send(self, message: Ack | Heartbeat, state: tuple[int, int]) -> bool:
+        try:
+            await self.joined.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.lose_peer("the log channel broke while sending")
+            return False
+        # Both tasks send: one may have said more meanwhile (both counts only grow).
+        self._acked = (max(self._acked[0], state[0]), max(self._acked[1], state[1]))
+        self.replica.sent(trio.current_time())
+        return True
+
     async def send_acks(self) -> None:
-        """Acknowledge on receipt (coalesced), and heartbeat when there is nothing to say."""
-        sent = (0, 0)
+        """Acknowledge replay progress (coalesced), and heartbeat when there is nothing
+        to say. Receipt is acknowledged by ``receive`` itself."""
         timing = self.options.timing
         while True:
-            current = (self.replica.received, self.replica.replayed)
-            if current == sent:
+            if (self.replica.received, self.replica.replayed) == self._acked:
                 with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
                     await self._ack_due.wait()
-                current = (self.replica.received, self.replica.replayed)
-            message: Ack | Heartbeat = Ack(*current) if current != sent else Heartbeat()
-            try:
-                await self.joined.send(message)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.lose_peer("the log channel broke while sending")
+            current = (self.replica.received, self.replica.replayed)
+            if current != self._acked:
+                sent = await self._send(Ack(*current), current)
+            else:
+                sent = await self._send(Heartbeat(), current)
+            if not sent:
                 return
-            sent = current
-            self.replica.sent(trio.current_time())
 
     @property
     def joined(self) -> LogLink:
@@ -187,7 +218,8 @@ class Backup(ReplicaShell):
         world = WorldAnswers(
             front,
             doorbell,
-            self.options.policy,
+            # The guest runs with the primary's policy (its boot reply), whatever our flags say.
+            self.welcome.header.policy,
             self.guest_pid,
             _discard,
             # The guest may not have booted yet: its boot must name the same network.
@@ -195,9 +227,7 @@ class Backup(ReplicaShell):
         )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
-        if self._last is not None:
-            wall, mono, _ = p.decode_body(self._last.reply)
-            world.clock.continue_from(wall, mono, self._last.icount)
+        world.clock.continue_from(self._clock)
         if isinstance(front, SocketFront):
             for sock, (family, kind, address, backlog) in self._bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)

@@ -71,7 +71,8 @@ __all__ = [
     "encode_message",
 ]
 
-CHANNEL_VERSION: Final = 1
+# 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
+CHANNEL_VERSION: Final = 2
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
 

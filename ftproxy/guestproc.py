@@ -15,6 +15,12 @@ import trio
 
 from ftproxy.guest import protocol as p
 
+_READ_SIZE = 256 * 1024
+# The supervisor's loop may find the guest's next frame already there and its
+# answer ready, over and over: after this many frames read without waiting it
+# yields once, so that its other tasks (log shipping, heartbeats) still run.
+_FRAMES_BETWEEN_YIELDS = 32
+
 # personality(2) flag that turns address-space randomisation off: with it, a
 # program that orders things by id() allocates, and so orders, identically on
 # both replicas.
@@ -38,6 +44,7 @@ class GuestProcess:
         self._replies = replies
         self._requests = requests
         self._buffer = bytearray()
+        self._unyielded = 0
 
     @property
     def pid(self) -> int:
@@ -58,10 +65,7 @@ class GuestProcess:
                             f"guest frame is not a list of messages: {messages!r:.80}"
                         )
                     return messages
-            try:
-                chunk = await self._requests.receive_some(256 * 1024)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""
+            chunk = await self._read_some()
             if not chunk:
                 if self._buffer:
                     raise p.ProtocolError(
@@ -70,11 +74,47 @@ class GuestProcess:
                 return None
             self._buffer += chunk
 
+    async def _read_some(self) -> bytes:
+        """What the guest wrote since the last read; b"" once its end is closed.
+
+        The pipe is read before waiting for it (FdStream.receive_some yields to
+        the scheduler first, a full pass of trio's loop per frame), and the
+        loop is woken only when the guest has not written yet.
+        """
+        fd = self._requests.fileno()
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    self._unyielded = 0
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                self._unyielded += 1
+                if self._unyielded >= _FRAMES_BETWEEN_YIELDS:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                return chunk
+        except (OSError, trio.ClosedResourceError):
+            return b""  # EBADF after aclose(), or the pipe broke: the guest is gone
+
     async def reply(self, body: bytes) -> None:
-        """Send one reply body (the framing is added here)."""
-        # A guest that is gone shows as the end of receive(); nothing to do here.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._replies.send_all(p.LENGTH.pack(len(body)) + body)
+        """Send one reply body (the framing is added here).
+
+        Written at once when the pipe has room, which it nearly always has (the
+        guest reads every reply before it asks again): trio's send_all would
+        first yield a pass of its loop.
+        """
+        frame = p.LENGTH.pack(len(body)) + body
+        try:
+            written = os.write(self._replies.fileno(), frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # a guest that is gone shows as the end of receive()
+        if written < len(frame):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._replies.send_all(frame[written:])
 
     def kill(self) -> None:
         if self.process.returncode is None:

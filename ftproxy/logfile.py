@@ -103,7 +103,8 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Record]]:
         newer = "a newer" if version > FORMAT_VERSION else "an older"
         raise LogVersionError(
             f"{name}: log format version {version} was written by {newer} ftproxy; "
-            f"this one reads version {FORMAT_VERSION}"
+            f"this one reads version {FORMAT_VERSION} only (replies changed meaning between "
+            "versions): replay or show it with the ftproxy that recorded it"
         )
     view = memoryview(data)
     offset = prefix

@@ -183,8 +183,14 @@ def kind_name(kind: int) -> str:
     return p.KIND_NAMES.get(kind, f"kind{kind}")
 
 
-def decode_reply(entry: Entry) -> Reply:
+def decode_reply(entry: Entry, clock: p.GuestClock) -> Reply:
     """Decode ``entry.reply`` and check that its result fits the entry's kind.
+
+    ``clock`` is the guest's clock as the replies before this one set it; the
+    reply's clock deltas are applied to it (as soon as they decode, so that one
+    bad result does not shift the times of the replies after it), and the
+    Reply has the absolute times. A wait's result comes as a list of event
+    tuples, its data chunks unpacked (``protocol.wait_events``).
 
     Raise UndecodableReply when it does not, so that callers can trust the shape
     of what they get (events are tuples of the documented arity and types).
@@ -193,24 +199,36 @@ def decode_reply(entry: Entry) -> Reply:
         value = p.decode_body(entry.reply)
     except p.ProtocolError as exc:
         raise UndecodableReply(str(exc)) from None
-    if not (
-        isinstance(value, tuple) and len(value) == 3 and _is_int(value[0]) and _is_int(value[1])
-    ):
-        raise UndecodableReply(f"not a (wall_ns, mono_ns, result) reply: {_short_repr(value)}")
-    wall_ns, mono_ns, result = value
+    try:
+        mono_gain, wall_shift, result = p.split_reply(value)
+    except p.ProtocolError:
+        raise UndecodableReply(
+            f"not a (mono_gain, result[, wall_shift]) reply: {_short_repr(value)}"
+        ) from None
+    clock.apply(entry.icount, mono_gain, wall_shift)
+    if entry.kind == p.KIND_WAIT:
+        try:
+            result = p.wait_events(result)
+        except p.ProtocolError as exc:
+            raise UndecodableReply(f"not a wait result ({exc}): {_short_repr(result)}") from None
     check = _RESULT_CHECKS.get(entry.kind)
     if check is not None and not check(result):
         raise UndecodableReply(f"not a {kind_name(entry.kind)} result: {_short_repr(result)}")
-    return Reply(wall_ns, mono_ns, result)
+    return Reply(clock.wall_at(entry.icount), clock.mono_ns, result)
 
 
-def decode_replies(records: Sequence[Record]) -> dict[int, Reply]:
-    """The replies of all entries that decode, by the entry's index in ``records``."""
+def decode_replies(records: Sequence[Record], clock_step_ns: int) -> dict[int, Reply]:
+    """The replies of all entries that decode, by the entry's index in ``records``.
+
+    Replies carry clock deltas: times are exact from the start of a log, and
+    after an undecodable reply they miss what its deltas would have added.
+    """
+    clock = p.GuestClock(clock_step_ns)
     replies: dict[int, Reply] = {}
     for index, record in enumerate(records):
         if isinstance(record, Entry):
             try:
-                replies[index] = decode_reply(record)
+                replies[index] = decode_reply(record, clock)
             except UndecodableReply:
                 continue
     return replies
@@ -893,7 +911,7 @@ def describe_log(contents: LogContents, *, data_preview: int = 32) -> Iterator[s
 
     ``data_preview`` is how many bytes of each payload to show (0: sizes only).
     """
-    replies = decode_replies(contents.records)
+    replies = decode_replies(contents.records, contents.header.policy.clock_step_ns)
     sockets = map_guest_sockets(contents.records, replies)
     columns = _EntryColumns.fit(contents.records)
     yield from describe_header(contents)
@@ -925,7 +943,7 @@ def describe_log(contents: LogContents, *, data_preview: int = 32) -> Iterator[s
 
 def _undecodable_reason(entry: Entry) -> str:
     try:
-        decode_reply(entry)
+        decode_reply(entry, p.GuestClock(0))
     except UndecodableReply as exc:
         return str(exc)
     return "it decodes"  # not reached: only entries that failed to decode get here
@@ -972,7 +990,7 @@ def log_summary(contents: LogContents) -> dict[str, object]:
     """Totals of a log as a JSON-ready dict: counts per exit kind, event and output op,
     client input bytes (EV_DATA and EV_DGRAM payloads), output bytes (all but frames),
     frames and their bytes each way (packet mode), and sizes."""
-    replies = decode_replies(contents.records)
+    replies = decode_replies(contents.records, contents.header.policy.clock_step_ns)
     kinds: Counter[str] = Counter()
     events: Counter[str] = Counter()
     ops: Counter[str] = Counter()

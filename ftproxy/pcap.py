@@ -423,7 +423,7 @@ def export_pcap(contents: LogContents, path: str | os.PathLike[str]) -> PcapStat
 
     Entries whose reply does not decode are skipped.
     """
-    replies = decode_replies(contents.records)
+    replies = decode_replies(contents.records, contents.header.policy.clock_step_ns)
     writer = PcapWriter(os.fspath(path), linktype=LINKTYPE_ETHERNET, endianness="<")
     try:
         writer.write_header(None)  # an empty log still makes a valid, empty capture

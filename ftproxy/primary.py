@@ -66,10 +66,14 @@ class Primary(ReplicaShell):
         assert self.world is not None
         self.board.counters["outputs_total"] += 1
         if not self.options.output_rule:
-            self.world.apply_output(message)
+            self.world.output_later(message)
             return
         for released in self.replica.output(seq, message):
-            self.world.apply_output(released)
+            self.world.output_later(released)
+
+    def flush(self) -> None:
+        assert self.world is not None
+        self.world.flush_outputs()
 
     def _logged(self, entry: Entry) -> None:
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
@@ -79,6 +83,8 @@ class Primary(ReplicaShell):
             self._outbox_ready.ring()
 
     async def _input_allowed(self) -> None:
+        if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
+            self.world.flush_outputs()  # held back for speed, not for the backup
         while self.replica.lag_exceeded(trio.current_time()):
             with trio.move_on_after(self.options.timing.heartbeat_s):
                 await self._acked.wait()

@@ -42,7 +42,10 @@ class RecordMode:
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self._writer.append(output_record(seq, message))
-        self.world.apply_output(message)
+        self.world.output_later(message)
+
+    def flush(self) -> None:
+        self.world.flush_outputs()
 
 
 @dataclass

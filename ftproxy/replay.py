@@ -116,6 +116,9 @@ class LogAnswers:
         self._next += 1
         self.output_bytes += len(data)
 
+    def flush(self) -> None:
+        """Replay puts nothing on a network."""
+
     def remaining(self) -> Record | None:
         return self._peek()
 

@@ -78,6 +78,11 @@ class Mode(Protocol):
         """An output the guest emitted after consuming entry ``seq``."""
         ...
 
+    def flush(self) -> None:
+        """A frame of the guest's is handled (its exit answered, if it had one):
+        outputs held back until the guest runs again go out now."""
+        ...
+
 
 class Supervisor:
     """Runs the exit/reply loop until the guest closes its pipe."""
@@ -100,6 +105,7 @@ class Supervisor:
                 return
             for message in frame:
                 await self._handle(message)
+            self.mode.flush()
 
     async def _handle(self, message: Any) -> None:
         if not isinstance(message, tuple) or not message:

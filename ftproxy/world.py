@@ -4,7 +4,7 @@ Record mode (``ftproxy.record``), a primary (``ftproxy.primary``) and a backup
 gone live (``ftproxy.backup``) all answer their guest's exits this way; each
 answer becomes a log entry through ``on_entry``. What happens to outputs (logged,
 gated by the output rule) is the caller's business; ``apply_output`` puts one
-on the wire.
+on the wire, ``output_later`` once the guest runs again (``flush_outputs``).
 
 The front is the socket front (socket mode: the supervisor terminates TCP and
 UDP for the guest) or the packet front (packet mode: the guest runs its own
@@ -101,8 +101,19 @@ class Front(Protocol):
         """Would a wait for these sockets end now?"""
         ...
 
-    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
-        """Take every ready event for these sockets."""
+    @property
+    def input_fd(self) -> int | None:
+        """A descriptor readable when input may be waiting (None: the doorbell says so)."""
+        ...
+
+    def pump(self) -> None:
+        """Read what has arrived, without blocking."""
+        ...
+
+    def collect(
+        self, readable: list[int], writable: list[int], pressured: list[int]
+    ) -> tuple[bytes, bytes, list[Any]]:
+        """Take every ready event for these sockets: (data index, data blob, other events)."""
         ...
 
     def apply(self, message: tuple[Any, ...]) -> None:
@@ -118,34 +129,55 @@ class Front(Protocol):
         ...
 
 
-class WorldClock:
-    """Clock snapshots for replies: real time, never behind the guest's virtual time.
+# How far the host's wall clock may move away from the guest's (its monotonic
+# clock plus an offset) before a reply shifts the offset. Within it, a reply
+# carries no wall-clock change at all: the two host clocks only drift apart by
+# the nanoseconds between reading them, and the guest's wall clock stays this
+# close to the host's.
+WALL_TOLERANCE_NS = 1_000_000
 
-    ``offset_ns`` shifts the host's monotonic clock, so that a backup gone live
-    continues the guest's monotonic time from where the primary left it.
+
+class WorldClock:
+    """Clock readings for replies: real time, never behind the guest's virtual time.
+
+    ``guest`` is the guest's virtual clock as the replies so far set it;
+    ``snapshot`` reads the host's clocks for the next reply and answers the
+    deltas that reply carries (see ``ftproxy.guest.protocol``). A host offset
+    shifts the host's monotonic clock, so that a backup gone live continues the
+    guest's monotonic time from where the primary left it.
     """
 
-    def __init__(self, policy: Policy, *, mono: int = 0, wall: int = 0, icount: int = 0) -> None:
-        self._step = policy.clock_step_ns
-        self._mono = mono
-        self._wall = wall
-        self._icount = icount
-        self._offset = 0
+    def __init__(self, policy: Policy) -> None:
+        self.guest = p.GuestClock(policy.clock_step_ns)
+        self._host_offset = 0
 
-    def continue_from(self, wall: int, mono: int, icount: int) -> None:
-        """Take over a guest whose last snapshot was (wall, mono) at ``icount``."""
-        self._wall, self._mono, self._icount = wall, mono, icount
-        self._offset = max(0, mono - time.monotonic_ns())
+    def continue_from(self, guest: p.GuestClock) -> None:
+        """Take over a guest whose clock the replies so far set to ``guest``."""
+        self.guest = guest
+        self._host_offset = max(0, guest.mono_ns - time.monotonic_ns())
 
     def virtual_mono(self, icount: int) -> int:
-        return self._mono + (icount - self._icount) * self._step
+        return self.guest.mono_at(icount)
 
     def snapshot(self, icount: int, floor_mono: int = 0) -> tuple[int, int]:
-        advance = (icount - self._icount) * self._step
-        mono = max(time.monotonic_ns() + self._offset, self._mono + advance, floor_mono)
-        wall = max(time.time_ns(), self._wall + advance)
-        self._mono, self._wall, self._icount = mono, wall, icount
-        return wall, mono
+        """The (mono_gain, wall_shift) of the reply to the exit at ``icount``.
+
+        Monotonic: the host's, but never behind the guest's virtual clock nor
+        ``floor_mono``. Wall: unchanged offset while the host's wall clock is
+        within WALL_TOLERANCE_NS of the guest's; else moved to the host's, and
+        never backwards (a host clock stepped back holds the guest's at its
+        virtual value until the host catches up).
+        """
+        guest = self.guest
+        virtual = guest.mono_at(icount)
+        mono = max(time.monotonic_ns() + self._host_offset, virtual, floor_mono)
+        drift = time.time_ns() - (mono + guest.wall_offset_ns)
+        wall_shift = 0
+        if not -WALL_TOLERANCE_NS <= drift <= WALL_TOLERANCE_NS:
+            wall_shift = max(drift, virtual - mono)
+        mono_gain = mono - virtual
+        guest.apply(icount, mono_gain, wall_shift)
+        return mono_gain, wall_shift
 
 
 async def _always_ready() -> None:
@@ -183,7 +215,6 @@ class WorldAnswers:
         on_entry: Callable[[Entry], None],
         *,
         network: Network | None = None,
-        clock: WorldClock | None = None,
         input_allowed: Callable[[], Awaitable[None]] = _always_ready,
     ) -> None:
         self.front = front
@@ -192,9 +223,10 @@ class WorldAnswers:
         self._policy = policy
         self._pid = guest_pid
         self._on_entry = on_entry
-        self.clock = clock or WorldClock(policy)
+        self.clock = WorldClock(policy)
         self._input_allowed = input_allowed
         self._signals: list[int] = []
+        self._unsent: list[tuple[Any, ...]] = []
 
     def deliver_signal(self, signum: int) -> None:
         """Hand ``signum`` to the guest at its next wait."""
@@ -208,8 +240,8 @@ class WorldAnswers:
             raise GuestFailure(
                 f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}"
             ) from None
-        wall, mono = self.clock.snapshot(exit.icount, floor)
-        body = p.encode_body((wall, mono, result))
+        mono_gain, wall_shift = self.clock.snapshot(exit.icount, floor)
+        body = p.encode_reply(mono_gain, wall_shift, result)
         self._on_entry(Entry(seq, exit.icount, exit.kind, exit.digest, body))
         return body
 
@@ -228,6 +260,7 @@ class WorldAnswers:
             )
             return boot, 0
         if kind == p.KIND_RESOLVE:
+            self.flush_outputs()  # it may take a while: nothing waits behind it
             return await resolve_name(*args), 0
         front = self.front
         if isinstance(front, SocketFront):
@@ -236,6 +269,7 @@ class WorldAnswers:
             if kind == p.KIND_LISTEN:
                 return front.listen(*args), 0
             if kind == p.KIND_CONNECT:
+                self.flush_outputs()
                 return await front.connect(*args), 0
         elif kind in (p.KIND_BIND, p.KIND_LISTEN, p.KIND_CONNECT):
             raise GuestFailure(
@@ -243,28 +277,62 @@ class WorldAnswers:
             )
         raise GuestFailure(f"unknown exit kind {kind}")
 
-    async def _wait(self, exit: Exit) -> tuple[list[Any], int]:
+    async def _wait(self, exit: Exit) -> tuple[tuple[bytes, bytes, list[Any] | None], int]:
         timeout_ns, readable, writable, pressured = exit.args
         started = self.clock.virtual_mono(exit.icount)
         deadline = math.inf if timeout_ns < 0 else trio.current_time() + timeout_ns / 1e9
         timed_out = False
         # Flow control: while the backup lags too far, the guest gets no new input.
         await self._input_allowed()
-        while not (self._signals or self.front.ready(readable, writable)):
-            if timeout_ns == 0:
+        front = self.front
+        while True:
+            front.pump()
+            if self._signals or front.ready(readable, writable) or timeout_ns == 0:
                 break
             if trio.current_time() >= deadline:
                 timed_out = True
                 break
-            with trio.move_on_at(deadline):
-                await self._doorbell.wait()
-        events: list[Any] = [(p.EV_SIGNAL, s) for s in self._signals]
-        self._signals.clear()
-        events += self.front.collect(readable, writable, pressured)
-        return events, (started + timeout_ns if timed_out else 0)
+            if self._unsent:
+                # A reply the client waits for may be what we wait on; and sending
+                # may ring the doorbell at once, so look again before waiting.
+                self.flush_outputs()
+                continue
+            fd = front.input_fd
+            if fd is None:
+                with trio.move_on_at(deadline):
+                    await self._doorbell.wait()
+            else:
+                await self._doorbell.wait_readable(fd, deadline)
+        index, blob, events = self.front.collect(readable, writable, pressured)
+        if self._signals:
+            events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]
+            self._signals.clear()
+        return (index, blob, events or None), (started + timeout_ns if timed_out else 0)
+
+    def output_later(self, message: tuple[Any, ...]) -> None:
+        """Put one guest output on the real network once the guest runs again.
+
+        The outputs of a frame come before its exit, but the guest waits for
+        the reply to that exit, not for them: answering first and sending
+        while the guest computes lets the two processes work at once. Whoever
+        answers the guest calls ``flush_outputs`` after replying, and before
+        anything that can block (a wait for input, connect, flow control).
+        """
+        self._unsent.append(message)
+
+    def flush_outputs(self) -> None:
+        """Put every output held by ``output_later`` on the network, in order."""
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            for message in unsent:
+                self._apply(message)
 
     def apply_output(self, message: tuple[Any, ...]) -> None:
-        """Put one guest output on the real network."""
+        """Put one guest output on the real network now (after any held back)."""
+        self.flush_outputs()
+        self._apply(message)
+
+    def _apply(self, message: tuple[Any, ...]) -> None:
         try:
             self.front.apply(message)
         except (TypeError, ValueError, IndexError) as exc:

@@ -49,11 +49,18 @@ class StackWire:
     def ready(self, readable: list[int], writable: list[int]) -> bool:
         return bool(self.inbox)
 
-    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
+    input_fd = None
+
+    def pump(self) -> None:
+        pass
+
+    def collect(
+        self, readable: list[int], writable: list[int], pressured: list[int]
+    ) -> tuple[bytes, bytes, list[Any]]:
         frames, self.inbox = self.inbox, []
         self.input_bytes += sum(map(len, frames))
         self.frames_to_guest += len(frames)
-        return [(p.EV_FRAME, frame) for frame in frames]
+        return b"", b"", [(p.EV_FRAME, frame) for frame in frames]
 
     def apply(self, message: tuple[Any, ...]) -> None:
         if message[0] != p.OP_FRAME:

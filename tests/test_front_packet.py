@@ -297,7 +297,7 @@ async def collect_until(
     frames: list[bytes] = []
     with trio.fail_after(5):
         while True:
-            for event in front.collect([], [], []):
+            for event in front.collect([], [], [])[2]:
                 assert event[0] == p.EV_FRAME
                 frames.append(event[1])
             if done(frames):
@@ -328,9 +328,9 @@ async def test_collect_hands_out_bounded_batches(veth: Veth) -> None:
         veth.inject(*(numbered(i) for i in range(600)))
         await wait_for(lambda: front.stats["frames_received"] >= 600)
         assert front.ready([], [])
-        first = front.collect([], [], [])
+        first = front.collect([], [], [])[2]
         assert len(first) == front.max_batch
-        rest = front.collect([], [], [])
+        rest = front.collect([], [], [])[2]
         assert [number_of(e[1]) for e in first + rest] == list(range(600))
 
 
@@ -446,7 +446,7 @@ async def test_drop_rate_one_drops_everything(veth: Veth) -> None:
         veth.inject(*(numbered(i) for i in range(20)))
         await wait_for(lambda: front.stats["frames_dropped_in"] >= 20)
         assert not front.ready([], [])
-        assert front.collect([], [], []) == []
+        assert front.collect([], [], [])[2] == []
         for i in range(20):
             front.send_frame(ether(CLIENT_MAC, VMAC, 0x88B5, struct.pack("!I", i) + bytes(42)))
         assert front.stats["frames_dropped_out"] == 20
@@ -464,7 +464,7 @@ async def _delivered_with_loss(veth: Veth, seed: int) -> tuple[list[int], list[i
         await wait_for(
             lambda: front.stats["frames_received"] - front.stats["frames_filtered"] >= 200
         )
-        delivered = [number_of(e[1]) for e in front.collect([], [], [])]
+        delivered = [number_of(e[1]) for e in front.collect([], [], [])[2]]
         sent_before = front.stats["frames_sent"]
         outgoing = [
             ether(CLIENT_MAC, VMAC, 0x88B5, struct.pack("!I", i) + bytes(42)) for i in range(200)
@@ -490,10 +490,10 @@ async def test_queue_limit_drops_beyond(veth: Veth) -> None:
     async with open_front(veth, queue_limit=5) as (front, _):
         veth.inject(*(numbered(i) for i in range(12)))
         await wait_for(lambda: front.stats["frames_dropped_in"] >= 7)
-        assert [number_of(e[1]) for e in front.collect([], [], [])] == [0, 1, 2, 3, 4]
+        assert [number_of(e[1]) for e in front.collect([], [], [])[2]] == [0, 1, 2, 3, 4]
         veth.inject(numbered(12))
         await wait_for(lambda: front.ready([], []))
-        assert [number_of(e[1]) for e in front.collect([], [], [])] == [12]
+        assert [number_of(e[1]) for e in front.collect([], [], [])[2]] == [12]
 
 
 async def test_doorbell_rings_on_arrival(veth: Veth) -> None:
@@ -527,7 +527,7 @@ async def test_close_all_stops_the_front(veth: Veth) -> None:
         # the nursery ended: the receive task is gone
     front.announce()  # a no-op once closed
     veth.inject(numbered(2))
-    assert front.collect([], [], []) == []
+    assert front.collect([], [], [])[2] == []
 
 
 async def test_close_all_right_after_opening(veth: Veth) -> None:

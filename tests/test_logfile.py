@@ -71,6 +71,15 @@ def test_a_log_from_a_newer_ftproxy_is_refused_by_version(tmp_path: Path) -> Non
         read_log(path)
 
 
+def test_a_log_from_an_older_ftproxy_is_refused_by_version(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "old.ftlog")
+    data = bytearray(path.read_bytes())
+    data[len(MAGIC) : len(MAGIC) + 2] = struct.pack("<H", FORMAT_VERSION - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogVersionError, match=r"written by an older ftproxy.*the ftproxy that"):
+        read_log(path)
+
+
 def test_the_cli_reports_bad_logs_without_a_traceback(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.ftlog"
     garbage.write_bytes(b"this is not a log")

@@ -40,17 +40,20 @@ class LogBuilder:
         self.records: list[Record] = []
         self.seq = 0
         self.network = network
+        self.clock = p.GuestClock(1000)
 
     def entry(self, kind: int, result: Any, *, reply: bytes | None = None) -> int:
         self.seq += 1
-        wall_ns = WALL_START_NS + self.seq * 1_000
-        mono_ns = self.seq * MONO_STEP_NS
-        body = reply if reply is not None else p.encode_body((wall_ns, mono_ns, result))
-        self.records.append(Entry(self.seq, self.seq * 100 + 7, kind, 0, body))
+        icount = self.seq * 100 + 7
+        if reply is None:
+            wall_ns = WALL_START_NS + self.seq * 1_000
+            mono_ns = self.seq * MONO_STEP_NS
+            reply = p.encode_reply(*self.clock.deltas_to(icount, mono_ns, wall_ns), result)
+        self.records.append(Entry(self.seq, icount, kind, 0, reply))
         return self.seq
 
     def wait(self, *events: tuple[Any, ...]) -> int:
-        return self.entry(p.KIND_WAIT, list(events))
+        return self.entry(p.KIND_WAIT, p.wait_result(events))
 
     def output(self, op: int, sock: int, data: bytes = b"", extra: Any = None) -> None:
         self.records.append(Output(self.seq, op, sock, data, extra))
@@ -135,9 +138,10 @@ def test_entry_summaries(tmp_path: Path) -> None:
     assert lines[0].endswith("boot pid=1234 exit_every=200 step=1000ns host=replica")
     assert lines[1].endswith("bind #1000 -> 127.0.0.1:6380")
     assert lines[2].endswith("listen #1000 ok")
+    # Data comes first: the guest takes a wait's data chunks before its other events.
     assert lines[3].endswith(
-        f"wait +1.2ms: accept #{FIRST_CONN} 127.0.0.1:53120 on #1000; "
-        f'data #{FIRST_CONN} 14B "*1\\r\\n$4\\r\\nPING\\r\\n"'
+        f'wait +1.2ms: data #{FIRST_CONN} 14B "*1\\r\\n$4\\r\\nPING\\r\\n"; '
+        f"accept #{FIRST_CONN} 127.0.0.1:53120 on #1000"
     )
     assert lines[4] == f'      out after seq 4: send #{FIRST_CONN} 7B "+PONG\\r\\n"'
     assert lines[5].endswith(f"wait +1.2ms: eof #{FIRST_CONN}; signal SIGINT")
@@ -210,8 +214,12 @@ def test_bind_then_connect_is_one_socket(tmp_path: Path) -> None:
         b"\xffgarbage",
         b"",
         p.encode_body("not a reply"),
-        p.encode_body((1, 2, [(p.EV_DATA, FIRST_CONN)])),  # an event missing its data
-        p.encode_body((1, 2, [(99, FIRST_CONN)])),  # an unknown event
+        p.encode_body((1, (b"", b"", [(p.EV_DATA, FIRST_CONN)]))),  # data missing
+        p.encode_body((1, (b"", b"", [(99, FIRST_CONN)]))),  # an unknown event
+        p.encode_body((1, (p.DATA_INDEX.pack(FIRST_CONN, 5), b"abc", None))),  # short blob
+        p.encode_body((1, (b"\0" * 3, b"", None))),  # a partial index entry
+        p.encode_body((1, (b"", b"", None), "2")),  # a wall shift that is no int
+        p.encode_body((1, 2, [(p.EV_DATA, FIRST_CONN, b"x")])),  # format version 1's
     ],
 )
 def test_undecodable_reply_is_shown_not_raised(tmp_path: Path, reply: bytes) -> None:

@@ -38,18 +38,22 @@ class LogBuilder:
         self.records: list[Record] = []
         self.seq = 0
         self.network = network
+        self.clock = p.GuestClock(1000)
 
     def wall_ns(self, seq: int) -> int:
         return WALL_START_NS + seq * WALL_STEP_NS
 
     def entry(self, kind: int, result: Any, *, reply: bytes | None = None) -> int:
         self.seq += 1
-        body = reply or p.encode_body((self.wall_ns(self.seq), self.seq * 1000, result))
-        self.records.append(Entry(self.seq, self.seq * 10, kind, 0, body))
+        icount = self.seq * 10
+        if reply is None:
+            deltas = self.clock.deltas_to(icount, self.seq * 1000, self.wall_ns(self.seq))
+            reply = p.encode_reply(*deltas, result)
+        self.records.append(Entry(self.seq, icount, kind, 0, reply))
         return self.seq
 
     def wait(self, *events: tuple[Any, ...]) -> int:
-        return self.entry(p.KIND_WAIT, list(events))
+        return self.entry(p.KIND_WAIT, p.wait_result(events))
 
     def output(self, op: int, sock: int, data: bytes = b"", extra: Any = None) -> None:
         self.records.append(Output(self.seq, op, sock, data, extra))
@@ -257,7 +261,8 @@ def test_large_data_is_split_into_segments(tmp_path: Path) -> None:
     big_out = b"x" * (MAX_SEGMENT + 1)
     log = LogBuilder()
     log.accept(CONN)
-    log.wait((p.EV_DATA, CONN, big_in))
+    pieces = range(0, len(big_in), MAX_SEGMENT)  # at most RECV_CHUNK each, as the front does
+    log.wait(*((p.EV_DATA, CONN, big_in[at : at + MAX_SEGMENT]) for at in pieces))
     log.output(p.OP_SEND, CONN, big_out)
     _, packets = export(log, tmp_path)
     flows = tcp_directions(packets)

@@ -294,8 +294,19 @@ class PacketFront:
         """Are frames waiting? (The guest's socket ids mean nothing here.)"""
         return bool(self._queue)
 
-    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
-        """Take up to ``max_batch`` queued frames, in arrival order, as EV_FRAME events."""
+    # The receive task reads the socket and rings the doorbell: nothing to pump.
+    input_fd = None
+
+    def pump(self) -> None:
+        pass
+
+    def collect(
+        self, readable: list[int], writable: list[int], pressured: list[int]
+    ) -> tuple[bytes, bytes, list[Any]]:
+        """Up to ``max_batch`` queued frames, in arrival order, as EV_FRAME events.
+
+        A wait result's packed stream data is socket mode's; frames go in ``events``.
+        """
         events: list[Any] = []
         queue = self._queue
         for _ in range(min(len(queue), self.max_batch)):
@@ -303,7 +314,7 @@ class PacketFront:
             events.append((p.EV_FRAME, frame))
             self.input_bytes += len(frame)
         self._frames_in += len(events)
-        return events
+        return b"", b"", events
 
     # -- outputs -----------------------------------------------------------
 

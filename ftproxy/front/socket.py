@@ -5,12 +5,21 @@ per-socket buffers (bounded, so a slow guest pushes back on its clients
 through TCP) and handed out only when an exit asks for it, so what the guest
 sees is exactly what the log says it saw. Outputs are written at once when
 the kernel takes them, and queued otherwise.
+
+Stream input is not read by a task per connection: every stream sits in one
+level-triggered epoll set of the front's own, which the supervisor drains
+without blocking (``pump``) when a wait exit comes, and sleeps on (its fd is
+readable when any stream is) only when nothing is ready. A request then costs
+one wake-up of the supervisor instead of a reader task's wake-up, its
+re-registration with trio's epoll and a doorbell ring.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
+import select
 import socket
 from collections import deque
 from typing import Any
@@ -37,13 +46,28 @@ class Doorbell:
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._scopes: list[trio.CancelScope] = []
 
     def ring(self) -> None:
         self._event.set()
         self._event = trio.Event()
+        if self._scopes:
+            scopes, self._scopes = self._scopes, []
+            for scope in scopes:
+                scope.cancel()
 
     async def wait(self) -> None:
         await self._event.wait()
+
+    async def wait_readable(self, fd: int, deadline: float = math.inf) -> None:
+        """Wait for a ring, for ``fd`` to be readable or for ``deadline``, whichever is first."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._scopes.append(scope)
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                if scope in self._scopes:
+                    self._scopes.remove(scope)
 
 
 class _Stream:
@@ -61,7 +85,7 @@ class _Stream:
         self.written_reported = 0
         self.closing = False
         self.shutdown_after_flush: int | None = None
-        self.room = Doorbell()
+        self.polled = False  # in the front's epoll set: input is read when it comes
         self.to_write = Doorbell()
         self.scopes: list[trio.CancelScope] = []
 
@@ -98,6 +122,9 @@ class SocketFront:
         self._datagrams: dict[int, _Datagram] = {}
         self._next_accepted = p.FIRST_ACCEPTED_SOCK
         self.input_bytes = 0  # client bytes handed to the guest, for log-size ratios
+        # Streams whose input is wanted (open, buffer not full), by fd.
+        self._poller = select.epoll()
+        self._polled: dict[int, _Stream] = {}
 
     # -- set-up exits ------------------------------------------------------
 
@@ -236,6 +263,50 @@ class SocketFront:
         if sock is not None:
             sock.close()
 
+    # -- reading input -------------------------------------------------------
+
+    @property
+    def input_fd(self) -> int:
+        """Readable whenever some stream has input (or news: EOF, an error) to read."""
+        return self._poller.fileno()
+
+    def pump(self) -> None:
+        """Read what the kernel holds for every stream that has something, without blocking."""
+        for fd, _ in self._poller.poll(0):
+            stream = self._polled.get(fd)
+            if stream is not None:
+                self._read(stream)
+
+    def _read(self, stream: _Stream) -> None:
+        try:
+            data = stream.sock.recv(_INPUT_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(stream, exc.errno or errno.ECONNRESET)
+            return
+        if not data:
+            stream.eof = True
+            self._unpoll(stream)
+            return
+        stream.inbox += data
+        if len(stream.inbox) >= _INPUT_LIMIT:
+            self._unpoll(stream)  # the guest pushes back on its client through TCP
+
+    def _poll(self, stream: _Stream) -> None:
+        fd = stream.sock.fileno()
+        self._poller.register(fd, select.EPOLLIN)
+        self._polled[fd] = stream
+        stream.polled = True
+
+    def _unpoll(self, stream: _Stream) -> None:
+        if stream.polled:
+            stream.polled = False
+            fd = stream.sock.fileno()
+            self._polled.pop(fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.unregister(fd)
+
     # -- handing input to the guest ----------------------------------------
 
     def ready(self, readable: list[int], writable: list[int]) -> bool:
@@ -260,13 +331,17 @@ class SocketFront:
                 return True
         return False
 
-    def collect(self, readable: list[int], writable: list[int], pressured: list[int]) -> list[Any]:
-        """Take every ready event for these sockets, in a deterministic order."""
+    def collect(
+        self, readable: list[int], writable: list[int], pressured: list[int]
+    ) -> tuple[bytes, bytes, list[Any]]:
+        """Take every ready event for these sockets, in a deterministic order:
+        a wait result, stream input packed apart (see ``protocol.pack_data``)."""
+        chunks: list[tuple[int, bytes]] = []
         events: list[Any] = []
         for sid in readable:
             stream = self._streams.get(sid)
             if stream is not None:
-                self._collect_stream_input(sid, stream, events)
+                self._collect_stream_input(sid, stream, chunks, events)
                 continue
             listener = self._listeners.get(sid)
             if listener is not None:
@@ -290,15 +365,19 @@ class SocketFront:
             if stream.reset and not stream.reset_reported:
                 stream.reset_reported = True
                 events.append((p.EV_RESET, sid, stream.reset))
-        return events
+        index, blob = p.pack_data(chunks)
+        return index, blob, events
 
-    def _collect_stream_input(self, sid: int, stream: _Stream, events: list[Any]) -> None:
+    def _collect_stream_input(
+        self, sid: int, stream: _Stream, chunks: list[tuple[int, bytes]], events: list[Any]
+    ) -> None:
         if stream.inbox:
             chunk = bytes(stream.inbox[: p.RECV_CHUNK])
             del stream.inbox[: p.RECV_CHUNK]
-            events.append((p.EV_DATA, sid, chunk))
+            chunks.append((sid, chunk))
             self.input_bytes += len(chunk)
-            stream.room.ring()
+            if not stream.polled and not (stream.eof or stream.reset):
+                self._poll(stream)  # there is room again
         elif stream.reset and not stream.reset_reported:
             stream.reset_reported = True
             events.append((p.EV_RESET, sid, stream.reset))
@@ -314,7 +393,7 @@ class SocketFront:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = _Stream(sock)
         self._streams[sock_id] = stream
-        self._nursery.start_soon(self._read_loop, stream)
+        self._poll(stream)
         self._nursery.start_soon(self._write_loop, sock_id, stream)
         return stream
 
@@ -335,26 +414,6 @@ class SocketFront:
                     self._add_stream(conn_id, conn)
                     listener.pending.append((conn_id, peer, conn.getsockname()))
                     log.debug("connection_accepted", sock=sock_id, conn=conn_id, peer=peer)
-                self._doorbell.ring()
-
-    async def _read_loop(self, stream: _Stream) -> None:
-        with trio.CancelScope() as scope:
-            stream.scopes.append(scope)
-            while not stream.eof and not stream.reset:
-                while len(stream.inbox) >= _INPUT_LIMIT:
-                    await stream.room.wait()
-                await trio.lowlevel.wait_readable(stream.sock)
-                try:
-                    data = stream.sock.recv(256 * 1024)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    self._fail(stream, exc.errno or errno.ECONNRESET)
-                    return
-                if data:
-                    stream.inbox += data
-                else:
-                    stream.eof = True
                 self._doorbell.ring()
 
     async def _write_loop(self, sock_id: int, stream: _Stream) -> None:
@@ -408,11 +467,13 @@ class SocketFront:
         if not stream.reset:
             stream.reset = code
             stream.outbox.clear()
+            self._unpoll(stream)
             self._doorbell.ring()
 
     def _drop(self, sock_id: int) -> None:
         stream = self._streams.pop(sock_id, None)
         if stream is not None:
+            self._unpoll(stream)
             for scope in stream.scopes:
                 scope.cancel()
             stream.sock.close()
@@ -433,6 +494,7 @@ class SocketFront:
         for sock in self._bound.values():
             sock.close()
         self._bound.clear()
+        self._poller.close()
 
 
 async def resolve_name(function: str, args: tuple[Any, ...]) -> tuple[int, Any]:

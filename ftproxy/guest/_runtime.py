@@ -4,9 +4,10 @@ Every call into a virtual device calls ``tick()``: the instruction counter
 (icount) advances by one and virtual time by a fixed step. The guest leaves for
 its supervisor (an *exit*) only when it would block, or after ``exit_every``
 device calls so that input is never starved. An exit sends the outputs buffered
-since the last one plus the request, and waits for the reply, which carries a
-clock snapshot and, for a wait, every ready event at once. This code runs the
-same way whether the supervisor records or replays: it never knows which.
+since the last one plus the request, and waits for the reply, which brings the
+virtual clock up to real time and, for a wait, carries every ready event at
+once. This code runs the same way whether the supervisor records or replays:
+it never knows which.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class GuestSocket(Protocol):
 
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
+_iter_data_index = p.DATA_INDEX.iter_unpack
 # Taken before the devices are installed: os._exit becomes a flushing wrapper.
 _real_exit = os._exit
 
@@ -89,8 +91,10 @@ class Runtime:
         self._since_exit = 0
         self.exit_every: int = p.DEFAULT_EXIT_EVERY
         self.clock_step_ns: int = p.DEFAULT_CLOCK_STEP_NS
-        self._wall_base = 0
+        # The virtual clock (protocol.GuestClock's arithmetic, inline: time.*
+        # calls it often): monotonic at the last reply, wall minus monotonic.
         self._mono_base = 0
+        self._wall_offset = 0
         self._icount_base = 0
         self._outbox: list[tuple[Any, ...]] = []
         self._outbox_bytes = 0
@@ -121,7 +125,7 @@ class Runtime:
         return self._mono_base + (self.icount - self._icount_base) * self.clock_step_ns
 
     def wall_ns(self) -> int:
-        return self._wall_base + (self.icount - self._icount_base) * self.clock_step_ns
+        return self.mono_ns() + self._wall_offset
 
     def allocate_fd(self) -> int:
         fd = self._next_fd
@@ -185,11 +189,11 @@ class Runtime:
         self._since_exit = 0
         if reply[0] is None:
             self._halt(reply[1])
-        wall_ns, mono_ns, result = reply
-        self._wall_base = wall_ns
-        self._mono_base = mono_ns
+        self._mono_base = self.mono_ns() + reply[0]
+        if len(reply) == 3:
+            self._wall_offset += reply[2]
         self._icount_base = self.icount
-        return result
+        return reply[1]
 
     def boot(self) -> tuple[bytes, int, str, Any]:
         """The first exit: learn the pinned policy; return (seed, pid, hostname, network)."""
@@ -223,7 +227,20 @@ class Runtime:
         self._exit_wait(0, want_in, want_out)
 
     def _exit_wait(self, timeout: int, want_in: list[int], want_out: list[int]) -> None:
-        events = self.exit(p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured)))
+        index, blob, events = self.exit(
+            p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured))
+        )
+        sockets = self.sockets
+        offset = 0
+        for sid, length in _iter_data_index(index):
+            sock = sockets.get(sid)
+            if sock is not None:
+                sock._on_event((p.EV_DATA, sid, blob[offset : offset + length]))
+            offset += length
+        if not events:
+            if self.network is not None:
+                self._settle_network([])  # the stack's timers are due
+            return
         signals = self._pending_signals
         frames: list[bytes] = []
         for event in events:
@@ -234,7 +251,7 @@ class Runtime:
             if tag == p.EV_FRAME:
                 frames.append(event[1])
                 continue
-            sock = self.sockets.get(event[1])
+            sock = sockets.get(event[1])
             if sock is not None:
                 sock._on_event(event)
         if self.network is not None:

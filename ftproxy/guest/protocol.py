@@ -22,13 +22,28 @@ reply the guest consumed, so outputs carry no seq themselves.
 
 Supervisor -> guest: one frame per exit request, the reply
 
-    (wall_ns, mono_ns, result)              # result depends on the exit kind
+    (mono_gain, result)                     # result depends on the exit kind
+    (mono_gain, result, wall_shift)         # the same, and the wall clock moves
     (None, reason)                          # halt: send OP_STACK, then exit
+
+Every reply is logged, so every byte of one counts. The clock travels as small
+deltas, which marshal writes as 5-byte ints, where absolute nanoseconds would
+take 11-15 bytes. Both ends know the guest's virtual clock: between exits its
+monotonic clock advances ``clock_step_ns`` per device call, and its wall clock
+is the monotonic clock plus an offset. At an exit at ``icount``, the reply
+moves the monotonic clock ``mono_gain`` ns beyond that virtual value (real
+time passed while the guest computed or waited) and, only when the host's wall
+clock moved away from the guest's (see ``ftproxy.world.WorldClock``), changes
+the wall offset by ``wall_shift`` ns. ``GuestClock`` is that arithmetic; the
+guest runtime does the same inline. The values are exact at any size (marshal
+writes big ints as longs); the first reply carries the whole host clock, as
+gains from zero. ``encode_reply`` and ``split_reply`` build and take apart
+replies for the supervisor's side.
 
 Exit kinds, their args and results:
 
     KIND_BOOT     ()          -> (seed, pid, exit_every, clock_step_ns, hostname, network)
-    KIND_WAIT     (timeout_ns, readable, writable, pressured) -> [event, ...]
+    KIND_WAIT     (timeout_ns, readable, writable, pressured) -> (index, blob, events)
     KIND_BIND     (sock, family, type, addr)          -> (errno, addr)
     KIND_LISTEN   (sock, backlog)                     -> errno
     KIND_CONNECT  (sock, family, addr, timeout_ns)    -> (errno, local_addr, peer_addr)
@@ -44,10 +59,17 @@ whose input (data, EOF, reset, new connections, datagrams) ends the wait,
 ``writable`` the sockets whose send buffer is full, and ``pressured`` sockets
 whose buffer is past half full (their progress is reported but does not wake).
 
-Events in a wait's result:
+A wait's result carries stream input apart from the other events, because it
+is most of a log's bytes and a marshal tuple per chunk would cost 20 bytes of
+framing (a 59-byte SET would log as 79): ``index`` packs one ``DATA_INDEX``
+(conn, length) pair per chunk, 6 bytes, and ``blob`` is the chunks end to end,
+in that order. Every chunk is an ``EV_DATA`` event for its conn, delivered
+before the other events (``unpack_data`` and ``wait_events`` give them back as
+event tuples). ``events`` is a list of the other events, or None when there
+are none:
 
     (EV_ACCEPT, listener, conn, peer_addr, local_addr)
-    (EV_DATA, conn, data)
+    (EV_DATA, conn, data)                   # only as unpacked from index and blob
     (EV_EOF, conn)
     (EV_RESET, conn, errno)
     (EV_SENT, conn, total_bytes_written)    # cumulative, so a repeat is harmless
@@ -63,7 +85,10 @@ from __future__ import annotations
 
 import marshal
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 MARSHAL_VERSION: Final = 2
 LENGTH: Final = struct.Struct("<I")
@@ -140,8 +165,11 @@ DEFAULT_CLOCK_STEP_NS: Final = 1000
 # The guest's virtual send buffer per stream socket: bounded so that
 # asyncio's drain() waits when the supervisor cannot write fast enough.
 SEND_BUFFER: Final = 256 * 1024
-# The most input a single event hands the guest for one socket.
-RECV_CHUNK: Final = 64 * 1024
+# One stream input chunk in a wait result's index: (conn, length).
+DATA_INDEX: Final = struct.Struct("<IH")
+# The most input a single event hands the guest for one socket: what the
+# index's 16-bit length holds.
+RECV_CHUNK: Final = 0xFFFF
 
 
 class ProtocolError(Exception):
@@ -173,3 +201,104 @@ def frame_length(header: bytes | bytearray | memoryview) -> int:
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes is larger than the limit {MAX_FRAME}")
     return int(length)
+
+
+class GuestClock:
+    """The guest's virtual clocks as a sequence of replies sets them (exact ints).
+
+    The supervisor's world clock, a backup taking over and the log tools keep
+    one to know the absolute time of every reply; the guest runtime does the
+    same arithmetic inline, on its hot path.
+    """
+
+    __slots__ = ("icount", "mono_ns", "step_ns", "wall_offset_ns")
+
+    def __init__(self, step_ns: int) -> None:
+        self.step_ns = step_ns
+        self.icount = 0  # the icount of the last reply applied
+        self.mono_ns = 0  # the guest's monotonic clock at that reply
+        self.wall_offset_ns = 0  # wall clock minus monotonic clock
+
+    def mono_at(self, icount: int) -> int:
+        """The guest's monotonic clock at ``icount``, with no exit since the last reply."""
+        return self.mono_ns + (icount - self.icount) * self.step_ns
+
+    def wall_at(self, icount: int) -> int:
+        return self.mono_at(icount) + self.wall_offset_ns
+
+    def apply(self, icount: int, mono_gain: int, wall_shift: int) -> None:
+        """Take the clock part of the reply to the exit at ``icount``."""
+        self.mono_ns = self.mono_at(icount) + mono_gain
+        self.wall_offset_ns += wall_shift
+        self.icount = icount
+
+    def deltas_to(self, icount: int, mono_ns: int, wall_ns: int) -> tuple[int, int]:
+        """The (mono_gain, wall_shift) of a reply at ``icount`` that sets the clocks to
+        these absolute values; applied here too."""
+        mono_gain = mono_ns - self.mono_at(icount)
+        wall_shift = wall_ns - mono_ns - self.wall_offset_ns
+        self.apply(icount, mono_gain, wall_shift)
+        return mono_gain, wall_shift
+
+
+def encode_reply(mono_gain: int, wall_shift: int, result: Any) -> bytes:
+    """A reply body: the wall shift is left out when it is 0 (nearly always)."""
+    if wall_shift:
+        return marshal.dumps((mono_gain, result, wall_shift), MARSHAL_VERSION)
+    return marshal.dumps((mono_gain, result), MARSHAL_VERSION)
+
+
+def split_reply(value: Any) -> tuple[int, int, Any]:
+    """A decoded reply's (mono_gain, wall_shift, result); ProtocolError if it is not one."""
+    if (
+        isinstance(value, tuple)
+        and len(value) in (2, 3)
+        and all(isinstance(part, int) and not isinstance(part, bool) for part in value[::2])
+    ):
+        return value[0], (value[2] if len(value) == 3 else 0), value[1]
+    raise ProtocolError(f"not a (mono_gain, result[, wall_shift]) reply: {value!r:.80}")
+
+
+def pack_data(chunks: Sequence[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    """A wait result's (index, blob) for these (conn, data) chunks, in order."""
+    index = b"".join([DATA_INDEX.pack(conn, len(data)) for conn, data in chunks])
+    return index, b"".join([data for _, data in chunks])
+
+
+def unpack_data(index: bytes, blob: bytes) -> list[tuple[int, bytes]]:
+    """The (conn, data) chunks of a wait result; ProtocolError if they do not add up."""
+    if len(index) % DATA_INDEX.size:
+        raise ProtocolError(f"data index of {len(index)} bytes is not whole entries")
+    chunks: list[tuple[int, bytes]] = []
+    offset = 0
+    for conn, length in DATA_INDEX.iter_unpack(index):
+        chunks.append((conn, blob[offset : offset + length]))
+        offset += length
+    if offset != len(blob):
+        raise ProtocolError(f"data index covers {offset} bytes of a {len(blob)}-byte blob")
+    return chunks
+
+
+def wait_result(
+    events: Sequence[tuple[Any, ...]],
+) -> tuple[bytes, bytes, list[tuple[Any, ...]] | None]:
+    """The wire form of a wait result given as event tuples (EV_DATA ones packed)."""
+    chunks = [(event[1], event[2]) for event in events if event[0] == EV_DATA]
+    index, blob = pack_data(chunks)
+    return index, blob, [event for event in events if event[0] != EV_DATA] or None
+
+
+def wait_events(result: Any) -> list[tuple[Any, ...]]:
+    """A wait result's events as tuples, in delivery order: data first, as the guest
+    takes them. ProtocolError when the result is not (index, blob, events)."""
+    if not (isinstance(result, tuple | list) and len(result) == 3):
+        raise ProtocolError("a wait result is (index, blob, events)")
+    index, blob, others = result
+    if not (isinstance(index, bytes) and isinstance(blob, bytes)):
+        raise ProtocolError("a wait result's index and blob are bytes")
+    if others is None:
+        others = []
+    if not isinstance(others, list | tuple):
+        raise ProtocolError("a wait result's events are a list or None")
+    data = [(EV_DATA, conn, chunk) for conn, chunk in unpack_data(index, blob)]
+    return [*data, *others]
