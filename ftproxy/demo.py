@@ -1340,6 +1340,16 @@ async def _start_pair(
     return primary, backup
 
 
+async def _kill_primary(primary: Replica, events: Events, acked: int) -> None:
+    events.emit(
+        "killing_primary",
+        f"kill -9 of the primary (pid {primary.process.pid}) and its guest",
+        pid=primary.process.pid,
+        acked=acked,
+    )
+    await primary.kill()
+
+
 async def _failover(
     demo: Demo, nursery: trio.Nursery, primary: Replica, backup: Replica, service: int
 ) -> Verdict:
@@ -1350,13 +1360,7 @@ async def _failover(
     await _wait_first_ack(load, config)
     events.emit("load_started", f"load running: {config.clients} clients, INCR + SET")
     await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
-    events.emit(
-        "killing_primary",
-        f"kill -9 of the primary (pid {primary.process.pid}) and its guest",
-        pid=primary.process.pid,
-        acked=load.stats.acked,
-    )
-    await primary.kill()
+    await _kill_primary(primary, events, load.stats.acked)
     load.stats.kill_at = trio.current_time()
     nursery.start_soon(_announce_go_live, backup, events)
     await trio.sleep(config.after_s)
@@ -1397,13 +1401,7 @@ async def _packet_failover(
         )
         await trio.to_thread.run_sync(lab.partition, "primary")
     else:
-        events.emit(
-            "killing_primary",
-            f"kill -9 of the primary (pid {primary.process.pid}) and its guest",
-            pid=primary.process.pid,
-            acked=load.stats.acked,
-        )
-        await primary.kill()
+        await _kill_primary(primary, events, load.stats.acked)
     load.stats.kill_at = trio.current_time()
     nursery.start_soon(_announce_go_live, backup, events)
     await trio.sleep(config.after_s)
