@@ -207,3 +207,15 @@ def test_guest_module_imports_no_stack_in_socket_mode() -> None:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def test_connections_never_accepted_end_with_their_listener(tmp_path: Path) -> None:
+    async def body(wire: StackWire) -> None:
+        conn = await connect(wire, 7100)  # queued by the stack, never accepted
+        control = wire.client.udp_bind(40001)
+        control.sendto(b"close it", (VIP, 7101))
+        wire.poke()
+        await wire.until(lambda: control.recvfrom() is not None)
+        await wire.until(lambda: conn.eof or bool(conn.error))
+
+    await run_and_replay(tmp_path, [str(GUESTS / "close_listener.py"), "7100"], body)

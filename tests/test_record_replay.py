@@ -7,6 +7,7 @@ outputs" is the whole claim; these tests also check N and M against the log.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -165,6 +166,21 @@ def test_udp_replays(tmp_path: Path) -> None:
             for i in range(5):
                 sock.sendto(b"ping %d" % i, ("127.0.0.1", port))
                 assert sock.recvfrom(100)[0] == b"%d:ping %d" % (i + 1, i)
+        rec.stop()
+    replay_log(log)
+
+
+def test_connections_never_accepted_end_with_their_listener(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "listener.ftlog"
+    with Recording(log, GUESTS / "close_listener.py", str(port)) as rec:
+        with connect(port) as queued, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+            ctl.settimeout(10)
+            ctl.sendto(b"close it", ("127.0.0.1", port + 1))
+            assert ctl.recvfrom(100)[0] == b"closed"
+            # A FIN or a reset: what matters is that the connection ends.
+            with contextlib.suppress(ConnectionResetError):
+                assert queued.recv(100) == b""
         rec.stop()
     replay_log(log)
 

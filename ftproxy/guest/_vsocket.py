@@ -525,6 +525,10 @@ class VirtualSocket:
         if self._pair is not None:
             self._pair._eof = True
             return
+        # Connections queued for accept() that the program never took go with
+        # their listener, as in a kernel (else their clients would wait forever).
+        while self._accepts:
+            _runtime.socket_output((p.OP_CLOSE, self._accepts.popleft()[0]))
         if _runtime.sockets.pop(self.wire_id, None) is not None:
             _runtime.pressured.discard(self.wire_id)
             _runtime.socket_output((p.OP_CLOSE, self.wire_id))
