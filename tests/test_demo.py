@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -123,20 +124,27 @@ def test_a_guest_that_fails_gives_one_line_with_the_reason(
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> None:
+def interrupt_under_load(
+    args: list[str], signum: int, timeout: float, while_running: Callable[[], None]
+) -> dict[str, dict[str, Any]]:
+    """Start the demo, signal it once its load runs; check it says so and exits 130.
+
+    ``while_running`` checks the running demo just before the signal; the
+    events seen up to then are returned.
+    """
     process = subprocess.Popen(
-        [*demo_command(), "--json", "--warmup", "30"],
+        [*demo_command(), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
+    seen: dict[str, dict[str, Any]] = {}
     try:
-        ready = wait_for_event(process, "load_started", seen := {})
-        pair = seen["pair_ready"]
+        ready = wait_for_event(process, "load_started", seen, timeout)
+        while_running()
         process.send_signal(signum)
-        _, stderr = process.communicate(timeout=RUN_TIMEOUT)
+        _, stderr = process.communicate(timeout=timeout)
     finally:
         if process.poll() is None:
             process.kill()
@@ -144,6 +152,13 @@ def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> Non
     assert ready
     assert process.returncode == demo.EXIT_INTERRUPTED, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+    return seen
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> None:
+    seen = interrupt_under_load(["--json", "--warmup", "30"], signum, RUN_TIMEOUT, lambda: None)
+    pair = seen["pair_ready"]
     pids = [pid for group in pair["pids"].values() for pid in group]
     assert len(pids) == 4  # both supervisors and both guests
     assert wait_gone(pids), f"still running: {[p for p in pids if running(p)]}"
@@ -172,26 +187,11 @@ def test_packet_demo_keeps_one_connection_through_kill_9() -> None:
 
 @needs_root
 def test_interrupted_packet_demo_takes_its_lab_down() -> None:
-    process = subprocess.Popen(
-        [*demo_command(), "--packet", "--json", "--warmup", "30"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    seen: dict[str, dict[str, Any]] = {}
-    try:
-        ready = wait_for_event(process, "load_started", seen, PACKET_RUN_TIMEOUT)
+    def lab_is_up() -> None:
         assert demo_lab_namespaces()
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=PACKET_RUN_TIMEOUT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert ready
-    assert process.returncode == demo.EXIT_INTERRUPTED, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+
+    args = ["--packet", "--json", "--warmup", "30"]
+    seen = interrupt_under_load(args, signal.SIGINT, PACKET_RUN_TIMEOUT, lab_is_up)
     pids = [pid for group in seen["pair_ready"]["pids"].values() for pid in group]
     assert wait_gone(pids), f"still running: {[p for p in pids if running(p)]}"
     assert not demo_lab_namespaces()
