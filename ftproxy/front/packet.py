@@ -214,8 +214,8 @@ class PacketFront:
         self._receiving = trio.CancelScope()
         self._preparing = trio.CancelScope()
         self.input_bytes = 0  # bytes of frames handed to the guest, for log-size ratios
-        self._frames_in = 0  # frames handed to the guest
         self.stats: dict[str, int] = {
+            "frames_in": 0,  # frames handed to the guest
             "frames_received": 0,  # every frame read from the interface
             "frames_filtered": 0,  # not for the guest: other hosts, noise, outgoing frames
             "frames_dropped_in": 0,  # for the guest, but lost: injected loss or queue full
@@ -313,7 +313,7 @@ class PacketFront:
             frame = queue.popleft()
             events.append((p.EV_FRAME, frame))
             self.input_bytes += len(frame)
-        self._frames_in += len(events)
+        self.stats["frames_in"] += len(events)
         return b"", b"", events
 
     # -- outputs -----------------------------------------------------------
@@ -456,7 +456,6 @@ class PacketFront:
             "vip": self.ip,
             "mac": format_mac(self.mac),
             "interface": self.interface,
-            "frames_in": self._frames_in,
             **self.stats,
         }
 
