@@ -22,7 +22,7 @@ from typing import Final
 from ftproxy.netstack import packets as pk
 from ftproxy.netstack.arp import ArpConfig, ArpTable
 from ftproxy.netstack.tcp import TcpConfig, TcpConnection, TcpListener, TcpState
-from ftproxy.netstack.timers import TimerQueue
+from ftproxy.netstack.timers import Timer, TimerQueue
 from ftproxy.netstack.udp import UdpConfig, UdpSocket
 
 Endpoint = TcpConnection | TcpListener | UdpSocket
@@ -79,7 +79,7 @@ class NetStack:
             self.ip_int,
             self._timers,
             self._out.append,
-            self._count,
+            self.count,
             arp if arp is not None else ArpConfig(),
         )
         self._ip_ident = 0
@@ -100,25 +100,25 @@ class NetStack:
     def receive_frame(self, frame: bytes, now_ns: int) -> None:
         """Process one received Ethernet frame."""
         self._advance(now_ns)
-        self._count("rx_frames")
+        self.count("rx_frames")
         eth = pk.parse_ethernet(frame)
         if eth is None:
-            self._count("rx_runt")
+            self.count("rx_runt")
             return
         if eth.dst != self.mac and eth.dst != pk.BROADCAST_MAC:
-            self._count("rx_not_for_us")
+            self.count("rx_not_for_us")
             return
         payload = frame[pk.ETH_HEADER_LEN :]
         if eth.ethertype == pk.ETHERTYPE_ARP:
             arp = pk.parse_arp(payload)
             if arp is None:
-                self._count("rx_bad_arp")
+                self.count("rx_bad_arp")
                 return
             self._arp.receive(arp, self._now)
         elif eth.ethertype == pk.ETHERTYPE_IPV4:
             self._receive_ipv4(payload)
         else:
-            self._count("rx_unknown_ethertype")
+            self.count("rx_unknown_ethertype")
 
     def take_frames(self) -> list[bytes]:
         """Frames to transmit, oldest first; the list is handed over and cleared."""
@@ -205,16 +205,19 @@ class NetStack:
         self._udp[port] = sock
         return sock
 
-    # -- internals shared with the endpoints --------------------------------------------
+    # -- what the endpoints may ask of the stack (netstack.host.EndpointHost) -----------
+
+    def new_timer(self, callback: Callable[[int], None]) -> Timer:
+        return self._timers.new_timer(callback)
 
     def _advance(self, now_ns: int) -> None:
         if now_ns > self._now:
             self._now = now_ns
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n
 
-    def _touch(self, endpoint: Endpoint) -> None:
+    def touch(self, endpoint: Endpoint) -> None:
         self._changed[endpoint.handle] = endpoint
         self.epoch += 1
 
@@ -254,7 +257,7 @@ class NetStack:
     def _ip_send(self, dst: int, proto: int, payload: bytes) -> None:
         packet = pk.build_ipv4(self.ip_int, dst, proto, payload, self._ip_ident)
         self._ip_ident = (self._ip_ident + 1) & 0xFFFF
-        self._count("tx_ip_packets")
+        self.count("tx_ip_packets")
         if dst in (0xFFFFFFFF, self.broadcast):
             self._out.append(
                 pk.build_ethernet(pk.BROADCAST_MAC, self.mac, pk.ETHERTYPE_IPV4, packet)
@@ -265,11 +268,11 @@ class NetStack:
         elif self.gateway_int is not None:
             next_hop = self.gateway_int
         else:
-            self._count("tx_no_route")
+            self.count("tx_no_route")
             return
         self._arp.send_ip(next_hop, packet, self._now)
 
-    def _tcp_xmit(
+    def send_tcp_segment(
         self,
         conn: TcpConnection,
         seq: int,
@@ -291,10 +294,10 @@ class NetStack:
             data,
             mss,
         )
-        self._count("tcp_segments_sent")
+        self.count("tcp_segments_sent")
         self._ip_send(conn.remote_ip, pk.IPPROTO_TCP, segment)
 
-    def _send_rst_reply(self, src_ip: int, seg: pk.TcpSegment) -> None:
+    def send_reset_reply(self, src_ip: int, seg: pk.TcpSegment) -> None:
         """RFC 793's reset for a segment that belongs to no connection."""
         if seg.rst:
             return
@@ -303,27 +306,27 @@ class NetStack:
         else:
             seq, ack, flags = 0, (seg.seq + seg.seg_len) & _M32, pk.TCP_RST | pk.TCP_ACK
         segment = pk.build_tcp(self.ip_int, src_ip, seg.dst_port, seg.src_port, seq, ack, flags, 0)
-        self._count("tcp_rst_sent")
+        self.count("tcp_rst_sent")
         self._ip_send(src_ip, pk.IPPROTO_TCP, segment)
 
-    def _tcp_remove(self, conn: TcpConnection) -> None:
+    def remove_connection(self, conn: TcpConnection) -> None:
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
 
-    def _remove_listener(self, listener: TcpListener) -> None:
+    def remove_listener(self, listener: TcpListener) -> None:
         if self._listeners.get(listener.port) is listener:
             del self._listeners[listener.port]
 
-    def _remove_udp(self, sock: UdpSocket) -> None:
+    def remove_udp(self, sock: UdpSocket) -> None:
         if self._udp.get(sock.port) is sock:
             del self._udp[sock.port]
 
-    def _udp_send(self, sport: int, dst: int, dport: int, data: bytes) -> None:
+    def send_udp_datagram(self, sport: int, dst: int, dport: int, data: bytes) -> None:
         if len(data) + pk.UDP_HEADER_LEN + pk.IPV4_HEADER_LEN > self.mtu:
             raise _os_error(errno.EMSGSIZE)
         if dst not in (0xFFFFFFFF, self.broadcast):
             self._check_destination(dst)
-        self._count("udp_sent")
+        self.count("udp_sent")
         self._ip_send(dst, pk.IPPROTO_UDP, pk.build_udp(self.ip_int, dst, sport, dport, data))
 
     # -- receive path ------------------------------------------------------------------
@@ -331,49 +334,49 @@ class NetStack:
     def _receive_ipv4(self, packet: bytes) -> None:
         ip = pk.parse_ipv4(packet)
         if ip is None:
-            self._count("rx_bad_ip")
+            self.count("rx_bad_ip")
             return
         to_us = ip.dst == self.ip_int
         if not to_us and ip.dst not in (0xFFFFFFFF, self.broadcast):
-            self._count("rx_ip_not_for_us")
+            self.count("rx_ip_not_for_us")
             return
         if ip.is_fragment:
-            self._count("rx_ip_fragments")
+            self.count("rx_ip_fragments")
             return
         body = packet[ip.header_len : ip.total_len]
         if ip.proto == pk.IPPROTO_TCP:
             if to_us:
                 self._receive_tcp(ip, body)
             else:
-                self._count("rx_tcp_broadcast")
+                self.count("rx_tcp_broadcast")
         elif ip.proto == pk.IPPROTO_UDP:
             self._receive_udp(ip, body, packet[: ip.total_len], to_us)
         elif ip.proto == pk.IPPROTO_ICMP:
             if to_us:
                 self._receive_icmp(ip, body)
         else:
-            self._count("rx_unknown_protocol")
+            self.count("rx_unknown_protocol")
 
     def _receive_icmp(self, ip: pk.Ipv4Header, body: bytes) -> None:
         echo = pk.parse_icmp_echo(body)
         if echo is None:
-            self._count("rx_bad_icmp")
+            self.count("rx_bad_icmp")
             return
         if echo.type == pk.ICMP_ECHO_REQUEST and echo.code == 0:
-            self._count("icmp_echo_replies")
+            self.count("icmp_echo_replies")
             reply = pk.build_icmp_echo(pk.ICMP_ECHO_REPLY, echo.ident, echo.seq, echo.payload)
             self._ip_send(ip.src, pk.IPPROTO_ICMP, reply)
         else:
-            self._count("rx_icmp_other")
+            self.count("rx_icmp_other")
 
     def _receive_udp(self, ip: pk.Ipv4Header, body: bytes, packet: bytes, to_us: bool) -> None:
         dgram = pk.parse_udp(body, ip.src, ip.dst)
         if dgram is None:
-            self._count("rx_bad_udp")
+            self.count("rx_bad_udp")
             return
         sock = self._udp.get(dgram.dst_port)
         if sock is None:
-            self._count("rx_udp_no_port")
+            self.count("rx_udp_no_port")
             if to_us and self.icmp_port_unreachable:
                 self._ip_send(
                     ip.src, pk.IPPROTO_ICMP, pk.build_icmp_unreachable(pk.ICMP_PORT_UNREACH, packet)
@@ -384,11 +387,11 @@ class NetStack:
     def _receive_tcp(self, ip: pk.Ipv4Header, body: bytes) -> None:
         seg = pk.parse_tcp(body, ip.src, ip.dst)
         if seg is None:
-            self._count("rx_bad_tcp")
+            self.count("rx_bad_tcp")
             return
-        self._count("tcp_segments_received")
+        self.count("tcp_segments_received")
         if seg.src_port == 0 or seg.dst_port == 0 or ip.src >> 28 >= 0xE or ip.src == 0:
-            self._count("rx_tcp_bad_address")
+            self.count("rx_tcp_bad_address")
             return
         key = (ip.src, seg.src_port, seg.dst_port)
         conn = self._conns.get(key)
@@ -405,7 +408,7 @@ class NetStack:
         listener = self._listeners.get(seg.dst_port)
         if listener is not None and seg.syn and not seg.has_ack and not seg.rst:
             if not listener._can_accept_syn():
-                self._count("tcp_syn_dropped")
+                self.count("tcp_syn_dropped")
                 return
             conn = TcpConnection(
                 self,
@@ -422,5 +425,5 @@ class NetStack:
             return
         if listener is not None and seg.rst:
             return
-        self._count("rx_tcp_no_connection")
-        self._send_rst_reply(ip.src, seg)
+        self.count("rx_tcp_no_connection")
+        self.send_reset_reply(ip.src, seg)

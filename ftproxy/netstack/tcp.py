@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Final
 from ftproxy.netstack import packets as pk
 
 if TYPE_CHECKING:
-    from ftproxy.netstack.stack import NetStack
+    from ftproxy.netstack.host import EndpointHost
 
 _M32: Final = 0xFFFFFFFF
 _MS: Final = 1_000_000
@@ -89,7 +89,43 @@ class TcpState(enum.Enum):
     TIME_WAIT = "TIME_WAIT"
 
 
+class TcpEvent(enum.Enum):
+    """What moves a connection from one state to another (RFC 9293's figure 5)."""
+
+    ACTIVE_OPEN = "active open"  # the application connects: SYN sent
+    PASSIVE_OPEN = "passive open"  # a listener's SYN arrived: SYN-ACK sent
+    SIMULTANEOUS_OPEN = "simultaneous open"  # a SYN without ACK answered our SYN
+    HANDSHAKE_DONE = "handshake done"  # our SYN acknowledged (and theirs received)
+    FIN_SENT = "FIN sent"  # the application shut down writing (FIN queued)
+    FIN_RECEIVED = "FIN received"
+    FIN_RECEIVED_OURS_ACKED = "FIN received after ours was acknowledged"
+    FIN_ACKED = "our FIN acknowledged"
+    ENDED = "ended"  # reset, timeout, abort, LAST-ACK or TIME-WAIT over: out of the stack
+
+
 S = TcpState
+E = TcpEvent
+
+# Every state change of a connection, in one place. Events not listed for a
+# state are a bug of this module (RuntimeError), not the peer's doing: segments
+# the peer may send in any state are filtered before they become events.
+_TRANSITIONS: Final[dict[tuple[TcpState, TcpEvent], TcpState]] = {
+    (S.CLOSED, E.ACTIVE_OPEN): S.SYN_SENT,
+    (S.CLOSED, E.PASSIVE_OPEN): S.SYN_RECEIVED,
+    (S.SYN_SENT, E.SIMULTANEOUS_OPEN): S.SYN_RECEIVED,
+    (S.SYN_SENT, E.HANDSHAKE_DONE): S.ESTABLISHED,
+    (S.SYN_RECEIVED, E.HANDSHAKE_DONE): S.ESTABLISHED,
+    (S.ESTABLISHED, E.FIN_SENT): S.FIN_WAIT_1,
+    (S.CLOSE_WAIT, E.FIN_SENT): S.LAST_ACK,
+    (S.ESTABLISHED, E.FIN_RECEIVED): S.CLOSE_WAIT,
+    (S.FIN_WAIT_1, E.FIN_RECEIVED): S.CLOSING,
+    (S.FIN_WAIT_1, E.FIN_RECEIVED_OURS_ACKED): S.TIME_WAIT,
+    (S.FIN_WAIT_2, E.FIN_RECEIVED): S.TIME_WAIT,
+    (S.FIN_WAIT_1, E.FIN_ACKED): S.FIN_WAIT_2,
+    (S.CLOSING, E.FIN_ACKED): S.TIME_WAIT,
+    **{(state, E.ENDED): S.CLOSED for state in TcpState},
+}
+
 _SENDING_STATES: Final = frozenset(
     {S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK}
 )
@@ -131,7 +167,7 @@ class TcpConnection:
 
     def __init__(
         self,
-        stack: NetStack,
+        stack: EndpointHost,
         handle: int,
         remote_ip: int,
         remote_port: int,
@@ -189,8 +225,8 @@ class TcpConnection:
         self._retries = 0
         self._persist_mode = False
         self._persist_interval = 0
-        self._rtx_timer = stack._timers.new_timer(self._on_rtx_timer)
-        self._close_timer = stack._timers.new_timer(self._on_close_timer)
+        self._rtx_timer = stack.new_timer(self._on_rtx_timer)
+        self._close_timer = stack.new_timer(self._on_close_timer)
         self._app_closed = False
         self._ack_now = False
 
@@ -297,13 +333,9 @@ class TcpConnection:
         st = self.state
         if st in (S.SYN_SENT, S.SYN_RECEIVED):
             self._fin_queued = True
-        elif st is S.ESTABLISHED:
+        elif st in (S.ESTABLISHED, S.CLOSE_WAIT):
             self._fin_queued = True
-            self._set_state(S.FIN_WAIT_1)
-            self._output()
-        elif st is S.CLOSE_WAIT:
-            self._fin_queued = True
-            self._set_state(S.LAST_ACK)
+            self._transition(E.FIN_SENT)
             self._output()
 
     def close(self) -> None:
@@ -321,7 +353,7 @@ class TcpConnection:
             self.abort()
             return
         if self._rcvbuf or self._ooo:
-            self._stack._count("tcp_close_with_unread_data")
+            self._stack.count("tcp_close_with_unread_data")
             self.abort()
             return
         self.shutdown_write()
@@ -352,10 +384,10 @@ class TcpConnection:
         if flags & pk.TCP_ACK:
             ack = (self.irs + self.rcv_nxt) & _M32
             if wnd == 0:
-                self._stack._count("tcp_zero_windows_sent")
+                self._stack.count("tcp_zero_windows_sent")
             self._rcv_adv = max(self._rcv_adv, self.rcv_nxt + wnd)
             self._ack_now = False
-        self._stack._tcp_xmit(self, (self.iss + seq_off) & _M32, ack, flags, wnd, data, mss)
+        self._stack.send_tcp_segment(self, (self.iss + seq_off) & _M32, ack, flags, wnd, data, mss)
 
     def _send_syn(self) -> None:
         flags = pk.TCP_SYN
@@ -369,17 +401,22 @@ class TcpConnection:
         self._xmit(self.snd_nxt, pk.TCP_ACK)
 
     def _send_rst(self) -> None:
-        self._stack._count("tcp_rst_sent")
+        self._stack.count("tcp_rst_sent")
         self._xmit(self.snd_nxt, pk.TCP_RST | pk.TCP_ACK)
 
-    def _set_state(self, state: TcpState) -> None:
+    def _transition(self, event: TcpEvent, *, touch: bool = True) -> None:
+        """Take the table's transition for ``event``; ``touch``: tell the stack."""
+        state = _TRANSITIONS.get((self.state, event))
+        if state is None:
+            raise RuntimeError(f"TCP: no transition from {self.state.value} on {event.value}")
         if state is not self.state:
             self.state = state
-            self._stack._touch(self)
+            if touch:
+                self._stack.touch(self)
 
     def _start_handshake(self, now_ns: int) -> None:
         """Active open: send the SYN."""
-        self.state = S.SYN_SENT
+        self._transition(E.ACTIVE_OPEN, touch=False)
         self._rtt_seq = 1
         self._rtt_start = now_ns
         self._send_syn()
@@ -392,7 +429,7 @@ class TcpConnection:
         self._take_peer_mss(seg.mss)
         self.snd_wnd = seg.window
         self.max_snd_wnd = seg.window
-        self.state = S.SYN_RECEIVED
+        self._transition(E.PASSIVE_OPEN, touch=False)
         self._rtt_seq = 1
         self._rtt_start = now_ns
         self._send_syn()
@@ -404,8 +441,8 @@ class TcpConnection:
 
     def _established(self) -> None:
         self.cwnd = self._cfg.initial_cwnd_segments * self.snd_mss
-        self._set_state(S.ESTABLISHED)
-        self._stack._touch(self)
+        self._transition(E.HANDSHAKE_DONE)
+        self._stack.touch(self)
         if self._fin_queued:
             self._fin_queued = False
             self.shutdown_write()
@@ -419,11 +456,11 @@ class TcpConnection:
         self._ooo_bytes = 0
         if self._app_closed:
             self._rcvbuf.clear()
-        self.state = S.CLOSED
-        self._stack._tcp_remove(self)
+        self._transition(E.ENDED, touch=False)
+        self._stack.remove_connection(self)
         if self.listener is not None:
             self.listener._forget(self)
-        self._stack._touch(self)
+        self._stack.touch(self)
 
     # -- RTT and timers --------------------------------------------------------------
 
@@ -454,7 +491,7 @@ class TcpConnection:
                     self.error = errno.ETIMEDOUT
                 self._finish()
                 return
-            self._stack._count("tcp_retransmits")
+            self._stack.count("tcp_retransmits")
             self._rtt_seq = None
             self.rto = min(self.rto * 2, self._cfg.rto_max_ns)
             self._send_syn()
@@ -467,7 +504,7 @@ class TcpConnection:
             self.error = errno.ETIMEDOUT
             self._finish()
             return
-        self._stack._count("tcp_timeouts")
+        self._stack.count("tcp_timeouts")
         flight = self.snd_max - self.snd_una
         self.ssthresh = max(flight // 2, 2 * self.snd_mss)
         self.cwnd = self.snd_mss
@@ -496,7 +533,7 @@ class TcpConnection:
                 return
         # A zero-length segment below the window: the peer answers with an ACK
         # carrying its current window (Linux's probe).
-        self._stack._count("tcp_window_probes")
+        self._stack.count("tcp_window_probes")
         self._xmit(self.snd_una - 1, pk.TCP_ACK)
         self._persist_interval = min(self._persist_interval * 2, self._cfg.rto_max_ns)
         self._rtx_timer.arm(now_ns + self._persist_interval)
@@ -505,9 +542,9 @@ class TcpConnection:
         if self.state in (S.TIME_WAIT, S.FIN_WAIT_2):
             self._finish()
 
-    def _enter_time_wait(self) -> None:
+    def _enter_time_wait(self, event: TcpEvent) -> None:
         self._rtx_timer.cancel()
-        self._set_state(S.TIME_WAIT)
+        self._transition(event)
         self._close_timer.arm(self._stack.now_ns + self._cfg.time_wait_ns)
 
     # -- sending -------------------------------------------------------------------
@@ -578,7 +615,7 @@ class TcpConnection:
 
     def _note_send(self, seq: int, end: int) -> None:
         if seq < self.snd_max:
-            self._stack._count("tcp_retransmits")
+            self._stack.count("tcp_retransmits")
             if self._rtt_seq is not None and seq < self._rtt_seq:
                 self._rtt_seq = None  # Karn: never time a retransmitted segment
         elif self._rtt_seq is None:
@@ -653,7 +690,7 @@ class TcpConnection:
             ack = _unwrap(seg.ack, self.iss, 0)
             if ack <= 0 or ack > self.snd_max:
                 if not seg.rst:
-                    self._stack._send_rst_reply(self.remote_ip, seg)
+                    self._stack.send_reset_reply(self.remote_ip, seg)
                 return
             ack_ok = True
         if seg.rst:
@@ -685,12 +722,12 @@ class TcpConnection:
             # Simultaneous open.
             self.snd_wnd = seg.window
             self.max_snd_wnd = seg.window
-            self._set_state(S.SYN_RECEIVED)
+            self._transition(E.SIMULTANEOUS_OPEN)
             self._send_syn()
 
     def _on_rst(self) -> None:
         st = self.state
-        self._stack._count("tcp_rst_received")
+        self._stack.count("tcp_rst_received")
         if st is S.SYN_RECEIVED:
             if self.listener is None:
                 self.error = errno.ECONNREFUSED
@@ -704,10 +741,10 @@ class TcpConnection:
         st = self.state
         if st is S.SYN_RECEIVED:
             if not self.snd_una < ack <= self.snd_max:
-                self._stack._send_rst_reply(self.remote_ip, seg)
+                self._stack.send_reset_reply(self.remote_ip, seg)
                 return False
             if self.listener is not None and not self.listener._can_queue():
-                self._stack._count("tcp_listen_overflow")
+                self._stack.count("tcp_listen_overflow")
                 return False
             self.snd_una = ack
             self.snd_wnd = seg.window
@@ -755,7 +792,7 @@ class TcpConnection:
         if new_base > self._snd_base:
             del self._sndbuf[: new_base - self._snd_base]
             self._snd_base = new_base
-            self._stack._touch(self)
+            self._stack.touch(self)
         self.snd_una = ack
         if self.snd_nxt < ack:
             self.snd_nxt = ack
@@ -788,7 +825,7 @@ class TcpConnection:
         if self._in_recovery:
             self.cwnd += mss
         elif self._dupacks == 3 and self.snd_una >= self._recover:
-            self._stack._count("tcp_fast_retransmits")
+            self._stack.count("tcp_fast_retransmits")
             flight = self.snd_max - self.snd_una
             self.ssthresh = max(flight // 2, 2 * mss)
             self._recover = self.snd_max
@@ -802,12 +839,12 @@ class TcpConnection:
     def _after_ack(self) -> None:
         st = self.state
         if st is S.FIN_WAIT_1 and self._fin_acked():
-            self._set_state(S.FIN_WAIT_2)
+            self._transition(E.FIN_ACKED)
             self._rtx_timer.cancel()
             if self._app_closed:
                 self._close_timer.arm(self._stack.now_ns + self._cfg.fin_wait2_timeout_ns)
         elif st is S.CLOSING and self._fin_acked():
-            self._enter_time_wait()
+            self._enter_time_wait(E.FIN_ACKED)
         elif st is S.LAST_ACK and self._fin_acked():
             self._finish()
 
@@ -838,14 +875,14 @@ class TcpConnection:
                 fin_off = None
             if data:
                 if self._app_closed:
-                    self._stack._count("tcp_data_after_close")
+                    self._stack.count("tcp_data_after_close")
                     self.abort()
                     return
                 if seq == self.rcv_nxt:
                     self._rcvbuf += data
                     self.rcv_nxt += len(data)
                     self._reassemble()
-                    self._stack._touch(self)
+                    self._stack.touch(self)
                 else:
                     self._store_ooo(seq, data)
         if fin_off is not None and self.rcv_nxt < fin_off <= self.rcv_nxt + max(
@@ -860,12 +897,12 @@ class TcpConnection:
             if start <= seq and seq + len(data) <= start + len(held):
                 return  # already held
         if self._ooo_bytes + len(data) > self._rcv_cap:
-            self._stack._count("tcp_ooo_dropped")
+            self._stack.count("tcp_ooo_dropped")
             return
         self._ooo.append((seq, data))
         self._ooo.sort(key=lambda item: item[0])
         self._ooo_bytes += len(data)
-        self._stack._count("tcp_ooo_segments")
+        self._stack.count("tcp_ooo_segments")
 
     def _reassemble(self) -> None:
         ooo = self._ooo
@@ -884,16 +921,16 @@ class TcpConnection:
         self._ack_now = True
         st = self.state
         if st is S.ESTABLISHED:
-            self._set_state(S.CLOSE_WAIT)
+            self._transition(E.FIN_RECEIVED)
         elif st is S.FIN_WAIT_1:
             if self._fin_acked():
-                self._enter_time_wait()
+                self._enter_time_wait(E.FIN_RECEIVED_OURS_ACKED)
             else:
-                self._set_state(S.CLOSING)
+                self._transition(E.FIN_RECEIVED)
         elif st is S.FIN_WAIT_2:
             self._close_timer.cancel()
-            self._enter_time_wait()
-        self._stack._touch(self)
+            self._enter_time_wait(E.FIN_RECEIVED)
+        self._stack.touch(self)
 
     def _maybe_window_update(self) -> None:
         if self.state not in _RECEIVING_STATES:
@@ -907,7 +944,7 @@ class TcpConnection:
 class TcpListener:
     """A listening port: SYNs become connections, established ones wait for ``accept``."""
 
-    def __init__(self, stack: NetStack, handle: int, port: int, backlog: int) -> None:
+    def __init__(self, stack: EndpointHost, handle: int, port: int, backlog: int) -> None:
         self._stack = stack
         self.handle = handle
         self.port = port
@@ -946,13 +983,13 @@ class TcpListener:
         if self.closed:
             return
         self.closed = True
-        self._stack._remove_listener(self)
+        self._stack.remove_listener(self)
         for conn in [*self._pending.values(), *self._queue]:
             conn.listener = None
             conn.abort()
         self._pending.clear()
         self._queue.clear()
-        self._stack._touch(self)
+        self._stack.touch(self)
 
     def _can_accept_syn(self) -> bool:
         return len(self._pending) < self._stack.tcp_config.max_half_open
@@ -966,7 +1003,7 @@ class TcpListener:
     def _queue_established(self, conn: TcpConnection) -> None:
         self._pending.pop(conn.handle, None)
         self._queue.append(conn)
-        self._stack._touch(self)
+        self._stack.touch(self)
 
     def _forget(self, conn: TcpConnection) -> None:
         self._pending.pop(conn.handle, None)

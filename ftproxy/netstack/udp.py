@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ftproxy.netstack import packets as pk
 
 if TYPE_CHECKING:
-    from ftproxy.netstack.stack import NetStack
+    from ftproxy.netstack.host import EndpointHost
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class UdpConfig:
 class UdpSocket:
     """A bound UDP port. ``sendto`` queues a datagram (routed through ARP as needed)."""
 
-    def __init__(self, stack: NetStack, handle: int, port: int) -> None:
+    def __init__(self, stack: EndpointHost, handle: int, port: int) -> None:
         self._stack = stack
         self.handle = handle
         self.port = port
@@ -44,7 +44,7 @@ class UdpSocket:
         if not 0 < port <= 0xFFFF:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         payload = bytes(data)
-        self._stack._udp_send(self.port, pk.ip_to_int(ip), port, payload)
+        self._stack.send_udp_datagram(self.port, pk.ip_to_int(ip), port, payload)
         return len(payload)
 
     def recvfrom(self) -> tuple[bytes, tuple[str, int]] | None:
@@ -72,16 +72,16 @@ class UdpSocket:
         self.closed = True
         self._queue.clear()
         self._queued_bytes = 0
-        self._stack._remove_udp(self)
+        self._stack.remove_udp(self)
 
     def _deliver(self, data: bytes, src_ip: int, src_port: int) -> None:
         if self._queued_bytes + len(data) > self._cap:
-            self._stack._count("rx_udp_queue_full")
+            self._stack.count("rx_udp_queue_full")
             return
         self._queue.append((data, (pk.int_to_ip(src_ip), src_port)))
         self._queued_bytes += len(data)
-        self._stack._count("udp_received")
-        self._stack._touch(self)
+        self._stack.count("udp_received")
+        self._stack.touch(self)
 
     def __repr__(self) -> str:
         return f"<UdpSocket #{self.handle} port {self.port} queued {len(self._queue)}>"
