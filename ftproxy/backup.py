@@ -5,8 +5,9 @@ outputs wait only for the network. The guest replays behind, answered from the
 received entries and checked against them. When the primary falls silent, the
 backup replays everything it holds, then asks the arbiter; if it wins it goes
 live: the guest's next exit is answered from the world (it cannot tell), the
-service addresses are bound here, and every connection the old primary held
-reads as reset (the new front does not know it), as a logged input.
+service addresses are bound here, connection ids continue from the log's, and
+every connection the guest held reads as reset, as a logged input (see
+``ftproxy.takeover``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from ftproxy.channel import (
 )
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
-from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, join_primary
 from ftproxy.replay import check_entry
@@ -46,6 +46,7 @@ from ftproxy.replica import (
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
+from ftproxy.takeover import TakeoverState
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, open_front
 
@@ -64,12 +65,7 @@ class Backup(ReplicaShell):
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
         self._acked = (0, 0)  # the (received, replayed) the last ack said
-        # The guest's clock as the replayed replies set it: a live guest's
-        # clock continues from there (replies carry deltas, not absolutes).
-        self._clock = p.GuestClock(welcome.header.policy.clock_step_ns)
-        # The guest's bound sockets, to bind for real at go-live:
-        # sock -> [family, type, guest address, backlog or None]
-        self._bound: dict[int, list[Any]] = {}
+        self._takeover = TakeoverState(welcome.header.policy.clock_step_ns)
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
@@ -84,7 +80,7 @@ class Backup(ReplicaShell):
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
-                self._track_clock_and_binds(exit, entry)
+                self._takeover.follow_entry(exit, entry)
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
                 return entry.reply
@@ -96,29 +92,12 @@ class Backup(ReplicaShell):
         self.board.counters["outputs_total"] += 1
         if self.world is not None:
             self.world.output_later(message)
-        elif message[0] == p.OP_CLOSE:
-            self._bound.pop(message[1], None)
+        else:
+            self._takeover.follow_output(message)
 
     def flush(self) -> None:
         if self.world is not None:
             self.world.flush_outputs()
-
-    def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
-        """Follow what go-live needs from a replayed entry: the clock, bound addresses."""
-        try:
-            mono_gain, wall_shift, result = p.split_reply(p.decode_body(entry.reply))
-        except p.ProtocolError as exc:
-            raise GuestFailure(f"entry {entry.seq} holds no reply: {exc}") from None
-        self._clock.apply(entry.icount, mono_gain, wall_shift)
-        if exit.kind == p.KIND_BIND:
-            sock, family, kind, _ = exit.args
-            code, address = result[:2]
-            if code == 0:
-                self._bound[sock] = [family, kind, tuple(address), None]
-        elif exit.kind == p.KIND_LISTEN:
-            sock, backlog = exit.args
-            if sock in self._bound and result == 0:
-                self._bound[sock][3] = backlog
 
     # -- the log channel --------------------------------------------------------
 
@@ -227,9 +206,19 @@ class Backup(ReplicaShell):
         )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
-        world.clock.continue_from(self._clock)
+        takeover = self._takeover
+        world.clock.continue_from(takeover.clock)
         if isinstance(front, SocketFront):
-            for sock, (family, kind, address, backlog) in self._bound.items():
+            # Before any new connection: ids go on from the log's, and the
+            # connections the old primary's sockets carried read as reset.
+            front.inherit(takeover.held, takeover.next_accepted)
+            if takeover.held:
+                self.log.info(
+                    "connections_reset",
+                    count=sum(not told for told in takeover.held.values()),
+                    next_id=takeover.next_accepted,
+                )
+            for sock, (family, kind, address, backlog) in takeover.bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
