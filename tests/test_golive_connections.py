@@ -1,5 +1,5 @@
 """Connections across a failover in socket mode: kill -9 of the primary while clients are
-idle, mid-request and mid-response, then many new clients at once.
+idle, mid-request, mid-response and half-closed, then many new clients at once.
 
 A connection id names one connection for the whole life of the guest: the backup gone
 live numbers new connections after the ones the log shows, and every connection its
@@ -271,11 +271,11 @@ SHAPES = {
     ),
 }
 
-OLD_STATES = ("idle", "mid-request", "mid-response")
+OLD_STATES = ("idle", "mid-request", "mid-response", "half-closed")
 CASES = [
     pytest.param(name, first, id=f"{name}-{first}-served")
     for name, shape in SHAPES.items()
-    for first in (OLD_STATES if shape.sequential else OLD_STATES[:1])
+    for first in (OLD_STATES[:3] if shape.sequential else OLD_STATES[:1])
 ]
 
 
@@ -309,8 +309,17 @@ def _open_old_client(shape: Shape, state: str, port: int, served: bool) -> tuple
         client.send(shape.half_request)
         # An echo server answers half a line too: the bytes come back as they came.
         return client, shape.half_request if served and shape.name == "socketserver" else b""
-    shape.big_request(client, "slowreader")
-    return client, _body("slowreader", BIG) + shape.big_reply_tail("slowreader")
+    if state == "half-closed" and shape.name == "socketserver":
+        # Queued behind the served client (this shape serves one at a time).
+        client.send(b"last line\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        return client, b""
+    key = "slowreader" if state == "mid-response" else "halfclosed"
+    shape.big_request(client, key)
+    if state == "half-closed":
+        # All sent, its side shut: the server reads EOF while it still writes the reply.
+        client.sock.shutdown(socket.SHUT_WR)
+    return client, _body(key, BIG) + shape.big_reply_tail(key)
 
 
 def _serve_new_client(shape: Shape, port: int, index: int, acked_before: dict[str, str]) -> None:
@@ -351,13 +360,15 @@ def test_old_connections_read_as_reset_and_new_ones_are_their_own(
     for state in order:
         served = not shape.sequential or state == first
         old[state] = _open_old_client(shape, state, port, served)
-    if not shape.sequential or first == "mid-response":
+    for state in ("mid-response", "half-closed"):
+        if shape.sequential and first != state:
+            continue  # not served before the kill
         # Read a little of the large reply, slowly: the guest is blocked writing the rest.
-        reader, owed = old["mid-response"]
+        reader, owed = old[state]
         shape.big_reply_head(reader)
         start = reader.read_exact(65536)
         assert owed.startswith(start)
-        old["mid-response"] = (reader, owed[len(start) :])
+        old[state] = (reader, owed[len(start) :])
     c.kill_primary()
     wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
 
