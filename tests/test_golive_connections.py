@@ -410,3 +410,112 @@ def test_connection_ids_continue_after_failover(cluster) -> None:
     with socket.create_connection(("127.0.0.1", c.service_port), timeout=10) as sock:
         sock.sendall(_resp("GET", "k1"))
         assert sock.recv(100) == b"$1\r\nv\r\n"
+
+
+class Upstream:
+    """A line server the guest connects to: answers ``echo LINE``, except a line
+    starting with ``hold``, which it never answers (the guest waits on it)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held = threading.Event()
+        self.held_ended = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            if data.startswith(b"hold"):
+                self.held.set()
+                with contextlib.suppress(OSError):
+                    while conn.recv(4096):
+                        pass
+                self.held_ended.set()
+                return
+            conn.sendall(b"echo " + data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_the_guest_made_reads_as_reset_and_new_ones_connect_afresh(
+    tmp_path: Path,
+) -> None:
+    upstream = Upstream()
+    port = free_port()
+    c = Cluster(
+        tmp_path, service_port=port, guest=(str(GUESTS / "proxy.py"), str(port), str(upstream.port))
+    )
+    try:
+        c.start()
+        served = Client(port)
+        served.send(b"first\n")
+        assert served.read_until(b"\n") == b"upstream said: echo first\n"
+        waiting = Client(port)
+        waiting.send(b"hold on\n")
+        # The guest's own connection upstream is open and waits for an answer at the kill.
+        assert upstream.held.wait(20)
+        c.kill_primary()
+        wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
+        for client in (served, waiting):
+            assert client.rest_until_closed() == b""
+            client.close()
+        assert upstream.held_ended.wait(20)  # it was the old primary's socket
+        reset = next(e for e in c.backup.events() if e.get("event") == "connections_reset")
+        assert reset["count"] == 3  # two clients and the guest's connection upstream
+
+        def ask(index: int) -> None:
+            client = Client(port)
+            try:
+                client.send(b"word%d\n" % index)
+                assert client.read_until(b"\n") == b"upstream said: echo word%d\n" % index
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            for future in [pool.submit(ask, i) for i in range(10)]:
+                future.result(timeout=60)
+    finally:
+        c.stop()
+        upstream.close()
+
+
+def test_a_udp_service_answers_from_the_same_address_after_failover(tmp_path: Path) -> None:
+    port = free_port()
+    c = Cluster(tmp_path, service_port=port, guest=(str(GUESTS / "udp_echo.py"), str(port)))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            c.start()
+            sock.sendto(b"before", ("127.0.0.1", port))
+            assert sock.recvfrom(100)[0] == b"1:before"
+            c.kill_primary()
+            wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
+
+            def answered() -> bool:
+                # Datagrams may be lost while the address moves: ask until one is answered.
+                sock.sendto(b"after", ("127.0.0.1", port))
+                try:
+                    data = sock.recvfrom(100)[0]
+                except TimeoutError:
+                    return False
+                assert data.endswith(b":after") and int(data.split(b":")[0]) >= 2, data
+                return True
+
+            wait_until(answered, 20, "the live backup answers datagrams")
+        finally:
+            c.stop()
