@@ -93,6 +93,8 @@ class Cluster:
     primary_admin: int = field(default_factory=free_port)
     backup_admin: int = field(default_factory=free_port)
     primary_args: tuple[str, ...] = ()
+    # The guest's command line (default: examples/kv.py on the service port).
+    guest: tuple[str, ...] = ()
     processes: dict[str, Process] = field(default_factory=dict)
 
     def start_arbiter(self) -> Process:
@@ -124,7 +126,7 @@ class Cluster:
         mapping: list[str] = []
         if role == "backup" and self.backup_service_port is not None:
             mapping = ["--map", f"{self.service_port}=127.0.0.1:{self.backup_service_port}"]
-        guest = guest or (str(KV), "--port", str(self.service_port))
+        guest = guest or self.guest or (str(KV), "--port", str(self.service_port))
         return [
             *FTPROXY,
             role,
