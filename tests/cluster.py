@@ -93,6 +93,9 @@ class Cluster:
     primary_admin: int = field(default_factory=free_port)
     backup_admin: int = field(default_factory=free_port)
     primary_args: tuple[str, ...] = ()
+    # Another arbiter than the built-in one started here (an etcd:// address), and its flags.
+    arbiter_address: str | None = None
+    arbiter_args: tuple[str, ...] = ()
     processes: dict[str, Process] = field(default_factory=dict)
 
     def start_arbiter(self) -> Process:
@@ -130,7 +133,8 @@ class Cluster:
             role,
             *where,
             "--arbiter",
-            f"127.0.0.1:{self.arbiter_port}",
+            self.arbiter_address or f"127.0.0.1:{self.arbiter_port}",
+            *self.arbiter_args,
             "--admin",
             f"127.0.0.1:{admin}",
             "--insecure",
@@ -141,7 +145,8 @@ class Cluster:
         ]
 
     def start(self) -> Cluster:
-        self.start_arbiter()
+        if self.arbiter_address is None:
+            self.start_arbiter()
         self.processes["primary"] = Process(
             "primary", self.replica_command("primary", *self.primary_args), self.tmp
         )
