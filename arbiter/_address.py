@@ -24,6 +24,7 @@ returns the :class:`~arbiter.Arbiter`. Both raise :class:`ArbiterAddressError`
 
 from __future__ import annotations
 
+import re
 import ssl
 import stat
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,7 @@ ARBITER_FORMS: Final = (
     "HOST:PORT (the built-in arbiter) or etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)"
 )
 _SCHEMES: Final = {"etcd": False, "etcds": True}
+_HOST: Final = re.compile(r"[A-Za-z0-9._-]+")  # a name or an IPv4 address ([V6] apart)
 # Address option -> the flag that gives the same setting.
 _OPTION_FLAGS: Final = {
     "ca": "--etcd-ca",
@@ -134,9 +136,12 @@ def parse_arbiter(
                 f"({flag} etcd://HOST:PORT[,...]), not with {flag} {text}"
             )
         try:
-            return BuiltinAddress(parse_address(text))
+            host, port = parse_address(text)
         except ValueError:
             raise ArbiterAddressError(_expected(flag, text, "")) from None
+        if not _HOST.fullmatch(host) and not text.startswith("["):
+            raise ArbiterAddressError(_expected(flag, text, f"{host!r} is not a host name"))
+        return BuiltinAddress((host, port))
     if scheme not in _SCHEMES:
         raise ArbiterAddressError(_expected(flag, text, f"unknown scheme {scheme}://"))
     return _parse_etcd(text, _SCHEMES[scheme], settings, flag)
@@ -182,10 +187,13 @@ def _parse_etcd(text: str, tls: bool, settings: EtcdSettings, flag: str) -> Etcd
     endpoints = []
     for item in hosts.split(","):
         try:
-            endpoints.append(parse_address(item))
+            host, port = parse_address(item)
+            if not _HOST.fullmatch(host) and not item.startswith("["):
+                raise ValueError(host)
         except ValueError:
             reason = f"{item!r} is not HOST:PORT" if item else "an empty endpoint"
             raise ArbiterAddressError(_expected(flag, text, reason)) from None
+        endpoints.append((host, port))
     merged = EtcdSettings(**{name.replace("-", "_"): value for name, value in options.items()})
     if not tls and (merged.ca or merged.cert or merged.key):
         raise ArbiterAddressError(

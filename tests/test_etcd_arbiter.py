@@ -181,8 +181,16 @@ async def test_wrong_credentials_are_refused_with_a_clear_error(etcd, tmp_path: 
     anonymous = connect(cluster.address)
     with pytest.raises(ArbiterRefused, match="--etcd-user"):
         await anonymous.query("auth/generation/1")
-    # Only the right user's decision is stored (read back as etcd's root).
+    # A user etcd knows, without the role that may touch ftproxy/.
     root = ["--user", "root:root-password-1"]
+    assert cluster.etcdctl(*root, "user", "add", "stranger:stranger-pw").returncode == 0
+    stranger_password = tmp_path / "stranger"
+    stranger_password.write_text("stranger-pw\n")
+    stranger_password.chmod(0o600)
+    stranger = connect(cluster.address, user="stranger", password_file=str(stranger_password))
+    with pytest.raises(ArbiterRefused, match="permission denied"):
+        await stranger.test_and_set("auth/generation/1", "stranger")
+    # Only the right user's decision is stored (read back as etcd's root).
     assert stored_winner(cluster, "auth/generation/1", *root) == "backup"
 
 
