@@ -14,7 +14,9 @@ which is the arbiter's absence, as for the built-in server (nobody goes live).
 Keys live under :data:`KEY_PREFIX` (``ftproxy/<pair>/generation/<N>``); the
 values are the candidates' names. HTTP goes through ``httpx`` on trio; every
 call is bounded by :class:`~arbiter.ArbiterTiming`, and a failed endpoint is
-followed by the next one, starting with the one that answered last.
+followed by the next one, starting with the one that answered last. A refusal
+that etcd answers (credentials, permissions) holds for the whole cluster; a TLS
+refusal only for that member, so the others are asked before giving up.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class EtcdArbiter:
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path`` on the first endpoint that answers."""
         reasons = []
+        refusals: list[_EndpointRefused] = []
         count = len(self.endpoints)
         for step in range(count):
             index = (self._preferred + step) % count
@@ -130,8 +133,16 @@ class EtcdArbiter:
             except ArbiterUnavailable as exc:
                 reasons.append(f"{_format(endpoint)}: {exc}")
                 continue
+            except _EndpointRefused as exc:
+                # One member's bad certificate must not stop us asking the others;
+                # a refusal etcd itself answers (credentials) stands for all of them.
+                refusals.append(exc)
+                reasons.append(f"{_format(endpoint)}: refused: {exc}")
+                continue
             self._preferred = index
             return reply
+        if len(refusals) == count:  # no member will talk to us: asking again will not help
+            raise refusals[0]
         raise ArbiterUnavailable(f"no etcd endpoint answered ({'; '.join(reasons)})")
 
     async def _call_endpoint(
@@ -166,7 +177,7 @@ class EtcdArbiter:
         except httpx.TransportError as exc:
             problem = _ssl_problem(exc)
             if problem is not None:
-                raise ArbiterRefused(
+                raise _EndpointRefused(
                     f"TLS with etcd at {base} failed: {problem} (check --etcd-ca, "
                     "--etcd-cert and --etcd-key, and that the endpoints speak TLS: etcds://)"
                 ) from None
@@ -175,10 +186,15 @@ class EtcdArbiter:
     def _broken(self, exc: httpx.TransportError) -> str:
         """Why a connection broke, with what to check when a misconfiguration looks so."""
         reason = str(exc) or type(exc).__name__
+        connecting = isinstance(exc, httpx.ConnectError)  # refused, or the handshake failed
         if self._tls is None and isinstance(exc, httpx.RemoteProtocolError):
             # What a member serving TLS does to plain HTTP: it hangs up.
             reason += " (if the members serve TLS, write etcds://)"
-        elif self._tls is not None and not self._client_certificate:
+        elif self._tls is not None and _caused_by(exc, ssl.SSLEOFError):
+            # What a member serving plain HTTP does to a TLS handshake: it hangs up.
+            reason += " (closed during the TLS handshake: if the members serve plain HTTP, "
+            reason += "write etcd://)"
+        elif self._tls is not None and not self._client_certificate and not connecting:
             # Under TLS 1.3 a member refuses a client without a certificate after the
             # handshake: its alert may arrive as a plain reset.
             reason += " (if the members require client certificates: --etcd-cert, --etcd-key)"
@@ -232,6 +248,10 @@ class EtcdArbiter:
         )
 
 
+class _EndpointRefused(ArbiterRefused):
+    """This member refuses the connection (TLS); another member may not."""
+
+
 class _TokenExpired(Exception):
     """The token we sent is no longer valid: authenticate again, once."""
 
@@ -240,6 +260,15 @@ class _TokenExpired(Exception):
 def _plain_http_context() -> ssl.SSLContext:
     """What httpx wants to be given for ``http://`` endpoints, where it goes unused."""
     return ssl.create_default_context()
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _ssl_problem(exc: BaseException) -> str | None:

@@ -231,3 +231,24 @@ async def test_a_tls_member_that_died_is_unavailable_not_refused(etcd) -> None:
     cluster.members[0].kill()
     with pytest.raises(ArbiterUnavailable):
         await arb.test_and_set("k/generation/1", "backup")
+
+
+async def test_a_member_that_fails_tls_is_passed_over_for_the_next(etcd) -> None:
+    stranger = etcd(1, tls=True)  # its certificate is signed by a CA we do not trust
+    secure = etcd(1, tls=True)
+    tls = etcd.client_tls  # secure's CA and client certificate
+    files = {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
+    both = f"etcds://{stranger.members[0].endpoint},{secure.members[0].endpoint}"
+    assert (await connect(both, **files).test_and_set("next/generation/1", "backup")).won
+    # When no member will talk TLS with us, that is a refusal, not an outage.
+    alone = connect(f"etcds://{stranger.members[0].endpoint}", **files)
+    with pytest.raises(ArbiterRefused, match="TLS with etcd"):
+        await alone.query("next/generation/1")
+
+
+async def test_tls_to_a_plain_member_says_what_to_check(etcd) -> None:
+    plain = etcd(1)
+    arb = connect(f"etcds://{plain.members[0].endpoint}")
+    # It hangs up on the handshake, as a dying member would: keep asking, and say why.
+    with pytest.raises(ArbiterUnavailable, match="etcd://"):
+        await arb.query("plain/generation/1")
