@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT: Final = 5.0
+LOG_EVERY_S: Final = 1.0  # arbiter_unreachable, at most this often while retrying
 
 logger = structlog.get_logger()
 
@@ -120,24 +121,29 @@ async def ask_until_answered(
 ) -> T:
     """``await question()`` (a question to ``arbiter``), asked again while it is unavailable.
 
-    Each failure is logged as ``arbiter_unreachable`` (with ``context``, e.g. the
-    key), then a pause (see :class:`ArbiterTiming`). Only an answer,
-    :class:`ArbiterRefused` or cancellation ends it.
+    A failure is followed by a pause (see :class:`ArbiterTiming`) and logged as
+    ``arbiter_unreachable`` (with ``context``, e.g. the key): the first one, then
+    at most one every :data:`LOG_EVERY_S`, since the pauses are short. Only an
+    answer, :class:`ArbiterRefused` or cancellation ends it.
     """
     backoff = timing.first_backoff_s
     attempt = 1
+    logged_at: float | None = None
     while True:
         try:
             return await question()
         except ArbiterUnavailable as exc:
-            logger.warning(
-                "arbiter_unreachable",
-                arbiter=arbiter.describe(),
-                **context,
-                attempt=attempt,
-                reason=str(exc),
-                retry_in=backoff,
-            )
+            now = trio.current_time()
+            if logged_at is None or now - logged_at >= LOG_EVERY_S:
+                logged_at = now
+                logger.warning(
+                    "arbiter_unreachable",
+                    arbiter=arbiter.describe(),
+                    **context,
+                    attempt=attempt,
+                    reason=str(exc),
+                    retry_in=backoff,
+                )
         await trio.sleep(backoff)
         backoff = min(backoff * 2, timing.max_backoff_s)
         attempt += 1

@@ -11,6 +11,7 @@ thread.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
@@ -137,7 +138,6 @@ class EtcdCluster:
     members: list[Member]
     tls: ServerTls | None = None
     client_tls: tuple[Path, Path] | None = None  # (cert, key) for health checks with TLS
-    _token: str = field(default="", repr=False)
 
     @property
     def scheme(self) -> str:
@@ -186,7 +186,7 @@ class EtcdCluster:
             text=True,
             timeout=timeout,
             check=False,
-            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+            env={**os.environ, "ETCDCTL_API": "3"},
         )
 
     def stop(self) -> None:
