@@ -20,6 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -74,12 +75,13 @@ class Member:
     data_dir: Path
     log_path: Path
     command: list[str]
+    host: str = HOST
     popen: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"{HOST}:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def start(self) -> None:
         """Start (or start again, on the same data directory)."""
@@ -217,37 +219,36 @@ class EtcdCluster:
             return False
 
 
-def start_cluster(
+def plan_members(
     workdir: Path,
-    size: int = 3,
+    hosts: Sequence[str],
     *,
+    ports: Sequence[tuple[int, int]] | None = None,
     tls: ServerTls | None = None,
-    client_tls: tuple[Path, Path] | None = None,
-    wait: bool = True,
-    timeout: float = START_TIMEOUT_S,
-) -> EtcdCluster:
-    """Start ``size`` etcd members under ``workdir`` and (``wait``) until they are healthy.
+) -> list[Member]:
+    """One member per address in ``hosts`` (not started), as one new cluster.
 
-    On any failure every member started is killed before the error is raised.
+    ``ports``: each member's (client, peer) ports; free loopback ports by default.
+    A caller may also run a member's ``command`` elsewhere (in a network namespace).
     """
     binary = etcd_binary()
     workdir.mkdir(parents=True, exist_ok=True)
-    names = [f"m{i}" for i in range(size)]
-    ports = [(free_port(), free_port()) for _ in names]
-    initial = ",".join(
-        f"{n}=http://{HOST}:{peer}" for n, (_, peer) in zip(names, ports, strict=True)
-    )
+    names = [f"m{i}" for i in range(len(hosts))]
+    ports = ports or [(free_port(), free_port()) for _ in names]
+    peers = [f"http://{host}:{peer}" for host, (_, peer) in zip(hosts, ports, strict=True)]
+    initial = ",".join(f"{n}={url}" for n, url in zip(names, peers, strict=True))
     scheme = "https" if tls is not None else "http"
     members = []
-    for name, (client, peer) in zip(names, ports, strict=True):
+    for name, host, peer_url, (client, peer) in zip(names, hosts, peers, ports, strict=True):
+        client_url = f"{scheme}://{host}:{client}"
         command = [
             binary,
             "--name", name,
             "--data-dir", str(workdir / name),
-            "--listen-client-urls", f"{scheme}://{HOST}:{client}",
-            "--advertise-client-urls", f"{scheme}://{HOST}:{client}",
-            "--listen-peer-urls", f"http://{HOST}:{peer}",
-            "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", initial,
             "--initial-cluster-state", "new",
             "--initial-cluster-token", f"ftproxy-{workdir.name}",
@@ -261,7 +262,24 @@ def start_cluster(
                 "--trusted-ca-file", str(tls.ca),
                 "--client-cert-auth",
             ]  # fmt: skip
-        members.append(Member(name, client, peer, workdir / name, workdir / f"{name}.log", command))
+        log_path = workdir / f"{name}.log"
+        members.append(Member(name, client, peer, workdir / name, log_path, command, host))
+    return members
+
+
+def start_cluster(
+    workdir: Path,
+    size: int = 3,
+    *,
+    tls: ServerTls | None = None,
+    client_tls: tuple[Path, Path] | None = None,
+    wait: bool = True,
+    timeout: float = START_TIMEOUT_S,
+) -> EtcdCluster:
+    """Start ``size`` etcd members on loopback under ``workdir`` and (``wait``) until
+    they are healthy. On any failure every member started is killed before the error
+    is raised."""
+    members = plan_members(workdir, [HOST] * size, tls=tls)
     cluster = EtcdCluster(workdir, members, tls, client_tls)
     try:
         for member in members:
