@@ -11,10 +11,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+
+if TYPE_CHECKING:
+    import arbiter
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -326,7 +329,7 @@ def _add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _arbiter_from_args(
     args: argparse.Namespace, secret: bytes | None, peer_timeout_s: float
-) -> Any:
+) -> arbiter.Arbiter:
     """The arbiter that ``--arbiter`` and the etcd flags name (ArbiterAddressError if none)."""
     import arbiter
 
