@@ -1,13 +1,38 @@
-"""The arbiter: a durable test-and-set service that prevents split brain."""
+"""The arbiter: a durable test-and-set service that prevents split brain.
 
+Two implementations behind one interface (:class:`Arbiter`): the built-in
+server (``ftproxy arbiter``, :func:`serve`) and its client, and an etcd
+cluster. :func:`connect` picks one from an ``--arbiter`` address.
+"""
+
+from arbiter._address import (
+    ARBITER_FORMS,
+    ArbiterAddress,
+    ArbiterAddressError,
+    BuiltinAddress,
+    EtcdAddress,
+    EtcdSettings,
+    connect,
+    parse_arbiter,
+)
 from arbiter._client import (
-    DEFAULT_TIMEOUT,
     Address,
-    ArbiterUnavailable,
+    BuiltinArbiter,
+    format_address,
     parse_address,
     query,
     test_and_set,
     test_and_set_retrying,
+)
+from arbiter._etcd import KEY_PREFIX as ETCD_KEY_PREFIX
+from arbiter._etcd import EtcdArbiter
+from arbiter._interface import (
+    DEFAULT_TIMEOUT,
+    Arbiter,
+    ArbiterRefused,
+    ArbiterTiming,
+    ArbiterUnavailable,
+    ask_until_answered,
 )
 from arbiter._protocol import (
     PROTOCOL_VERSION,
@@ -26,12 +51,24 @@ from arbiter._server import serve
 from arbiter._store import Store, StoreCorruptError, StoreError
 
 __all__ = [
+    "ARBITER_FORMS",
     "DEFAULT_TIMEOUT",
+    "ETCD_KEY_PREFIX",
     "PROTOCOL_VERSION",
     "Address",
+    "Arbiter",
+    "ArbiterAddress",
+    "ArbiterAddressError",
+    "ArbiterRefused",
+    "ArbiterTiming",
     "ArbiterUnavailable",
+    "BuiltinAddress",
+    "BuiltinArbiter",
     "Connection",
     "Decision",
+    "EtcdAddress",
+    "EtcdArbiter",
+    "EtcdSettings",
     "LocalProtocolError",
     "ProtocolError",
     "Query",
@@ -43,7 +80,11 @@ __all__ = [
     "StoreError",
     "TestAndSet",
     "Undecided",
+    "ask_until_answered",
+    "connect",
+    "format_address",
     "parse_address",
+    "parse_arbiter",
     "query",
     "serve",
     "test_and_set",

@@ -1,4 +1,4 @@
-"""Asking the arbiter, from trio: one connection per question.
+"""The built-in arbiter's client, from trio: one connection per question.
 
 :func:`test_and_set` and :func:`query` raise :class:`ArbiterUnavailable` when
 the arbiter cannot be reached or does not answer in time (whether the question
@@ -10,16 +10,30 @@ insecure, another protocol version. Retrying does not cure that.
 :func:`test_and_set_retrying` is what a replica calls before acting alone: it
 asks until the arbiter answers, logging each failure, and never gives up on its
 own (the caller cancels it).
+
+:class:`BuiltinArbiter` is the same client behind the :class:`~arbiter.Arbiter`
+interface. Each free function also takes any :class:`~arbiter.Arbiter` in place
+of an address (then its own secret and timing apply), so that code written
+for the built-in arbiter asks whichever one was configured.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
 import trio
 
+from arbiter._interface import (
+    DEFAULT_TIMEOUT,
+    Arbiter,
+    ArbiterRefused,
+    ArbiterTiming,
+    ArbiterUnavailable,
+    ask_until_answered,
+)
 from arbiter._protocol import (
     MAX_REASON_LENGTH,
     NEED_DATA,
@@ -41,6 +55,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Address",
     "ArbiterUnavailable",
+    "BuiltinArbiter",
+    "format_address",
     "parse_address",
     "query",
     "test_and_set",
@@ -48,14 +64,41 @@ __all__ = [
 ]
 
 Address = tuple[str, int]
-DEFAULT_TIMEOUT: Final = 5.0
 _RECEIVE_SIZE: Final = 65536
 
 logger = structlog.get_logger()
 
 
-class ArbiterUnavailable(Exception):
-    """The arbiter could not be reached, or did not answer in time."""
+@dataclass(frozen=True)
+class BuiltinArbiter:
+    """The built-in test-and-set server at ``address`` (``ftproxy arbiter``)."""
+
+    address: Address
+    secret: bytes | None = field(repr=False)
+    timing: ArbiterTiming = field(default_factory=ArbiterTiming)
+
+    @property
+    def kind(self) -> str:
+        return "builtin"
+
+    def describe(self) -> str:
+        return format_address(self.address)
+
+    async def test_and_set(self, key: str, candidate: str) -> Decision:
+        reply = await self._ask(TestAndSet(key, candidate))
+        assert isinstance(reply, Decision)  # the protocol refuses anything else
+        return reply
+
+    async def query(self, key: str) -> Decision | Undecided:
+        return await self._ask(Query(key))
+
+    async def _ask(self, request: Request) -> Decision | Undecided:
+        try:
+            return await _ask(
+                self.address, request, self.secret, self.timing.answer_s, self.timing.connect_s
+            )
+        except RemoteProtocolError as exc:
+            raise ArbiterRefused(str(exc)) from None
 
 
 def parse_address(text: str) -> Address:
@@ -69,7 +112,7 @@ def parse_address(text: str) -> Address:
 
 
 async def test_and_set(
-    address: Address,
+    address: Address | Arbiter,
     key: str,
     candidate: str,
     secret: bytes | None,
@@ -81,24 +124,28 @@ async def test_and_set(
     Return the decision: ``won`` is True when ``candidate`` is (or already was)
     the winner; otherwise ``winner`` names who is.
     """
+    if not isinstance(address, tuple):
+        return await address.test_and_set(key, candidate)
     reply = await _ask(address, TestAndSet(key, candidate), secret, timeout)
     assert isinstance(reply, Decision)  # the protocol refuses anything else
     return reply
 
 
 async def query(
-    address: Address,
+    address: Address | Arbiter,
     key: str,
     secret: bytes | None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Decision | Undecided:
     """Ask the arbiter at ``address`` whether ``key`` was decided (``won`` is always False)."""
+    if not isinstance(address, tuple):
+        return await address.query(key)
     return await _ask(address, Query(key), secret, timeout)
 
 
 async def test_and_set_retrying(
-    address: Address,
+    address: Address | Arbiter,
     key: str,
     candidate: str,
     secret: bytes | None,
@@ -113,41 +160,40 @@ async def test_and_set_retrying(
     that doubles from ``initial_backoff`` up to ``max_backoff``. Only an answer,
     a protocol error (which retrying cannot cure) or cancellation ends it.
     """
-    backoff = initial_backoff
-    attempt = 1
-    while True:
-        try:
-            return await test_and_set(address, key, candidate, secret, timeout=timeout)
-        except ArbiterUnavailable as exc:
-            logger.warning(
-                "arbiter_unreachable",
-                arbiter=_format(address),
-                key=key,
-                candidate=candidate,
-                attempt=attempt,
-                reason=str(exc),
-                retry_in=backoff,
-            )
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, max_backoff)
-        attempt += 1
+    timing = ArbiterTiming(timeout, timeout, initial_backoff, max_backoff)
+    where = BuiltinArbiter(address, secret, timing) if isinstance(address, tuple) else address
+
+    async def ask() -> Decision:
+        return await test_and_set(address, key, candidate, secret, timeout=timeout)
+
+    return await ask_until_answered(where, ask, timing, key=key, candidate=candidate)
 
 
 async def _ask(
-    address: Address, request: Request, secret: bytes | None, timeout: float
+    address: Address,
+    request: Request,
+    secret: bytes | None,
+    timeout: float,
+    connect_timeout: float | None = None,
 ) -> Decision | Undecided:
     with trio.move_on_after(timeout):
-        return await _exchange(address, request, secret)
-    raise ArbiterUnavailable(f"the arbiter at {_format(address)} did not answer within {timeout} s")
+        return await _exchange(address, request, secret, connect_timeout or timeout)
+    where = format_address(address)
+    raise ArbiterUnavailable(f"the arbiter at {where} did not answer within {timeout:g} s")
 
 
 async def _exchange(
-    address: Address, request: Request, secret: bytes | None
+    address: Address, request: Request, secret: bytes | None, connect_timeout: float
 ) -> Decision | Undecided:
-    where = _format(address)
+    where = format_address(address)
     conn = Connection(Role.CLIENT, secret)
     try:
-        stream = await trio.open_tcp_stream(*address)
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream(*address)
+    except trio.TooSlowError:
+        raise ArbiterUnavailable(
+            f"cannot connect to the arbiter at {where} within {connect_timeout:g} s"
+        ) from None
     except OSError as exc:
         raise ArbiterUnavailable(f"cannot connect to the arbiter at {where}: {exc}") from None
     async with stream:
@@ -180,7 +226,8 @@ async def _exchange(
             ) from None
 
 
-def _format(address: Address) -> str:
+def format_address(address: Address) -> str:
+    """``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal)."""
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

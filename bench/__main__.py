@@ -27,7 +27,17 @@ from typing import Any
 from bench import alternatives, failover, matrix, plot, report, summary
 from bench.load import require_redis_benchmark
 from bench.machine import describe, load_average
-from bench.plan import BARE, FTPROXY_CONFIGS, LABELS, NO_RULE, RECORD, RULE, RULE_SILENT, Plan
+from bench.plan import (
+    BARE,
+    FTPROXY_CONFIGS,
+    LABELS,
+    NO_RULE,
+    RECORD,
+    RULE,
+    RULE_ETCD,
+    RULE_SILENT,
+    Plan,
+)
 from bench.services import Arbiter, Service, start_bare, start_pair, start_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,6 +177,9 @@ def ftproxy_failovers(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, 
             silent=silent,
             progress=_failover_progress,
         )
+    series[RULE_ETCD] = failover.etcd_series(
+        RULE_ETCD, scratch, trials=plan.failovers, seed=plan.seed, progress=_failover_progress
+    )
     return series
 
 

@@ -27,7 +27,8 @@ from typing import Any
 from bench import alternatives
 from bench.procs import wait_until
 from bench.resp import Connection, ReplyError
-from bench.services import Arbiter, admin_status, start_pair
+from bench.services import Arbiter, EtcdArbiter, admin_status, start_pair
+from ftproxy import etcdlocal
 
 WRITERS = 4
 ACKS_BEFORE_KILL = 50
@@ -189,7 +190,7 @@ def _trial(
 def ftproxy_series(
     name: str,
     scratch: Path,
-    arbiter: Arbiter,
+    arbiter: Arbiter | EtcdArbiter,
     *,
     output_rule: bool,
     trials: int,
@@ -231,6 +232,42 @@ def ftproxy_series(
         if progress is not None:
             progress(name, result)
     return summarize(results)
+
+
+ETCD_MEMBERS = 3
+
+
+def etcd_series(
+    name: str,
+    scratch: Path,
+    *,
+    trials: int,
+    seed: int,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The SIGKILL series with the output rule, decided by a 3-member etcd cluster.
+
+    One cluster for the whole series (each pair its own generation key), as one
+    built-in arbiter serves the other series: the figures differ by the arbiter only.
+    """
+    if trials == 0:
+        return {**summarize([]), "reason": "not measured in this mode"}
+    try:
+        cluster = etcdlocal.start_cluster(scratch / "etcd", ETCD_MEMBERS)
+    except (etcdlocal.EtcdMissing, etcdlocal.EtcdFailed) as exc:
+        return {**summarize([]), "reason": str(exc)}
+    try:
+        return ftproxy_series(
+            name,
+            scratch,
+            EtcdArbiter(cluster),
+            output_rule=True,
+            trials=trials,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        cluster.stop()
 
 
 def alternative_series(

@@ -26,6 +26,7 @@ RECORD = "record"
 NO_RULE = "no-output-rule"
 RULE = "output-rule"
 RULE_SILENT = "output-rule-sigstop"  # a failover series only
+RULE_ETCD = "output-rule-etcd"  # a failover series only: etcd, not the built-in arbiter, decides
 FTPROXY_CONFIGS = (BARE, RECORD, NO_RULE, RULE)
 LABELS = {
     BARE: "bare kv.py",
@@ -33,6 +34,7 @@ LABELS = {
     NO_RULE: "replicated, --no-output-rule",
     RULE: "replicated, output rule",
     RULE_SILENT: "replicated, output rule, primary SIGSTOPped",
+    RULE_ETCD: "replicated, output rule, etcd (3 members) as the arbiter",
     "pyraft": "pyraft, 3 nodes",
     "pysyncobj": "PySyncObj, 3 nodes",
 }
@@ -42,6 +44,7 @@ SHORT = {
     NO_RULE: "no-rule",
     RULE: "rule",
     RULE_SILENT: "rule, SIGSTOP",
+    RULE_ETCD: "rule, etcd arbiter",
     "pyraft": "pyraft",
     "pysyncobj": "pysyncobj",
 }

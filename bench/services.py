@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
+from ftproxy.etcdlocal import EtcdCluster
 
 READY = "listening"
 
@@ -152,6 +153,10 @@ class Arbiter:
             "the arbiter listens",
         )
 
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
     def next_generation(self) -> int:
         self._generation += 1
         return self._generation
@@ -161,10 +166,26 @@ class Arbiter:
             self.proc.stop()
 
 
+@dataclass
+class EtcdArbiter:
+    """An etcd cluster on loopback (ftproxy.etcdlocal) as the arbiter of every pair."""
+
+    cluster: EtcdCluster
+    _generation: int = 0
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+
 def start_pair(
     name: str,
     scratch: Path,
-    arbiter: Arbiter,
+    arbiter: Arbiter | EtcdArbiter,
     *,
     output_rule: bool = True,
     two_addresses: bool = False,
@@ -182,7 +203,7 @@ def start_pair(
     backup_admin = free_port()
     generation = arbiter.next_generation()
     guest = ["--", str(KV), "--port", str(port)]
-    common = ["--arbiter", f"{HOST}:{arbiter.port}", "--insecure"]
+    common = ["--arbiter", arbiter.address, "--insecure"]
     primary_command = [
         *FTPROXY,
         "primary",

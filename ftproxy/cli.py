@@ -11,10 +11,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
+
+if TYPE_CHECKING:
+    import arbiter
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -103,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     primary = commands.add_parser(
         "primary",
-        usage="ftproxy primary --log-listen HOST:PORT --arbiter HOST:PORT [options] "
-        "-- SCRIPT [ARGS]",
+        usage="ftproxy primary --log-listen HOST:PORT --arbiter ADDRESS [options] -- SCRIPT [ARGS]",
         help="run a service as the primary of a replicated pair",
         description="Wait for a backup on --log-listen, then run SCRIPT, shipping every input "
         "to the backup and releasing each output only once the backup holds the log that "
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup = commands.add_parser(
         "backup",
-        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] -- SCRIPT [ARGS]",
+        usage="ftproxy backup --primary HOST:PORT --arbiter ADDRESS [options] -- SCRIPT [ARGS]",
         help="replay behind a primary, and take over when it dies",
         description="Connect to the primary's log channel, replay its guest behind it, and go "
         "live (after winning the arbiter) when the primary falls silent.",
@@ -268,7 +270,14 @@ def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> An
 
 
 def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arbiter", required=True, metavar="HOST:PORT", help="the arbiter")
+    parser.add_argument(
+        "--arbiter",
+        required=True,
+        metavar="ADDRESS",
+        help="the arbiter: HOST:PORT (the built-in one, `ftproxy arbiter`) or an etcd "
+        "cluster, etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)",
+    )
+    _add_etcd_arguments(parser)
     parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
     _add_secret_arguments(parser)
     parser.add_argument(
@@ -306,6 +315,37 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     _add_front_arguments(parser)
 
 
+def _add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how to reach an etcd ``--arbiter`` (also options in its address)."""
+    etcd = parser.add_argument_group("etcd arbiter (with --arbiter etcd:// or etcds://)")
+    etcd.add_argument("--etcd-ca", metavar="FILE", help="CA bundle of the members' certificates")
+    etcd.add_argument("--etcd-cert", metavar="FILE", help="client certificate (etcds://)")
+    etcd.add_argument("--etcd-key", metavar="FILE", help="the client certificate's key")
+    etcd.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd's auth enable)")
+    etcd.add_argument(
+        "--etcd-password-file", metavar="FILE", help="that user's password, on its first line"
+    )
+
+
+def _arbiter_from_args(
+    args: argparse.Namespace, secret: bytes | None, peer_timeout_s: float
+) -> arbiter.Arbiter:
+    """The arbiter that ``--arbiter`` and the etcd flags name (ArbiterAddressError if none)."""
+    import arbiter
+
+    settings = arbiter.EtcdSettings(
+        ca=args.etcd_ca,
+        cert=args.etcd_cert,
+        key=args.etcd_key,
+        user=args.etcd_user,
+        password_file=args.etcd_password_file,
+    )
+    address = arbiter.parse_arbiter(args.arbiter, settings)
+    return arbiter.connect(
+        address, secret, timing=arbiter.ArbiterTiming.for_peer_timeout(peer_timeout_s)
+    )
+
+
 def _secret(args: argparse.Namespace, command: str) -> bytes | None:
     from ftproxy.auth import load_secret
 
@@ -329,16 +369,18 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
 
     if not args.guest:
         raise ValueError(f"{command} needs the program to run after --: -- SCRIPT [ARGS]")
+    secret = _secret(args, command)
+    timing = Timing(
+        heartbeat_s=args.heartbeat_ms / 1000,
+        peer_timeout_s=args.peer_timeout_ms / 1000,
+        max_lag_s=args.max_lag_ms / 1000,
+        max_lag_bytes=args.max_lag_bytes,
+    )
     return ReplicaOptions(
         argv=args.guest,
-        arbiter=arbiter.parse_address(args.arbiter),
-        secret=_secret(args, command),
-        timing=Timing(
-            heartbeat_s=args.heartbeat_ms / 1000,
-            peer_timeout_s=args.peer_timeout_ms / 1000,
-            max_lag_s=args.max_lag_ms / 1000,
-            max_lag_bytes=args.max_lag_bytes,
-        ),
+        arbiter=_arbiter_from_args(args, secret, timing.peer_timeout_s),
+        secret=secret,
+        timing=timing,
         address_map=parse_address_map(args.map),
         admin=arbiter.parse_address(args.admin) if args.admin else None,
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),

@@ -11,6 +11,10 @@ primary. ``lost`` counts the acknowledged writes that are not there: 0 is the ou
 rule's promise, and ``--no-output-rule`` shows what breaking it costs. The clients
 reconnect after the failover: their connections died with the primary's kernel.
 
+``--etcd`` decides the failover through etcd instead: a three-member cluster on
+127.0.0.1 (Debian's ``etcd-server``), one member killed mid-run, then the primary;
+the verdict names the arbiter and reads the decision back from etcd.
+
 ``--packet`` (root) shows what packet mode adds: the connections survive. It builds
 a lab of its own (``ftproxy.lab``, prefix ``ftdemo``), runs the arbiter, the primary
 and the backup in their hosts, the replicas with ``--front packet`` for the virtual
@@ -57,6 +61,7 @@ from rich.text import Text
 
 import arbiter
 import ftproxy
+from ftproxy import etcdlocal
 from ftproxy import lab as netlab
 from ftproxy.admin import AdminUnavailable, fetch_status
 
@@ -734,7 +739,7 @@ class Ports:
     log: int
     primary_admin: int
     backup_admin: int
-    arbiter: int
+    arbiter: str  # the --arbiter address: the embedded arbiter's HOST:PORT, or etcd://...
 
 
 async def free_ports(count: int) -> list[int]:
@@ -793,6 +798,7 @@ class Verdict:
     reconnects: int
     ship_delay_ms: float
     duration_s: float
+    etcd: EtcdDecision | None = None  # --etcd: the decision, read back from etcd
 
     @property
     def acked(self) -> int:
@@ -808,14 +814,19 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        """The output rule's promise held: nothing acknowledged lost, nothing invented."""
-        return self.lost == 0 and self.extra_incrs == 0
+        """The output rule's promise held: nothing acknowledged lost, nothing invented
+        (and with --etcd, etcd holds the backup as the winner)."""
+        decided = self.etcd is None or self.etcd.winner == self.etcd.backup
+        return self.lost == 0 and self.extra_incrs == 0 and decided
 
     def summary(self) -> str:
         if self.passed:
-            return "no acknowledged write lost"
+            through = " (decided through etcd)" if self.etcd is not None else ""
+            return f"no acknowledged write lost{through}"
         if self.lost:
             return f"{self.lost} acknowledged write{'s' if self.lost != 1 else ''} lost"
+        if self.etcd is not None and self.etcd.winner != self.etcd.backup:
+            return f"etcd holds {self.etcd.winner} as the winner, not the backup"
         return f"{self.extra_incrs} increments more than were sent"
 
     @property
@@ -832,6 +843,17 @@ class Verdict:
             ("lost", _lost_cell(self.lost)),
             ("failover (clients' view)", _seconds(self.failover_s)),
             ("requests answered", f"{self.replies:,}, {self.reconnects} reconnects"),
+            *self._arbiter_rows(),
+        ]
+
+    def _arbiter_rows(self) -> list[tuple[str, RenderableType]]:
+        if self.etcd is None:
+            return [("arbiter", "built-in (embedded)")]
+        etcd = self.etcd
+        alive = etcd.members - etcd.members_killed
+        return [
+            ("arbiter", f"etcd, {alive} of {etcd.members} members up"),
+            (etcd.key, etcd.winner or Text("undecided", style="red")),
         ]
 
     def notes(self) -> list[Text]:
@@ -866,6 +888,19 @@ class Verdict:
             "reconnects": self.reconnects,
             "ship_delay_ms": None if self.output_rule else self.ship_delay_ms,
             "duration_s": round(self.duration_s, 3),
+            "arbiter": {"kind": "builtin"} if self.etcd is None else self._etcd_json(self.etcd),
+        }
+
+    @staticmethod
+    def _etcd_json(etcd: EtcdDecision) -> dict[str, Any]:
+        return {
+            "kind": "etcd",
+            "address": etcd.address,
+            "members": etcd.members,
+            "members_killed": etcd.members_killed,
+            "key": etcd.key,
+            "winner": etcd.winner,
+            "backup": etcd.backup,
         }
 
 
@@ -1156,6 +1191,7 @@ class DemoConfig:
     json: bool
     packet: bool = False
     partition: bool = False  # --packet only: cut the primary off instead of killing it
+    etcd: bool = False  # the socket demo, decided by a three-member etcd cluster
 
 
 @dataclass
@@ -1166,6 +1202,7 @@ class Demo:
     events: Events
     replicas: list[Replica] = field(default_factory=list)
     arbiter: Replica | None = None  # --packet: the arbiter's process in its lab host
+    etcd: etcdlocal.EtcdCluster | None = None  # --etcd: the cluster deciding the failover
     load: Load | ConnectionLoad | None = None
     rate: float = 0.0  # replies per second, over the last second
 
@@ -1175,19 +1212,93 @@ async def run(demo: Demo, workdir: Path) -> Outcome:
     events = demo.events
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_exit_on_signals)
-        arbiter_port = await nursery.start(arbiter.serve, HOST, 0, workdir / "arbiter-store", None)
-        events.emit("arbiter_started", f"arbiter on {HOST}:{arbiter_port}", port=arbiter_port)
-        service, log_port, primary_admin, backup_admin = await free_ports(4)
-        ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_port)
         try:
+            if demo.config.etcd:
+                arbiter_at = await _start_etcd(demo, workdir)
+            else:
+                port = await nursery.start(arbiter.serve, HOST, 0, workdir / "arbiter-store", None)
+                arbiter_at = f"{HOST}:{port}"
+                events.emit("arbiter_started", f"arbiter on {arbiter_at}", port=port)
+            service, log_port, primary_admin, backup_admin = await free_ports(4)
+            ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_at)
             primary, backup = await _start_pair(
                 demo, workdir, nursery, _socket_launches(demo.config, ports), ports.service
             )
             verdict = await _failover(demo, nursery, primary, backup, ports.service)
+            if demo.etcd is not None:
+                verdict = replace(verdict, etcd=await _etcd_decision(demo.etcd, backup))
         finally:
             await _stop_all(demo)
         nursery.cancel_scope.cancel()
     return verdict
+
+
+ETCD_MEMBERS: Final = 3
+DECISION_KEY: Final = "ftproxy/generation/1"  # the demo pair's first generation
+
+
+async def _start_etcd(demo: Demo, workdir: Path) -> str:
+    """Start the demo's etcd cluster (in a thread: it blocks); return its address."""
+    try:
+        cluster = await trio.to_thread.run_sync(
+            etcdlocal.start_cluster, workdir / "etcd", ETCD_MEMBERS
+        )
+    except (etcdlocal.EtcdMissing, etcdlocal.EtcdFailed) as exc:
+        raise DemoError(str(exc)) from None
+    demo.etcd = cluster
+    demo.events.emit(
+        "arbiter_started",
+        f"etcd cluster of {ETCD_MEMBERS} members on {cluster.endpoints}",
+        kind="etcd",
+        address=cluster.address,
+        pids=[m.popen.pid for m in cluster.members if m.popen is not None],
+    )
+    return cluster.address
+
+
+async def _kill_etcd_member(demo: Demo) -> None:
+    """Kill -9 one etcd member: the quorum (two of three) goes on deciding."""
+    assert demo.etcd is not None
+    member = demo.etcd.members[0]
+    pid = member.popen.pid if member.popen is not None else None
+    await trio.to_thread.run_sync(member.kill)
+    demo.events.emit(
+        "etcd_member_killed",
+        f"kill -9 of etcd member {member.name} ({member.endpoint}, pid {pid}): "
+        f"{ETCD_MEMBERS - 1} of {ETCD_MEMBERS} left, still a quorum",
+        member=member.name,
+        pid=pid,
+    )
+
+
+@dataclass(frozen=True)
+class EtcdDecision:
+    """What etcd holds for the pair's generation after the failover."""
+
+    address: str
+    members: int
+    members_killed: int
+    key: str
+    winner: str | None
+    backup: str  # the backup's candidate name, which should be the winner
+
+
+async def _etcd_decision(cluster: etcdlocal.EtcdCluster, backup: Replica) -> EtcdDecision:
+    """Read the decision back from etcd, as any client would."""
+    asker = arbiter.connect(cluster.address, None)
+    try:
+        with trio.fail_after(VERIFY_TIMEOUT_S):
+            answer = await asker.query(DECISION_KEY)
+    except (trio.TooSlowError, arbiter.ArbiterUnavailable, arbiter.ArbiterRefused) as exc:
+        raise DemoError(f"etcd did not say who won {DECISION_KEY}: {exc}") from None
+    return EtcdDecision(
+        address=cluster.address,
+        members=len(cluster.members),
+        members_killed=sum(not m.running() for m in cluster.members),
+        key=arbiter.ETCD_KEY_PREFIX + DECISION_KEY,
+        winner=answer.winner if isinstance(answer, arbiter.Decision) else None,
+        backup=f"backup@{socket.gethostname()}:{backup.process.pid}",
+    )
 
 
 async def run_packet(demo: Demo, workdir: Path) -> Outcome:
@@ -1216,11 +1327,13 @@ async def _stop_all(demo: Demo) -> None:
     with trio.CancelScope(shield=True):
         for replica in [*demo.replicas, *([demo.arbiter] if demo.arbiter else [])]:
             await replica.stop()
+        if demo.etcd is not None:
+            await trio.to_thread.run_sync(demo.etcd.stop)
 
 
 def _socket_launches(config: DemoConfig, ports: Ports) -> list[Launch]:
-    """The pair on loopback, the embedded arbiter's port given."""
-    arbiter_at, log_at = f"{HOST}:{ports.arbiter}", f"{HOST}:{ports.log}"
+    """The pair on loopback, the arbiter's address given."""
+    arbiter_at, log_at = ports.arbiter, f"{HOST}:{ports.log}"
     primary_args = ["primary", "--log-listen", log_at, "--arbiter", arbiter_at]
     if not config.output_rule:
         primary_args += [
@@ -1359,7 +1472,12 @@ async def _failover(
     nursery.start_soon(load.run)
     await _wait_first_ack(load, config)
     events.emit("load_started", f"load running: {config.clients} clients, INCR + SET")
-    await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
+    if demo.etcd is not None:  # mid-run, before the failover that etcd must decide
+        await trio.sleep(config.warmup_s / 2)
+        await _kill_etcd_member(demo)
+        await trio.sleep(config.warmup_s / 2)
+    else:
+        await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
     await _kill_primary(primary, events, load.stats.acked)
     load.stats.kill_at = trio.current_time()
     nursery.start_soon(_announce_go_live, backup, events)
@@ -1513,7 +1631,8 @@ def render_view(demo: Demo) -> RenderableType:
             if demo.config.output_rule
             else Text(f"output rule OFF (ship delay {demo.config.ship_delay_ms:g} ms)", style="red")
         )
-        title = Text.assemble("ftproxy demo: kv.py, primary + backup, ", rule)
+        through = f", arbiter etcd ({ETCD_MEMBERS} members)" if demo.config.etcd else ""
+        title = Text.assemble(f"ftproxy demo: kv.py, primary + backup{through}, ", rule)
     return Panel(
         Group(table, Text(""), load_line, Text(""), events), title=title, border_style="blue"
     )
@@ -1594,6 +1713,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long the pair may take to start serving (default 15)",
     )
     parser.add_argument(
+        "--etcd",
+        action="store_true",
+        help=f"decide the failover through a {ETCD_MEMBERS}-member etcd cluster on {HOST} "
+        f"(Debian package {etcdlocal.PACKAGE}); one member is killed mid-run",
+    )
+    parser.add_argument(
         "--packet",
         action="store_true",
         help="packet mode (root): in a lab of network namespaces, one client connection to "
@@ -1619,6 +1744,8 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         )
     if args.clients is not None and args.clients < 1:
         raise ValueError("--clients must be at least 1")
+    if args.etcd and args.packet:
+        raise ValueError("--etcd is for the socket demo, not --packet")
     if args.packet:
         for flag, value in (
             ("--clients", args.clients is not None),
@@ -1638,6 +1765,7 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         json=args.json,
         packet=args.packet,
         partition=args.partition,
+        etcd=args.etcd,
     )
 
 
@@ -1655,6 +1783,11 @@ def run_demo(args: argparse.Namespace) -> int:
         return _fail(NEEDS_ROOT, EXIT_USAGE)
     if not KV_SCRIPT.is_file():
         return _fail(f"the demo's guest {KV_SCRIPT} is missing", EXIT_FAILED)
+    if config.etcd:
+        try:
+            etcdlocal.etcd_binary()
+        except etcdlocal.EtcdMissing as exc:
+            return _fail(f"--etcd: {exc}", EXIT_FAILED)
     try:
         verdict = _run_in_tempdir(config)
     except BaseException as exc:  # sorted into one-line messages, bugs re-raised

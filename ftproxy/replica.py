@@ -7,9 +7,9 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import trio
@@ -23,6 +23,8 @@ from ftproxy.replication import Replica, Role, Timing
 from ftproxy.wire import Policy
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -40,7 +42,7 @@ class ReplicaOptions:
     """Everything a primary or a backup is started with."""
 
     argv: list[str]
-    arbiter: arbiter.Address
+    arbiter: arbiter.Arbiter  # built-in or etcd: arbiter.connect() of the --arbiter address
     secret: bytes | None
     timing: Timing = field(default_factory=Timing)
     address_map: AddressMap = field(default_factory=dict)
@@ -68,25 +70,26 @@ def candidate_name(role: str) -> str:
 
 
 class ArbiterClient:
-    """Test-and-set on the pair's generation key, retried while the arbiter is down."""
+    """Test-and-set on the pair's generation key, retried while the arbiter is down.
+
+    Whichever arbiter answers (``options.arbiter``: built-in or etcd), the answers
+    mean the same; retries are paced on the peer timeout's scale. An arbiter that
+    refuses this replica (wrong secret or credentials) halts it: asking again
+    would not cure that, and acting alone without an answer is never allowed.
+    """
 
     def __init__(self, options: ReplicaOptions, role: str) -> None:
+        # Any arbiter.Arbiter; the free functions arbiter.query() etc. accept it too.
         self.address = options.arbiter
         self.secret = options.secret
+        self.timing = arbiter.ArbiterTiming.for_peer_timeout(options.timing.peer_timeout_s)
         self.key = generation_key(options.pair, options.generation)
         self.candidate = candidate_name(role)
         self.state = "idle"
 
     async def check_undecided(self) -> None:
         """Refuse to serve a generation the arbiter already decided (retrying while down)."""
-        while True:
-            try:
-                answer = await arbiter.query(self.address, self.key, self.secret)
-                break
-            except arbiter.ArbiterUnavailable as exc:
-                self.state = "unreachable"
-                log.warning("arbiter_unreachable", error=str(exc), key=self.key)
-                await trio.sleep(0.5)
+        answer = await self._ask(lambda: self.address.query(self.key))
         self.state = "idle"
         if isinstance(answer, arbiter.Decision):
             raise Halted(
@@ -97,12 +100,35 @@ class ArbiterClient:
     async def test_and_set(self) -> bool:
         """Ask for the right to act alone; True if this replica won it."""
         self.state = "asking"
-        decision = await arbiter.test_and_set_retrying(
-            self.address, self.key, self.candidate, self.secret
-        )
+        decision = await self._ask(lambda: self.address.test_and_set(self.key, self.candidate))
         self.state = "won" if decision.won else "lost"
-        log.info("arbiter_decided", key=self.key, winner=decision.winner, won=decision.won)
+        log.info(
+            "arbiter_decided",
+            key=self.key,
+            winner=decision.winner,
+            won=decision.won,
+            arbiter=self.address.kind,
+        )
         return decision.won
+
+    async def _ask(self, question: Callable[[], Awaitable[T]]) -> T:
+        """``question()`` until the arbiter answers; Halted if it refuses us."""
+
+        async def asked() -> T:
+            try:
+                return await question()
+            except arbiter.ArbiterUnavailable:
+                self.state = "unreachable"  # for /status, until an answer comes
+                raise
+
+        try:
+            return await arbiter.ask_until_answered(
+                self.address, asked, self.timing, key=self.key, candidate=self.candidate
+            )
+        except (arbiter.ArbiterRefused, arbiter.RemoteProtocolError) as exc:
+            raise Halted(
+                f"the arbiter {self.address.describe()} refused this replica: {exc}"
+            ) from None
 
 
 class Samples:
@@ -162,7 +188,7 @@ class StatusBoard:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "icount": self.icount(),
             "output_rule": self.options.output_rule,
-            "arbiter": {"state": self.arbiter.state, "address": _address(self.options.arbiter)},
+            "arbiter": {"state": self.arbiter.state, "address": self.options.arbiter.describe()},
         }
         if self.replica is not None:
             core = self.replica.status(now)
@@ -230,10 +256,6 @@ class ReplicaShell:
 
     def peer_lost(self) -> None:
         """What else must happen the moment the peer is gone (subclasses)."""
-
-
-def _address(address: tuple[str, int]) -> str:
-    return f"{address[0]}:{address[1]}"
 
 
 @contextlib.asynccontextmanager

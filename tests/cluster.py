@@ -95,6 +95,9 @@ class Cluster:
     primary_args: tuple[str, ...] = ()
     # The guest's command line (default: examples/kv.py on the service port).
     guest: tuple[str, ...] = ()
+    # Another arbiter than the built-in one started here (an etcd:// address), and its flags.
+    arbiter_address: str | None = None
+    arbiter_args: tuple[str, ...] = ()
     processes: dict[str, Process] = field(default_factory=dict)
 
     def start_arbiter(self) -> Process:
@@ -132,7 +135,8 @@ class Cluster:
             role,
             *where,
             "--arbiter",
-            f"127.0.0.1:{self.arbiter_port}",
+            self.arbiter_address or f"127.0.0.1:{self.arbiter_port}",
+            *self.arbiter_args,
             "--admin",
             f"127.0.0.1:{admin}",
             "--insecure",
@@ -143,7 +147,8 @@ class Cluster:
         ]
 
     def start(self) -> Cluster:
-        self.start_arbiter()
+        if self.arbiter_address is None:
+            self.start_arbiter()
         self.processes["primary"] = Process(
             "primary", self.replica_command("primary", *self.primary_args), self.tmp
         )

@@ -127,7 +127,8 @@ def test_quick_run_reports_every_field(result: dict[str, Any]) -> None:
     for cell in result["configurations"]["output-rule"]["cells"]:
         for key in ("log_bytes_per_request", "lag_ms_p99", "channel_rtt_ms_p50"):
             assert cell[key] is not None, (cell["load"], cell["label"], key)
-    assert set(result["failover"]) == CONFIGS - {"bare", "record"} | {"output-rule-sigstop"}
+    series_only = {"output-rule-sigstop", "output-rule-etcd"}
+    assert set(result["failover"]) == CONFIGS - {"bare", "record"} | series_only
     for name, series in result["failover"].items():
         assert not missing(series, FAILOVER), name
     assert len(result["targets"]) == 6
@@ -145,3 +146,6 @@ def test_no_acknowledged_write_is_lost_with_the_output_rule(result: dict[str, An
     assert result["failover"]["no-output-rule"]["completed"] == 3
     silent = result["failover"]["output-rule-sigstop"]
     assert silent["failed"] == 0 and silent["lost_acknowledged_writes"] == 0, silent["trials"]
+    etcd = result["failover"]["output-rule-etcd"]  # the same kills, etcd deciding
+    assert len(etcd["trials"]) == 3, etcd.get("reason")
+    assert etcd["failed"] == 0 and etcd["lost_acknowledged_writes"] == 0, etcd["trials"]

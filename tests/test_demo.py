@@ -224,6 +224,51 @@ def test_packet_options_that_make_no_sense_exit_2(
     assert message in capsys.readouterr().err
 
 
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="--etcd needs etcd (Debian: apt-get install etcd-server)"
+)
+
+
+@needs_etcd
+def test_etcd_demo_decides_through_etcd_with_a_member_killed() -> None:
+    result = run_demo("--json", "--etcd", "--warmup", "2", "--after", "2", timeout=60)
+    assert result.returncode == 0, result.stderr
+    answer = verdict(result)
+    assert answer["acked"] > 0 and answer["lost"] == 0
+    etcd = answer["arbiter"]
+    assert etcd["kind"] == "etcd" and etcd["members"] == 3 and etcd["members_killed"] == 1
+    assert etcd["key"] == "ftproxy/ftproxy/generation/1"
+    assert etcd["winner"] == etcd["backup"] and etcd["winner"].startswith("backup@")
+    assert "decided through etcd" in answer["verdict"]
+    assert "Traceback" not in result.stderr
+
+
+@needs_etcd
+def test_interrupted_etcd_demo_leaves_no_etcd_member() -> None:
+    seen = interrupt_under_load(
+        ["--json", "--etcd", "--warmup", "30"], signal.SIGINT, 60, lambda: None
+    )
+    members = seen["arbiter_started"]["pids"]
+    assert len(members) == 3
+    assert wait_gone(members), f"still running: {[p for p in members if running(p)]}"
+    assert not Path(seen["pair_ready"]["workdir"]).exists()
+
+
+def test_etcd_demo_without_etcd_names_the_package() -> None:
+    result = subprocess.run(
+        [*demo_command(), "--json", "--etcd"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=ROOT,
+        env={**os.environ, "PATH": "/nonexistent"},
+    )
+    assert result.returncode == demo.EXIT_FAILED
+    assert result.stdout == ""
+    assert "apt-get install etcd-server" in result.stderr and "Traceback" not in result.stderr
+    assert demo.run_demo(demo_parser().parse_args(["--etcd", "--packet"])) == 2
+
+
 def test_resp_replies_parse_whole_or_not_at_all() -> None:
     assert demo.parse_reply(b"+OK\r\n") == ("OK", 5)
     assert demo.parse_reply(b":42\r\n:1") == (42, 5)

@@ -35,10 +35,14 @@ from typing import Any
 import pytest
 from support import EXAMPLES, FTPROXY, GUESTS, ROOT, needs_lab, needs_nft
 
+from ftproxy import etcdlocal
 from ftproxy.lab import HOST_NAMES, VIP, Lab
 
 pytestmark = needs_lab
 needs_ping = pytest.mark.skipif(shutil.which("ping") is None, reason="needs `ping` (iputils-ping)")
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="needs etcd (Debian: apt-get install etcd-server)"
+)
 needs_redis_cli = pytest.mark.skipif(
     shutil.which("redis-cli") is None, reason="needs `redis-cli` (redis-tools)"
 )
@@ -50,6 +54,7 @@ ECHO_PORT = 7007
 UDP_PORT = 7009
 LOG_PORT = 7000
 ARBITER_PORT = 7100
+ETCD_PORTS = (2379, 2380)  # each member's client and peer ports, on its host's address
 
 # INCR on ONE connection until stdin closes; one line per reply: "<value> <local port>".
 # Never reconnects: any error (reset, timeout, a wrong reply) ends it with a traceback
@@ -286,12 +291,27 @@ class Deployment:
         process.wait_event("arbiter_listening", 30)
         return process
 
-    def pair(self, *guest: str, marker: str = "listening") -> tuple[LabProcess, LabProcess]:
-        """Arbiter, primary and backup in packet mode for ``guest``, both guests up."""
-        self.arbiter()
+    def etcd(self) -> str:
+        """One etcd member on each of the primary, backup and arbiter hosts (a cluster of
+        three); return the ``--arbiter`` address naming all three."""
+        hosts = ("primary", "backup", "arbiter")
+        members = etcdlocal.plan_members(
+            self.tmp / "etcd", [self.lab.address(h) for h in hosts], ports=[ETCD_PORTS] * 3
+        )
+        for host, member in zip(hosts, members, strict=True):
+            self.start(host, f"etcd-{host}", member.command)
+        return "etcd://" + ",".join(member.endpoint for member in members)
+
+    def pair(
+        self, *guest: str, marker: str = "listening", arbiter: str | None = None
+    ) -> tuple[LabProcess, LabProcess]:
+        """Arbiter (the built-in one unless ``arbiter`` names another), primary and backup
+        in packet mode for ``guest``, both guests up."""
+        if arbiter is None:
+            self.arbiter()
         common = (
             "--arbiter",
-            f"{self.lab.address('arbiter')}:{ARBITER_PORT}",
+            arbiter or f"{self.lab.address('arbiter')}:{ARBITER_PORT}",
             "--secret-file",
             str(self.secret),
             "--front",
@@ -448,6 +468,41 @@ def test_one_connection_survives_a_partition_and_the_old_primary_halts(
     assert not primary.has_event("role_changed", to="live"), primary.describe()
 
     # The connection goes on with the new primary after the old one came back.
+    healed_at = len(client.stdout())
+    client.wait_count(healed_at + 20, 30)
+    _stop_client(client)
+    replies, gap = _check_incr_replies(client)
+    assert replies >= BEFORE + AFTER + 20
+    assert gap < 10.0, f"the connection stalled for {gap:.2f}s"
+
+
+@needs_nft
+@needs_etcd
+def test_etcd_on_three_hosts_decides_a_partition_of_the_primary_and_its_member(
+    deploy: Deployment,
+) -> None:
+    """The partition cuts off the primary and the etcd member on its host: the other two
+    members are a quorum, so the backup wins; the primary's own member cannot answer."""
+    primary, backup = deploy.pair(*_kv(), arbiter=deploy.etcd())
+    client = deploy.python("client", "client", INCR_CLIENT, VIP, str(KV_PORT), "n", stdin=True)
+    client.wait_count(BEFORE, 30)
+
+    deploy.lab.partition("primary")
+    backup.wait_event("arbiter_decided", 30, won=True, arbiter="etcd")
+    backup.wait_event("role_changed", 20, to="live")
+    live_at = len(client.stdout())
+    client.wait_count(live_at + AFTER, 30)
+    # Cut off with a member that has lost its quorum: the primary must wait.
+    primary.wait_event("role_changed", 10, to="arbitrating")
+    primary.wait_event("arbiter_unreachable", 20)
+    assert primary.popen.poll() is None, primary.describe()
+    assert not primary.has_event("arbiter_decided"), primary.describe()
+
+    deploy.lab.heal()
+    code = primary.wait(30)
+    assert code == 4, f"expected EXIT_HALTED (4)\n{primary.describe()}"
+    assert primary.has_event("arbiter_decided", won=False, arbiter="etcd"), primary.describe()
+    assert not primary.has_event("role_changed", to="live"), primary.describe()
     healed_at = len(client.stdout())
     client.wait_count(healed_at + 20, 30)
     _stop_client(client)
