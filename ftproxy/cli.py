@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     record = commands.add_parser(
         "record",
-        usage="ftproxy record --log PATH [options] -- SCRIPT [ARGS...]",
+        usage="ftproxy record --log PATH [options] -- (SCRIPT | -m MODULE) [ARGS...]",
         help="run a service alone, recording every input into a log",
         description="Run SCRIPT on virtual devices, serving real clients, and log every "
         "non-deterministic input. Ctrl-C stops the guest (delivered as a logged signal).",
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     primary = commands.add_parser(
         "primary",
         usage="ftproxy primary --log-listen HOST:PORT --arbiter HOST:PORT [options] "
-        "-- SCRIPT [ARGS]",
+        "-- (SCRIPT | -m MODULE) [ARGS]",
         help="run a service as the primary of a replicated pair",
         description="Wait for a backup on --log-listen, then run SCRIPT, shipping every input "
         "to the backup and releasing each output only once the backup holds the log that "
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup = commands.add_parser(
         "backup",
-        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] -- SCRIPT [ARGS]",
+        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] "
+        "-- (SCRIPT | -m MODULE) [ARGS]",
         help="replay behind a primary, and take over when it dies",
         description="Connect to the primary's log channel, replay its guest behind it, and go "
         "live (after winning the arbiter) when the primary falls silent.",
@@ -327,8 +328,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
     from ftproxy.replication import Timing
     from ftproxy.wire import Policy
 
-    if not args.guest:
-        raise ValueError(f"{command} needs the program to run after --: -- SCRIPT [ARGS]")
+    _check_guest_command(args.guest, command)
     return ReplicaOptions(
         argv=args.guest,
         arbiter=arbiter.parse_address(args.arbiter),
@@ -429,9 +429,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.wire import Policy
 
     argv = args.guest
-    if not argv:
-        return _usage("record needs the program to run: ftproxy record --log L -- SCRIPT [ARGS]")
     try:
+        _check_guest_command(argv, "record")
         options = RecordOptions(
             log_path=args.log,
             argv=argv,
@@ -531,6 +530,18 @@ def _cmd_log(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _check_guest_command(argv: list[str], command: str) -> None:
+    """Refuse, before anything starts, a guest command line the guest could not run."""
+    from ftproxy.guest.command import USAGE, CommandError, parse_command
+
+    if not argv:
+        raise ValueError(f"{command} needs the program to run after --: -- {USAGE}")
+    try:
+        parse_command(argv)
+    except CommandError as exc:
+        raise ValueError(f"{command}: {exc}") from None
 
 
 def _usage(message: str) -> int:

@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ftproxy.guest import _vclock, _ventropy, _vselect, _vsignal, _vsocket
-from ftproxy.guest._runtime import Runtime, refusal
+from ftproxy.guest._runtime import Runtime, UnsupportedInGuest, _is_library, refusal
 
 _THREAD_WHY = (
     "ftproxy replays a single-threaded guest; how a second thread interleaves with "
@@ -34,6 +34,17 @@ _THREAD_WHY = (
 _PROCESS_WHY = (
     "a child process's input and output are not virtual devices, so the backup could "
     "not replay them"
+)
+_THREAD_INSTEAD = "serve every connection from one thread (selectors, asyncio or a plain server)"
+# Where a thread or a child process is started from, what to use instead.
+_STARTERS = (
+    ("concurrent/futures/", "run the work inline, or run_in_executor(None, ...) under asyncio"),
+    (
+        "socketserver.py",
+        "use the plain server class (socketserver.TCPServer, http.server.HTTPServer)",
+    ),
+    ("multiprocessing/", "run one process (uvicorn: --workers 1)"),
+    ("uvicorn/", "run one worker process: --workers 1"),
 )
 
 
@@ -72,7 +83,7 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     replace(os, "kill", kill)
     for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen"):
         if hasattr(os, name):
-            replace(os, name, refusal(f"os.{name}", _PROCESS_WHY))
+            replace(os, name, _refused_start(f"os.{name}", _PROCESS_WHY, ""))
     real_exit = os._exit
 
     def _exit(code: int) -> None:
@@ -116,15 +127,20 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
         if hasattr(signal, name):
             replace(signal, name, value)
 
-    replace(threading.Thread, "start", refusal("threading.Thread.start", _THREAD_WHY))
-    replace(_thread, "start_new_thread", refusal("_thread.start_new_thread", _THREAD_WHY))
-    if hasattr(_thread, "start_new"):
-        replace(_thread, "start_new", refusal("_thread.start_new", _THREAD_WHY))
+    replace(
+        threading.Thread,
+        "start",
+        _refused_start("threading.Thread.start", _THREAD_WHY, _THREAD_INSTEAD),
+    )
+    for name in ("start_new_thread", "start_new"):
+        if hasattr(_thread, name):
+            replace(_thread, name, _refused_start(f"_thread.{name}", _THREAD_WHY, _THREAD_INSTEAD))
 
     _rebind_copies(originals)
     _PatchOnImport.install(
         {
             "asyncio.base_events": _inline_default_executor,
+            "socketserver": _inline_threading_mixin,
             "_posixsubprocess": _refuse_fork_exec,
         }
     )
@@ -173,8 +189,44 @@ def _inline_default_executor(module: ModuleType) -> None:
     loop_class.run_in_executor = run_in_executor
 
 
+def _refused_start(name: str, why: str, instead: str) -> Callable[..., Any]:
+    """A refusal for starting a thread or a process that says what to use instead.
+
+    The advice depends on which library made the call (a thread pool, a forking
+    server, a multi-worker server): the callers are searched up to the first
+    frame of the program's own code.
+    """
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        hint = instead
+        frame: Any = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename.replace(os.sep, "/")
+            found = next((use for where, use in _STARTERS if where in filename), None)
+            if found is not None:
+                hint = found
+                break
+            if not _is_library(filename):
+                break
+            frame = frame.f_back
+        raise UnsupportedInGuest(name, why, f"instead, {hint}" if hint else "")
+
+    refused.__name__ = name.rsplit(".", 1)[-1]
+    return refused
+
+
+def _inline_threading_mixin(module: ModuleType) -> None:
+    """socketserver.ThreadingMixIn (ThreadingHTTPServer, ``python -m http.server``) serves
+    each request inline, in turn, exactly as the plain server class does."""
+
+    def process_request(self: Any, request: Any, client_address: Any) -> None:
+        self.process_request_thread(request, client_address)
+
+    module.ThreadingMixIn.process_request = process_request
+
+
 def _refuse_fork_exec(module: ModuleType) -> None:
-    setattr(module, "fork_exec", refusal("subprocess", _PROCESS_WHY))  # noqa: B010
+    setattr(module, "fork_exec", _refused_start("subprocess", _PROCESS_WHY, ""))  # noqa: B010
 
 
 class _PatchOnImport(MetaPathFinder):

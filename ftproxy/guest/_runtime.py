@@ -12,6 +12,7 @@ it never knows which.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -22,21 +23,47 @@ from typing import Any, Protocol
 
 from ftproxy.guest import protocol as p
 
+EXIT_UNSUPPORTED = 3
 
-class UnsupportedInGuest(RuntimeError):
-    """The guest called something ftproxy cannot make deterministic."""
 
-    def __init__(self, function: str, why: str) -> None:
-        super().__init__(f"{function} is not supported under ftproxy: {why}")
+class UnsupportedInGuest(SystemExit):
+    """The guest called something ftproxy cannot make deterministic.
+
+    Once the guest has booted, making one stops the program on the spot (see
+    ``Runtime.stop_refused``): servers catch ``Exception`` around each request
+    (socketserver does) and asyncio keeps a task's exceptions in the task, so a
+    refusal that travelled up the stack would become an empty reply, or a
+    traceback in a log, and the server would serve on having done nothing. It
+    is a SystemExit, with the guest's exit status as its code, for the calls
+    made before boot.
+    """
+
+    def __init__(self, function: str, why: str, instead: str = "") -> None:
+        message = f"{function} is not supported under ftproxy: {why}"
+        if instead:
+            message += f"; {instead}"
+        super().__init__(message)
+        self.code = EXIT_UNSUPPORTED
+        self.message = message
         self.function = function
         self.why = why
+        self.instead = instead
+        if _stopper is not None:
+            _stopper(self)
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def refusal(name: str, why: str) -> Callable[..., Any]:
-    """A stand-in for ``name`` that raises UnsupportedInGuest saying ``why``."""
+# The booted runtime's stop_refused: nothing the program does can catch a refusal.
+_stopper: Callable[[UnsupportedInGuest], None] | None = None
+
+
+def refusal(name: str, why: str, instead: str = "") -> Callable[..., Any]:
+    """A stand-in for ``name`` that raises UnsupportedInGuest saying ``why`` (and ``instead``)."""
 
     def refused(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedInGuest(name, why)
+        raise UnsupportedInGuest(name, why, instead)
 
     refused.__name__ = name.rsplit(".", 1)[-1]
     return refused
@@ -288,6 +315,21 @@ class Runtime:
             got += chunk
         return view
 
+    def stop_on_refusal(self) -> None:
+        """From now on, a refusal stops the guest where the call was made."""
+        global _stopper
+        _stopper = self.stop_refused
+
+    def stop_refused(self, refusal: UnsupportedInGuest) -> None:
+        """Say what was refused and where, then end the guest with EXIT_UNSUPPORTED."""
+        site = _call_site(sys._getframe(2))
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.write(2, f"ftproxy: the guest stopped: {refusal}{site}\n".encode(errors="replace"))
+        self.flush()
+        _real_exit(EXIT_UNSUPPORTED)
+
     def _halt(self, reason: str) -> None:
         """The supervisor stops this guest (a divergence): report where we are and go."""
         import traceback
@@ -301,6 +343,34 @@ class Runtime:
         stack = "".join(traceback.format_list(frames))
         self._write(p.encode([(p.OP_STACK, stack)]))
         _real_exit(70)
+
+
+def _call_site(frame: Any) -> str:
+    """Where the refused call was made: the library line, and the program's own line."""
+    where: list[str] = []
+    while frame is not None and len(where) < 2:
+        filename = frame.f_code.co_filename
+        if "/ftproxy/guest/" not in filename and not filename.startswith("<frozen"):
+            own = not _is_library(filename)
+            if not where or own:
+                where.append(f"{filename}:{frame.f_lineno}")
+            if own:
+                break
+        frame = frame.f_back
+    if not where:
+        return ""
+    if len(where) == 1:
+        return f" (called at {where[0]})"
+    return f" (called at {where[0]}, from {where[1]})"
+
+
+_STDLIB = os.path.dirname(os.__file__).replace(os.sep, "/") + "/"
+
+
+def _is_library(filename: str) -> bool:
+    """Whether ``filename`` is the stdlib's or an installed package's, not the program's."""
+    filename = filename.replace(os.sep, "/")
+    return filename.startswith(_STDLIB) or "-packages/" in filename or filename.startswith("<")
 
 
 def _no_signal_sink(signum: int) -> None:

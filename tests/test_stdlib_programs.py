@@ -1,0 +1,86 @@
+"""The stdlib and third-party libraries as real programs use them, recorded and replayed.
+
+Each test runs what a real program does and was seen to break under ftproxy:
+socketserver swallowing a refusal, logging's asctime, ``-m`` modules, numpy's
+C datetime API, pyftpdlib's choice of poller, uvicorn's workers and uvloop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import urllib.request
+from pathlib import Path
+
+from support import GUESTS, Recording, connect, free_port, recv_until, replay_log
+
+from ftproxy.logfile import read_log
+from ftproxy.wire import End
+
+
+def _refused_exit(rec: Recording, log: Path) -> None:
+    """The guest stopped with exit code 3 and one clear line, and the log says so."""
+    assert rec.stop(None) == 3, rec.stderr
+    assert "Traceback" not in rec.stderr
+    assert read_log(log).records[-1] == End("guest_exited", 3)
+
+
+def test_a_refusal_inside_a_socketserver_handler_stops_the_program(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "refused.ftlog"
+    with Recording(log, GUESTS / "thread_in_handler.py", str(port)) as rec:
+        with connect(port) as sock:
+            sock.sendall(b"job 1\n")
+            # The program stops at the refused call: the connection ends unanswered.
+            assert sock.recv(100) == b""
+        _refused_exit(rec, log)
+    assert "threading.Thread.start is not supported under ftproxy" in rec.stderr
+    assert "instead, serve every connection from one thread" in rec.stderr
+    assert "thread_in_handler.py:16" in rec.stderr
+    assert "serve_forever returned" not in "".join(rec.stdout_lines)
+    assert replay_log(log).returncode == 3
+
+
+def test_a_refusal_inside_an_asyncio_task_stops_the_program(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "executor.ftlog"
+    with Recording(log, GUESTS / "executor_in_task.py", str(port)) as rec:
+        with connect(port) as sock:
+            sock.sendall(b"upper\n")
+            assert sock.recv(100) == b""
+        _refused_exit(rec, log)
+    assert "threading.Thread.start is not supported under ftproxy" in rec.stderr
+    assert "instead, run the work inline, or run_in_executor(None, ...)" in rec.stderr
+    assert "asyncio.run returned" not in "".join(rec.stdout_lines)
+    assert replay_log(log).returncode == 3
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=20) as reply:
+        return bytes(reply.read())
+
+
+def test_python_m_http_server_serves_concurrent_clients_and_replays(tmp_path: Path) -> None:
+    served = tmp_path / "site"
+    served.mkdir()
+    (served / "index.txt").write_bytes(b"served by python -m http.server\n" * 100)
+    (served / "other.txt").write_bytes(b"another file\n")
+    port = free_port()
+    log = tmp_path / "httpserver.ftlog"
+    command = ("http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port))
+    with Recording(log, "-m", *command, ready_marker="Serving HTTP") as rec:  # type: ignore[arg-type]
+        base = f"http://127.0.0.1:{port}"
+        urls = [f"{base}/index.txt", f"{base}/other.txt", f"{base}/"] * 8
+        # http.server's main is a ThreadingHTTPServer: it serves them in turn.
+        with concurrent.futures.ThreadPoolExecutor(8) as clients:
+            bodies = list(clients.map(_fetch, urls))
+        assert rec.stop() == 0, rec.stderr
+    for url, body in zip(urls, bodies, strict=True):
+        if url.endswith("index.txt"):
+            assert body == (served / "index.txt").read_bytes()
+        elif url.endswith("other.txt"):
+            assert body == b"another file\n"
+        else:
+            assert b"index.txt" in body and b"other.txt" in body
+    assert rec.stderr.count('"GET /index.txt HTTP/1.1" 200') == 8
+    result = replay_log(log)
+    assert result.output_bytes > 24 * len(b"another file\n")
