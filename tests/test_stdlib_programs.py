@@ -54,6 +54,27 @@ def test_a_refusal_inside_an_asyncio_task_stops_the_program(tmp_path: Path) -> N
     assert replay_log(log).returncode == 3
 
 
+def test_logging_with_asctime_records_and_replays(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "logging.ftlog"
+    with Recording(log, GUESTS / "logging_asctime.py", str(port)) as rec:
+        replies = []
+        with connect(port) as sock:
+            for word in ("one", "two", "three"):
+                sock.sendall(word.encode() + b"\n")
+                replies.append(recv_until(sock, b"\n").decode())
+        assert rec.stop() == 0, rec.stderr
+    for word, reply in zip(("one", "two", "three"), replies, strict=True):
+        local, utc = reply.rstrip("\n").split(" | ")
+        # 2026-12-06 20:43:58,123 INFO got 'one'
+        assert local.endswith(f"INFO got '{word}'"), reply
+        assert local[:4].isdigit() and local[4] == "-" and "," in local[:24], reply
+        assert utc[:4].isdigit() and utc[10] == "T", reply
+    assert "got 'three'" in rec.stderr
+    result = replay_log(log)
+    assert result.output_bytes == sum(len(r) for r in replies)
+
+
 def _fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=20) as reply:
         return bytes(reply.read())

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 from ftproxy.guest import _vclock, _ventropy, _vselect, _vsignal, _vsocket
@@ -55,6 +55,11 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     originals: dict[int, Any] = {}
 
     def replace(module: ModuleType | type, name: str, value: Any) -> None:
+        if isinstance(module, ModuleType) and isinstance(value, FunctionType):
+            # The real ones are builtins, which do not bind as methods when a
+            # class stores them (logging.Formatter.converter = time.localtime):
+            # a staticmethod does not either, and calls the same.
+            value = staticmethod(value)
         old = getattr(module, name, None)
         if old is not None:
             originals[id(old)] = value
