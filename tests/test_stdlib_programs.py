@@ -8,6 +8,7 @@ C datetime API, pyftpdlib's choice of poller, uvicorn's workers and uvloop.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import urllib.request
 from pathlib import Path
 
@@ -105,3 +106,30 @@ def test_python_m_http_server_serves_concurrent_clients_and_replays(tmp_path: Pa
     assert rec.stderr.count('"GET /index.txt HTTP/1.1" 200') == 8
     result = replay_log(log)
     assert result.output_bytes > 24 * len(b"another file\n")
+
+
+def test_numpy_and_fakeredis_import_and_datetime_now_follows_the_virtual_clock(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    log = tmp_path / "numpy.ftlog"
+    with Recording(log, GUESTS / "numpy_fakeredis.py", str(port)) as rec:
+        replies = []
+        with connect(port) as sock:
+            for command in ("now", "set a 1", "incr a", "incr a", "get a", "mean 1 2 4", "now"):
+                sock.sendall(command.encode() + b"\n")
+                replies.append(recv_until(sock, b"\n").decode().rstrip("\n"))
+        assert rec.stop() == 0, rec.stderr
+    first_now, *store, last_now = replies
+    assert store == ["True", "2", "3", "3", "2.3333333333333335"]
+    for now in (first_now, last_now):
+        local, utc, utcnow, today, np_now, kind = now.split(" ", 5)
+        assert kind == "<class 'datetime.datetime'>"
+        assert utc.endswith("+00:00") and utc[:19] == utcnow[:19]
+        assert local.startswith(today) and np_now == local
+        stamp = datetime.datetime.fromisoformat(utc)
+        # The guest's clock is the host's, moved only at exits.
+        assert abs((datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds()) < 60
+    assert first_now.split()[0] < last_now.split()[0]
+    # Replay runs later, on the log's clock: datetime.now() must read that one.
+    replay_log(log)

@@ -11,6 +11,7 @@ one because the replacement comes first.
 from __future__ import annotations
 
 import _thread
+import datetime
 import os
 import select
 import selectors
@@ -65,10 +66,9 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
             originals[id(old)] = value
         setattr(module, name, value)
 
-    _force_pure_datetime()
-
     for name, value in _vclock.REPLACEMENTS.items():
         replace(time, name, value)
+    replace(datetime, "datetime", _vclock.VirtualDatetime)
 
     entropy = _ventropy.Entropy(runtime, seed)
     replace(os, "urandom", entropy.urandom)
@@ -149,14 +149,6 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
             "_posixsubprocess": _refuse_fork_exec,
         }
     )
-
-
-def _force_pure_datetime() -> None:
-    """Use the pure-Python datetime, which reads the clock through ``time.time``."""
-    for name in ("datetime", "_datetime", "_strptime"):
-        sys.modules.pop(name, None)
-    sys.modules["_datetime"] = None  # type: ignore[assignment]
-    import datetime  # noqa: F401 - imported now, while _datetime is blocked
 
 
 def _rebind_copies(originals: dict[int, Any]) -> None:
