@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import ftplib
+import io
+import os
+import shutil
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -129,7 +135,66 @@ def test_numpy_and_fakeredis_import_and_datetime_now_follows_the_virtual_clock(
         assert local.startswith(today) and np_now == local
         stamp = datetime.datetime.fromisoformat(utc)
         # The guest's clock is the host's, moved only at exits.
-        assert abs((datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds()) < 60
+        assert abs((datetime.datetime.now(datetime.UTC) - stamp).total_seconds()) < 60
     assert first_now.split()[0] < last_now.split()[0]
     # Replay runs later, on the log's clock: datetime.now() must read that one.
     replay_log(log)
+
+
+def _wait_for_port(port: int, rec: Recording, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert rec.process is not None and rec.process.poll() is None, rec.stop(None)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on {port} within {timeout}s") from None
+            time.sleep(0.05)
+
+
+def _ftp_session(port: int, index: int) -> tuple[list[str], bytes]:
+    with ftplib.FTP() as ftp:
+        ftp.connect("127.0.0.1", port, timeout=20)
+        ftp.login()  # anonymous
+        listing: list[str] = []
+        ftp.retrlines("LIST", listing.append)
+        fetched = bytearray()
+        ftp.retrbinary("RETR data.bin", fetched.extend)
+        ftp.storbinary(f"STOR upload-{index}.txt", io.BytesIO(b"upload %d\n" % index * 50))
+        return listing, bytes(fetched)
+
+
+def test_pyftpdlib_picks_poll_and_serves_concurrent_ftp_clients_and_replays(
+    tmp_path: Path,
+) -> None:
+    shared = tmp_path / "ftp"
+    shared.mkdir()
+    data = bytes(range(256)) * 300
+    (shared / "data.bin").write_bytes(data)
+    (shared / "readme.txt").write_text("hello\n")
+    for name in ("data.bin", "readme.txt"):
+        # LIST shows modification times: fixed, so the replay lists the same.
+        os.utime(shared / name, (1_700_000_000, 1_700_000_000))
+    # Files are not devices: the replay must start from the files the recording started from.
+    at_start = tmp_path / "ftp-at-start"
+    shutil.copytree(shared, at_start)
+    port = free_port()
+    log = tmp_path / "ftp.ftlog"
+    command = ("pyftpdlib", "-i", "127.0.0.1", "-p", str(port), "-d", str(shared), "-w", "-D")
+    with Recording(log, "-m", *command, ready_marker="") as rec:  # type: ignore[arg-type]
+        _wait_for_port(port, rec)
+        with concurrent.futures.ThreadPoolExecutor(4) as clients:
+            sessions = list(clients.map(lambda i: _ftp_session(port, i), range(4)))
+        assert rec.stop() == 0, rec.stderr
+    for index, (listing, fetched) in enumerate(sessions):
+        assert fetched == data
+        assert [line.split()[-1] for line in listing] == ["data.bin", "readme.txt"], listing
+        assert (shared / f"upload-{index}.txt").read_bytes() == b"upload %d\n" % index * 50
+    # pyftpdlib chose select.poll: the guest offers no epoll.
+    assert "poller: 'pyftpdlib.ioloop.Poll'" in rec.stderr
+    shutil.rmtree(shared)
+    shutil.copytree(at_start, shared)
+    result = replay_log(log)
+    assert result.output_bytes > 4 * len(data)

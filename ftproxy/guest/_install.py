@@ -97,6 +97,10 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
 
     replace(os, "_exit", _exit)
 
+    for name, value in _vsocket.OS_REPLACEMENTS.items():
+        if hasattr(os, name):
+            replace(os, name, value)
+
     _vsocket.set_hostname(hostname)
     replace(socket, "socket", _vsocket.VirtualSocket)
     replace(socket, "SocketType", _vsocket.VirtualSocket)
@@ -112,9 +116,12 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
 
     replace(select, "select", _vselect.select)
     replace(select, "poll", _vselect.poll)
-    for name in ("epoll", "devpoll", "kqueue"):
-        if hasattr(select, name):
-            replace(select, name, getattr(_vselect, name))
+    # Not offered at all, so that programs which look for them first (pyftpdlib:
+    # hasattr(select, "epoll")) fall back to poll or select, as on a host without them.
+    for name in _vselect.NOT_OFFERED:
+        if name in vars(select):
+            delattr(select, name)
+    setattr(select, "__getattr__", _vselect.missing_attribute)  # noqa: B010
     for name in (
         "DefaultSelector",
         "SelectSelector",

@@ -103,8 +103,10 @@ class GuestSocket(Protocol):
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
 _iter_data_index = p.DATA_INDEX.iter_unpack
-# Taken before the devices are installed: os._exit becomes a flushing wrapper.
+# Taken before the devices are installed: os._exit becomes a flushing wrapper,
+# os.write one that knows virtual sockets.
 _real_exit = os._exit
+_os_write = os.write
 
 
 class Runtime:
@@ -181,7 +183,7 @@ class Runtime:
     def _write(self, frame: bytes) -> None:
         view = memoryview(frame)
         while view:
-            written = os.write(self._request_fd, view)
+            written = _os_write(self._request_fd, view)
             view = view[written:]
 
     # -- what sockets ask -------------------------------------------------
@@ -326,7 +328,7 @@ class Runtime:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        os.write(2, f"ftproxy: the guest stopped: {refusal}{site}\n".encode(errors="replace"))
+        _os_write(2, f"ftproxy: the guest stopped: {refusal}{site}\n".encode(errors="replace"))
         self.flush()
         _real_exit(EXIT_UNSUPPORTED)
 

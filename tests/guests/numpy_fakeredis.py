@@ -19,7 +19,7 @@ store = fakeredis.FakeRedis()
 def answer(words: list[str]) -> str:
     if words[0] == "now":
         now = datetime.datetime.now()
-        utc = datetime.datetime.now(datetime.timezone.utc)
+        utc = datetime.datetime.now(datetime.UTC)
         return " ".join(
             [
                 now.isoformat(),
