@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import ftplib
+import importlib.util
 import io
 import os
 import shutil
@@ -198,3 +199,81 @@ def test_pyftpdlib_picks_poll_and_serves_concurrent_ftp_clients_and_replays(
     shutil.copytree(at_start, shared)
     result = replay_log(log)
     assert result.output_bytes > 4 * len(data)
+
+
+def _uvicorn(port: int, *options: str) -> tuple[str, ...]:
+    app_dir = str(GUESTS)
+    return ("-m", "uvicorn", "asgi_app:app", "--app-dir", app_dir, "--port", str(port), *options)
+
+
+def test_uvicorn_with_several_workers_is_refused_with_the_fix(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "workers.ftlog"
+    with Recording(log, *_uvicorn(port, "--workers", "2"), ready_marker="") as rec:  # type: ignore[arg-type]
+        _refused_exit(rec, log)
+    assert "ftproxy: the guest stopped: " in rec.stderr
+    assert "is not supported under ftproxy" in rec.stderr
+    assert "instead, run one process (uvicorn and gunicorn: --workers 1)" in rec.stderr
+    assert replay_log(log).returncode == 3
+
+
+def test_uvicorn_with_uvloop_installed_runs_on_asyncio_and_replays(tmp_path: Path) -> None:
+    # uvicorn's default loop is uvloop whenever it imports: this test needs it (the dev extra).
+    assert importlib.util.find_spec("uvloop") is not None, "install uvloop (the dev extra)"
+    port = free_port()
+    log = tmp_path / "uvicorn.ftlog"
+    with Recording(log, *_uvicorn(port), ready_marker="") as rec:  # type: ignore[arg-type]
+        _wait_for_port(port, rec)
+        paths = [f"/client/{i}" for i in range(24)]
+        with concurrent.futures.ThreadPoolExecutor(8) as clients:
+            bodies = list(clients.map(lambda path: _fetch(f"http://127.0.0.1:{port}{path}"), paths))
+        assert rec.stop() == 0, rec.stderr
+    assert bodies == [f"hello from {path}\n".encode() for path in paths]
+    assert "Uvicorn running on" in rec.stderr
+    result = replay_log(log)
+    assert result.outputs >= 24
+
+
+def test_a_program_that_needs_uvloop_stops_with_the_fix(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "uvloop.ftlog"
+    with Recording(log, *_uvicorn(port, "--loop", "uvloop"), ready_marker="") as rec:  # type: ignore[arg-type]
+        assert rec.stop(None) == 3, rec.stderr
+    assert (
+        "ftproxy: the guest stopped: uvloop is not offered under ftproxy: it runs its own event "
+        "loop on libuv, whose I/O ftproxy cannot virtualize; instead, use asyncio's own event "
+        "loop (uvicorn: --loop asyncio)"
+    ) in rec.stderr
+    assert read_log(log).records[-1] == End("guest_exited", 3)
+
+
+def test_the_socket_surface_real_programs_touch_works_and_replays(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "surface.ftlog"
+    with Recording(log, GUESTS / "socket_surface.py", str(port)) as rec:
+        answers = []
+        for _ in range(2):
+            with connect(port) as sock:
+                answers.append(recv_until(sock, b"\n"))
+                for command, end in (
+                    (b"osio   \n", b"osio   \n"),
+                    (b"msg    \n", b"msg    \n"),
+                    (b"file   \n", b"s \n"),
+                    (b"names  \n", b"\n"),
+                    (b"select \n", b"\n"),
+                ):
+                    sock.sendall(command)
+                    answers.append(recv_until(sock, end))
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(10) == b""  # closed through socket.close(fd)
+        assert rec.stop() == 0, rec.stderr
+    first = answers[:6]
+    assert answers[6:] == first
+    assert first[0] == b"inheritable True False None\n"
+    assert first[1] == b"os.write osio   \n"
+    assert first[2] == b"sendmsg msg    \n"
+    file_bytes = b"file bytes " * 10
+    assert first[3] == file_bytes[:50] + b" sent 50\n" + file_bytes[:110] + b"\n"
+    assert first[4] == b"localhost ['127.0.0.1'] 127.0.0.1 80\n"
+    assert first[5] == b"False poll\n"
+    replay_log(log)

@@ -16,7 +16,7 @@ import sys
 from typing import NoReturn
 
 from ftproxy.guest._install import install
-from ftproxy.guest._runtime import Runtime
+from ftproxy.guest._runtime import EXIT_UNSUPPORTED, ModuleNotOffered, Runtime
 from ftproxy.guest.command import CommandError, GuestCommand, parse_command
 
 EXIT_USAGE = 2
@@ -40,6 +40,9 @@ def main() -> None:
     runtime.stop_on_refusal()
     try:
         _run(command)
+    except ModuleNotOffered as exc:
+        runtime.flush()
+        _stop(f"ftproxy: the guest stopped: {exc}", EXIT_UNSUPPORTED)
     finally:
         runtime.flush()
 

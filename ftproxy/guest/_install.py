@@ -26,7 +26,7 @@ from types import FunctionType, ModuleType
 from typing import Any
 
 from ftproxy.guest import _vclock, _ventropy, _vselect, _vsignal, _vsocket
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest, _is_library, refusal
+from ftproxy.guest._runtime import ModuleNotOffered, Runtime, refusal
 
 _THREAD_WHY = (
     "ftproxy replays a single-threaded guest; how a second thread interleaves with "
@@ -37,16 +37,6 @@ _PROCESS_WHY = (
     "not replay them"
 )
 _THREAD_INSTEAD = "serve every connection from one thread (selectors, asyncio or a plain server)"
-# Where a thread or a child process is started from, what to use instead.
-_STARTERS = (
-    ("concurrent/futures/", "run the work inline, or run_in_executor(None, ...) under asyncio"),
-    (
-        "socketserver.py",
-        "use the plain server class (socketserver.TCPServer, http.server.HTTPServer)",
-    ),
-    ("multiprocessing/", "run one process (uvicorn: --workers 1)"),
-    ("uvicorn/", "run one worker process: --workers 1"),
-)
 
 
 def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
@@ -88,7 +78,7 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     replace(os, "kill", kill)
     for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen"):
         if hasattr(os, name):
-            replace(os, name, _refused_start(f"os.{name}", _PROCESS_WHY, ""))
+            replace(os, name, refusal(f"os.{name}", _PROCESS_WHY))
     real_exit = os._exit
 
     def _exit(code: int) -> None:
@@ -104,8 +94,20 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     _vsocket.set_hostname(hostname)
     replace(socket, "socket", _vsocket.VirtualSocket)
     replace(socket, "SocketType", _vsocket.VirtualSocket)
-    for name in ("socketpair", "getaddrinfo", "gethostbyname", "gethostbyaddr"):
+    for name in (
+        "socketpair",
+        "getaddrinfo",
+        "gethostbyname",
+        "gethostbyname_ex",
+        "gethostbyaddr",
+        "getnameinfo",
+    ):
         replace(socket, name, getattr(_vsocket, name))
+    replace(socket, "close", _vsocket.socket_close)
+    replace(socket, "dup", _vsocket.socket_dup)
+    for name, why in _vsocket.REFUSED.items():
+        if hasattr(socket, name):
+            replace(socket, name, refusal(f"socket.{name}", why))
     for name in ("gethostname", "getfqdn"):
         replace(socket, name, getattr(_vsocket, name))
     for name in ("fromfd", "fromshare", "send_fds", "recv_fds"):
@@ -142,13 +144,14 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     replace(
         threading.Thread,
         "start",
-        _refused_start("threading.Thread.start", _THREAD_WHY, _THREAD_INSTEAD),
+        refusal("threading.Thread.start", _THREAD_WHY, _THREAD_INSTEAD),
     )
     for name in ("start_new_thread", "start_new"):
         if hasattr(_thread, name):
-            replace(_thread, name, _refused_start(f"_thread.{name}", _THREAD_WHY, _THREAD_INSTEAD))
+            replace(_thread, name, refusal(f"_thread.{name}", _THREAD_WHY, _THREAD_INSTEAD))
 
     _rebind_copies(originals)
+    sys.meta_path.insert(0, _NotOffered())
     _PatchOnImport.install(
         {
             "asyncio.base_events": _inline_default_executor,
@@ -193,32 +196,6 @@ def _inline_default_executor(module: ModuleType) -> None:
     loop_class.run_in_executor = run_in_executor
 
 
-def _refused_start(name: str, why: str, instead: str) -> Callable[..., Any]:
-    """A refusal for starting a thread or a process that says what to use instead.
-
-    The advice depends on which library made the call (a thread pool, a forking
-    server, a multi-worker server): the callers are searched up to the first
-    frame of the program's own code.
-    """
-
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        hint = instead
-        frame: Any = sys._getframe(1)
-        while frame is not None:
-            filename = frame.f_code.co_filename.replace(os.sep, "/")
-            found = next((use for where, use in _STARTERS if where in filename), None)
-            if found is not None:
-                hint = found
-                break
-            if not _is_library(filename):
-                break
-            frame = frame.f_back
-        raise UnsupportedInGuest(name, why, f"instead, {hint}" if hint else "")
-
-    refused.__name__ = name.rsplit(".", 1)[-1]
-    return refused
-
-
 def _inline_threading_mixin(module: ModuleType) -> None:
     """socketserver.ThreadingMixIn (ThreadingHTTPServer, ``python -m http.server``) serves
     each request inline, in turn, exactly as the plain server class does."""
@@ -230,7 +207,24 @@ def _inline_threading_mixin(module: ModuleType) -> None:
 
 
 def _refuse_fork_exec(module: ModuleType) -> None:
-    setattr(module, "fork_exec", _refused_start("subprocess", _PROCESS_WHY, ""))  # noqa: B010
+    setattr(module, "fork_exec", refusal("subprocess", _PROCESS_WHY))  # noqa: B010
+
+
+class _NotOffered(MetaPathFinder):
+    """Modules that bring their own I/O or event loop in C: not there, as if not installed."""
+
+    MODULES = {
+        "uvloop": (
+            "it runs its own event loop on libuv, whose I/O ftproxy cannot virtualize",
+            "use asyncio's own event loop (uvicorn: --loop asyncio)",
+        ),
+    }
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        refused = self.MODULES.get(fullname.partition(".")[0])
+        if refused is not None:
+            raise ModuleNotOffered(fullname, *refused)
+        return None
 
 
 class _PatchOnImport(MetaPathFinder):

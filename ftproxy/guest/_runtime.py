@@ -39,12 +39,8 @@ class UnsupportedInGuest(SystemExit):
     """
 
     def __init__(self, function: str, why: str, instead: str = "") -> None:
-        message = f"{function} is not supported under ftproxy: {why}"
-        if instead:
-            message += f"; {instead}"
-        super().__init__(message)
+        super().__init__(f"{function} is not supported under ftproxy: {why}")
         self.code = EXIT_UNSUPPORTED
-        self.message = message
         self.function = function
         self.why = why
         self.instead = instead
@@ -52,7 +48,22 @@ class UnsupportedInGuest(SystemExit):
             _stopper(self)
 
     def __str__(self) -> str:
-        return self.message
+        message = f"{self.function} is not supported under ftproxy: {self.why}"
+        return f"{message}; instead, {self.instead}" if self.instead else message
+
+
+class ModuleNotOffered(ImportError):
+    """A module the guest does not offer, as if it were not installed.
+
+    An ImportError, so that programs which fall back when it is missing
+    (uvicorn's ``--loop auto`` without uvloop) do; one that cannot do without
+    it stops with this message (exit code 3).
+    """
+
+    def __init__(self, name: str, why: str, instead: str) -> None:
+        super().__init__(
+            f"{name} is not offered under ftproxy: {why}; instead, {instead}", name=name
+        )
 
 
 # The booted runtime's stop_refused: nothing the program does can catch a refusal.
@@ -323,8 +334,11 @@ class Runtime:
         _stopper = self.stop_refused
 
     def stop_refused(self, refusal: UnsupportedInGuest) -> None:
-        """Say what was refused and where, then end the guest with EXIT_UNSUPPORTED."""
-        site = _call_site(sys._getframe(2))
+        """Say what was refused, where and what to do instead; end the guest with
+        EXIT_UNSUPPORTED."""
+        caller = sys._getframe(2)
+        site = _call_site(caller)
+        refusal.instead = _library_advice(caller) or refusal.instead
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -364,6 +378,30 @@ def _call_site(frame: Any) -> str:
     if len(where) == 1:
         return f" (called at {where[0]})"
     return f" (called at {where[0]}, from {where[1]})"
+
+
+# What to use instead when the refused call comes from one of these libraries
+# (a thread pool, a forking server, a multi-process server): searched from the
+# refused call outwards, up to the program's own code.
+_LIBRARY_ADVICE = (
+    ("concurrent/futures/", "run the work inline, or run_in_executor(None, ...) under asyncio"),
+    ("socketserver.py", "use the plain server class (socketserver.TCPServer, HTTPServer)"),
+    ("multiprocessing/", "run one process (uvicorn and gunicorn: --workers 1)"),
+    ("uvicorn/", "run one worker process (--workers 1)"),
+)
+
+
+def _library_advice(frame: Any) -> str:
+    while frame is not None:
+        filename = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/ftproxy/guest/" not in filename:
+            for where, advice in _LIBRARY_ADVICE:
+                if where in filename:
+                    return advice
+            if not _is_library(filename):
+                return ""
+        frame = frame.f_back
+    return ""
 
 
 _STDLIB = os.path.dirname(os.__file__).replace(os.sep, "/") + "/"

@@ -605,8 +605,9 @@ class VirtualSocket:
             raise ValueError("only SOCK_STREAM type sockets are supported")
         if count is not None and (not isinstance(count, int) or count <= 0):
             raise ValueError(f"count must be a positive integer (got {count!r})")
-        if offset:
-            file.seek(offset)
+        if self._timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        file.seek(offset)  # from offset, wherever the file stands, as os.sendfile reads
         total = 0
         while count is None or total < count:
             chunk = file.read(min(_SENDFILE_BLOCK, count - total) if count else _SENDFILE_BLOCK)
@@ -834,6 +835,58 @@ def gethostbyaddr(address: str) -> tuple[str, list[str], list[str]]:
         raise _socket.herror(code, result)
     name, aliases, addresses = result
     return name, list(aliases), list(addresses)
+
+
+def gethostbyname_ex(host: str) -> tuple[str, list[str], list[str]]:
+    """From getaddrinfo (a device): the canonical name and the IPv4 addresses; no aliases."""
+    infos = getaddrinfo(host, 0, _socket.AF_INET, _STREAM, 0, _socket.AI_CANONNAME)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return (infos[0][3] or host), [], addresses
+
+
+def getnameinfo(sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+    """From gethostbyaddr (a device); services from the host's table, as the real one."""
+    host, port = str(sockaddr[0]), int(sockaddr[1])
+    if flags & _socket.NI_NUMERICSERV:
+        service = str(port)
+    else:
+        try:
+            service = _socket.getservbyport(port, "udp" if flags & _socket.NI_DGRAM else "tcp")
+        except OSError:
+            service = str(port)
+    if not flags & _socket.NI_NUMERICHOST:
+        try:
+            name = gethostbyaddr(host)[0]
+        except OSError:
+            if flags & _socket.NI_NAMEREQD:
+                raise _socket.gaierror(_socket.EAI_NONAME, "Name or service not known") from None
+        else:
+            host = name.split(".", 1)[0] if flags & _socket.NI_NOFQDN else name
+    return host, service
+
+
+def socket_close(fd: int) -> None:
+    """``socket.close(fd)``."""
+    os_close(fd)
+
+
+def socket_dup(fd: int) -> int:
+    """``socket.dup(fd)``: a host descriptor's copy; a virtual socket's is refused."""
+    if _runtime.by_fd.get(fd) is not None:
+        raise UnsupportedInGuest(
+            "socket.dup", "duplicated descriptors would share state ftproxy cannot replay"
+        )
+    return int(_real_socket_dup(fd))
+
+
+_real_socket_dup = _socket.dup
+_HOST_INTERFACES_WHY = "the host's network interfaces are not the same on both replicas"
+REFUSED = {
+    "if_nameindex": _HOST_INTERFACES_WHY,
+    "if_nametoindex": _HOST_INTERFACES_WHY,
+    "if_indextoname": _HOST_INTERFACES_WHY,
+    "sethostname": "the guest's host name is pinned in the log",
+}
 
 
 _hostname = "localhost"
