@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backup.add_argument(
         "--primary", required=True, metavar="HOST:PORT", help="the primary's --log-listen"
+    )
+    backup.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="run the guest in DIR (default: this command's working directory; never the "
+        "primary's, whose files would be shared on one host)",
     )
     _add_replica_arguments(backup)
 
@@ -380,6 +387,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     try:
         options = _replica_options(args, "backup")
         primary = arbiter.parse_address(args.primary)
+        if args.workdir is not None and not os.path.isdir(args.workdir):
+            raise ValueError(f"--workdir {args.workdir!r} is not a directory")
+        options.workdir = args.workdir
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     return int(trio.run(serve_backup, options, primary))
