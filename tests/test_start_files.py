@@ -114,3 +114,24 @@ def test_replay_refuses_a_script_edited_since_the_recording(tmp_path: Path) -> N
     cli = run_ftproxy("replay", str(log), "--quiet-guest")
     assert cli.returncode == 2, cli.stderr
     assert f"the guest's file {script} differs from the recording's" in cli.stderr
+
+
+def test_a_pair_runs_python_m_http_server_and_fails_over(pair, tmp_path: Path) -> None:
+    c = pair()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "page.txt").write_text("the same page on both replicas\n")
+    guest = ("-m", "http.server", "--bind", "127.0.0.1", "--directory", str(site))
+    guest += (str(c.service_port),)
+    c.processes["primary"] = Process("primary", c.replica_command("primary", guest=guest), tmp_path)
+    c.processes["backup"] = Process("backup", c.replica_command("backup", guest=guest), tmp_path)
+    c.primary.wait_for("Serving HTTP")
+    c.backup.wait_for("Serving HTTP")
+    assert _get(c.service_port, "/page.txt") == "the same page on both replicas\n"
+    c.kill_primary()
+    wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup goes live")
+    with concurrent.futures.ThreadPoolExecutor(4) as clients:
+        pages = list(clients.map(lambda _: _get(c.service_port, "/page.txt"), range(8)))
+    assert pages == ["the same page on both replicas\n"] * 8
+    chosen = [e for e in c.backup.events() if e["event"] == "guest_directory_chosen"]
+    assert chosen and "replay_diverged" not in c.backup.stderr()
