@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="device calls between forced exits (pinned in the log)",
     )
+    record.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
+        "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
+    )
     _add_front_arguments(record)
 
     replay = commands.add_parser(
@@ -128,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="with --no-output-rule only: hold each log batch this long before shipping it, "
         "to make the unsafe window visible",
+    )
+    primary.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
+        "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
     )
     primary.add_argument("--pair", default="ftproxy", help="the pair's name at the arbiter")
     primary.add_argument(
@@ -358,10 +374,12 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     import arbiter
     from ftproxy.auth import SecretFileError
     from ftproxy.primary import serve_primary
+    from ftproxy.startfiles import pinned_paths
 
     try:
         options = _replica_options(args, "primary")
         listen = arbiter.parse_address(args.log_listen)
+        pinned_paths(args.pin, os.getcwd())  # a path that is not there: say so now
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     if args.ship_delay_ms and not args.no_output_rule:
@@ -370,6 +388,7 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     options.ship_delay_s = args.ship_delay_ms / 1000
     options.pair = args.pair
     options.generation = args.generation
+    options.pins = args.pin
     if not options.output_rule:
         structlog.get_logger().warning(
             "output_rule_disabled",
@@ -448,6 +467,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
             policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
             extra_env=_parse_env(args.env),
             packet=_packet_config(args),
+            pins=args.pin,
         )
         result = trio.run(record, options)
     except ValueError as exc:

@@ -5,7 +5,10 @@ program itself (the script, or for ``-m`` the module's file) is what every
 execution reads first, so the header pins its SHA-256 (path relative to the
 working directory when it lies inside it); a backup or a replay computes the
 same digests in its own working directory and refuses, naming the file, when
-one differs or is missing, instead of diverging somewhere later.
+one differs or is missing, instead of diverging somewhere later. ``--pin
+PATH`` adds the other files the guest reads (a configuration, a database it
+starts from): a directory pins each file in it and its listing (``DIR/``), so
+an added or removed file shows too.
 """
 
 from __future__ import annotations
@@ -38,10 +41,37 @@ def start_files(argv: list[str], cwd: str) -> dict[str, str]:
     return pinned
 
 
+def pinned_paths(paths: list[str], cwd: str) -> dict[str, str]:
+    """{path: sha256 hex} of ``paths`` (files, or directories: each file and the listing)."""
+    pinned: dict[str, str] = {}
+    for given in paths:
+        path = os.path.join(cwd, given)
+        shown = os.path.normpath(given)
+        if os.path.isdir(path):
+            pinned[shown + os.sep] = _listing_digest(path)
+            for name in _listing(path):
+                digest = _digest(os.path.join(path, name))
+                if digest is not None:
+                    pinned[os.path.join(shown, name)] = digest
+            continue
+        digest = _digest(path)
+        if digest is None:
+            raise ValueError(f"--pin {given!r}: no such file or directory in {cwd}")
+        pinned[shown] = digest
+    return pinned
+
+
 def start_files_problem(pinned: dict[str, str], cwd: str, source: str = "the primary") -> str:
     """Why the files in ``cwd`` are not those ``source`` pinned ("" when they all match)."""
     for shown, digest in pinned.items():
         path = os.path.join(cwd, shown)
+        if shown.endswith(os.sep):
+            if not os.path.isdir(path) or _listing_digest(path) != digest:
+                return (
+                    f"the guest's directory {path} does not list the files {source}'s did "
+                    "(a file added or removed): start each replica from an identical copy"
+                )
+            continue
         mine = _digest(path)
         if mine is None:
             return (
@@ -76,6 +106,19 @@ def _module_files(module: str, cwd: str) -> list[str]:
         if main is not None and main.origin and os.path.isfile(main.origin):
             files.append(main.origin)
     return files
+
+
+def _listing(directory: str) -> list[str]:
+    """Every file under ``directory``, relative to it, sorted."""
+    names = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        names += [os.path.relpath(os.path.join(root, name), directory) for name in files]
+    return sorted(names)
+
+
+def _listing_digest(directory: str) -> str:
+    return hashlib.sha256("\0".join(_listing(directory)).encode()).hexdigest()
 
 
 def _digest(path: str) -> str | None:

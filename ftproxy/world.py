@@ -29,7 +29,7 @@ from ftproxy.front import PacketConfig
 from ftproxy.front.packet import PacketFront
 from ftproxy.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
 from ftproxy.guest import protocol as p
-from ftproxy.startfiles import start_files
+from ftproxy.startfiles import pinned_paths, start_files
 from ftproxy.supervisor import Exit, GuestFailure
 from ftproxy.wire import FORMAT_VERSION, Entry, Header, Network, Output, Policy
 
@@ -52,7 +52,11 @@ def guest_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
 
 
 def new_header(
-    argv: Sequence[str], env: Mapping[str, str], policy: Policy, network: Network | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    policy: Policy,
+    network: Network | None = None,
+    pins: Sequence[str] = (),
 ) -> Header:
     cwd = os.getcwd()
     return Header(
@@ -64,7 +68,7 @@ def new_header(
         policy=policy,
         created_ns=time.time_ns(),
         network=network,
-        files=start_files(list(argv), cwd),
+        files={**start_files(list(argv), cwd), **pinned_paths(list(pins), cwd)},
     )
 
 

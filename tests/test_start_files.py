@@ -135,3 +135,43 @@ def test_a_pair_runs_python_m_http_server_and_fails_over(pair, tmp_path: Path) -
     assert pages == ["the same page on both replicas\n"] * 8
     chosen = [e for e in c.backup.events() if e["event"] == "guest_directory_chosen"]
     assert chosen and "replay_diverged" not in c.backup.stderr()
+
+
+@pytest.mark.parametrize("change", ["a file added", "a file changed"])
+def test_a_pinned_data_directory_must_be_the_same_on_the_backup(
+    pair, tmp_path: Path, change: str
+) -> None:
+    c = pair()
+    primary_dir, backup_dir = _replica_dirs(tmp_path)
+    for where in (primary_dir, backup_dir):
+        (where / "seed").mkdir()
+        (where / "seed" / "config.json").write_text('{"greeting": "hello"}\n')
+    if change == "a file added":
+        (backup_dir / "seed" / "stray.json").write_text("{}\n")
+        expected = f"the guest's directory {backup_dir / 'seed'}/ does not list the files"
+    else:
+        (backup_dir / "seed" / "config.json").write_text('{"greeting": "bye"}\n')
+        expected = f"the guest's file {backup_dir / 'seed' / 'config.json'} differs"
+    guest = ("app.py", str(c.service_port))
+    primary = c.replica_command("primary", "--pin", "seed", guest=guest)
+    c.processes["primary"] = Process("primary", primary, tmp_path, cwd=primary_dir)
+    backup = c.replica_command("backup", guest=guest)
+    c.processes["backup"] = Process("backup", backup, tmp_path, cwd=backup_dir)
+    assert c.backup.wait(timeout=30) == EXIT_HALTED
+    reason = next(e["reason"] for e in c.backup.events() if e["event"] == "replica_refused")
+    assert expected in reason
+
+
+def test_pinning_a_path_that_is_not_there_is_a_usage_error(tmp_path: Path) -> None:
+    cli = run_ftproxy(
+        "record",
+        "--log",
+        str(tmp_path / "x.ftlog"),
+        "--pin",
+        "no/such/dir",
+        "--",
+        str(GUESTS / "sqlite_kv.py"),
+        "0",
+    )
+    assert cli.returncode == 2
+    assert "--pin 'no/such/dir': no such file or directory" in cli.stderr
