@@ -76,8 +76,10 @@ class Recording:
         *args: str,
         ready_marker: str = "listening",
         record_args: tuple[str, ...] = (),
+        cwd: Path = ROOT,
     ) -> None:
         self.log = log
+        self.cwd = cwd
         self.command = [
             *FTPROXY,
             "record",
@@ -99,7 +101,7 @@ class Recording:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=ROOT,
+            cwd=self.cwd,
         )
         if self.ready_marker:
             assert self.process.stdout is not None

@@ -106,7 +106,7 @@ def test_replay_refuses_a_script_edited_since_the_recording(tmp_path: Path) -> N
     shutil.copy(GUESTS / "sqlite_kv.py", script)
     port = free_port()
     log = tmp_path / "kv.ftlog"
-    with Recording(log, script, str(port)) as rec:
+    with Recording(log, script, str(port), cwd=tmp_path) as rec:
         assert _get(port, "/put?k=a&v=1") == "ok 1\n"
         assert rec.stop() == 0, rec.stderr
     with open(script, "a") as edited:
@@ -114,6 +114,7 @@ def test_replay_refuses_a_script_edited_since_the_recording(tmp_path: Path) -> N
     cli = run_ftproxy("replay", str(log), "--quiet-guest")
     assert cli.returncode == 2, cli.stderr
     assert f"the guest's file {script} differs from the recording's" in cli.stderr
+    assert (tmp_path / "kv.sqlite3").exists()
 
 
 def test_a_pair_runs_python_m_http_server_and_fails_over(pair, tmp_path: Path) -> None:
