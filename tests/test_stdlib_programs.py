@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from support import GUESTS, Recording, connect, free_port, recv_until, replay_log
+from support import GUESTS, Recording, connect, free_port, recv_until, replay_log, run_ftproxy
 
 from ftproxy.logfile import read_log
 from ftproxy.wire import End
@@ -277,3 +277,17 @@ def test_the_socket_surface_real_programs_touch_works_and_replays(tmp_path: Path
     assert first[4] == b"localhost ['127.0.0.1'] 127.0.0.1 80\n"
     assert first[5] == b"False poll\n"
     replay_log(log)
+
+
+def test_a_guest_command_python_could_not_run_is_refused_clearly(tmp_path: Path) -> None:
+    log = str(tmp_path / "x.ftlog")
+    for command, message in (
+        (["-m"], "record: -m needs a module name: expected SCRIPT [ARGS...] or -m MODULE"),
+        (["-X", "dev", "app.py"], "the guest's command starts with the interpreter option '-X'"),
+    ):
+        cli = run_ftproxy("record", "--log", log, "--", *command)
+        assert cli.returncode == 2 and message in cli.stderr, cli.stderr
+    cli = run_ftproxy("record", "--log", log, "--", "-m", "no_such_module_here")
+    assert cli.returncode == 3
+    assert "ftproxy: the guest's module 'no_such_module_here' was not found" in cli.stderr
+    assert "Traceback" not in cli.stderr
