@@ -123,12 +123,17 @@ def test_numpy_and_fakeredis_import_and_datetime_now_follows_the_virtual_clock(
     with Recording(log, GUESTS / "numpy_fakeredis.py", str(port)) as rec:
         replies = []
         with connect(port) as sock:
-            for command in ("now", "set a 1", "incr a", "incr a", "get a", "mean 1 2 4", "now"):
+            commands = ("now", "set a 1", "incr a", "incr a", "get a", "mean 1 2 4", "pickle")
+            for command in (*commands, "now"):
                 sock.sendall(command.encode() + b"\n")
                 replies.append(recv_until(sock, b"\n").decode().rstrip("\n"))
         assert rec.stop() == 0, rec.stderr
     first_now, *store, last_now = replies
+    *store, pickled = store
     assert store == ["True", "2", "3", "3", "2.3333333333333335"]
+    assert pickled == (
+        "datetime.datetime(2020, 1, 2, 3, 4, 5) datetime.datetime(2021, 5, 6, 0, 0) [True, True]"
+    )
     for now in (first_now, last_now):
         local, utc, utcnow, today, np_now, kind = now.split(" ", 5)
         assert kind == "<class 'datetime.datetime'>"
