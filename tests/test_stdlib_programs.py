@@ -296,3 +296,40 @@ def test_a_guest_command_python_could_not_run_is_refused_clearly(tmp_path: Path)
     assert cli.returncode == 3
     assert "ftproxy: the guest's module 'no_such_module_here' was not found" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+def test_uvicorn_on_a_unix_socket_is_refused_with_the_fix(tmp_path: Path) -> None:
+    log = tmp_path / "uds.ftlog"
+    uds = ("--uds", str(tmp_path / "app.sock"))
+    with Recording(log, *_uvicorn(free_port(), *uds), ready_marker="") as rec:  # type: ignore[arg-type]
+        _refused_exit(rec, log)
+    assert (
+        "socket.socket(family=AF_UNIX) is not supported under ftproxy: only AF_INET and "
+        "AF_INET6 sockets (and socketpair) are virtualized; instead, serve on a TCP or UDP "
+        "address (uvicorn: --host and --port, not --uds)"
+    ) in rec.stderr
+
+
+def test_a_forking_socketserver_is_refused_with_the_plain_class_as_the_fix(tmp_path: Path) -> None:
+    script = tmp_path / "forking.py"
+    script.write_text(
+        "import socketserver, sys\n"
+        "class Echo(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        self.wfile.write(self.rfile.readline())\n"
+        "server = socketserver.ForkingTCPServer(('127.0.0.1', int(sys.argv[1])), Echo)\n"
+        "print('listening', flush=True)\n"
+        "server.serve_forever()\n"
+    )
+    port = free_port()
+    log = tmp_path / "forking.ftlog"
+    with Recording(log, script, str(port)) as rec:
+        with connect(port) as sock:
+            sock.sendall(b"echo\n")
+            assert sock.recv(100) == b""
+        _refused_exit(rec, log)
+    assert "os.fork is not supported under ftproxy" in rec.stderr
+    assert (
+        "instead, use the plain server class (socketserver.TCPServer, http.server.HTTPServer)"
+    ) in rec.stderr
+    assert f"from {script}:7" in rec.stderr
