@@ -96,7 +96,7 @@ def test_python_m_http_server_serves_concurrent_clients_and_replays(tmp_path: Pa
     port = free_port()
     log = tmp_path / "httpserver.ftlog"
     command = ("http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port))
-    with Recording(log, "-m", *command, ready_marker="Serving HTTP") as rec:  # type: ignore[arg-type]
+    with Recording(log, "-m", *command, ready_marker="Serving HTTP") as rec:
         base = f"http://127.0.0.1:{port}"
         urls = [f"{base}/index.txt", f"{base}/other.txt", f"{base}/"] * 8
         # http.server's main is a ThreadingHTTPServer: it serves them in turn.
@@ -189,7 +189,7 @@ def test_pyftpdlib_picks_poll_and_serves_concurrent_ftp_clients_and_replays(
     port = free_port()
     log = tmp_path / "ftp.ftlog"
     command = ("pyftpdlib", "-i", "127.0.0.1", "-p", str(port), "-d", str(shared), "-w", "-D")
-    with Recording(log, "-m", *command, ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, "-m", *command, ready_marker="") as rec:
         _wait_for_port(port, rec)
         with concurrent.futures.ThreadPoolExecutor(4) as clients:
             sessions = list(clients.map(lambda i: _ftp_session(port, i), range(4)))
@@ -214,7 +214,7 @@ def _uvicorn(port: int, *options: str) -> tuple[str, ...]:
 def test_uvicorn_with_several_workers_is_refused_with_the_fix(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "workers.ftlog"
-    with Recording(log, *_uvicorn(port, "--workers", "2"), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port, "--workers", "2"), ready_marker="") as rec:
         _refused_exit(rec, log)
     assert "ftproxy: the guest stopped: " in rec.stderr
     assert "is not supported under ftproxy" in rec.stderr
@@ -227,7 +227,7 @@ def test_uvicorn_with_uvloop_installed_runs_on_asyncio_and_replays(tmp_path: Pat
     assert importlib.util.find_spec("uvloop") is not None, "install uvloop (the dev extra)"
     port = free_port()
     log = tmp_path / "uvicorn.ftlog"
-    with Recording(log, *_uvicorn(port), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port), ready_marker="") as rec:
         _wait_for_port(port, rec)
         paths = [f"/client/{i}" for i in range(24)]
         with concurrent.futures.ThreadPoolExecutor(8) as clients:
@@ -242,7 +242,7 @@ def test_uvicorn_with_uvloop_installed_runs_on_asyncio_and_replays(tmp_path: Pat
 def test_a_program_that_needs_uvloop_stops_with_the_fix(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "uvloop.ftlog"
-    with Recording(log, *_uvicorn(port, "--loop", "uvloop"), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port, "--loop", "uvloop"), ready_marker="") as rec:
         assert rec.stop(None) == 3, rec.stderr
     assert (
         "ftproxy: the guest stopped: uvloop is not offered under ftproxy: it runs its own event "
@@ -301,7 +301,7 @@ def test_a_guest_command_python_could_not_run_is_refused_clearly(tmp_path: Path)
 def test_uvicorn_on_a_unix_socket_is_refused_with_the_fix(tmp_path: Path) -> None:
     log = tmp_path / "uds.ftlog"
     uds = ("--uds", str(tmp_path / "app.sock"))
-    with Recording(log, *_uvicorn(free_port(), *uds), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(free_port(), *uds), ready_marker="") as rec:
         _refused_exit(rec, log)
     assert (
         "socket.socket(family=AF_UNIX) is not supported under ftproxy: only AF_INET and "
