@@ -486,23 +486,28 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except GuestFailure as exc:
         print(f"ftproxy replay: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if result.log_complete:
-        ending = f"guest exited with returncode {result.returncode}, as recorded"
-    elif result.end_reason is not None:
-        ending = (
-            f"the recording ended with the guest {result.end_reason}, so the replay "
-            "stopped where the log stops"
-        )
-    else:
-        ending = (
-            "the log has no end record (the recorder was killed), so the replay "
-            "stopped where the log stops"
-        )
-    print(
-        f"ftproxy replay: verified {result.entries} entries and {result.outputs} outputs "
-        f"({result.output_bytes} bytes) identical to the recording; {ending}",
-        file=sys.stderr,
+    verified = (
+        f"verified {result.entries} entries and {result.outputs} outputs "
+        f"({result.output_bytes} bytes) identical to the recording"
     )
+    if result.ended_at is not None:
+        why = (
+            f"the recording ended with the guest {result.end_reason}"
+            if result.end_reason is not None
+            else "the log has no end record (the recorder was killed)"
+        )
+        print(
+            f"ftproxy replay: the log ends early at entry {result.ended_at}; everything "
+            f"before it verified: {verified[len('verified ') :]}; {why}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    ending = (
+        f"guest exited with returncode {result.returncode}, as recorded"
+        if result.log_complete
+        else f"the recording ended with the guest {result.end_reason}"
+    )
+    print(f"ftproxy replay: {verified}; {ending}", file=sys.stderr)
     return EXIT_OK
 
 
