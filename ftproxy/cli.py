@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,32 +15,14 @@ from typing import Any
 import structlog
 import trio
 
+from ftproxy import __version__
+from ftproxy.logsetup import add_logging_arguments, configure_from_args
+from ftproxy.logsetup import configure_logging as configure_logging
+
 EXIT_OK = 0
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
-
-
-def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -> None:
-    """Console rendering on a terminal, JSON lines otherwise; logs go to stderr."""
-    if json_logs is None:
-        json_logs = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 def split_guest_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -58,10 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftproxy",
         description="Fault tolerance for an unmodified single-threaded Python service.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
-    parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto", help="how to log"
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_logging_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     record = commands.add_parser(
@@ -190,7 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = log_commands.add_parser("export", help="network inputs and outputs as a pcap")
     export.add_argument("log", metavar="LOG")
     export.add_argument("--pcap", required=True, metavar="PATH", help="the pcap file to write")
+    _inherit_logging_arguments(parser)
     return parser
+
+
+def _inherit_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-v`` and ``--log-format`` after any subcommand too, as before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                add_logging_arguments(sub, inherited=True)
+                _inherit_logging_arguments(sub)
 
 
 def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
@@ -391,7 +380,8 @@ def _cmd_arbiter(args: argparse.Namespace) -> int:
     argv = ["--listen", args.listen, "--data-dir", args.data_dir]
     argv += ["--secret-file", args.secret_file] if args.secret_file else []
     argv += ["--insecure"] if args.insecure else []
-    return arbiter_main(argv)
+    argv += ["--log-format", args.log_format] + (["--verbose"] if args.verbose else [])
+    return arbiter_main(argv, prog="ftproxy arbiter")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -548,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     own, guest = split_guest_argv(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
     args.guest = guest
-    json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
-    configure_logging(verbose=args.verbose, json_logs=json_logs)
+    configure_from_args(args)
     handlers = {
         "record": _cmd_record,
         "replay": _cmd_replay,
