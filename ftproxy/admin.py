@@ -1,10 +1,12 @@
 """The admin endpoint of a replica: its status over HTTP, and ``ftproxy status`` to read it.
 
-Server side, ``serve_admin`` answers three paths on a small HTTP/1.1 server (h11
+Server side, ``serve_admin`` answers four paths on a small HTTP/1.1 server (h11
 speaks the protocol, trio moves the bytes, one task per connection, keep-alive):
 
 - ``GET /status``: the replica's status mapping as JSON;
-- ``GET /metrics``: the same numbers in the Prometheus text format (``render_metrics``);
+- ``GET /metrics``: the same numbers in the Prometheus text format (a replica's come
+  from ``ftproxy.metrics``; without a metrics source, ``render_metrics`` of the status);
+- ``GET /healthz``: 200 or 503 and a one-line reason, for probes;
 - ``GET /``: a short index.
 
 The status comes from a callable the replica passes in, called once per request;
@@ -45,6 +47,10 @@ from rich.text import Text
 log = structlog.get_logger()
 
 StatusSource = Callable[[], Mapping[str, Any]]
+# A replica's /metrics body (ftproxy.metrics); without one, render_metrics(status).
+MetricsSource = Callable[[], bytes]
+# /healthz: whether the replica serves, or is ready to take over, and why not.
+HealthSource = Callable[[], tuple[bool, str]]
 
 METRIC_PREFIX: Final = "ftproxy"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,6 +83,7 @@ _INDEX: Final = (
     "\n"
     "GET /status   the replica's status as JSON\n"
     "GET /metrics  the same numbers in the Prometheus text format\n"
+    "GET /healthz  200 when serving or ready to take over, 503 otherwise (for probes)\n"
 )
 
 
@@ -151,6 +158,8 @@ async def serve_admin(
     port: int,
     status: StatusSource,
     *,
+    metrics: MetricsSource | None = None,
+    health: HealthSource | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint on ``host:port`` until cancelled.
@@ -170,10 +179,19 @@ async def serve_admin(
     log.info("admin_server_started", host=host, port=bound)
     task_status.started(bound)
 
+    sources = _Sources(status, metrics, health)
+
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, status)
+        await _handle_connection(stream, sources)
 
     await trio.serve_listeners(handler, listeners)
+
+
+@dataclass(frozen=True)
+class _Sources:
+    status: StatusSource
+    metrics: MetricsSource | None
+    health: HealthSource | None
 
 
 @dataclass(frozen=True)
@@ -184,11 +202,11 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def _handle_connection(stream: trio.SocketStream, status: StatusSource) -> None:
+async def _handle_connection(stream: trio.SocketStream, sources: _Sources) -> None:
     """One client connection; whatever happens on it stays on it."""
     try:
         async with stream:
-            await _serve_connection(h11.Connection(h11.SERVER), stream, status)
+            await _serve_connection(h11.Connection(h11.SERVER), stream, sources)
     except trio.BrokenResourceError:
         log.debug("admin_connection_dropped")
     except Exception:
@@ -196,7 +214,7 @@ async def _handle_connection(stream: trio.SocketStream, status: StatusSource) ->
 
 
 async def _serve_connection(
-    conn: h11.Connection, stream: trio.SocketStream, status: StatusSource
+    conn: h11.Connection, stream: trio.SocketStream, sources: _Sources
 ) -> None:
     while True:
         try:
@@ -220,7 +238,7 @@ async def _serve_connection(
             return
         if request is None:  # the client closed between requests
             return
-        reply = _route(request.method, request.target, status)
+        reply = _route(request.method, request.target, sources)
         log.debug(
             "admin_request_served",
             method=request.method.decode("ascii", "replace"),
@@ -288,9 +306,9 @@ async def _close_gracefully(stream: trio.SocketStream) -> None:
             pass
 
 
-def _route(method: bytes, target: bytes, status: StatusSource) -> _Reply:
+def _route(method: bytes, target: bytes, sources: _Sources) -> _Reply:
     path = target.partition(b"?")[0]
-    if path not in (b"/", b"/status", b"/metrics"):
+    if path not in (b"/", b"/status", b"/metrics", b"/healthz"):
         shown = _shorten(path.decode("ascii", "replace"))
         return _text_reply(404, f"not found: {shown} (see / for the endpoints)")
     if method not in ALLOWED_METHODS:
@@ -303,7 +321,12 @@ def _route(method: bytes, target: bytes, status: StatusSource) -> _Reply:
     if path == b"/":
         return _Reply(200, TEXT_CONTENT_TYPE, _INDEX.encode())
     try:
-        snapshot = status()
+        if path == b"/healthz":
+            healthy, why = sources.health() if sources.health else (True, "up")
+            return _text_reply(200 if healthy else 503, why)
+        if path == b"/metrics" and sources.metrics is not None:
+            return _Reply(200, METRICS_CONTENT_TYPE, sources.metrics())
+        snapshot = sources.status()
         if path == b"/status":
             body = json.dumps(snapshot, indent=2, default=_json_default) + "\n"
             return _Reply(200, JSON_CONTENT_TYPE, body.encode())

@@ -232,6 +232,7 @@ class Backup(ReplicaShell):
             for sock, (family, kind, address, backlog) in self._bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
+        self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
 
 
@@ -377,6 +378,7 @@ async def _run_guest(
                 await supervisor.run()
         except Divergence as divergence:
             divergence.stack = await supervisor.halt_for_stack("divergence")
+            backup.board.counters["divergences_total"] += 1
             backup.log.error("replay_diverged", report=divergence.report())
             outcome.append(EXIT_DIVERGED)
         except Halted as exc:

@@ -163,6 +163,7 @@ class Primary(ReplicaShell):
             for released in self.replica.won():
                 self.world.apply_output(released)
             self._acked.ring()
+            self.went_alone()
             self.log.info("role_changed", to="live", held_released=True)
         else:
             dropped = self.replica.lost()

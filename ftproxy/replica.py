@@ -9,16 +9,19 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
 import trio
+from prometheus_client import Histogram
 
 import arbiter
 from ftproxy.front import PacketConfig
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
 from ftproxy.link import LogLink
+from ftproxy.metrics import ReplicaMetrics
 from ftproxy.replication import Replica, Role, Timing
 from ftproxy.wire import Policy
 
@@ -106,13 +109,17 @@ class ArbiterClient:
 
 
 class Samples:
-    """The last ``size`` measurements of something, for percentiles in /status."""
+    """The last ``size`` measurements of something, for percentiles in /status, and
+    for a histogram of all of them in /metrics (in seconds, where they are ms)."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, histogram: Histogram | None = None) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        self.histogram = histogram
 
     def add(self, value: float) -> None:
         self._values.append(value)
+        if self.histogram is not None:
+            self.histogram.observe(value / 1000)
 
     def summary(self) -> dict[str, float | int]:
         if not self._values:
@@ -139,13 +146,52 @@ class StatusBoard:
     peer_state: str = "none"
     peer_address: str = ""
     counters: dict[str, int] = field(
-        default_factory=lambda: {"exits_total": 0, "outputs_total": 0, "log_bytes_total": 0}
+        default_factory=lambda: {
+            "exits_total": 0,
+            "outputs_total": 0,
+            "log_bytes_total": 0,
+            "failovers_total": 0,
+            "divergences_total": 0,
+        }
     )
     role_override: str | None = None
     channel_rtt_ms: Samples = field(default_factory=Samples)
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
     front: Callable[[], Mapping[str, Any]] | None = None
+    metrics: ReplicaMetrics = field(default_factory=ReplicaMetrics)
+
+    def __post_init__(self) -> None:
+        self.channel_rtt_ms.histogram = self.metrics.channel_rtt
+        self.lag_ms.histogram = self.metrics.lag
+        self.metrics.serve_status(self.snapshot)
+
+    def role(self) -> str:
+        if self.role_override:
+            return self.role_override
+        return self.replica.role.value if self.replica is not None else "starting"
+
+    def protected(self) -> bool:
+        """A backup is attached and outputs wait for its acks: a failover loses nothing."""
+        return (
+            self.role() == "primary" and self.peer_state == "connected" and self.options.output_rule
+        )
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: serving, or ready to take over; else why not."""
+        role = self.role()
+        if role == "primary" and self.peer_state == "connected":
+            return True, "primary: serving, with a backup"
+        if role == "live":
+            return True, "live: serving alone"
+        if role == "backup" and self.peer_state == "connected":
+            return True, "backup: replaying, ready to take over"
+        return False, f"{role}: neither serving nor ready to take over"
+
+    def failed_over(self, seconds: float) -> None:
+        """This replica won the arbiter and serves alone, ``seconds`` after losing its peer."""
+        self.counters["failovers_total"] += 1
+        self.metrics.failover.observe(seconds)
 
     def snapshot(self) -> Mapping[str, Any]:
         now = trio.current_time()
@@ -180,6 +226,7 @@ class StatusBoard:
             )
         if self.role_override:
             status["role"] = self.role_override
+        status["protected"] = self.protected()
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
@@ -202,6 +249,7 @@ class ReplicaShell:
         self.board.peer_state = "connected"
         self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
+        self.peer_lost_at: float | None = None
         self.log = log.bind(role=role.value, generation=options.generation)
 
     async def watch(self) -> None:
@@ -217,11 +265,17 @@ class ReplicaShell:
             return
         self.log.warning(f"{self.peer_role}_lost", reason=reason, received=self.replica.received)
         self.board.peer_state = "lost"
+        self.peer_lost_at = trio.current_time()
         self.peer_gone.set()
         self.peer_lost()
 
     def peer_lost(self) -> None:
         """What else must happen the moment the peer is gone (subclasses)."""
+
+    def went_alone(self) -> None:
+        """Won the arbiter: count the failover, and how long it took since the peer went."""
+        lost_at = self.peer_lost_at if self.peer_lost_at is not None else trio.current_time()
+        self.board.failed_over(trio.current_time() - lost_at)
 
 
 def _address(address: tuple[str, int]) -> str:
@@ -237,7 +291,16 @@ async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIt
     from ftproxy.admin import serve_admin
 
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_admin, options.admin[0], options.admin[1], board.snapshot)
+        port = await nursery.start(
+            partial(
+                serve_admin,
+                options.admin[0],
+                options.admin[1],
+                board.snapshot,
+                metrics=board.metrics.render,
+                health=board.health,
+            )
+        )
         log.info("admin_listening", address=f"{options.admin[0]}:{port}")
         yield
         nursery.cancel_scope.cancel()
