@@ -1,9 +1,10 @@
 """``python -m arbiter`` (and ``ftproxy arbiter``): run the arbiter server.
 
 Exit codes: 0 after Ctrl-C, 2 for a usage error (including a missing
-``--secret-file`` without ``--insecure``, or an unusable secret file), 3 when
-the server cannot start or stops on an error (an unreadable store, a port in
-use). Each error ends in one clear message, never a traceback.
+``--secret-file`` without ``--insecure``, or an unusable secret file), 5 when
+the server cannot start (an unreadable store in ``--data-dir``, ``--listen``'s
+port in use: the reason names the flag), 3 when it stops on an error later.
+Each error ends in one clear message, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ftproxy.logsetup import add_logging_arguments, configure_from_args
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
 EXIT_FAILED: Final = 3
+EXIT_STARTUP: Final = 5
 
 
 def build_parser(prog: str = "python -m arbiter") -> argparse.ArgumentParser:
@@ -85,21 +87,31 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m arbiter") -> i
     else:
         log.warning("authentication_disabled", reason="--insecure")
     host, port = args.listen
+    started = False
+
+    async def run() -> None:
+        nonlocal started
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, host, port, args.data_dir, secret)
+            started = True
+
     try:
-        trio.run(serve, host, port, args.data_dir, secret)
+        trio.run(run)
     except BaseException as exc:
         leaves = list(_leaves(exc))
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             log.info("arbiter_stopped", reason="interrupted")
             return EXIT_OK
+        code = EXIT_FAILED if started else EXIT_STARTUP
         for leaf in leaves:
             if isinstance(leaf, StoreError):
-                log.error("arbiter_failed", reason=str(leaf))
-                return EXIT_FAILED
+                flag = "" if started else f"--data-dir {args.data_dir}: "
+                log.error("arbiter_failed", reason=f"{flag}{leaf}")
+                return code
             if isinstance(leaf, OSError):
-                reason = f"cannot serve on {host}:{port}: {leaf.strerror or leaf}"
+                reason = f"--listen {host}:{port}: {leaf.strerror or leaf}"
                 log.error("arbiter_failed", reason=reason)
-                return EXIT_FAILED
+                return code
         raise
     raise AssertionError("serve() returned")  # pragma: no cover
 

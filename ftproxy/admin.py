@@ -160,15 +160,18 @@ async def serve_admin(
     *,
     metrics: MetricsSource | None = None,
     health: HealthSource | None = None,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint on ``host:port`` until cancelled.
 
     ``port`` 0 picks a free port; the bound port is reported through
     ``task_status``, so ``await nursery.start(serve_admin, host, 0, status)``
-    returns it once the endpoint accepts connections.
+    returns it once the endpoint accepts connections. ``listeners``: already bound
+    for ``host:port`` by the caller.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:  # else bound already, so that a busy port fails at start
+        listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         # Each address family got a port of its own; keep one, so the port we
         # report is the whole truth.

@@ -39,10 +39,13 @@ from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    ArbiterClient,
     Halted,
     ReplicaOptions,
     ReplicaShell,
+    StatusBoard,
     admin_endpoint,
+    check_program,
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
@@ -57,8 +60,14 @@ TAKEOVER_BIND_RETRY_S = 0.1
 class Backup(ReplicaShell):
     """The backup's state and tasks around one guest and one primary."""
 
-    def __init__(self, options: ReplicaOptions, link: LogLink, welcome: Welcome) -> None:
-        super().__init__(options, Role.BACKUP, link)
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        link: LogLink,
+        welcome: Welcome,
+        board: StatusBoard | None = None,
+    ) -> None:
+        super().__init__(options, Role.BACKUP, link, board)
         self.welcome = welcome
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
@@ -287,7 +296,20 @@ async def connect_to_primary(
 
 
 async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]) -> int:
-    """Join the primary, replay behind it, take over when it dies; return the exit code."""
+    """Join the primary, replay behind it, take over when it dies; return the exit code.
+
+    The script and the admin port are checked first (StartupError); the admin
+    endpoint answers from then on.
+    """
+    check_program(options.argv)
+    board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
+    async with admin_endpoint(options, board):
+        return await _serve_backup(options, primary_address, board)
+
+
+async def _serve_backup(
+    options: ReplicaOptions, primary_address: tuple[str, int], board: StatusBoard
+) -> int:
     try:
         link, welcome = await connect_to_primary(options, primary_address)
     except LinkRefused as exc:
@@ -302,7 +324,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
         return EXIT_HALTED
-    backup = Backup(options, link, welcome)
+    backup = Backup(options, link, welcome, board)
     try:
         await backup.arbiter.check_undecided()
     except Halted as exc:
@@ -312,7 +334,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     backup.log.info("joined_primary", peer=link.peer, pair=welcome.pair)
     header = welcome.header
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with admin_endpoint(options, backup.board), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             backup.nursery = nursery
             guest = await start_guest(header.argv, header.env, _cwd(header.cwd))
             backup.guest_pid = guest.pid

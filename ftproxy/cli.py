@@ -358,7 +358,7 @@ def _cmd_primary(args: argparse.Namespace) -> int:
             consequence="outputs leave before the backup holds their log: a failover can "
             "lose acknowledged writes",
         )
-    return int(trio.run(serve_primary, options, listen))
+    return _run_replica("primary", serve_primary, options, listen)
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
@@ -371,7 +371,18 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         primary = arbiter.parse_address(args.primary)
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
-    return int(trio.run(serve_backup, options, primary))
+    return _run_replica("backup", serve_backup, options, primary)
+
+
+def _run_replica(command: str, serve: Any, *args: Any) -> int:
+    """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
+    from ftproxy.replica import EXIT_STARTUP, StartupError
+
+    try:
+        return int(trio.run(serve, *args))
+    except StartupError as exc:
+        print(f"ftproxy {command}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
 
 def _cmd_arbiter(args: argparse.Namespace) -> int:

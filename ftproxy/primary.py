@@ -30,7 +30,11 @@ from ftproxy.replica import (
     Halted,
     ReplicaOptions,
     ReplicaShell,
+    StatusBoard,
     admin_endpoint,
+    bind_listeners,
+    check_free,
+    check_program,
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
@@ -45,8 +49,14 @@ FINAL_ACK_WAIT_S = 2.0
 class Primary(ReplicaShell):
     """The primary's state and tasks around one guest and one backup."""
 
-    def __init__(self, options: ReplicaOptions, header: Header, link: LogLink) -> None:
-        super().__init__(options, Role.PRIMARY, link)
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        header: Header,
+        link: LogLink,
+        board: StatusBoard | None = None,
+    ) -> None:
+        super().__init__(options, Role.PRIMARY, link, board)
         self.header = header
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
@@ -186,9 +196,33 @@ async def serve_primary(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Wait for a backup, then run the guest replicated; return the exit code."""
-    bound = log.bind(role="primary", generation=options.generation)
+    """Wait for a backup, then run the guest replicated; return the exit code.
+
+    What the flags name is checked first (StartupError): the script, the log and
+    admin ports, the --map addresses. The admin endpoint answers from then on.
+    """
+    check_program(options.argv)
+    listeners = await bind_listeners("--log-listen", listen)
+    for guest_port, address in options.address_map.items():
+        check_free(f"--map {guest_port}={address[0]}:{address[1]}", address)
     arbiter_client = ArbiterClient(options, "primary")
+    board = StatusBoard(options, arbiter_client, role_override="waiting_for_backup")
+    try:
+        async with admin_endpoint(options, board):
+            return await _serve_primary(options, listeners, board, task_status)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def _serve_primary(
+    options: ReplicaOptions,
+    listeners: list[trio.SocketListener],
+    board: StatusBoard,
+    task_status: trio.TaskStatus[int],
+) -> int:
+    bound = log.bind(role="primary", generation=options.generation)
+    arbiter_client = board.arbiter
     try:
         await arbiter_client.check_undecided()
     except Halted as exc:
@@ -198,17 +232,16 @@ async def serve_primary(
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network)
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
-    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-    port = listeners[0].socket.getsockname()[1]
-    bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
+    host, port = listeners[0].socket.getsockname()[:2]
+    bound.info("waiting_for_backup", address=f"{host}:{port}")
     task_status.started(port)
     link = await _accept_one_backup(listeners, options, welcome)
     for listener in listeners:
         await listener.aclose()
-    primary = Primary(options, header, link)
+    primary = Primary(options, header, link, board)
     bound.info("backup_joined", peer=link.peer)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with admin_endpoint(options, primary.board), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             doorbell = Doorbell()
             front = open_front(nursery, doorbell, options.address_map, options.packet)
             guest = await start_guest(options.argv, env, header.cwd)

@@ -32,6 +32,57 @@ EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_HALTED = 4
+EXIT_STARTUP = 5
+
+
+class StartupError(Exception):
+    """A replica cannot start as asked: the flag, and why (a busy port, a missing script)."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+async def bind_listeners(flag: str, address: tuple[str, int]) -> list[trio.SocketListener]:
+    """Listen on ``address`` now, at start: a busy or foreign address is a StartupError."""
+    host, port = address
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise StartupError(f"{flag} {host}:{port}", exc.strerror or str(exc)) from None
+    if port == 0 and len(listeners) > 1:
+        # Each address family got a port of its own; keep one, so the port we
+        # report is the whole truth.
+        for extra in listeners[1:]:
+            extra.socket.close()
+        listeners = listeners[:1]
+    return listeners
+
+
+def check_free(flag: str, address: tuple[str, int]) -> None:
+    """Fail at start if ``address`` cannot be bound now (the guest binds it later).
+
+    ``flag`` names the flag, address included, as the user wrote it.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(flag, exc.strerror or str(exc)) from None
+
+
+def check_program(argv: list[str]) -> None:
+    """The script after ``--`` must be there and readable before anything starts."""
+    script = argv[0]
+    if script.startswith("-"):  # an interpreter option (-m MODULE): Python finds it
+        return
+    if not os.path.exists(script):
+        raise StartupError(f"-- {script}", "no such file")
+    if not os.path.isfile(script) or not os.access(script, os.R_OK):
+        raise StartupError(f"-- {script}", "not a readable file")
 
 
 class Halted(Exception):
@@ -239,13 +290,19 @@ class StatusBoard:
 class ReplicaShell:
     """What a primary and a backup do alike around their replication core and their peer."""
 
-    def __init__(self, options: ReplicaOptions, role: Role, link: LogLink) -> None:
+    def __init__(
+        self, options: ReplicaOptions, role: Role, link: LogLink, board: StatusBoard | None = None
+    ) -> None:
         self.options = options
         self.link: LogLink | None = link
         self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
         self.peer_role = "backup" if role is Role.PRIMARY else "primary"
         self.arbiter = ArbiterClient(options, role.value)
-        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
+        # The board the admin endpoint has served since start-up, if any: from here
+        # on it shows this replica's core.
+        self.board = board or StatusBoard(options, self.arbiter)
+        self.board.arbiter, self.board.replica = self.arbiter, self.replica
+        self.board.role_override = None
         self.board.peer_state = "connected"
         self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
@@ -284,12 +341,16 @@ def _address(address: tuple[str, int]) -> str:
 
 @contextlib.asynccontextmanager
 async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIterator[None]:
-    """Serve /status and /metrics for the life of the block, when asked to."""
+    """Serve /status, /metrics and /healthz for the life of the block, when asked to.
+
+    The port is bound before the block starts: busy, it is a StartupError.
+    """
     if options.admin is None:
         yield
         return
     from ftproxy.admin import serve_admin
 
+    listeners = await bind_listeners("--admin", options.admin)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             partial(
@@ -299,6 +360,7 @@ async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIt
                 board.snapshot,
                 metrics=board.metrics.render,
                 health=board.health,
+                listeners=listeners,
             )
         )
         log.info("admin_listening", address=f"{options.admin[0]}:{port}")
