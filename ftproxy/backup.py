@@ -32,6 +32,7 @@ from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, join_primary
 from ftproxy.replay import check_entry
 from ftproxy.replica import (
@@ -66,8 +67,9 @@ class Backup(ReplicaShell):
         link: LogLink,
         welcome: Welcome,
         board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
     ) -> None:
-        super().__init__(options, Role.BACKUP, link, board)
+        super().__init__(options, Role.BACKUP, link, board, hooks)
         self.welcome = welcome
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
@@ -218,6 +220,7 @@ class Backup(ReplicaShell):
         if not await self.arbiter.test_and_set():
             self.replica.lost()
             self.log.error("role_changed", to="halted")
+            self.role_changed("halted", "the primary won the arbiter: it goes on alone")
             raise Halted("the primary won the arbiter: it goes on alone")
         self.replica.won()
         assert self.nursery is not None
@@ -243,6 +246,7 @@ class Backup(ReplicaShell):
         self.world = world
         self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
+        self.role_changed("live", "the primary was lost; this backup won the arbiter")
 
 
 def _discard(entry: Entry) -> None:
@@ -303,12 +307,16 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     """
     check_program(options.argv)
     board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
-    async with admin_endpoint(options, board):
-        return await _serve_backup(options, primary_address, board)
+    hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
+    async with admin_endpoint(options, board), hooks_running as hooks:
+        return await _serve_backup(options, primary_address, board, hooks)
 
 
 async def _serve_backup(
-    options: ReplicaOptions, primary_address: tuple[str, int], board: StatusBoard
+    options: ReplicaOptions,
+    primary_address: tuple[str, int],
+    board: StatusBoard,
+    hooks: RoleHooks,
 ) -> int:
     try:
         link, welcome = await connect_to_primary(options, primary_address)
@@ -324,7 +332,7 @@ async def _serve_backup(
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
         return EXIT_HALTED
-    backup = Backup(options, link, welcome, board)
+    backup = Backup(options, link, welcome, board, hooks)
     try:
         await backup.arbiter.check_undecided()
     except Halted as exc:
@@ -332,6 +340,7 @@ async def _serve_backup(
         await link.aclose()
         return EXIT_HALTED
     backup.log.info("joined_primary", peer=link.peer, pair=welcome.pair)
+    backup.role_changed("backup", f"joined the primary {link.peer}")
     header = welcome.header
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -292,6 +292,19 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="the same bound in unreplayed log bytes (default 8 MiB)",
     )
     parser.add_argument("--exit-every", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--on-role-change",
+        metavar="CMD",
+        help="run CMD (split like a shell would, run without one) at every role change, "
+        "with FTPROXY_ROLE, FTPROXY_GENERATION, FTPROXY_PAIR... in its environment",
+    )
+    parser.add_argument(
+        "--on-role-change-timeout-s",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="kill a role-change hook still running after S seconds (default 10)",
+    )
     _add_front_arguments(parser)
 
 
@@ -333,7 +346,17 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
+        on_role_change=_hook_command(args),
+        hook_timeout_s=args.on_role_change_timeout_s,
     )
+
+
+def _hook_command(args: argparse.Namespace) -> list[str] | None:
+    from ftproxy.hooks import parse_hook_command
+
+    if not args.on_role_change_timeout_s > 0:
+        raise ValueError("--on-role-change-timeout-s must be a number > 0")
+    return parse_hook_command(args.on_role_change) if args.on_role_change else None
 
 
 def _cmd_primary(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import trio
 from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, accept_backup
 from ftproxy.replica import (
     EXIT_FAILED,
@@ -55,8 +56,9 @@ class Primary(ReplicaShell):
         header: Header,
         link: LogLink,
         board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
     ) -> None:
-        super().__init__(options, Role.PRIMARY, link, board)
+        super().__init__(options, Role.PRIMARY, link, board, hooks)
         self.header = header
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
@@ -175,10 +177,12 @@ class Primary(ReplicaShell):
             self._acked.ring()
             self.went_alone()
             self.log.info("role_changed", to="live", held_released=True)
+            self.role_changed("live", "the backup was lost; this primary won the arbiter")
         else:
             dropped = self.replica.lost()
             self.halted = "the backup won the arbiter: it serves now"
             self.log.error("role_changed", to="halted", dropped_outputs=dropped)
+            self.role_changed("halted", self.halted)
             raise Halted(self.halted)
 
     async def finish(self) -> None:
@@ -207,9 +211,10 @@ async def serve_primary(
         check_free(f"--map {guest_port}={address[0]}:{address[1]}", address)
     arbiter_client = ArbiterClient(options, "primary")
     board = StatusBoard(options, arbiter_client, role_override="waiting_for_backup")
+    hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
     try:
-        async with admin_endpoint(options, board):
-            return await _serve_primary(options, listeners, board, task_status)
+        async with admin_endpoint(options, board), hooks_running as hooks:
+            return await _serve_primary(options, listeners, board, hooks, task_status)
     finally:
         for listener in listeners:
             await listener.aclose()
@@ -219,6 +224,7 @@ async def _serve_primary(
     options: ReplicaOptions,
     listeners: list[trio.SocketListener],
     board: StatusBoard,
+    hooks: RoleHooks,
     task_status: trio.TaskStatus[int],
 ) -> int:
     bound = log.bind(role="primary", generation=options.generation)
@@ -238,8 +244,9 @@ async def _serve_primary(
     link = await _accept_one_backup(listeners, options, welcome)
     for listener in listeners:
         await listener.aclose()
-    primary = Primary(options, header, link, board)
+    primary = Primary(options, header, link, board, hooks)
     bound.info("backup_joined", peer=link.peer)
+    primary.role_changed("primary", f"the backup {link.peer} joined")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             doorbell = Doorbell()

@@ -20,6 +20,8 @@ import arbiter
 from ftproxy.front import PacketConfig
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
+from ftproxy.hooks import DEFAULT_TIMEOUT_S as DEFAULT_HOOK_TIMEOUT_S
+from ftproxy.hooks import RoleHooks
 from ftproxy.link import LogLink
 from ftproxy.metrics import ReplicaMetrics
 from ftproxy.replication import Replica, Role, Timing
@@ -111,6 +113,9 @@ class ReplicaOptions:
     ship_delay_s: float = 0.0
     # Packet mode (None: socket mode). A backup's comes from the primary's header.
     packet: PacketConfig | None = None
+    # --on-role-change: run at every role change (ftproxy.hooks), bounded in time.
+    on_role_change: list[str] | None = None
+    hook_timeout_s: float = DEFAULT_HOOK_TIMEOUT_S
 
 
 def generation_key(pair: str, generation: int) -> str:
@@ -291,7 +296,12 @@ class ReplicaShell:
     """What a primary and a backup do alike around their replication core and their peer."""
 
     def __init__(
-        self, options: ReplicaOptions, role: Role, link: LogLink, board: StatusBoard | None = None
+        self,
+        options: ReplicaOptions,
+        role: Role,
+        link: LogLink,
+        board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
     ) -> None:
         self.options = options
         self.link: LogLink | None = link
@@ -303,6 +313,7 @@ class ReplicaShell:
         self.board = board or StatusBoard(options, self.arbiter)
         self.board.arbiter, self.board.replica = self.arbiter, self.replica
         self.board.role_override = None
+        self.hooks = hooks
         self.board.peer_state = "connected"
         self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
@@ -328,6 +339,14 @@ class ReplicaShell:
 
     def peer_lost(self) -> None:
         """What else must happen the moment the peer is gone (subclasses)."""
+
+    def role_changed(self, role: str, reason: str) -> None:
+        """Run the --on-role-change hook for the role this replica now has."""
+        if self.hooks is not None:
+            options = self.options
+            self.hooks.changed(
+                role, generation=options.generation, pair=options.pair, reason=reason
+            )
 
     def went_alone(self) -> None:
         """Won the arbiter: count the failover, and how long it took since the peer went."""
