@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_logging_arguments(parser)
+    _add_config_argument(parser, inherited=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     record = commands.add_parser(
@@ -169,17 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     export = log_commands.add_parser("export", help="network inputs and outputs as a pcap")
     export.add_argument("log", metavar="LOG")
     export.add_argument("--pcap", required=True, metavar="PATH", help="the pcap file to write")
-    _inherit_logging_arguments(parser)
+    _inherit_global_arguments(parser)
     return parser
 
 
-def _inherit_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    """``-v`` and ``--log-format`` after any subcommand too, as before it."""
+def _inherit_global_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-v``, ``--log-format`` and ``--config`` after any subcommand too, as before it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
                 add_logging_arguments(sub, inherited=True)
-                _inherit_logging_arguments(sub)
+                _add_config_argument(sub, inherited=True)
+                _inherit_global_arguments(sub)
+
+
+def _add_config_argument(parser: argparse.ArgumentParser, *, inherited: bool) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS if inherited else None,
+        help="read flags from this TOML file (keys: the long flag names; a table per "
+        "command); the command line overrides it",
+    )
 
 
 def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
@@ -568,8 +580,16 @@ def _usage(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftproxy import config
+
     parser = build_parser()
     own, guest = split_guest_argv(sys.argv[1:] if argv is None else argv)
+    path = config.config_path(own)
+    if path is not None:
+        try:
+            own, guest = config.apply(parser, config.load(path), own, guest, path)
+        except config.ConfigError as exc:
+            return _usage(str(exc))
     args = parser.parse_args(own)
     args.guest = guest
     configure_from_args(args)
