@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import KV, Process, status, wait_until
+from cluster import KV, Cluster, Process, status, wait_until
 from support import FTPROXY, ROOT, free_port
 from test_metrics import healthz
 
@@ -115,3 +115,22 @@ def test_the_admin_endpoint_answers_before_a_backup_joins(tmp_path: Path) -> Non
         assert primary.popen.poll() is None
     finally:
         primary.stop()
+
+
+def test_a_busy_port_the_guest_binds_itself_ends_both_replicas_without_a_failover(
+    tmp_path: Path, busy: int
+) -> None:
+    """No --map: the port is the guest's business, known when it binds. The backup
+    replays the same refused bind and ends the same way: nobody goes live."""
+    cluster = Cluster(tmp_path, service_port=busy)
+    cluster.start_arbiter()
+    cluster.processes["primary"] = Process("primary", cluster.replica_command("primary"), tmp_path)
+    cluster.processes["backup"] = Process("backup", cluster.replica_command("backup"), tmp_path)
+    try:
+        assert cluster.primary.wait(timeout=TIMEOUT) == 3
+        assert cluster.backup.wait(timeout=TIMEOUT) == 3
+        assert f"kv: cannot listen on 127.0.0.1:{busy}" in cluster.primary.stderr()
+        assert not any(e["event"] == "role_changed" for e in cluster.backup.events())
+        assert "Traceback" not in cluster.primary.stderr() + cluster.backup.stderr()
+    finally:
+        cluster.stop()
