@@ -125,3 +125,29 @@ def test_a_primary_that_halts_runs_its_halted_hook_before_it_exits(tmp_path: Pat
         assert "the backup won the arbiter" in halted["FTPROXY_REASON"]
     finally:
         cluster.stop()
+
+
+def test_a_primary_that_loses_its_backup_and_goes_on_alone_runs_its_live_hook(
+    tmp_path: Path,
+) -> None:
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    primary_log = tmp_path / "primary.jsonl"
+    cluster = Cluster(tmp_path)
+    cluster.start_arbiter()
+    hook = ("--on-role-change", f"{sys.executable} {recorder} {primary_log}")
+    cluster.processes["primary"] = Process(
+        "primary", cluster.replica_command("primary", *hook), tmp_path
+    )
+    cluster.processes["backup"] = Process("backup", cluster.replica_command("backup"), tmp_path)
+    try:
+        cluster.primary.wait_for("listening")
+        wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
+        cluster.backup.signal(signal.SIGKILL)
+        wait_until(lambda: roles(primary_log) == ["primary", "live"], 20, "the live hook ran")
+        live = recorded(primary_log)[-1]
+        assert live["FTPROXY_PREVIOUS_ROLE"] == "primary"
+        assert "this primary won the arbiter" in live["FTPROXY_REASON"]
+        assert KvClient(cluster.service_port).call("INCR", "n") == b":1"  # served alone
+    finally:
+        cluster.stop()
