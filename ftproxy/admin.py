@@ -506,6 +506,7 @@ _SHOWN_KEYS: Final = frozenset(
         "role", "pair", "generation", "guest_pid", "uptime_s", "icount", "log_seq",
         "acked_seq", "replayed_seq", "held_outputs", "output_rule", "requests_total",
         "outputs_total", "log_bytes_total", "exits_total", "input_bytes_total",
+        "protected", "failovers_total", "divergences_total",
     }
 )  # fmt: skip
 _SHOWN_NESTED: Final = {
@@ -584,7 +585,12 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _suffixed(status, ("front", "frames_dropped_in"), _count, "dropped in"),
         _suffixed(status, ("front", "frames_dropped_out"), _count, "dropped out"),
     )
-    row("outputs", _suffixed(status, ("held_outputs",), _count, "held"), _output_rule(status))
+    row(
+        "outputs",
+        _suffixed(status, ("held_outputs",), _count, "held"),
+        _output_rule(status),
+        _protected(status),
+    )
     for name in ("peer", "arbiter"):
         row(
             name,
@@ -599,6 +605,8 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _suffixed(status, ("outputs_total",), _count, "outputs"),
         _suffixed(status, ("input_bytes_total",), _bytes, "client input"),
         _suffixed(status, ("log_bytes_total",), _bytes, "logged"),
+        _suffixed(status, ("failovers_total",), _count, "failovers"),
+        _suffixed(status, ("divergences_total",), _count, "divergences"),
     )
     for key, value in status.items():  # what the rows above leave out
         shown_inside = _SHOWN_NESTED.get(key)
@@ -662,6 +670,15 @@ def _output_rule(status: Mapping[str, Any]) -> Text | None:
     if value is False:
         return Text("output rule OFF (unsafe)", style="bold red")
     return Text(f"output rule {_plain(value)}", style="yellow")
+
+
+def _protected(status: Mapping[str, Any]) -> Text | None:
+    value = status.get("protected", _MISSING)
+    if value is _MISSING:
+        return None
+    if value is True:
+        return Text("protected", style="green")
+    return Text("not protected", style="bold yellow")
 
 
 def _state(value: Any) -> Text | None:
