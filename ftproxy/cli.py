@@ -467,6 +467,13 @@ def _cmd_record(args: argparse.Namespace) -> int:
     argv = args.guest
     if not argv:
         return _usage("record needs the program to run: ftproxy record --log L -- SCRIPT [ARGS]")
+    from ftproxy.replica import EXIT_STARTUP, StartupError, check_program
+
+    try:
+        check_program(argv)
+    except StartupError as exc:
+        print(f"ftproxy record: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
     try:
         options = RecordOptions(
             log_path=args.log,

@@ -134,3 +134,10 @@ def test_a_busy_port_the_guest_binds_itself_ends_both_replicas_without_a_failove
         assert "Traceback" not in cluster.primary.stderr() + cluster.backup.stderr()
     finally:
         cluster.stop()
+
+
+def test_record_refuses_a_missing_script_at_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.py"
+    result = run([*FTPROXY, "record", "--log", str(tmp_path / "x.ftlog"), "--", str(missing)])
+    assert one_line(result) == f"ftproxy record: cannot start: -- {missing}: no such file"
+    assert not (tmp_path / "x.ftlog").exists()
