@@ -21,7 +21,8 @@ failover and reads every acknowledged write back at the end. The demo's own thre
 runs in the client host's network namespace, so its sockets are the client's.
 
 The live view (rich) polls both replicas' admin endpoints; ``--json`` replaces it
-with one JSON object on stdout. All I/O is trio's; every process, the temporary
+with one JSON object on stdout (``VERDICT_FIELDS``, the same in both modes), and
+without a terminal the demo logs its progress to stderr and prints only the verdict. All I/O is trio's; every process, the temporary
 directory and the lab go on every way out, Ctrl-C included.
 """
 
