@@ -22,8 +22,9 @@ runs in the client host's network namespace, so its sockets are the client's.
 
 The live view (rich) polls both replicas' admin endpoints; ``--json`` replaces it
 with one JSON object on stdout (``VERDICT_FIELDS``, the same in both modes), and
-without a terminal the demo logs its progress to stderr and prints only the verdict. All I/O is trio's; every process, the temporary
-directory and the lab go on every way out, Ctrl-C included.
+without a terminal the demo logs its progress to stderr and prints only the
+verdict. All I/O is trio's; every process, the temporary directory and the lab
+go on every way out, Ctrl-C included.
 """
 
 from __future__ import annotations

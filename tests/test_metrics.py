@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 import urllib.error
@@ -77,7 +78,8 @@ def test_live_replicas_metrics_pass_promtool_through_a_failover(tmp_path: Path) 
         assert primary["ftproxy_failovers_total"] == 0
         assert primary["ftproxy_channel_rtt_seconds_count"] > 0
         assert primary["ftproxy_lag_observed_seconds_count"] > 0
-        build = f'ftproxy_build_info{{python="{_python()}",version="{ftproxy.__version__}"}}'
+        python, version = platform.python_version(), ftproxy.__version__
+        build = f'ftproxy_build_info{{python="{python}",version="{version}"}}'
         assert primary[build] == 1
         backup = samples(scrape(cluster.backup_admin))
         assert backup["ftproxy_protected"] == 0  # a backup protects nothing of its own
@@ -101,9 +103,3 @@ def test_live_replicas_metrics_pass_promtool_through_a_failover(tmp_path: Path) 
     finally:
         load.stop()
         cluster.stop()
-
-
-def _python() -> str:
-    import platform
-
-    return platform.python_version()
