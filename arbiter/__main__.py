@@ -1,18 +1,18 @@
 """``python -m arbiter`` (and ``ftproxy arbiter``): run the arbiter server.
 
 Exit codes: 0 after Ctrl-C, 2 for a usage error (including a missing
-``--secret-file`` without ``--insecure``, or an unusable secret file), 3 when
-the server cannot start or stops on an error (an unreadable store, a port in
-use). Each error ends in one clear message, never a traceback.
+``--secret-file`` without ``--insecure``, or an unusable secret file), 5 when
+the server cannot start (an unreadable store in ``--data-dir``, ``--listen``'s
+port in use: the reason names the flag), 3 when it stops on an error later.
+Each error ends in one clear message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Final
 
 import structlog
 import trio
@@ -21,10 +21,12 @@ from arbiter._client import Address, parse_address
 from arbiter._server import serve
 from arbiter._store import StoreError
 from ftproxy.auth import SecretFileError, load_secret
+from ftproxy.logsetup import add_logging_arguments, configure_from_args
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
 EXIT_FAILED: Final = 3
+EXIT_STARTUP: Final = 5
 
 
 def build_parser(prog: str = "python -m arbiter") -> argparse.ArgumentParser:
@@ -58,24 +60,23 @@ def build_parser(prog: str = "python -m arbiter") -> argparse.ArgumentParser:
         action="store_true",
         help="serve without authentication (replicas must use --insecure too)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
-    parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto", help="how to log"
-    )
+    add_logging_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the arbiter until Ctrl-C; return the exit code (usage errors exit via argparse)."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = "python -m arbiter") -> int:
+    """Run the arbiter until Ctrl-C; return the exit code (usage errors exit via argparse).
+
+    ``prog`` is the name usage lines give the command (``ftproxy arbiter`` runs this too).
+    """
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.secret_file is None and not args.insecure:
         parser.error(
             "refusing to start without --secret-file FILE "
             "(or --insecure, to serve without authentication)"
         )
-    json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
-    configure_logging(verbose=args.verbose, json_logs=json_logs)
+    configure_from_args(args)
     log = structlog.get_logger()
     secret: bytes | None = None
     if args.secret_file is not None:
@@ -86,47 +87,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.warning("authentication_disabled", reason="--insecure")
     host, port = args.listen
+    started = False
+
+    async def run() -> None:
+        nonlocal started
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, host, port, args.data_dir, secret)
+            started = True
+
     try:
-        trio.run(serve, host, port, args.data_dir, secret)
+        trio.run(run)
     except BaseException as exc:
         leaves = list(_leaves(exc))
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             log.info("arbiter_stopped", reason="interrupted")
             return EXIT_OK
+        code = EXIT_FAILED if started else EXIT_STARTUP
         for leaf in leaves:
             if isinstance(leaf, StoreError):
-                log.error("arbiter_failed", reason=str(leaf))
-                return EXIT_FAILED
+                flag = "" if started else f"--data-dir {args.data_dir}: "
+                log.error("arbiter_failed", reason=f"{flag}{leaf}")
+                return code
             if isinstance(leaf, OSError):
-                reason = f"cannot serve on {host}:{port}: {leaf.strerror or leaf}"
+                reason = f"--listen {host}:{port}: {leaf.strerror or leaf}"
                 log.error("arbiter_failed", reason=reason)
-                return EXIT_FAILED
+                return code
         raise
     raise AssertionError("serve() returned")  # pragma: no cover
-
-
-def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -> None:
-    """Console rendering on a terminal, JSON lines otherwise; logs go to stderr."""
-    if json_logs is None:
-        json_logs = not sys.stderr.isatty()
-    # The console renderer formats exceptions itself; JSON wants them as text.
-    renderers: list[Any] = (
-        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-        if json_logs
-        else [structlog.dev.ConsoleRenderer()]
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *renderers,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

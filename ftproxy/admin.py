@@ -1,10 +1,12 @@
 """The admin endpoint of a replica: its status over HTTP, and ``ftproxy status`` to read it.
 
-Server side, ``serve_admin`` answers three paths on a small HTTP/1.1 server (h11
+Server side, ``serve_admin`` answers four paths on a small HTTP/1.1 server (h11
 speaks the protocol, trio moves the bytes, one task per connection, keep-alive):
 
 - ``GET /status``: the replica's status mapping as JSON;
-- ``GET /metrics``: the same numbers in the Prometheus text format (``render_metrics``);
+- ``GET /metrics``: the same numbers in the Prometheus text format (a replica's come
+  from ``ftproxy.metrics``; without a metrics source, ``render_metrics`` of the status);
+- ``GET /healthz``: 200 or 503 and a one-line reason, for probes;
 - ``GET /``: a short index.
 
 The status comes from a callable the replica passes in, called once per request;
@@ -45,6 +47,10 @@ from rich.text import Text
 log = structlog.get_logger()
 
 StatusSource = Callable[[], Mapping[str, Any]]
+# A replica's /metrics body (ftproxy.metrics); without one, render_metrics(status).
+MetricsSource = Callable[[], bytes]
+# /healthz: whether the replica serves, or is ready to take over, and why not.
+HealthSource = Callable[[], tuple[bool, str]]
 
 METRIC_PREFIX: Final = "ftproxy"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,6 +83,7 @@ _INDEX: Final = (
     "\n"
     "GET /status   the replica's status as JSON\n"
     "GET /metrics  the same numbers in the Prometheus text format\n"
+    "GET /healthz  200 when serving or ready to take over, 503 otherwise (for probes)\n"
 )
 
 
@@ -151,15 +158,20 @@ async def serve_admin(
     port: int,
     status: StatusSource,
     *,
+    metrics: MetricsSource | None = None,
+    health: HealthSource | None = None,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint on ``host:port`` until cancelled.
 
     ``port`` 0 picks a free port; the bound port is reported through
     ``task_status``, so ``await nursery.start(serve_admin, host, 0, status)``
-    returns it once the endpoint accepts connections.
+    returns it once the endpoint accepts connections. ``listeners``: already bound
+    for ``host:port`` by the caller.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if listeners is None:  # else bound already, so that a busy port fails at start
+        listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         # Each address family got a port of its own; keep one, so the port we
         # report is the whole truth.
@@ -170,10 +182,19 @@ async def serve_admin(
     log.info("admin_server_started", host=host, port=bound)
     task_status.started(bound)
 
+    sources = _Sources(status, metrics, health)
+
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, status)
+        await _handle_connection(stream, sources)
 
     await trio.serve_listeners(handler, listeners)
+
+
+@dataclass(frozen=True)
+class _Sources:
+    status: StatusSource
+    metrics: MetricsSource | None
+    health: HealthSource | None
 
 
 @dataclass(frozen=True)
@@ -184,11 +205,11 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def _handle_connection(stream: trio.SocketStream, status: StatusSource) -> None:
+async def _handle_connection(stream: trio.SocketStream, sources: _Sources) -> None:
     """One client connection; whatever happens on it stays on it."""
     try:
         async with stream:
-            await _serve_connection(h11.Connection(h11.SERVER), stream, status)
+            await _serve_connection(h11.Connection(h11.SERVER), stream, sources)
     except trio.BrokenResourceError:
         log.debug("admin_connection_dropped")
     except Exception:
@@ -196,7 +217,7 @@ async def _handle_connection(stream: trio.SocketStream, status: StatusSource) ->
 
 
 async def _serve_connection(
-    conn: h11.Connection, stream: trio.SocketStream, status: StatusSource
+    conn: h11.Connection, stream: trio.SocketStream, sources: _Sources
 ) -> None:
     while True:
         try:
@@ -220,7 +241,7 @@ async def _serve_connection(
             return
         if request is None:  # the client closed between requests
             return
-        reply = _route(request.method, request.target, status)
+        reply = _route(request.method, request.target, sources)
         log.debug(
             "admin_request_served",
             method=request.method.decode("ascii", "replace"),
@@ -288,9 +309,9 @@ async def _close_gracefully(stream: trio.SocketStream) -> None:
             pass
 
 
-def _route(method: bytes, target: bytes, status: StatusSource) -> _Reply:
+def _route(method: bytes, target: bytes, sources: _Sources) -> _Reply:
     path = target.partition(b"?")[0]
-    if path not in (b"/", b"/status", b"/metrics"):
+    if path not in (b"/", b"/status", b"/metrics", b"/healthz"):
         shown = _shorten(path.decode("ascii", "replace"))
         return _text_reply(404, f"not found: {shown} (see / for the endpoints)")
     if method not in ALLOWED_METHODS:
@@ -303,7 +324,12 @@ def _route(method: bytes, target: bytes, status: StatusSource) -> _Reply:
     if path == b"/":
         return _Reply(200, TEXT_CONTENT_TYPE, _INDEX.encode())
     try:
-        snapshot = status()
+        if path == b"/healthz":
+            healthy, why = sources.health() if sources.health else (True, "up")
+            return _text_reply(200 if healthy else 503, why)
+        if path == b"/metrics" and sources.metrics is not None:
+            return _Reply(200, METRICS_CONTENT_TYPE, sources.metrics())
+        snapshot = sources.status()
         if path == b"/status":
             body = json.dumps(snapshot, indent=2, default=_json_default) + "\n"
             return _Reply(200, JSON_CONTENT_TYPE, body.encode())
@@ -480,6 +506,7 @@ _SHOWN_KEYS: Final = frozenset(
         "role", "pair", "generation", "guest_pid", "uptime_s", "icount", "log_seq",
         "acked_seq", "replayed_seq", "held_outputs", "output_rule", "requests_total",
         "outputs_total", "log_bytes_total", "exits_total", "input_bytes_total",
+        "protected", "failovers_total", "divergences_total",
     }
 )  # fmt: skip
 _SHOWN_NESTED: Final = {
@@ -558,7 +585,12 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _suffixed(status, ("front", "frames_dropped_in"), _count, "dropped in"),
         _suffixed(status, ("front", "frames_dropped_out"), _count, "dropped out"),
     )
-    row("outputs", _suffixed(status, ("held_outputs",), _count, "held"), _output_rule(status))
+    row(
+        "outputs",
+        _suffixed(status, ("held_outputs",), _count, "held"),
+        _output_rule(status),
+        _protected(status),
+    )
     for name in ("peer", "arbiter"):
         row(
             name,
@@ -573,6 +605,8 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _suffixed(status, ("outputs_total",), _count, "outputs"),
         _suffixed(status, ("input_bytes_total",), _bytes, "client input"),
         _suffixed(status, ("log_bytes_total",), _bytes, "logged"),
+        _suffixed(status, ("failovers_total",), _count, "failovers"),
+        _suffixed(status, ("divergences_total",), _count, "divergences"),
     )
     for key, value in status.items():  # what the rows above leave out
         shown_inside = _SHOWN_NESTED.get(key)
@@ -636,6 +670,15 @@ def _output_rule(status: Mapping[str, Any]) -> Text | None:
     if value is False:
         return Text("output rule OFF (unsafe)", style="bold red")
     return Text(f"output rule {_plain(value)}", style="yellow")
+
+
+def _protected(status: Mapping[str, Any]) -> Text | None:
+    value = status.get("protected", _MISSING)
+    if value is _MISSING:
+        return None
+    if value is True:
+        return Text("protected", style="green")
+    return Text("not protected", style="bold yellow")
 
 
 def _state(value: Any) -> Text | None:

@@ -36,6 +36,7 @@ from ftproxy.channel import (
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, join_primary
 from ftproxy.replay import check_entry, first_difference
 from ftproxy.replica import (
@@ -43,10 +44,13 @@ from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    ArbiterClient,
     Halted,
     ReplicaOptions,
     ReplicaShell,
+    StatusBoard,
     admin_endpoint,
+    check_program,
 )
 from ftproxy.replication import Event, Role
 from ftproxy.startfiles import start_files_problem
@@ -65,8 +69,15 @@ RECORDED_OUTPUTS_WAIT_S = 2.0
 class Backup(ReplicaShell):
     """The backup's state and tasks around one guest and one primary."""
 
-    def __init__(self, options: ReplicaOptions, link: LogLink, welcome: Welcome) -> None:
-        super().__init__(options, Role.BACKUP, link)
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        link: LogLink,
+        welcome: Welcome,
+        board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
+    ) -> None:
+        super().__init__(options, Role.BACKUP, link, board, hooks)
         self.welcome = welcome
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
@@ -239,6 +250,7 @@ class Backup(ReplicaShell):
         if not await self.arbiter.test_and_set():
             self.replica.lost()
             self.log.error("role_changed", to="halted")
+            self.role_changed("halted", "the primary won the arbiter: it goes on alone")
             raise Halted("the primary won the arbiter: it goes on alone")
         self.replica.won()
         assert self.nursery is not None
@@ -272,7 +284,9 @@ class Backup(ReplicaShell):
             for sock, (family, kind, address, backlog) in takeover.bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
+        self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
+        self.role_changed("live", "the primary was lost; this backup won the arbiter")
 
 
 def _discard(entry: Entry) -> None:
@@ -326,7 +340,24 @@ async def connect_to_primary(
 
 
 async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]) -> int:
-    """Join the primary, replay behind it, take over when it dies; return the exit code."""
+    """Join the primary, replay behind it, take over when it dies; return the exit code.
+
+    The script and the admin port are checked first (StartupError); the admin
+    endpoint answers from then on.
+    """
+    check_program(options.argv)
+    board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
+    hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
+    async with admin_endpoint(options, board), hooks_running as hooks:
+        return await _serve_backup(options, primary_address, board, hooks)
+
+
+async def _serve_backup(
+    options: ReplicaOptions,
+    primary_address: tuple[str, int],
+    board: StatusBoard,
+    hooks: RoleHooks,
+) -> int:
     try:
         link, welcome = await connect_to_primary(options, primary_address)
     except LinkRefused as exc:
@@ -344,7 +375,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
         return EXIT_HALTED
-    backup = Backup(options, link, welcome)
+    backup = Backup(options, link, welcome, board, hooks)
     try:
         await backup.arbiter.check_undecided()
     except Halted as exc:
@@ -352,6 +383,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         await link.aclose()
         return EXIT_HALTED
     backup.log.info("joined_primary", peer=link.peer, pair=welcome.pair)
+    backup.role_changed("backup", f"joined the primary {link.peer}")
     header = welcome.header
     backup.log.info("guest_directory_chosen", workdir=workdir, primary_workdir=header.cwd)
     if os.path.realpath(workdir) == os.path.realpath(header.cwd):
@@ -362,7 +394,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
             "give the backup its own directory with --workdir",
         )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with admin_endpoint(options, backup.board), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             backup.nursery = nursery
             guest = await start_guest(header.argv, header.env, workdir)
             backup.guest_pid = guest.pid

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from ftproxy import __version__
+from ftproxy.logsetup import add_logging_arguments, configure_from_args
+from ftproxy.logsetup import configure_logging as configure_logging
+
 if TYPE_CHECKING:
     import arbiter
 
@@ -24,28 +27,6 @@ EXIT_OK = 0
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
-
-
-def configure_logging(*, verbose: bool = False, json_logs: bool | None = None) -> None:
-    """Console rendering on a terminal, JSON lines otherwise; logs go to stderr."""
-    if json_logs is None:
-        json_logs = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 def split_guest_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -62,10 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ftproxy",
         description="Fault tolerance for an unmodified single-threaded Python service.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
-    parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto", help="how to log"
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_logging_arguments(parser)
+    _add_config_argument(parser, inherited=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     record = commands.add_parser(
@@ -217,7 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     export = log_commands.add_parser("export", help="network inputs and outputs as a pcap")
     export.add_argument("log", metavar="LOG")
     export.add_argument("--pcap", required=True, metavar="PATH", help="the pcap file to write")
+    _inherit_global_arguments(parser)
     return parser
+
+
+def _inherit_global_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-v``, ``--log-format`` and ``--config`` after any subcommand too, as before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                add_logging_arguments(sub, inherited=True)
+                _add_config_argument(sub, inherited=True)
+                _inherit_global_arguments(sub)
+
+
+def _add_config_argument(parser: argparse.ArgumentParser, *, inherited: bool) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS if inherited else None,
+        help="read flags from this TOML file (keys: the long flag names; a table per "
+        "command); the command line overrides it",
+    )
 
 
 def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
@@ -337,6 +338,19 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="the same bound in unreplayed log bytes (default 8 MiB)",
     )
     parser.add_argument("--exit-every", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--on-role-change",
+        metavar="CMD",
+        help="run CMD (split like a shell would, run without one) at every role change, "
+        "with FTPROXY_ROLE, FTPROXY_GENERATION, FTPROXY_PAIR... in its environment",
+    )
+    parser.add_argument(
+        "--on-role-change-timeout-s",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="kill a role-change hook still running after S seconds (default 10)",
+    )
     _add_front_arguments(parser)
 
 
@@ -410,7 +424,17 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
+        on_role_change=_hook_command(args),
+        hook_timeout_s=args.on_role_change_timeout_s,
     )
+
+
+def _hook_command(args: argparse.Namespace) -> list[str] | None:
+    from ftproxy.hooks import parse_hook_command
+
+    if not args.on_role_change_timeout_s > 0:
+        raise ValueError("--on-role-change-timeout-s must be a number > 0")
+    return parse_hook_command(args.on_role_change) if args.on_role_change else None
 
 
 def _cmd_primary(args: argparse.Namespace) -> int:
@@ -438,7 +462,7 @@ def _cmd_primary(args: argparse.Namespace) -> int:
             consequence="outputs leave before the backup holds their log: a failover can "
             "lose acknowledged writes",
         )
-    return int(trio.run(serve_primary, options, listen))
+    return _run_replica("primary", serve_primary, options, listen)
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
@@ -454,7 +478,18 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         options.workdir = args.workdir
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
-    return int(trio.run(serve_backup, options, primary))
+    return _run_replica("backup", serve_backup, options, primary)
+
+
+def _run_replica(command: str, serve: Any, *args: Any) -> int:
+    """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
+    from ftproxy.replica import EXIT_STARTUP, StartupError
+
+    try:
+        return int(trio.run(serve, *args))
+    except StartupError as exc:
+        print(f"ftproxy {command}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
 
 def _cmd_arbiter(args: argparse.Namespace) -> int:
@@ -463,7 +498,8 @@ def _cmd_arbiter(args: argparse.Namespace) -> int:
     argv = ["--listen", args.listen, "--data-dir", args.data_dir]
     argv += ["--secret-file", args.secret_file] if args.secret_file else []
     argv += ["--insecure"] if args.insecure else []
-    return arbiter_main(argv)
+    argv += ["--log-format", args.log_format] + (["--verbose"] if args.verbose else [])
+    return arbiter_main(argv, prog="ftproxy arbiter")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -501,8 +537,17 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.wire import Policy
 
     argv = args.guest
+    from ftproxy.replica import EXIT_STARTUP, StartupError, check_program
+
     try:
         _check_guest_command(argv, "record")
+        check_program(argv)
+    except StartupError as exc:
+        print(f"ftproxy record: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except ValueError as exc:
+        return _usage(str(exc))
+    try:
         options = RecordOptions(
             log_path=args.log,
             argv=argv,
@@ -558,23 +603,28 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except GuestFailure as exc:
         print(f"ftproxy replay: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if result.log_complete:
-        ending = f"guest exited with returncode {result.returncode}, as recorded"
-    elif result.end_reason is not None:
-        ending = (
-            f"the recording ended with the guest {result.end_reason}, so the replay "
-            "stopped where the log stops"
-        )
-    else:
-        ending = (
-            "the log has no end record (the recorder was killed), so the replay "
-            "stopped where the log stops"
-        )
-    print(
-        f"ftproxy replay: verified {result.entries} entries and {result.outputs} outputs "
-        f"({result.output_bytes} bytes) identical to the recording; {ending}",
-        file=sys.stderr,
+    verified = (
+        f"verified {result.entries} entries and {result.outputs} outputs "
+        f"({result.output_bytes} bytes) identical to the recording"
     )
+    if result.ended_at is not None:
+        why = (
+            f"the recording ended with the guest {result.end_reason}"
+            if result.end_reason is not None
+            else "the log has no end record (the recorder was killed)"
+        )
+        print(
+            f"ftproxy replay: the log ends early at entry {result.ended_at}; everything "
+            f"before it verified: {verified[len('verified ') :]}; {why}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    ending = (
+        f"guest exited with returncode {result.returncode}, as recorded"
+        if result.log_complete
+        else f"the recording ended with the guest {result.end_reason}"
+    )
+    print(f"ftproxy replay: {verified}; {ending}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -623,12 +673,19 @@ def _usage(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftproxy import config
+
     parser = build_parser()
     own, guest = split_guest_argv(sys.argv[1:] if argv is None else argv)
+    path = config.config_path(own)
+    if path is not None:
+        try:
+            own, guest = config.apply(parser, config.load(path), own, guest, path)
+        except config.ConfigError as exc:
+            return _usage(str(exc))
     args = parser.parse_args(own)
     args.guest = guest
-    json_logs = {"auto": None, "console": False, "json": True}[args.log_format]
-    configure_logging(verbose=args.verbose, json_logs=json_logs)
+    configure_from_args(args)
     handlers = {
         "record": _cmd_record,
         "replay": _cmd_replay,

@@ -25,8 +25,10 @@ failover and reads every acknowledged write back at the end. The demo's own thre
 runs in the client host's network namespace, so its sockets are the client's.
 
 The live view (rich) polls both replicas' admin endpoints; ``--json`` replaces it
-with one JSON object on stdout. All I/O is trio's; every process, the temporary
-directory and the lab go on every way out, Ctrl-C included.
+with one JSON object on stdout (``VERDICT_FIELDS``, the same in both modes), and
+without a terminal the demo logs its progress to stderr and prints only the
+verdict. All I/O is trio's; every process, the temporary directory and the lab
+go on every way out, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ EXIT_OK: Final = 0
 EXIT_LOST: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_FAILED: Final = 3
+# --no-output-rule lost acknowledged writes: what it demonstrates, yet a verdict
+# of lost writes, so not 0; and not EXIT_LOST, which means the rule failed.
+EXIT_LOST_UNSAFE: Final = 4
 EXIT_INTERRUPTED: Final = 130
 
 REFRESH_S: Final = 0.2  # the live view and the admin polls, ~5 per second
@@ -865,31 +870,35 @@ class Verdict:
                 f"log that produced it (here the log ships up to {self.ship_delay_ms:g} ms "
                 "later), so writes acknowledged just before the kill die with the primary. "
                 "The output rule prevents exactly this: run without --no-output-rule to see "
-                "none lost.",
+                f"none lost. Exit code {EXIT_LOST_UNSAFE}: writes were lost, as this mode "
+                "shows they can be.",
                 style="yellow",
             )
         ]
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "mode": "socket",
-            "acked": self.acked,
-            "found": self.found,
-            "lost": self.lost,
-            "failover_s": None if self.failover_s is None else round(self.failover_s, 4),
-            "output_rule": self.output_rule,
-            "verdict": self.summary(),
-            "acked_incrs": self.acked_incrs,
-            "found_incrs": self.found_incrs,
-            "acked_sets": self.acked_sets,
-            "found_sets": self.found_sets,
-            "extra_incrs": self.extra_incrs,
-            "replies": self.replies,
-            "reconnects": self.reconnects,
-            "ship_delay_ms": None if self.output_rule else self.ship_delay_ms,
-            "duration_s": round(self.duration_s, 3),
-            "arbiter": {"kind": "builtin"} if self.etcd is None else self._etcd_json(self.etcd),
-        }
+        return verdict_json(
+            mode="socket",
+            passed=self.passed,
+            verdict=self.summary(),
+            output_rule=self.output_rule,
+            failure="kill",
+            acked=self.acked,
+            found=self.found,
+            lost=self.lost,
+            failover_s=None if self.failover_s is None else round(self.failover_s, 4),
+            acked_incrs=self.acked_incrs,
+            found_incrs=self.found_incrs,
+            extra_incrs=self.extra_incrs,
+            acked_sets=self.acked_sets,
+            found_sets=self.found_sets,
+            requests=self.replies,
+            reconnects=self.reconnects,
+            read_back_on="a new connection",
+            ship_delay_ms=None if self.output_rule else self.ship_delay_ms,
+            duration_s=round(self.duration_s, 3),
+            arbiter={"kind": "builtin"} if self.etcd is None else self._etcd_json(self.etcd),
+        )
 
     @staticmethod
     def _etcd_json(etcd: EtcdDecision) -> dict[str, Any]:
@@ -902,6 +911,49 @@ class Verdict:
             "winner": etcd.winner,
             "backup": etcd.backup,
         }
+
+
+# The fields of ``--json``, the same in both modes; where one has no meaning in a
+# mode (the one connection's details in socket mode), it is null there.
+VERDICT_FIELDS: Final = (
+    "mode",
+    "passed",
+    "verdict",
+    "output_rule",
+    "failure",
+    "acked",
+    "found",
+    "lost",
+    "failover_s",
+    "acked_incrs",
+    "found_incrs",
+    "extra_incrs",
+    "acked_sets",
+    "found_sets",
+    "requests",
+    "reconnects",
+    "connections",
+    "wrong_replies",
+    "wrong",
+    "read_back_on",
+    "connection_survived",
+    "connection_error",
+    "client",
+    "service",
+    "client_retransmissions",
+    "req_per_s_pair",
+    "req_per_s_alone",
+    "ship_delay_ms",
+    "duration_s",
+    "arbiter",
+)
+
+
+def verdict_json(**fields: Any) -> dict[str, Any]:
+    """A ``--json`` verdict: every field of ``VERDICT_FIELDS``, in that order."""
+    unknown = fields.keys() - set(VERDICT_FIELDS)
+    assert not unknown, f"not a verdict field: {sorted(unknown)}"
+    return {name: fields.get(name) for name in VERDICT_FIELDS}
 
 
 async def read_back(port: int, keys: list[bytes], host: str = HOST) -> list[Reply]:
@@ -1090,36 +1142,36 @@ class PacketVerdict:
         return notes
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "mode": "packet",
-            "failure": self.failure,
-            "connection_survived": self.survived,
-            "connections": 1,
-            "reconnects": 0,
-            "connection_error": self.connection_error,
-            "acked": self.acked,
-            "found": self.found,
-            "lost": self.lost,
-            "failover_s": None if self.failover_s is None else round(self.failover_s, 4),
-            "requests": self.requests,
-            "wrong_replies": self.wrong_replies,
-            "wrong": list(self.wrong),
-            "counter": self.counter,
-            "acked_incrs": self.acked_incrs,
-            "extra_incrs": self.extra_incrs,
-            "acked_sets": self.acked_sets,
-            "found_sets": self.found_sets,
-            "read_back_on": self.read_back_on,
-            "client": self.client,
-            "service": self.service,
-            "client_retransmissions": self.retransmissions,
-            "req_per_s_pair": None if self.rate_pair is None else round(self.rate_pair, 1),
-            "req_per_s_alone": None if self.rate_alone is None else round(self.rate_alone, 1),
-            "output_rule": True,
-            "verdict": self.summary(),
-            "passed": self.passed,
-            "duration_s": round(self.duration_s, 3),
-        }
+        return verdict_json(
+            mode="packet",
+            passed=self.passed,
+            verdict=self.summary(),
+            output_rule=True,
+            failure=self.failure,
+            acked=self.acked,
+            found=self.found,
+            lost=self.lost,
+            failover_s=None if self.failover_s is None else round(self.failover_s, 4),
+            acked_incrs=self.acked_incrs,
+            found_incrs=self.counter,
+            extra_incrs=self.extra_incrs,
+            acked_sets=self.acked_sets,
+            found_sets=self.found_sets,
+            requests=self.requests,
+            reconnects=0 if self.survived else 1,
+            connections=1,
+            wrong_replies=self.wrong_replies,
+            wrong=list(self.wrong),
+            read_back_on=self.read_back_on,
+            connection_survived=self.survived,
+            connection_error=self.connection_error,
+            client=self.client,
+            service=self.service,
+            client_retransmissions=self.retransmissions,
+            req_per_s_pair=None if self.rate_pair is None else round(self.rate_pair, 1),
+            req_per_s_alone=None if self.rate_alone is None else round(self.rate_alone, 1),
+            duration_s=round(self.duration_s, 3),
+        )
 
 
 async def verify_connection(load: ConnectionLoad, failure: str) -> PacketVerdict:
@@ -1770,11 +1822,11 @@ def _config(args: argparse.Namespace) -> DemoConfig:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``ftproxy demo``: 0 when no acknowledged write was lost (or, with
-    ``--no-output-rule``, when the demonstration ran to its end; with ``--packet``,
+    """``ftproxy demo``: 0 when no acknowledged write was lost (with ``--packet``,
     when besides the one connection survived with every reply right), 1 when the
     promise was broken, 2 for bad options (or ``--packet`` without root), 3 when the
-    demo could not run, 130 when interrupted."""
+    demo could not run, 4 when ``--no-output-rule`` lost acknowledged writes (what it
+    is there to show), 130 when interrupted."""
     try:
         config = _config(args)
     except ValueError as exc:
@@ -1796,9 +1848,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print(json.dumps(verdict.as_json()), flush=True)
     else:
         Console().print(render_verdict(verdict))
-    if not config.output_rule:
-        return EXIT_OK  # losing writes is the outcome this mode demonstrates
-    return EXIT_OK if verdict.passed else EXIT_LOST
+    if verdict.passed:
+        return EXIT_OK
+    return EXIT_LOST if config.output_rule else EXIT_LOST_UNSAFE
 
 
 Runner = Callable[[Demo, Path], Awaitable[Outcome]]
@@ -1811,14 +1863,16 @@ def _run_in_tempdir(config: DemoConfig) -> Outcome:
         workdir = Path(tmp)
         with _packet_lab() if config.packet else contextlib.nullcontext():
             runner: Runner = run_packet if config.packet else run
-            if config.json:
+            if config.json or not Console().is_terminal:
                 return trio.run(_run_quiet, config, workdir, runner)
             with _stderr_held_back(workdir / "held-back.log"):
                 return trio.run(_run_live, config, workdir, runner)
 
 
 async def _run_quiet(config: DemoConfig, workdir: Path, runner: Runner) -> Outcome:
-    """The demo with no view: its events are logged, as the progress report."""
+    """The demo with no view: its events are logged, as the progress report (with
+    ``--json``, or when stdout is not a terminal, where a live view cannot redraw
+    itself and log lines would land in it)."""
     return await runner(Demo(config, Events(log_events=True)), workdir)
 
 
@@ -1951,7 +2005,7 @@ def _fail(message: str, code: int) -> int:
 
 def _standalone(argv: Sequence[str] | None = None) -> int:
     """``python -m ftproxy.demo``, until the demo is an ``ftproxy`` subcommand."""
-    from ftproxy.cli import configure_logging
+    from ftproxy.logsetup import configure_logging
 
     parser = argparse.ArgumentParser(prog="python -m ftproxy.demo", description=__doc__)
     add_demo_arguments(parser)

@@ -32,6 +32,7 @@ from ftproxy.channel import (
 )
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
+from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, accept_backup
 from ftproxy.replay import first_difference
 from ftproxy.replica import (
@@ -42,7 +43,11 @@ from ftproxy.replica import (
     Halted,
     ReplicaOptions,
     ReplicaShell,
+    StatusBoard,
     admin_endpoint,
+    bind_listeners,
+    check_free,
+    check_program,
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
@@ -57,8 +62,15 @@ FINAL_ACK_WAIT_S = 2.0
 class Primary(ReplicaShell):
     """The primary's state and tasks around one guest and one backup."""
 
-    def __init__(self, options: ReplicaOptions, header: Header, link: LogLink) -> None:
-        super().__init__(options, Role.PRIMARY, link)
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        header: Header,
+        link: LogLink,
+        board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
+    ) -> None:
+        super().__init__(options, Role.PRIMARY, link, board, hooks)
         self.header = header
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
@@ -218,11 +230,14 @@ class Primary(ReplicaShell):
             for released in self.replica.won():
                 self.world.apply_output(released)
             self._acked.ring()
+            self.went_alone()
             self.log.info("role_changed", to="live", held_released=True)
+            self.role_changed("live", "the backup was lost; this primary won the arbiter")
         else:
             dropped = self.replica.lost()
             self.halted = "the backup won the arbiter: it serves now"
             self.log.error("role_changed", to="halted", dropped_outputs=dropped)
+            self.role_changed("halted", self.halted)
             raise Halted(self.halted)
 
     async def finish(self) -> None:
@@ -240,9 +255,35 @@ async def serve_primary(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Wait for a backup, then run the guest replicated; return the exit code."""
-    bound = log.bind(role="primary", generation=options.generation)
+    """Wait for a backup, then run the guest replicated; return the exit code.
+
+    What the flags name is checked first (StartupError): the script, the log and
+    admin ports, the --map addresses. The admin endpoint answers from then on.
+    """
+    check_program(options.argv)
+    listeners = await bind_listeners("--log-listen", listen)
+    for guest_port, address in options.address_map.items():
+        check_free(f"--map {guest_port}={address[0]}:{address[1]}", address)
     arbiter_client = ArbiterClient(options, "primary")
+    board = StatusBoard(options, arbiter_client, role_override="waiting_for_backup")
+    hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
+    try:
+        async with admin_endpoint(options, board), hooks_running as hooks:
+            return await _serve_primary(options, listeners, board, hooks, task_status)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def _serve_primary(
+    options: ReplicaOptions,
+    listeners: list[trio.SocketListener],
+    board: StatusBoard,
+    hooks: RoleHooks,
+    task_status: trio.TaskStatus[int],
+) -> int:
+    bound = log.bind(role="primary", generation=options.generation)
+    arbiter_client = board.arbiter
     try:
         await arbiter_client.check_undecided()
     except Halted as exc:
@@ -252,17 +293,17 @@ async def serve_primary(
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network, options.pins)
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
-    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-    port = listeners[0].socket.getsockname()[1]
-    bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
+    host, port = listeners[0].socket.getsockname()[:2]
+    bound.info("waiting_for_backup", address=f"{host}:{port}")
     task_status.started(port)
     link = await _accept_one_backup(listeners, options, welcome)
     for listener in listeners:
         await listener.aclose()
-    primary = Primary(options, header, link)
+    primary = Primary(options, header, link, board, hooks)
     bound.info("backup_joined", peer=link.peer)
+    primary.role_changed("primary", f"the backup {link.peer} joined")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with admin_endpoint(options, primary.board), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             doorbell = Doorbell()
             front = open_front(nursery, doorbell, options.address_map, options.packet)
             guest = await start_guest(options.argv, env, header.cwd)

@@ -31,7 +31,15 @@ class ReplayError(Exception):
 
 
 class _LogEnded(Exception):
-    """The guest asked for more than a log without an end record holds."""
+    """The guest went past the end of a log whose recording stopped without the guest ending.
+
+    A recorder killed mid-load leaves a log that stops at any point: before an
+    exit, or between the outputs that follow one.
+    """
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq  # the entry the log stops in: before its exit, or among its outputs
 
 
 def describe_output(op: int, sock: int, data: bytes, extra: Any) -> str:
@@ -129,10 +137,16 @@ class LogAnswers:
     def _peek(self) -> Record | None:
         return self._records[self._next] if self._next < len(self._records) else None
 
-    async def answer(self, seq: int, exit: Exit) -> bytes:
+    def _past_the_end(self) -> bool:
+        """Whether the recording stopped here without the guest having ended."""
         record = self._peek()
-        if record is None or (isinstance(record, End) and record.reason != "guest_exited"):
-            raise _LogEnded()  # the recording stopped here without the guest ending
+        return record is None or (isinstance(record, End) and record.reason != "guest_exited")
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        if self._past_the_end():
+            raise _LogEnded(seq)
+        record = self._peek()
+        assert record is not None
         check_entry(seq, record, exit)
         self._next += 1
         assert isinstance(record, Entry)
@@ -144,6 +158,8 @@ class LogAnswers:
         extra = message[3] if op == p.OP_SENDTO else message[2] if op == p.OP_SHUTDOWN else None
         if isinstance(extra, tuple):
             extra = list(extra)  # the log's msgpack gives tuples back as lists
+        if self._past_the_end():
+            raise _LogEnded(seq)  # the recorder died before it logged this output
         record = self._peek()
         mine = (seq, op, sock, data, extra)
         if (
@@ -188,6 +204,9 @@ class ReplayResult:
     log_complete: bool  # the recorded guest ended by itself, and the replay's did the same
     end_reason: str | None  # the log's end record, if any ("guest_exited", "killed")
     truncated: bool
+    # Where a log whose recording stopped early (the recorder killed) ran out:
+    # the entry the replaying guest had reached. Everything before it verified.
+    ended_at: int | None = None
 
 
 def replay_directory(header: Header) -> str:
@@ -231,11 +250,13 @@ async def replay(
     mode = LogAnswers(contents)
     supervisor = Supervisor(guest, mode)
     ended_early = False
+    ended_at: int | None = None
     try:
         try:
             await supervisor.run()
-        except _LogEnded:
+        except _LogEnded as end_of_log:
             ended_early = True
+            ended_at = end_of_log.seq
         except Divergence as divergence:
             divergence.stack = await supervisor.halt_for_stack("divergence")
             raise
@@ -282,4 +303,5 @@ async def replay(
         log_complete=end is not None and end.reason == "guest_exited",
         end_reason=end.reason if end else None,
         truncated=contents.truncated_at is not None,
+        ended_at=ended_at,
     )

@@ -9,16 +9,21 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
 import trio
+from prometheus_client import Histogram
 
 import arbiter
 from ftproxy.front import PacketConfig
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
+from ftproxy.hooks import DEFAULT_TIMEOUT_S as DEFAULT_HOOK_TIMEOUT_S
+from ftproxy.hooks import RoleHooks
 from ftproxy.link import LogLink
+from ftproxy.metrics import ReplicaMetrics
 from ftproxy.replication import Replica, Role, Timing
 from ftproxy.wire import Policy
 
@@ -31,6 +36,57 @@ EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_HALTED = 4
+EXIT_STARTUP = 5
+
+
+class StartupError(Exception):
+    """A replica cannot start as asked: the flag, and why (a busy port, a missing script)."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+async def bind_listeners(flag: str, address: tuple[str, int]) -> list[trio.SocketListener]:
+    """Listen on ``address`` now, at start: a busy or foreign address is a StartupError."""
+    host, port = address
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise StartupError(f"{flag} {host}:{port}", exc.strerror or str(exc)) from None
+    if port == 0 and len(listeners) > 1:
+        # Each address family got a port of its own; keep one, so the port we
+        # report is the whole truth.
+        for extra in listeners[1:]:
+            extra.socket.close()
+        listeners = listeners[:1]
+    return listeners
+
+
+def check_free(flag: str, address: tuple[str, int]) -> None:
+    """Fail at start if ``address`` cannot be bound now (the guest binds it later).
+
+    ``flag`` names the flag, address included, as the user wrote it.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(flag, exc.strerror or str(exc)) from None
+
+
+def check_program(argv: list[str]) -> None:
+    """The script after ``--`` must be there and readable before anything starts."""
+    script = argv[0]
+    if script.startswith("-"):  # an interpreter option (-m MODULE): Python finds it
+        return
+    if not os.path.exists(script):
+        raise StartupError(f"-- {script}", "no such file")
+    if not os.path.isfile(script) or not os.access(script, os.R_OK):
+        raise StartupError(f"-- {script}", "not a readable file")
 
 
 class Halted(Exception):
@@ -64,6 +120,9 @@ class ReplicaOptions:
     workdir: str | None = None
     # A primary's: files and directories the guest reads, pinned by digest.
     pins: list[str] = field(default_factory=list)
+    # --on-role-change: run at every role change (ftproxy.hooks), bounded in time.
+    on_role_change: list[str] | None = None
+    hook_timeout_s: float = DEFAULT_HOOK_TIMEOUT_S
 
 
 def generation_key(pair: str, generation: int) -> str:
@@ -137,13 +196,17 @@ class ArbiterClient:
 
 
 class Samples:
-    """The last ``size`` measurements of something, for percentiles in /status."""
+    """The last ``size`` measurements of something, for percentiles in /status, and
+    for a histogram of all of them in /metrics (in seconds, where they are ms)."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, histogram: Histogram | None = None) -> None:
         self._values: deque[float] = deque(maxlen=size)
+        self.histogram = histogram
 
     def add(self, value: float) -> None:
         self._values.append(value)
+        if self.histogram is not None:
+            self.histogram.observe(value / 1000)
 
     def summary(self) -> dict[str, float | int]:
         if not self._values:
@@ -175,6 +238,7 @@ class StatusBoard:
             "exits_total": 0,
             "outputs_total": 0,
             "log_bytes_total": 0,
+            "failovers_total": 0,
             "divergences_total": 0,
         }
     )
@@ -183,6 +247,39 @@ class StatusBoard:
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
     front: Callable[[], Mapping[str, Any]] | None = None
+    metrics: ReplicaMetrics = field(default_factory=ReplicaMetrics)
+
+    def __post_init__(self) -> None:
+        self.channel_rtt_ms.histogram = self.metrics.channel_rtt
+        self.lag_ms.histogram = self.metrics.lag
+        self.metrics.serve_status(self.snapshot)
+
+    def role(self) -> str:
+        if self.role_override:
+            return self.role_override
+        return self.replica.role.value if self.replica is not None else "starting"
+
+    def protected(self) -> bool:
+        """A backup is attached and outputs wait for its acks: a failover loses nothing."""
+        return (
+            self.role() == "primary" and self.peer_state == "connected" and self.options.output_rule
+        )
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: serving, or ready to take over; else why not."""
+        role = self.role()
+        if role == "primary" and self.peer_state == "connected":
+            return True, "primary: serving, with a backup"
+        if role == "live":
+            return True, "live: serving alone"
+        if role == "backup" and self.peer_state == "connected":
+            return True, "backup: replaying, ready to take over"
+        return False, f"{role}: neither serving nor ready to take over"
+
+    def failed_over(self, seconds: float) -> None:
+        """This replica won the arbiter and serves alone, ``seconds`` after losing its peer."""
+        self.counters["failovers_total"] += 1
+        self.metrics.failover.observe(seconds)
 
     def snapshot(self) -> Mapping[str, Any]:
         now = trio.current_time()
@@ -218,6 +315,7 @@ class StatusBoard:
             )
         if self.role_override:
             status["role"] = self.role_override
+        status["protected"] = self.protected()
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
@@ -230,16 +328,29 @@ class StatusBoard:
 class ReplicaShell:
     """What a primary and a backup do alike around their replication core and their peer."""
 
-    def __init__(self, options: ReplicaOptions, role: Role, link: LogLink) -> None:
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        role: Role,
+        link: LogLink,
+        board: StatusBoard | None = None,
+        hooks: RoleHooks | None = None,
+    ) -> None:
         self.options = options
         self.link: LogLink | None = link
         self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
         self.peer_role = "backup" if role is Role.PRIMARY else "primary"
         self.arbiter = ArbiterClient(options, role.value)
-        self.board = StatusBoard(options, self.arbiter, replica=self.replica)
+        # The board the admin endpoint has served since start-up, if any: from here
+        # on it shows this replica's core.
+        self.board = board or StatusBoard(options, self.arbiter)
+        self.board.arbiter, self.board.replica = self.arbiter, self.replica
+        self.board.role_override = None
+        self.hooks = hooks
         self.board.peer_state = "connected"
         self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
+        self.peer_lost_at: float | None = None
         self.log = log.bind(role=role.value, generation=options.generation)
 
     async def watch(self) -> None:
@@ -256,23 +367,51 @@ class ReplicaShell:
         self.log.warning(f"{self.peer_role}_lost", reason=reason, received=self.replica.received)
         self.board.peer_state = "lost"
         self.board.peer_lost_reason = reason
+        self.peer_lost_at = trio.current_time()
         self.peer_gone.set()
         self.peer_lost()
 
     def peer_lost(self) -> None:
         """What else must happen the moment the peer is gone (subclasses)."""
 
+    def role_changed(self, role: str, reason: str) -> None:
+        """Run the --on-role-change hook for the role this replica now has."""
+        if self.hooks is not None:
+            options = self.options
+            self.hooks.changed(
+                role, generation=options.generation, pair=options.pair, reason=reason
+            )
+
+    def went_alone(self) -> None:
+        """Won the arbiter: count the failover, and how long it took since the peer went."""
+        lost_at = self.peer_lost_at if self.peer_lost_at is not None else trio.current_time()
+        self.board.failed_over(trio.current_time() - lost_at)
+
 
 @contextlib.asynccontextmanager
 async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIterator[None]:
-    """Serve /status and /metrics for the life of the block, when asked to."""
+    """Serve /status, /metrics and /healthz for the life of the block, when asked to.
+
+    The port is bound before the block starts: busy, it is a StartupError.
+    """
     if options.admin is None:
         yield
         return
     from ftproxy.admin import serve_admin
 
+    listeners = await bind_listeners("--admin", options.admin)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_admin, options.admin[0], options.admin[1], board.snapshot)
+        port = await nursery.start(
+            partial(
+                serve_admin,
+                options.admin[0],
+                options.admin[1],
+                board.snapshot,
+                metrics=board.metrics.render,
+                health=board.health,
+                listeners=listeners,
+            )
+        )
         log.info("admin_listening", address=f"{options.admin[0]}:{port}")
         yield
         nursery.cancel_scope.cancel()

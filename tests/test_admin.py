@@ -7,6 +7,7 @@ import io
 import json
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from functools import partial
 from typing import Any
 
 import pytest
@@ -314,6 +315,21 @@ async def test_status_and_metrics_over_http(admin: str) -> None:
     assert b"/status" in index.body
     assert b"/metrics" in index.body
     assert (await fetch(admin, "/status?pretty=1")).status_code == 200
+
+
+async def test_healthz_answers_what_the_health_source_says(nursery: trio.Nursery) -> None:
+    health = [(False, "backup: neither serving nor ready to take over")]
+    port = await nursery.start(
+        partial(serve_admin, "127.0.0.1", 0, StatusSource(EXAMPLE), health=lambda: health[-1])
+    )
+    reply = await fetch(f"127.0.0.1:{port}", "/healthz")
+    assert (reply.status_code, reply.body) == (
+        503,
+        b"backup: neither serving nor ready to take over\n",
+    )
+    health.append((True, "live: serving alone"))
+    reply = await fetch(f"127.0.0.1:{port}", "/healthz")
+    assert (reply.status_code, reply.body) == (200, b"live: serving alone\n")
 
 
 async def test_keep_alive_and_pipelining_on_one_connection(admin: str) -> None:

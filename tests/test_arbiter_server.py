@@ -478,8 +478,9 @@ def test_main_refuses_an_unusable_secret_file(
 async def test_module_reports_a_corrupt_store(tmp_path: Path) -> None:
     (tmp_path / FILE_NAME).write_bytes(b"not a store")
     result = await run_module("--listen", f"{LOCAL}:0", "--data-dir", str(tmp_path), "--insecure")
-    assert result.returncode == 3
+    assert result.returncode == 5  # cannot start
     (line,) = result.stderr.splitlines()[-1:]
     entry = json.loads(line)
     assert entry["event"] == "arbiter_failed"
+    assert entry["reason"].startswith(f"--data-dir {tmp_path}: ")
     assert "not an arbiter store" in entry["reason"]

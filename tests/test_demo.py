@@ -30,7 +30,7 @@ from ftproxy import demo
 
 RUN_TIMEOUT = 30.0
 PACKET_RUN_TIMEOUT = 90.0
-FIELDS = {"acked", "found", "lost", "failover_s", "output_rule"}
+FIELDS = {"acked", "found", "lost", "failover_s", "output_rule", "passed", "verdict"}
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -84,12 +84,46 @@ def test_kill_9_under_load_loses_no_acknowledged_write() -> None:
 
 def test_without_the_output_rule_acknowledged_writes_are_lost() -> None:
     result = run_demo("--json", "--warmup", "1.5", "--after", "2", "--no-output-rule")
-    assert result.returncode == 0, result.stderr  # losing writes is what it demonstrates
+    # Losing writes is what it demonstrates, and still a verdict of lost writes.
+    assert result.returncode == demo.EXIT_LOST_UNSAFE, result.stderr
     answer = verdict(result)
-    assert answer["output_rule"] is False
+    assert answer["output_rule"] is False and answer["passed"] is False
     assert answer["acked"] > 0
     assert answer["lost"] > 0
     assert answer["found"] == answer["acked"] - answer["lost"]
+
+
+def test_without_a_terminal_log_lines_and_the_verdict_never_share_a_line() -> None:
+    """stdout and stderr in one pipe, as under ``| tee`` or systemd: no live view."""
+    result = subprocess.run(
+        [*demo_command(), "--warmup", "1", "--after", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(event["event"] == "key_decided" for event in logged)  # the arbiter's log
+    panel = [line for line in lines if not line.startswith("{")]
+    assert any("no acknowledged write lost" in line for line in panel), result.stdout
+    assert not any('{"' in line for line in panel), result.stdout
+
+
+def test_both_modes_give_the_same_json_fields() -> None:
+    socket_verdict = demo.Verdict(True, 3, 3, 2, 2, 0, 0.01, 5, 0, 0.0, 2.0)
+    packet_verdict = demo.PacketVerdict(
+        "kill", "10.200.0.100:6380", "10.200.0.10:4000", None, "the same connection",
+        3, 3, 0, 2, 2, 5, (), 0, 0.2, 1, 700.0, 1300.0, 6.0,
+    )  # fmt: skip
+    socket_json, packet_json = socket_verdict.as_json(), packet_verdict.as_json()
+    assert list(socket_json) == list(packet_json) == list(demo.VERDICT_FIELDS)
+    assert socket_json["passed"] is packet_json["passed"] is True
+    assert (socket_json["mode"], packet_json["mode"]) == ("socket", "packet")
+    lost = demo.Verdict(False, 3, 2, 2, 2, 0, 0.01, 5, 1, 200.0, 2.0).as_json()
+    assert lost["passed"] is False and lost["lost"] == 1
 
 
 @pytest.mark.parametrize(
@@ -179,7 +213,7 @@ def test_packet_demo_keeps_one_connection_through_kill_9() -> None:
     assert answer["read_back_on"] == "the same connection"
     assert answer["acked"] > 0 and answer["lost"] == 0 and answer["found"] == answer["acked"]
     assert answer["wrong_replies"] == 0 and answer["extra_incrs"] == 0
-    assert answer["counter"] == answer["acked_incrs"] > 0
+    assert answer["found_incrs"] == answer["acked_incrs"] > 0
     assert answer["failover_s"] is not None and 0 < answer["failover_s"] < 5
     assert "Traceback" not in result.stderr
     assert not demo_lab_namespaces()

@@ -8,12 +8,14 @@ outputs" is the whole claim; these tests also check N and M against the log.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -262,6 +264,39 @@ def test_the_cli_replays_a_log_whose_recorder_was_killed(tmp_path: Path) -> None
     cli = run_ftproxy("replay", str(log), "--quiet-guest")
     assert cli.returncode == 0, cli.stderr
     assert "no end record" in cli.stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="needs redis-tools")
+def test_a_log_whose_recorder_was_killed_mid_load_replays_up_to_its_end(tmp_path: Path) -> None:
+    """SIGKILL under 20 clients cuts the log anywhere, often among an exit's outputs."""
+    port = free_port()
+    log = tmp_path / "killed.ftlog"
+    with Recording(log, EXAMPLES / "kv.py", "--port", str(port)) as rec:
+        load = subprocess.Popen(
+            ["redis-benchmark", "-p", str(port), "-c", "20", "-n", "1000000", "-t", "set,incr"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while log.stat().st_size < 256 * 1024:  # well into the load
+                assert time.monotonic() < deadline, "the load never reached the recorder"
+                assert rec.process is not None and rec.process.poll() is None, rec.stop(None)
+                time.sleep(0.05)
+            rec.stop(signal.SIGKILL)
+        finally:
+            load.kill()
+            load.wait()
+    contents = read_log(log)
+    assert not any(isinstance(r, End) for r in contents.records)
+    cli = run_ftproxy("replay", str(log), "--quiet-guest")
+    assert cli.returncode == 0, cli.stderr
+    ended = r"the log ends early at entry (\d+); everything before it verified"
+    match = re.search(ended, cli.stderr)
+    assert match, cli.stderr
+    assert int(match[1]) in (contents.entries, contents.entries + 1)
+    assert f"{contents.entries} entries" in cli.stderr
+    assert "divergence" not in cli.stderr
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="address-space randomisation is Linux's")
