@@ -72,7 +72,9 @@ __all__ = [
 ]
 
 # 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
-CHANNEL_VERSION: Final = 2
+# 3: frames after the opening are sealed (``ftproxy.session``); Welcome says who
+#    the primary is, for fencing (``ftproxy.fence``).
+CHANNEL_VERSION: Final = 3
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
 
