@@ -39,7 +39,7 @@ import msgspec
 
 from ftproxy.auth import AuthenticationError, Handshake, Role
 from ftproxy.framing import FrameBuffer, FrameError, frame
-from ftproxy.sealing import TAG_SIZE, Opener, SealError, Sealer
+from ftproxy.sealing import TAG_SIZE, Opener, Sealer, SealError
 
 OPENING_FRAME_LIMIT: Final = 4096
 """The largest frame a peer may send before it has proved the secret."""
