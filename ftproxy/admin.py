@@ -9,7 +9,11 @@ speaks the protocol, trio moves the bytes, one task per connection, keep-alive):
 
 The status comes from a callable the replica passes in, called once per request;
 if it raises, that request gets a 500 and the server goes on. Misbehaving clients
-(garbage, timeouts, resets) lose their own connection and nothing else.
+(garbage, timeouts, resets) lose their own connection and nothing else, and
+strangers cannot take the replica's descriptors or attention: until a
+connection has sent one well-formed request it lives under
+``ftproxy.admission``'s limits (2 s to send it, at most 64 such connections,
+descriptors kept in reserve for the replica's own needs).
 
 Client side, ``fetch_status`` reads a replica's status, ``render_status`` shows it
 for people, and ``status_main`` / ``run_status`` are the ``ftproxy status`` command.
@@ -41,6 +45,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from ftproxy.admission import Admission, Gate, serve_with_limits
 
 log = structlog.get_logger()
 
@@ -170,10 +176,10 @@ async def serve_admin(
     log.info("admin_server_started", host=host, port=bound)
     task_status.started(bound)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, status)
+    async def handler(stream: trio.SocketStream, gate: Gate) -> None:
+        await _handle_connection(stream, status, gate)
 
-    await trio.serve_listeners(handler, listeners)
+    await serve_with_limits(listeners, handler, Admission("admin"))
 
 
 @dataclass(frozen=True)
@@ -184,11 +190,13 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def _handle_connection(stream: trio.SocketStream, status: StatusSource) -> None:
+async def _handle_connection(
+    stream: trio.SocketStream, status: StatusSource, gate: Gate | None = None
+) -> None:
     """One client connection; whatever happens on it stays on it."""
     try:
         async with stream:
-            await _serve_connection(h11.Connection(h11.SERVER), stream, status)
+            await _serve_connection(h11.Connection(h11.SERVER), stream, status, gate)
     except trio.BrokenResourceError:
         log.debug("admin_connection_dropped")
     except Exception:
@@ -196,7 +204,7 @@ async def _handle_connection(stream: trio.SocketStream, status: StatusSource) ->
 
 
 async def _serve_connection(
-    conn: h11.Connection, stream: trio.SocketStream, status: StatusSource
+    conn: h11.Connection, stream: trio.SocketStream, status: StatusSource, gate: Gate | None
 ) -> None:
     while True:
         try:
@@ -220,6 +228,8 @@ async def _serve_connection(
             return
         if request is None:  # the client closed between requests
             return
+        if gate is not None:
+            gate.proved()
         reply = _route(request.method, request.target, status)
         log.debug(
             "admin_request_served",

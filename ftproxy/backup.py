@@ -269,20 +269,26 @@ async def _bind_for_takeover(
 async def connect_to_primary(
     options: ReplicaOptions, primary: tuple[str, int]
 ) -> tuple[LogLink, Welcome]:
-    """Connect (retrying while the primary is not up yet) and join."""
+    """Connect and join, retrying while the primary is not up yet or does not finish
+    the opening (it may be busy, or shedding a flood); a refusal is final."""
     reported = False
+    address = f"{primary[0]}:{primary[1]}"
     while True:
         try:
             stream = await trio.open_tcp_stream(*primary)
-            break
         except OSError as exc:
             if not reported:
-                log.info(
-                    "primary_unreachable", address=f"{primary[0]}:{primary[1]}", error=str(exc)
-                )
+                log.info("primary_unreachable", address=address, error=str(exc))
                 reported = True
             await trio.sleep(0.2)
-    return await join_primary(stream, options.secret, options.argv)
+            continue
+        try:
+            return await join_primary(stream, options.secret, options.argv)
+        except LinkRefused as exc:
+            if not exc.retry:
+                raise
+            log.warning("primary_opening_unfinished", address=address, reason=str(exc))
+            await trio.sleep(0.2)
 
 
 async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]) -> int:

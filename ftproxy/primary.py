@@ -21,7 +21,7 @@ import trio
 from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
-from ftproxy.link import LinkRefused, LogLink, accept_backup
+from ftproxy.link import LogLink, accept_first_backup
 from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
@@ -201,7 +201,7 @@ async def serve_primary(
     port = listeners[0].socket.getsockname()[1]
     bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
     task_status.started(port)
-    link = await _accept_one_backup(listeners, options, welcome)
+    link = await accept_first_backup(listeners, options.secret, options.argv, welcome)
     for listener in listeners:
         await listener.aclose()
     primary = Primary(options, header, link)
@@ -230,18 +230,6 @@ async def serve_primary(
             front.close_all()
             nursery.cancel_scope.cancel()
     return code
-
-
-async def _accept_one_backup(
-    listeners: list[trio.SocketListener], options: ReplicaOptions, welcome: Welcome
-) -> LogLink:
-    """Take the first backup that authenticates and runs the same program."""
-    while True:
-        stream = await listeners[0].accept()
-        try:
-            return await accept_backup(stream, options.secret, options.argv, welcome)
-        except LinkRefused as exc:
-            log.error("backup_refused", reason=str(exc))
 
 
 async def _run_guest(
