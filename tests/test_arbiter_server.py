@@ -54,8 +54,8 @@ from arbiter._protocol import (
     encode_frame,
 )
 from arbiter._server import IDLE_TIMEOUT
-from ftproxy.admission import OPENING_TIMEOUT_S
 from arbiter._store import FILE_NAME
+from ftproxy.admission import OPENING_TIMEOUT_S
 
 SECRET = b"arbiter-test-secret-0123456789"
 LOCAL = "127.0.0.1"
