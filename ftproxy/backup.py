@@ -28,6 +28,7 @@ from ftproxy.channel import (
     RemoteProtocolError,
     Welcome,
 )
+from ftproxy.fence import Fencer
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guest import protocol as p
@@ -52,6 +53,7 @@ from ftproxy.world import WorldAnswers, open_front
 log = structlog.get_logger()
 
 TAKEOVER_BIND_RETRY_S = 0.1
+FENCE_GRACE_S = 1.0  # how long a fenced primary's address may take to come free
 
 
 class Backup(ReplicaShell):
@@ -73,6 +75,8 @@ class Backup(ReplicaShell):
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
+        self.fencer = Fencer(options.fence, welcome.primary)
+        self.board.address_busy = lambda: sorted(self.fencer.busy)
 
     # -- the supervisor's mode --------------------------------------------------
 
@@ -230,7 +234,9 @@ class Backup(ReplicaShell):
         world.clock.continue_from(self._clock)
         if isinstance(front, SocketFront):
             for sock, (family, kind, address, backlog) in self._bound.items():
-                await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
+                await _bind_for_takeover(
+                    front, sock, family, kind, address, backlog, self.log, self.fencer
+                )
         self.world = world
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
 
@@ -247,21 +253,34 @@ async def _bind_for_takeover(
     address: tuple[Any, ...],
     backlog: int | None,
     bound_log: Any,
+    fencer: Fencer | None = None,
 ) -> None:
-    """Bind the guest's address here; while the old primary still holds it, keep trying."""
+    """Bind the guest's address here; while the old primary still holds it, fence it
+    (same host, ``--fence kill``) or report the address busy and keep trying."""
     reported = False
+    fenced_at: float | None = None
+    shown = ":".join(str(part) for part in address[:2])
     while True:
         code, _ = front.bind(sock, family, kind, address)
         if code == 0 and backlog is not None:
             code = front.listen(sock, backlog)
         if code == 0:
             bound_log.info("address_taken_over", address=address)
+            if fencer is not None:
+                fencer.busy.discard(shown)
             return
         if code != errno.EADDRINUSE:
             bound_log.error("takeover_bind_failed", address=address, error=errno.errorcode[code])
             return
+        if fencer is not None and not fencer.fenced and fencer.fence(shown) is not None:
+            fenced_at = trio.current_time()
+        if fenced_at is not None and trio.current_time() - fenced_at < FENCE_GRACE_S:
+            await trio.sleep(TAKEOVER_BIND_RETRY_S / 10)  # the kernel frees it as the victim dies
+            continue
         if not reported:
             bound_log.warning("address_busy", address=address, retrying_every=TAKEOVER_BIND_RETRY_S)
+            if fencer is not None:
+                fencer.busy.add(shown)
             reported = True
         await trio.sleep(TAKEOVER_BIND_RETRY_S)
 

@@ -9,7 +9,7 @@ accepts (the server). One line per frame, backup on the left::
                                      ◀─  Proof(mac_p)
     Proof(mac_b)                     ─▶                both sides: Authenticated
     Join(argv)                       ─▶
-                                     ◀─  Welcome(pair, generation, header)
+                                     ◀─  Welcome(pair, generation, header, primary)
     ...streaming, in any order...
                                      ◀─  Entries([entry, ...])    (a batch: group commit)
     Ack(received, replayed)          ─▶  (cumulative; sent on receipt)
@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 
 from ftproxy.auth import Role
+from ftproxy.fence import ProcessIdentity
 from ftproxy.session import (
     NEED_DATA,
     Authenticated,
@@ -86,11 +87,16 @@ class Join(msgspec.Struct, tag=3, array_like=True, frozen=True):
 
 
 class Welcome(msgspec.Struct, tag=4, array_like=True, frozen=True):
-    """The primary takes the backup: the pair, its generation and the log header."""
+    """The primary takes the backup: the pair, its generation and the log header.
+
+    ``primary`` names the primary's supervisor process, so that a backup on the
+    same host can fence it (``ftproxy.fence``).
+    """
 
     pair: str
     generation: int
     header: Header
+    primary: ProcessIdentity | None = None
 
 
 class Entries(msgspec.Struct, tag=5, array_like=True, frozen=True):

@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument(
         "--primary", required=True, metavar="HOST:PORT", help="the primary's --log-listen"
     )
+    backup.add_argument(
+        "--fence",
+        choices=["kill", "none"],
+        default="kill",
+        help="after winning the arbiter, an old primary on this host that still holds the "
+        "service address is SIGKILLed (kill, the default), or left alone and the address "
+        "reported busy in /status (none)",
+    )
     _add_replica_arguments(backup)
 
     arbiter_cmd = commands.add_parser(
@@ -344,6 +352,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
+        fence=getattr(args, "fence", "kill"),
     )
 
 

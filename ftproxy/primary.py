@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
+from ftproxy.fence import identify_self
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LogLink, accept_first_backup
@@ -196,7 +197,9 @@ async def serve_primary(
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network)
-    welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
+    welcome = Welcome(
+        pair=options.pair, generation=options.generation, header=header, primary=identify_self()
+    )
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     port = listeners[0].socket.getsockname()[1]
     bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
