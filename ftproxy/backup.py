@@ -53,6 +53,7 @@ from ftproxy.world import WorldAnswers, open_front
 log = structlog.get_logger()
 
 TAKEOVER_BIND_RETRY_S = 0.1
+FENCE_AFTER_S = 0.2  # how long the address may stay held before its holder is fenced
 FENCE_GRACE_S = 1.0  # how long a fenced primary's address may take to come free
 
 
@@ -258,7 +259,9 @@ async def _bind_for_takeover(
     """Bind the guest's address here; while the old primary still holds it, fence it
     (same host, ``--fence kill``) or report the address busy and keep trying."""
     reported = False
+    busy_since: float | None = None
     fenced_at: float | None = None
+    may_fence = fencer is not None and fencer.mode == "kill" and not fencer.fenced
     shown = ":".join(str(part) for part in address[:2])
     while True:
         code, _ = front.bind(sock, family, kind, address)
@@ -272,10 +275,17 @@ async def _bind_for_takeover(
         if code != errno.EADDRINUSE:
             bound_log.error("takeover_bind_failed", address=address, error=errno.errorcode[code])
             return
-        if fencer is not None and not fencer.fenced and fencer.fence(shown) is not None:
-            fenced_at = trio.current_time()
-        if fenced_at is not None and trio.current_time() - fenced_at < FENCE_GRACE_S:
-            await trio.sleep(TAKEOVER_BIND_RETRY_S / 10)  # the kernel frees it as the victim dies
+        now = trio.current_time()
+        busy_since = now if busy_since is None else busy_since
+        # An old primary that lost the arbiter lets go by itself, at once: fence only
+        # one that does not (stopped, hung), and only once.
+        if may_fence and fencer is not None and now - busy_since >= FENCE_AFTER_S:
+            may_fence = False
+            if fencer.fence(shown) is not None:
+                fenced_at = now
+        fencing = may_fence or (fenced_at is not None and now - fenced_at < FENCE_GRACE_S)
+        if fencing:
+            await trio.sleep(TAKEOVER_BIND_RETRY_S / 10)  # the kernel frees it as the holder dies
             continue
         if not reported:
             bound_log.warning("address_busy", address=address, retrying_every=TAKEOVER_BIND_RETRY_S)
