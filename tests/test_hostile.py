@@ -185,7 +185,7 @@ def test_a_stall_just_under_the_timeout_never_halts_a_healthy_backup(cluster) ->
     load = Load(c.service_port, clients=4).start()
     wait_until(lambda: load.acknowledged() > 100, 20, "the load is running")
     try:
-        for _ in range(4):
+        for _ in range(8):
             before = load.acknowledged()
             c.primary.signal(signal.SIGSTOP)
             time.sleep(0.45)  # the fault itself: a stall of 0.45 s (timeout 0.5 s)
