@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
-from support import GUESTS, Recording
+from support import GUESTS, Recording, run_ftproxy
 
 from ftproxy.channel import CHANNEL_VERSION, Ack, Entries, Hello, encode_message
 from ftproxy.wire import Entry
@@ -249,6 +249,8 @@ def test_with_fence_none_the_backup_says_the_address_is_busy(cluster) -> None:
         url = f"http://{HOST}:{c.backup_admin}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
             assert "ftproxy_serving 0" in reply.read().decode()
+        shown = run_ftproxy("status", f"{HOST}:{c.backup_admin}")
+        assert "live, address busy" in shown.stdout, shown.stdout
     finally:
         c.primary.signal(signal.SIGKILL)
     # Once the operator fences it, the backup binds and serves.
