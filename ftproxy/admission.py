@@ -59,10 +59,14 @@ log = structlog.get_logger()
 
 def peer_name(sock: Any) -> str:
     """``host:port`` of a socket's peer ("?" once it is gone)."""
-    with contextlib.suppress(OSError):
-        host, port, *_ = sock.getpeername()
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return "?"
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "?"
+    if not isinstance(address, tuple) or len(address) < 2:
+        return str(address) or "?"  # a Unix socket's peer has no port
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def descriptors_left(fd: int) -> int:
