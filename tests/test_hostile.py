@@ -177,6 +177,22 @@ def test_a_descriptor_flood_on_the_admin_port_does_not_stop_service_clients(clus
             sock.close()
 
 
+def test_a_descriptor_flood_on_the_service_port_leaves_the_primary_its_arbiter(cluster) -> None:
+    c = cluster(wrap={"primary": PRLIMIT}).start()
+    socks = flood(c.service_port)
+    try:
+        c.backup.signal(signal.SIGKILL)
+        # The primary needs a descriptor to ask the arbiter: the reserve kept one.
+        wait_until(lambda: role(c.primary_admin) == "live", 10, "the primary goes on alone")
+    finally:
+        for sock in socks:
+            sock.close()
+    assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
+    rejected = events(c.primary, "connection_rejected")
+    assert rejected and rejected[0]["port"] == "service"
+    assert rejected[0]["reason"] == "too few descriptors left"
+
+
 # -- a stall just under the peer timeout ------------------------------------------
 
 
