@@ -2,12 +2,15 @@
 
     python -m bench.sealing [--requests N] [--clients 1,50] [--size 100]
 
-Starts two pairs side by side, one whose log channel and arbiter frames are
-sealed (ChaCha20-Poly1305 after an authenticated opening) and one that runs
---insecure (plain frames), loads each with redis-benchmark SETs (output rule
-on), and prints throughput and p50 for both and their ratio. Each load runs
-on both pairs in turn, twice (ABBA), so that drift on the machine falls on
-both alike; the figures are the better of the two runs.
+First, in-process, what one log-channel frame costs to send and receive
+(encode, seal, frame, then unframe, open, decode) with and without sealing:
+the cost itself, without the noise of a shared machine. Then two pairs run
+side by side, one whose log channel and arbiter frames are sealed
+(ChaCha20-Poly1305 after an authenticated opening) and one that runs
+--insecure (plain frames); each is loaded with redis-benchmark SETs (output
+rule on), and throughput and p50 are printed for both with their ratio. Each
+load runs on both pairs in turn, twice (ABBA), so that drift on the machine
+falls on both alike; the figures are the better of the two runs.
 """
 
 from __future__ import annotations
@@ -15,13 +18,36 @@ from __future__ import annotations
 import argparse
 import secrets
 import tempfile
+import time
 from pathlib import Path
 
 from bench import load as bm
 from bench.load import Load, Op
 from bench.services import Arbiter, Service, start_pair
+from ftproxy.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Entries, Join, Welcome
+from ftproxy.wire import Entry, Header, Policy
 
 SEALED, PLAIN = "sealed (--secret-file)", "plain (--insecure)"
+
+
+def frame_cost_us(secret: bytes | None, payload: int, frames: int = 20_000) -> float:
+    """Microseconds per Entries frame (one entry of ``payload`` bytes), primary to backup."""
+    backup, primary = Channel(BACKUP, secret), Channel(PRIMARY, secret)
+    for source, target in ((backup, primary), (primary, backup), (backup, primary)):
+        target.receive_data(source.data_to_send())
+        while target.next_event() is not NEED_DATA:
+            pass
+    primary.receive_data(backup.send(Join(["kv.py"])))
+    primary.next_event()
+    header = Header(2, ["kv.py"], {}, "/", "3.11", Policy(200, 1000), 0)
+    backup.receive_data(primary.send(Welcome("pair", 1, header)))
+    backup.next_event()
+    batch = Entries([Entry(1, 1, 1, 0, b"x" * payload)])
+    started = time.perf_counter()
+    for _ in range(frames):
+        backup.receive_data(primary.send(batch))
+        backup.next_event()
+    return (time.perf_counter() - started) / frames * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bm.require_redis_benchmark()
     op = Op("set", args.size)
+    print("one log-channel frame, send + receive, in-process (us per frame):")
+    for payload in (100, 4096, 65536):
+        sealed = frame_cost_us(secrets.token_bytes(32), payload)
+        plain = frame_cost_us(None, payload)
+        print(f"  {payload:>6} B entry: sealed {sealed:7.2f}  plain {plain:7.2f}")
     with tempfile.TemporaryDirectory(prefix="bench-sealing-") as tmp:
         scratch = Path(tmp)
         secret = scratch / "secret"

@@ -203,8 +203,12 @@ async def serve_with_limits(
     task, inside its gate (the handler calls ``gate.proved()`` once the peer proved itself)."""
 
     async def run(stream: trio.SocketStream) -> None:
-        with admission.opening(peer_name(stream.socket)) as gate:
-            await handler(stream, gate)
+        try:
+            with admission.opening(peer_name(stream.socket)) as gate:
+                await handler(stream, gate)
+        except BaseException:
+            stream.socket.close()  # cancelled or failed: nobody took the stream
+            raise
         if gate.refused:
             stream.socket.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import termios
 
 import structlog
 import trio
@@ -61,9 +63,6 @@ class LogLink:
 
     def unread(self) -> int:
         """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
-        import fcntl
-        import termios
-
         waiting = 0
         with contextlib.suppress(OSError, ValueError):
             waiting = int.from_bytes(
