@@ -234,3 +234,14 @@ def test_before_the_proof_frames_are_small(secret: bytes | None) -> None:
     backup, primary = connected(secret)
     big = Entries([Entry(1, 0, 0, 0, b"y" * 100_000)])
     assert pump(primary, backup, primary.send(big)) == [big]
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=1, max_size=300))
+def test_garbage_after_the_opening_is_only_ever_a_remote_protocol_error(data: bytes) -> None:
+    backup, _ = connected()
+    backup.receive_data(data)
+    backup.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        while not isinstance(backup.next_event(), ConnectionClosed):
+            pass
