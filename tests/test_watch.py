@@ -12,6 +12,7 @@ import socket
 import time
 
 import trio
+import trio.testing
 
 from ftproxy.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat, Join, Welcome
 from ftproxy.link import LogLink
@@ -37,31 +38,33 @@ def streaming_pair() -> tuple[Channel, Channel]:
 
 
 async def one_stall() -> bool:
-    """Stop the loop past the peer deadline with heartbeats waiting; True if the peer
-    was declared dead."""
+    """Stop the loop past the peer deadline with a heartbeat waiting; True if the peer
+    was declared dead before that heartbeat was read."""
     mine, theirs = socket.socketpair()
     ours = trio.socket.from_stdlib_socket(mine)
     backup, primary = streaming_pair()
     link = LogLink(trio.SocketStream(ours), primary)
     options = ReplicaOptions(argv=["kv.py"], arbiter=("127.0.0.1", 9), secret=None, timing=TIMING)
     shell = ReplicaShell(options, Role.PRIMARY, link)
+    read = trio.Event()
+    dead_before_read: list[bool] = []
 
     async def receive() -> None:
-        while True:
-            await link.next_event()
-            shell.replica.heard(trio.current_time())
+        await link.next_event()
+        dead_before_read.append(shell.peer_gone.is_set())
+        shell.replica.heard(trio.current_time())
+        read.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receive)
         nursery.start_soon(shell.watch)
-        await trio.sleep(TIMING.heartbeat_s)
+        await trio.testing.wait_all_tasks_blocked()
         theirs.send(backup.send(Heartbeat()))  # no checkpoint: it waits unread, while
         time.sleep(TIMING.peer_timeout_s * 1.5)  # stopped: no checkpoint, nothing runs
-        await trio.sleep(TIMING.heartbeat_s / 2)
-        dead = shell.peer_gone.is_set()
+        await read.wait()
         nursery.cancel_scope.cancel()
     theirs.close()
-    return dead
+    return dead_before_read[0]
 
 
 async def test_a_stopped_replica_reads_its_peers_frames_before_judging_the_silence() -> None:
