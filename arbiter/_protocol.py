@@ -103,7 +103,8 @@ __all__ = [
     "encode_frame",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# 2: frames after the opening are sealed (``ftproxy.session``).
+PROTOCOL_VERSION: Final = 2
 MAX_FRAME_SIZE: Final = 64 * 1024
 MAX_NAME_LENGTH: Final = 1024
 MAX_REASON_LENGTH: Final = 1024

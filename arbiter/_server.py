@@ -1,7 +1,10 @@
 """The arbiter's trio server: one task per connection around the sans-I/O protocol.
 
 A connection that sends garbage, fails authentication or stalls is logged and
-closed; every other connection, and the server, carry on. Only a store that
+closed; every other connection, and the server, carry on. Until a client has
+proved the secret it lives under ``ftproxy.admission``'s limits (a short time
+to finish the opening, a cap on such connections, descriptors kept in
+reserve), so a flood of strangers cannot keep a replica from its decision. Only a store that
 cannot be written stops the server (a decision that may or may not be on disk
 must be read back from it before anything else is decided).
 """
@@ -33,11 +36,12 @@ from arbiter._protocol import (
     Undecided,
 )
 from arbiter._store import Store
+from ftproxy.admission import Admission, Gate, RejectionLog, serve_with_limits
 
 __all__ = ["IDLE_TIMEOUT", "serve"]
 
 IDLE_TIMEOUT: Final = 60.0
-"""Seconds a connection may stay silent (mid-handshake or between requests) before it is closed."""
+"""Seconds an authenticated connection may stay silent between requests before it is closed."""
 
 _RECEIVE_SIZE: Final = 65536
 
@@ -72,15 +76,22 @@ async def serve(
                 decisions=len(store),
                 secure=secret is not None,
             )
-        handler = partial(_handle_connection, store=store, secret=secret)
+        rejected = RejectionLog("peer_rejected", port="arbiter", level="error")
+        admission = Admission("arbiter", rejections=rejected)
+        handler = partial(_handle_connection, store=store, secret=secret, rejected=rejected)
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, handler, listeners)
+            await nursery.start(serve_with_limits, listeners, handler, admission)
             task_status.started(listeners[0].socket.getsockname()[1])
     raise AssertionError("serve_listeners returned")  # pragma: no cover
 
 
 async def _handle_connection(
-    stream: trio.SocketStream, *, store: Store, secret: bytes | None
+    stream: trio.SocketStream,
+    gate: Gate,
+    *,
+    store: Store,
+    secret: bytes | None,
+    rejected: RejectionLog,
 ) -> None:
     try:
         peer = _format_address(stream.socket.getpeername())
@@ -90,9 +101,9 @@ async def _handle_connection(
     conn = Connection(Role.SERVER, secret)
     async with stream:
         try:
-            await _converse(stream, conn, store, log)
+            await _converse(stream, conn, store, log, gate)
         except RemoteProtocolError as exc:
-            log.error("peer_rejected", reason=str(exc))
+            rejected(peer, str(exc))
             if conn.state is State.ERROR:
                 await _send_quietly(stream, conn.send(Error(str(exc)[:MAX_REASON_LENGTH])))
         except trio.TooSlowError:
@@ -103,7 +114,11 @@ async def _handle_connection(
 
 
 async def _converse(
-    stream: trio.SocketStream, conn: Connection, store: Store, log: FilteringBoundLogger
+    stream: trio.SocketStream,
+    conn: Connection,
+    store: Store,
+    log: FilteringBoundLogger,
+    gate: Gate,
 ) -> None:
     while True:
         state = conn.state
@@ -115,6 +130,7 @@ async def _converse(
                 data = await stream.receive_some(_RECEIVE_SIZE)
             conn.receive_data(data)
         elif isinstance(event, Authenticated):
+            gate.proved()
             log.debug("peer_authenticated", secure=event.secure)
         elif isinstance(event, TestAndSet):
             reply = _decide(store, event, log)

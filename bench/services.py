@@ -131,6 +131,8 @@ class Arbiter:
     scratch: Path
     port: int = field(default_factory=free_port)
     proc: Proc | None = None
+    # None: --insecure (plain frames); a path: --secret-file (sealed frames).
+    secret_file: Path | None = None
     _generation: int = 0
 
     def start(self) -> Arbiter:
@@ -140,10 +142,10 @@ class Arbiter:
             "--listen",
             f"{HOST}:{self.port}",
             "--data-dir",
-            str(self.scratch / "arbiter"),
-            "--insecure",
+            str(self.scratch / f"arbiter-{self.port}"),
+            *_security(self.secret_file),
         ]
-        self.proc = Proc("arbiter", command, self.scratch)
+        self.proc = Proc(f"arbiter-{self.port}", command, self.scratch)
         return self
 
     def wait_listening(self) -> None:
@@ -172,6 +174,8 @@ class EtcdArbiter:
 
     cluster: EtcdCluster
     _generation: int = 0
+    # None: --insecure (plain log-channel frames); a path: --secret-file (sealed).
+    secret_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -195,7 +199,8 @@ def start_pair(
     Default timings (heartbeat 50 ms, peer timeout 500 ms, max lag 100 ms). The
     backup takes over the primary's address, or with ``two_addresses`` serves
     on one of its own (``--map``), as on two hosts: then a primary that is
-    stopped, not dead, cannot keep it from going live.
+    stopped, not dead, cannot keep it from going live. The pair authenticates
+    and seals its frames as its arbiter does (``Arbiter.secret_file``).
     """
     port = free_port()
     log_port = free_port()
@@ -203,7 +208,7 @@ def start_pair(
     backup_admin = free_port()
     generation = arbiter.next_generation()
     guest = ["--", str(KV), "--port", str(port)]
-    common = ["--arbiter", arbiter.address, "--insecure"]
+    common = ["--arbiter", arbiter.address, *_security(arbiter.secret_file)]
     primary_command = [
         *FTPROXY,
         "primary",
@@ -242,3 +247,7 @@ def start_pair(
         log_port=log_port,
         takeover_port=takeover_port,
     )
+
+
+def _security(secret_file: Path | None) -> list[str]:
+    return ["--insecure"] if secret_file is None else ["--secret-file", str(secret_file)]

@@ -11,7 +11,11 @@ speaks the protocol, trio moves the bytes, one task per connection, keep-alive):
 
 The status comes from a callable the replica passes in, called once per request;
 if it raises, that request gets a 500 and the server goes on. Misbehaving clients
-(garbage, timeouts, resets) lose their own connection and nothing else.
+(garbage, timeouts, resets) lose their own connection and nothing else, and
+strangers cannot take the replica's descriptors or attention: until a
+connection has sent one well-formed request it lives under
+``ftproxy.admission``'s limits (2 s to send it, at most 64 such connections,
+descriptors kept in reserve for the replica's own needs).
 
 Client side, ``fetch_status`` reads a replica's status, ``render_status`` shows it
 for people, and ``status_main`` / ``run_status`` are the ``ftproxy status`` command.
@@ -43,6 +47,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from ftproxy.admission import Admission, Gate, serve_with_limits
 
 log = structlog.get_logger()
 
@@ -184,10 +190,10 @@ async def serve_admin(
 
     sources = _Sources(status, metrics, health)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, sources)
+    async def handler(stream: trio.SocketStream, gate: Gate) -> None:
+        await _handle_connection(stream, sources, gate)
 
-    await trio.serve_listeners(handler, listeners)
+    await serve_with_limits(listeners, handler, Admission("admin"))
 
 
 @dataclass(frozen=True)
@@ -205,11 +211,13 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def _handle_connection(stream: trio.SocketStream, sources: _Sources) -> None:
+async def _handle_connection(
+    stream: trio.SocketStream, sources: _Sources, gate: Gate | None = None
+) -> None:
     """One client connection; whatever happens on it stays on it."""
     try:
         async with stream:
-            await _serve_connection(h11.Connection(h11.SERVER), stream, sources)
+            await _serve_connection(h11.Connection(h11.SERVER), stream, sources, gate)
     except trio.BrokenResourceError:
         log.debug("admin_connection_dropped")
     except Exception:
@@ -217,7 +225,7 @@ async def _handle_connection(stream: trio.SocketStream, sources: _Sources) -> No
 
 
 async def _serve_connection(
-    conn: h11.Connection, stream: trio.SocketStream, sources: _Sources
+    conn: h11.Connection, stream: trio.SocketStream, sources: _Sources, gate: Gate | None
 ) -> None:
     while True:
         try:
@@ -241,6 +249,8 @@ async def _serve_connection(
             return
         if request is None:  # the client closed between requests
             return
+        if gate is not None:
+            gate.proved()
         reply = _route(request.method, request.target, sources)
         log.debug(
             "admin_request_served",
@@ -618,6 +628,8 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
             table.add_row(Text(str(key)), Text(_plain(value)))
 
     role = _plain(status.get("role", "role unknown"))
+    if status.get("serving") is False:  # live, but an old primary holds the address
+        role = f"{role}, address busy"
     title = Text.assemble(
         (_plain(status.get("pair", "ftproxy")), "bold"),
         "  ",

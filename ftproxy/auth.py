@@ -28,6 +28,11 @@ both sides: a side with a secret refuses a peer without one and vice versa, so
 a forgotten ``--secret-file`` fails loudly instead of silently dropping
 authentication. In insecure mode nonces and proofs are empty.
 
+Once both proofs are verified, :meth:`Handshake.frame_keys` derives the keys
+that seal every later frame (``ftproxy.sealing``): HKDF-SHA256 over the secret,
+salted with both nonces, one key per direction, so no two connections (and no
+two directions) ever share a key.
+
 This module does no I/O except :func:`load_secret`, which reads a secret file.
 """
 
@@ -43,6 +48,8 @@ import struct
 from typing import Final
 
 import structlog
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "MIN_SECRET_SIZE",
@@ -60,6 +67,8 @@ PROOF_SIZE: Final = hashlib.sha256().digest_size
 MIN_SECRET_SIZE: Final = 16
 
 _DOMAIN: Final = b"ftproxy-auth-v1\x00"
+_KEY_DOMAIN: Final = b"ftproxy-frame-keys-v1\x00"
+FRAME_KEY_SIZE: Final = 32
 _CONTEXT_LENGTH: Final = struct.Struct("!H")
 
 
@@ -170,15 +179,34 @@ class Handshake:
             )
         self._authenticated = True
 
-    def _mac(self, role: Role) -> bytes:
+    def frame_keys(self) -> tuple[bytes, bytes]:
+        """This connection's (sending, receiving) keys; only after the peer's proof verified."""
+        if not self._authenticated or self._secret is None:
+            raise RuntimeError("frame keys exist only once a secure peer has proved the secret")
+        client_nonce, server_nonce = self._nonces()
+        material = HKDF(
+            algorithm=SHA256(),
+            length=2 * FRAME_KEY_SIZE,
+            salt=client_nonce + server_nonce,
+            info=_KEY_DOMAIN + _CONTEXT_LENGTH.pack(len(self._context)) + self._context,
+        ).derive(self._secret)
+        client_to_server, server_to_client = material[:FRAME_KEY_SIZE], material[FRAME_KEY_SIZE:]
+        if self.role is Role.CLIENT:
+            return client_to_server, server_to_client
+        return server_to_client, client_to_server
+
+    def _nonces(self) -> tuple[bytes, bytes]:
+        """(client nonce, server nonce)."""
         if self._peer_nonce is None:
             raise RuntimeError("a proof needs the peer's challenge first")
+        if self.role is Role.CLIENT:
+            return self._nonce, self._peer_nonce
+        return self._peer_nonce, self._nonce
+
+    def _mac(self, role: Role) -> bytes:
+        client_nonce, server_nonce = self._nonces()
         if self._secret is None:
             return b""
-        if self.role is Role.CLIENT:
-            client_nonce, server_nonce = self._nonce, self._peer_nonce
-        else:
-            client_nonce, server_nonce = self._peer_nonce, self._nonce
         message = b"".join(
             [
                 _DOMAIN,

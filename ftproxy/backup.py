@@ -33,6 +33,7 @@ from ftproxy.channel import (
     Waiting,
     Welcome,
 )
+from ftproxy.fence import Fencer
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guestproc import GuestProcess, start_guest
@@ -64,6 +65,8 @@ log = structlog.get_logger()
 TAKEOVER_BIND_RETRY_S = 0.1
 # How long a diverged backup waits for the primary's outputs to compare with its own.
 RECORDED_OUTPUTS_WAIT_S = 2.0
+FENCE_AFTER_S = 0.2  # how long the address may stay held before its holder is fenced
+FENCE_GRACE_S = 1.0  # how long a fenced primary's address may take to come free
 
 
 class Backup(ReplicaShell):
@@ -93,6 +96,8 @@ class Backup(ReplicaShell):
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
+        self.fencer = Fencer(options.fence, welcome.primary)
+        self.board.address_busy = lambda: sorted(self.fencer.busy)
 
     # -- the supervisor's mode --------------------------------------------------
 
@@ -282,7 +287,9 @@ class Backup(ReplicaShell):
                     next_id=takeover.next_accepted,
                 )
             for sock, (family, kind, address, backlog) in takeover.bound.items():
-                await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
+                await _bind_for_takeover(
+                    front, sock, family, kind, address, backlog, self.log, self.fencer
+                )
         self.world = world
         self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
@@ -301,21 +308,43 @@ async def _bind_for_takeover(
     address: tuple[Any, ...],
     backlog: int | None,
     bound_log: Any,
+    fencer: Fencer | None = None,
 ) -> None:
-    """Bind the guest's address here; while the old primary still holds it, keep trying."""
+    """Bind the guest's address here; while the old primary still holds it, fence it
+    (same host, ``--fence kill``) or report the address busy and keep trying."""
     reported = False
+    busy_since: float | None = None
+    fenced_at: float | None = None
+    may_fence = fencer is not None and fencer.mode == "kill" and not fencer.fenced
+    shown = ":".join(str(part) for part in address[:2])
     while True:
         code, _ = front.bind(sock, family, kind, address)
         if code == 0 and backlog is not None:
             code = front.listen(sock, backlog)
         if code == 0:
             bound_log.info("address_taken_over", address=address)
+            if fencer is not None:
+                fencer.busy.discard(shown)
             return
         if code != errno.EADDRINUSE:
             bound_log.error("takeover_bind_failed", address=address, error=errno.errorcode[code])
             return
+        now = trio.current_time()
+        busy_since = now if busy_since is None else busy_since
+        # An old primary that lost the arbiter lets go by itself, at once: fence only
+        # one that does not (stopped, hung), and only once.
+        if may_fence and fencer is not None and now - busy_since >= FENCE_AFTER_S:
+            may_fence = False
+            if fencer.fence(shown) is not None:
+                fenced_at = now
+        fencing = may_fence or (fenced_at is not None and now - fenced_at < FENCE_GRACE_S)
+        if fencing:
+            await trio.sleep(TAKEOVER_BIND_RETRY_S / 10)  # the kernel frees it as the holder dies
+            continue
         if not reported:
             bound_log.warning("address_busy", address=address, retrying_every=TAKEOVER_BIND_RETRY_S)
+            if fencer is not None:
+                fencer.busy.add(shown)
             reported = True
         await trio.sleep(TAKEOVER_BIND_RETRY_S)
 
@@ -323,20 +352,26 @@ async def _bind_for_takeover(
 async def connect_to_primary(
     options: ReplicaOptions, primary: tuple[str, int]
 ) -> tuple[LogLink, Welcome]:
-    """Connect (retrying while the primary is not up yet) and join."""
+    """Connect and join, retrying while the primary is not up yet or does not finish
+    the opening (it may be busy, or shedding a flood); a refusal is final."""
     reported = False
+    address = f"{primary[0]}:{primary[1]}"
     while True:
         try:
             stream = await trio.open_tcp_stream(*primary)
-            break
         except OSError as exc:
             if not reported:
-                log.info(
-                    "primary_unreachable", address=f"{primary[0]}:{primary[1]}", error=str(exc)
-                )
+                log.info("primary_unreachable", address=address, error=str(exc))
                 reported = True
             await trio.sleep(0.2)
-    return await join_primary(stream, options.secret, options.argv)
+            continue
+        try:
+            return await join_primary(stream, options.secret, options.argv)
+        except LinkRefused as exc:
+            if not exc.retry:
+                raise
+            log.warning("primary_opening_unfinished", address=address, reason=str(exc))
+            await trio.sleep(0.2)
 
 
 async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]) -> int:

@@ -9,7 +9,7 @@ accepts (the server). One line per frame, backup on the left::
                                      ◀─  Proof(mac_p)
     Proof(mac_b)                     ─▶                both sides: Authenticated
     Join(argv)                       ─▶
-                                     ◀─  Welcome(pair, generation, header)
+                                     ◀─  Welcome(pair, generation, header, primary)
     ...streaming, in any order...
                                      ◀─  Entries([entry, ...])    (a batch: group commit)
     Ack(received, replayed)          ─▶  (cumulative; sent on receipt)
@@ -33,6 +33,7 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 
 from ftproxy.auth import Role
+from ftproxy.fence import ProcessIdentity
 from ftproxy.session import (
     NEED_DATA,
     Authenticated,
@@ -78,7 +79,9 @@ __all__ = [
 ]
 
 # 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
-# 3: Waiting, Diverged and RecordedOutputs (a running pair checks its outputs).
+# 3: frames after the opening are sealed (``ftproxy.session``); Welcome says who
+#    the primary is, for fencing (``ftproxy.fence``); Waiting, Diverged and
+#    RecordedOutputs (a running pair checks its outputs).
 CHANNEL_VERSION: Final = 3
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
@@ -91,11 +94,16 @@ class Join(msgspec.Struct, tag=3, array_like=True, frozen=True):
 
 
 class Welcome(msgspec.Struct, tag=4, array_like=True, frozen=True):
-    """The primary takes the backup: the pair, its generation and the log header."""
+    """The primary takes the backup: the pair, its generation and the log header.
+
+    ``primary`` names the primary's supervisor process, so that a backup on the
+    same host can fence it (``ftproxy.fence``).
+    """
 
     pair: str
     generation: int
     header: Header
+    primary: ProcessIdentity | None = None
 
 
 class Entries(msgspec.Struct, tag=5, array_like=True, frozen=True):

@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the guest in DIR (default: this command's working directory; never the "
         "primary's, whose files would be shared on one host)",
     )
+    backup.add_argument(
+        "--fence",
+        choices=["kill", "none"],
+        default="kill",
+        help="after winning the arbiter, an old primary on this host that still holds the "
+        "service address is SIGKILLed (kill, the default), or left alone and the address "
+        "reported busy in /status (none)",
+    )
     _add_replica_arguments(backup)
 
     arbiter_cmd = commands.add_parser(
@@ -426,6 +434,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         packet=_packet_config(args, vip_required=command == "primary"),
         on_role_change=_hook_command(args),
         hook_timeout_s=args.on_role_change_timeout_s,
+        fence=getattr(args, "fence", "kill"),
     )
 
 

@@ -30,6 +30,11 @@ class FrameBuffer:
         self._buffer = bytearray()
         self.eof = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as frames."""
+        return len(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer; ``b""`` means the peer closed its end."""
         if data:

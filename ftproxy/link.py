@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import termios
 
 import structlog
 import trio
 
+from ftproxy.admission import (
+    OPENING_TIMEOUT_S,
+    Admission,
+    Gate,
+    RejectionLog,
+    peer_name,
+    serve_with_limits,
+)
 from ftproxy.channel import (
     BACKUP,
     NEED_DATA,
@@ -29,11 +39,20 @@ from ftproxy.channel import (
 )
 
 log = structlog.get_logger()
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = OPENING_TIMEOUT_S
 
 
 class LinkRefused(Exception):
-    """The handshake failed; the message says why (and the peer was told)."""
+    """The handshake failed; the message says why (and the peer was told).
+
+    ``retry``: the peer did not refuse us, it went quiet or away during the
+    opening (a busy primary, or one that shed us under a flood): trying again
+    may well work. Otherwise it said no, and asking again gets the same answer.
+    """
+
+    def __init__(self, reason: str, *, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
 
 
 class LogLink:
@@ -43,7 +62,16 @@ class LogLink:
         self.stream = stream
         self.channel = channel
         self._send_lock = trio.StrictFIFOLock()
-        self.peer = _peer_name(stream)
+        self.peer = peer_name(stream.socket)
+
+    def unread(self) -> int:
+        """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
+        waiting = 0
+        with contextlib.suppress(OSError, ValueError):
+            waiting = int.from_bytes(
+                fcntl.ioctl(self.stream.socket.fileno(), termios.FIONREAD, b"\0" * 4), "little"
+            )
+        return waiting + self.channel.buffered
 
     async def send(
         self,
@@ -94,17 +122,10 @@ class LogLink:
             await self.stream.aclose()
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    with contextlib.suppress(OSError):
-        host, port, *_ = stream.socket.getpeername()
-        return f"{host}:{port}"
-    return "?"
-
-
 async def _handshake(link: LogLink) -> None:
     event = await link.next_event()
     if isinstance(event, ConnectionClosed):
-        raise LinkRefused(f"{link.peer} closed the connection during the handshake")
+        raise LinkRefused(f"{link.peer} closed the connection during the handshake", retry=True)
     if not isinstance(event, Authenticated):
         raise LinkRefused(f"{link.peer} sent {type(event).__name__} before authenticating")
 
@@ -114,12 +135,18 @@ async def accept_backup(
     secret: bytes | None,
     argv: list[str],
     welcome: Welcome,
+    gate: Gate | None = None,
 ) -> LogLink:
-    """The primary's side of a new connection: authenticate, check, welcome."""
+    """The primary's side of a new connection: authenticate, check, welcome.
+
+    ``gate``: the connection's admission (``ftproxy.admission``), told once the
+    backup has proved the secret."""
     link = LogLink(stream, Channel(PRIMARY, secret))
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             await _handshake(link)
+            if gate is not None:
+                gate.proved()
             join = await link.next_event()
         if not isinstance(join, Join):
             raise LinkRefused(f"{link.peer} sent {type(join).__name__} instead of Join")
@@ -158,8 +185,53 @@ async def join_primary(
         raise LinkRefused(str(exc)) from None
     except trio.TooSlowError:
         await link.aclose()
-        raise LinkRefused("the primary did not finish the handshake in time") from None
+        raise LinkRefused(
+            f"the primary did not finish the handshake within {HANDSHAKE_TIMEOUT_S:g} s",
+            retry=True,
+        ) from None
+    except LinkRefused:
+        await link.aclose()
+        raise
+    if isinstance(welcome, ConnectionClosed):
+        await link.aclose()
+        raise LinkRefused("the primary closed the connection before its Welcome", retry=True)
     if not isinstance(welcome, Welcome):
         await link.aclose()
         raise LinkRefused(f"the primary sent {type(welcome).__name__} instead of Welcome")
     return link, welcome
+
+
+async def accept_first_backup(
+    listeners: list[trio.SocketListener],
+    secret: bytes | None,
+    argv: list[str],
+    welcome: Welcome,
+    admission: Admission | None = None,
+) -> LogLink:
+    """Take the first backup that authenticates and runs the same program.
+
+    Every connection's opening runs in a task of its own under ``admission``'s
+    limits (silent or slow strangers cannot hold up a backup that proves itself);
+    refusals are logged. A live replica that takes a backup later calls this too.
+    """
+    if admission is None:
+        refusals = RejectionLog("backup_refused", port="log channel", level="error")
+        admission = Admission("log channel", rejections=refusals)
+    taken: list[LogLink] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def attempt(stream: trio.SocketStream, gate: Gate) -> None:
+            try:
+                link = await accept_backup(stream, secret, argv, welcome, gate)
+            except LinkRefused as exc:
+                admission.reject(gate.peer, str(exc))
+                return
+            if taken:  # another backup won the race
+                await link.aclose()
+                return
+            taken.append(link)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(serve_with_limits, listeners, attempt, admission)
+    return taken[0]

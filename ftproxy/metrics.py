@@ -100,6 +100,11 @@ STATUS_FAMILIES: Final[Sequence[StatusFamily]] = (
         "Times this replica went on alone after winning the arbiter",
         field("failovers_total"),
     ),
+    gauge(
+        "ftproxy_serving",
+        "On a live replica: 1 while it serves its addresses, 0 while an old primary holds them",
+        field("serving"),
+    ),
     gauge("ftproxy_generation", "The pair's generation at the arbiter", field("generation")),
     gauge("ftproxy_uptime_seconds", "Seconds since this replica started", field("uptime_s")),
     gauge("ftproxy_icount", "The guest's instruction counter", field("icount")),

@@ -30,10 +30,11 @@ from ftproxy.channel import (
     Waiting,
     Welcome,
 )
+from ftproxy.fence import identify_self
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
-from ftproxy.link import LinkRefused, LogLink, accept_backup
+from ftproxy.link import LogLink, accept_first_backup
 from ftproxy.replay import first_difference
 from ftproxy.replica import (
     EXIT_FAILED,
@@ -292,11 +293,13 @@ async def _serve_primary(
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network, options.pins)
-    welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
+    welcome = Welcome(
+        pair=options.pair, generation=options.generation, header=header, primary=identify_self()
+    )
     host, port = listeners[0].socket.getsockname()[:2]
     bound.info("waiting_for_backup", address=f"{host}:{port}")
     task_status.started(port)
-    link = await _accept_one_backup(listeners, options, welcome)
+    link = await accept_first_backup(listeners, options.secret, options.argv, welcome)
     for listener in listeners:
         await listener.aclose()
     primary = Primary(options, header, link, board, hooks)
@@ -326,18 +329,6 @@ async def _serve_primary(
             front.close_all()
             nursery.cancel_scope.cancel()
     return code
-
-
-async def _accept_one_backup(
-    listeners: list[trio.SocketListener], options: ReplicaOptions, welcome: Welcome
-) -> LogLink:
-    """Take the first backup that authenticates and runs the same program."""
-    while True:
-        stream = await listeners[0].accept()
-        try:
-            return await accept_backup(stream, options.secret, options.argv, welcome)
-        except LinkRefused as exc:
-            log.error("backup_refused", reason=str(exc))
 
 
 async def _run_guest(

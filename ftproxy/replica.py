@@ -17,6 +17,7 @@ import trio
 from prometheus_client import Histogram
 
 import arbiter
+from ftproxy.fence import FenceMode
 from ftproxy.front import PacketConfig
 from ftproxy.front.socket import AddressMap
 from ftproxy.guest import protocol as p
@@ -89,6 +90,11 @@ def check_program(argv: list[str]) -> None:
         raise StartupError(f"-- {script}", "not a readable file")
 
 
+# Scheduler passes the watcher gives the receiving task to read frames that
+# arrived while this replica was not running (one is usually enough).
+_DRAIN_CHECKPOINTS = 8
+
+
 class Halted(Exception):
     """This replica must stop serving: it lost the arbiter, or its pair is decided."""
 
@@ -123,6 +129,9 @@ class ReplicaOptions:
     # --on-role-change: run at every role change (ftproxy.hooks), bounded in time.
     on_role_change: list[str] | None = None
     hook_timeout_s: float = DEFAULT_HOOK_TIMEOUT_S
+    # What a backup that won does to an old primary on this host still holding the
+    # service address: "kill" (SIGKILL it, then bind) or "none" (report it busy).
+    fence: FenceMode = "kill"
 
 
 def generation_key(pair: str, generation: int) -> str:
@@ -247,6 +256,8 @@ class StatusBoard:
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
     front: Callable[[], Mapping[str, Any]] | None = None
+    # Service addresses a live replica could not take over (the old primary holds them).
+    address_busy: Callable[[], list[str]] = list
     metrics: ReplicaMetrics = field(default_factory=ReplicaMetrics)
 
     def __post_init__(self) -> None:
@@ -271,6 +282,9 @@ class StatusBoard:
         if role == "primary" and self.peer_state == "connected":
             return True, "primary: serving, with a backup"
         if role == "live":
+            busy = self.address_busy()
+            if busy:
+                return False, f"live: cannot serve, address busy: {', '.join(busy)}"
             return True, "live: serving alone"
         if role == "backup" and self.peer_state == "connected":
             return True, "backup: replaying, ready to take over"
@@ -316,6 +330,10 @@ class StatusBoard:
         if self.role_override:
             status["role"] = self.role_override
         status["protected"] = self.protected()
+        busy = self.address_busy()
+        if status.get("role") == "live":
+            status["serving"] = not busy
+            status["address_busy"] = busy
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
@@ -354,11 +372,35 @@ class ReplicaShell:
         self.log = log.bind(role=role.value, generation=options.generation)
 
     async def watch(self) -> None:
-        """Declare the peer dead after the timeout of silence."""
-        while not self.replica.peer_dead(trio.current_time()):
-            await trio.sleep_until(self.replica.next_deadline())
+        """Declare the peer dead after the timeout of silence, judged after what arrived.
+
+        When this replica was itself stopped (or starved), the peer's frames may
+        sit unread in the socket when the deadline passes: the receiving task
+        reads them first, and the silence is judged again from after that.
+        """
+        while True:
+            if not self.replica.peer_dead(trio.current_time()):
+                await trio.sleep_until(self.replica.next_deadline())
+            elif not await self._peer_frames_read():
+                break
         timeout = self.options.timing.peer_timeout_s
         self.lose_peer(f"no word from the {self.peer_role} for {timeout}s")
+
+    async def _peer_frames_read(self) -> bool:
+        """Let the receiving task read what the peer sent; False if nothing was waiting
+        (or the receiving task reads nothing: it is stuck, and so, for us, is the peer)."""
+        link = self.link
+        if link is None:
+            return False
+        waiting, heard = link.unread(), self.replica.last_heard
+        if not waiting:
+            return False
+        for _ in range(_DRAIN_CHECKPOINTS):
+            await trio.sleep(0)
+            if self.replica.last_heard != heard or link.unread() < waiting:
+                self.log.info("peer_frames_drained", waiting_bytes=waiting)
+                return True
+        return False
 
     def lose_peer(self, reason: str) -> None:
         """The peer is gone (however we learnt it): once, log it and wake who waits."""

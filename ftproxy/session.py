@@ -9,6 +9,13 @@ arbiter's (``arbiter._protocol``), are such a conversation. They share:
 - the opening: the client's ``Hello(version, nonce, secure)``, the server's
   ``Hello`` and ``Proof``, the client's ``Proof`` (``ftproxy.auth`` says why
   this order), after which both sides report ``Authenticated``;
+- the limits before the proof: until the peer has proved the secret, a frame
+  may be at most ``OPENING_FRAME_LIMIT`` bytes (a Hello is under 100), so an
+  unauthenticated peer cannot make this side buffer megabytes;
+- sealing after it: in a secure conversation every frame after the opening is
+  sealed with keys the opening derived for this connection alone
+  (``ftproxy.sealing``); a frame that does not open is the peer's fault, a
+  RemoteProtocolError like any other broken frame. ``--insecure`` stays plain;
 - the rules: every message moves the conversation through the subclass's
   ``TRANSITIONS`` table; a message the table does not allow is a
   LocalProtocolError when this side tries to send it (nothing is sent) and a
@@ -24,6 +31,7 @@ auth context, and ``_on_message`` for its own messages.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
 
@@ -31,6 +39,10 @@ import msgspec
 
 from ftproxy.auth import AuthenticationError, Handshake, Role
 from ftproxy.framing import FrameBuffer, FrameError, frame
+from ftproxy.sealing import TAG_SIZE, Opener, Sealer, SealError
+
+OPENING_FRAME_LIMIT: Final = 4096
+"""The largest frame a peer may send before it has proved the secret."""
 
 Blob = Annotated[bytes, msgspec.Meta(max_length=256)]
 Reason = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -137,7 +149,9 @@ class Session:
         self.role: Final = role
         self.max_frame_size: Final = max_frame_size
         self._handshake = Handshake(role, secret, context=self.AUTH_CONTEXT, nonce=nonce)
-        self._frames = FrameBuffer(max_frame_size)
+        self._frames = FrameBuffer(min(max_frame_size, OPENING_FRAME_LIMIT))
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
         self._state = self.State.AWAIT_CLIENT_HELLO
         self._outgoing = bytearray()
         self._error: RemoteProtocolError | None = None
@@ -153,6 +167,16 @@ class Session:
     def secure(self) -> bool:
         """Whether this side authenticates with a secret."""
         return self._handshake.secure
+
+    @property
+    def sealed(self) -> bool:
+        """Whether frames are sealed now (a secure conversation past its opening)."""
+        return self._sealer is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return self._frames.buffered
 
     # -- input ---------------------------------------------------------------
 
@@ -182,6 +206,8 @@ class Session:
                     return NEED_DATA
                 self._transition(self.role.peer, ConnectionClosed)
                 return ConnectionClosed()
+            if self._opener is not None:
+                body = self._open(self._opener, body)
             try:
                 message = self.DECODER.decode(body)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -228,6 +254,7 @@ class Session:
             self._transition(sender, Proof)
             if self.role is Role.CLIENT:
                 self._emit(Proof(self._handshake.proof()))
+            self._opened()
             return Authenticated(secure=self._handshake.secure)
         problem = self._incoming_problem(message)
         if problem is not None:
@@ -259,10 +286,21 @@ class Session:
         problem = self._outgoing_problem(message)
         if problem is not None:
             raise LocalProtocolError(problem)
-        data = self._encode_checked(message)
+        body = self._encode_checked(message)
         self._transition(self.role, kind)
         self._sent(message)
-        return self.data_to_send() + data
+        if self._sealer is not None:
+            body = self._sealer.seal(body)
+        return self.data_to_send() + frame(body)
+
+    def forge(self, message: Any) -> bytes:
+        """Frame (and, past the opening, seal) ``message`` or raw body bytes as this
+        side's next frame, skipping every check: tests use it to misbehave as an
+        authenticated peer."""
+        body = message if isinstance(message, bytes) else self._encoder.encode(message)
+        if self._sealer is not None:
+            body = self._sealer.seal(body)
+        return frame(body)
 
     def _outgoing_problem(self, message: Any) -> str | None:
         """What is wrong with a message this side wants to send, if anything."""
@@ -287,12 +325,35 @@ class Session:
 
     def _emit(self, message: Hello | Proof) -> None:
         self._transition(self.role, type(message))
-        self._outgoing += self._encode_checked(message)
+        self._outgoing += frame(self._encode_checked(message))
+
+    def _opened(self) -> None:
+        """The peer proved the secret: lift the opening's frame limit, seal from now on."""
+        if self._handshake.secure:
+            sending, receiving = self._handshake.frame_keys()
+            self._sealer, self._opener = Sealer(sending), Opener(receiving)
+            self._frames.max_frame_size = self.max_frame_size + TAG_SIZE
+        else:
+            self._frames.max_frame_size = self.max_frame_size
+
+    def _open(self, opener: Opener, sealed: bytes) -> bytes:
+        try:
+            return opener.open(sealed)
+        except SealError as exc:
+            if opener.count == 0:
+                # A peer that refused our proof could not derive our keys: its
+                # Error comes plain. Take its word (it only ends the conversation).
+                with contextlib.suppress(msgspec.MsgspecError, UnicodeDecodeError):
+                    message = self.DECODER.decode(sealed)
+                    if isinstance(message, Error):
+                        return sealed
+            raise self._fail(str(exc)) from None
 
     def _transition(self, sender: Role, kind: Kind) -> None:
         self._state = self.TRANSITIONS[self._state, sender, kind]
 
     def _encode_checked(self, message: Any) -> bytes:
+        """The message's body (unframed, unsealed), checked against the peer's limits."""
         # Decoding what we encoded applies the same limits the peer will.
         try:
             body = self._encoder.encode(message)
@@ -301,7 +362,7 @@ class Session:
             raise LocalProtocolError(f"cannot send {message!r:.200}: {exc}") from None
         if len(body) > self.max_frame_size:
             raise LocalProtocolError(f"{type(message).__name__} is larger than the frame limit")
-        return frame(body)
+        return body
 
     def _fail(self, reason: str) -> RemoteProtocolError:
         self._state = self.State.ERROR
@@ -310,5 +371,5 @@ class Session:
 
 
 def encode_unchecked(message: Any) -> bytes:
-    """Frame one message without any check (tests use this to misbehave)."""
+    """Frame one message without any check or seal (tests use this to misbehave)."""
     return frame(Session._encoder.encode(message))

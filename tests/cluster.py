@@ -98,17 +98,28 @@ class Cluster:
     # Another arbiter than the built-in one started here (an etcd:// address), and its flags.
     arbiter_address: str | None = None
     arbiter_args: tuple[str, ...] = ()
+    backup_args: tuple[str, ...] = ()
+    # --secret-file for every process (None: --insecure)
+    secret_file: Path | None = None
+    # A command prefix per process name ("arbiter", "primary", "backup"), e.g. prlimit.
+    wrap: dict[str, tuple[str, ...]] = field(default_factory=dict)
     processes: dict[str, Process] = field(default_factory=dict)
+
+    def security(self) -> list[str]:
+        if self.secret_file is None:
+            return ["--insecure"]
+        return ["--secret-file", str(self.secret_file)]
 
     def start_arbiter(self) -> Process:
         command = [
+            *self.wrap.get("arbiter", ()),
             *FTPROXY,
             "arbiter",
             "--listen",
             f"127.0.0.1:{self.arbiter_port}",
             "--data-dir",
             str(self.tmp / "arbiter"),
-            "--insecure",
+            *self.security(),
         ]
         process = Process("arbiter", command, self.tmp)
         self.processes["arbiter"] = process
@@ -131,6 +142,7 @@ class Cluster:
             mapping = ["--map", f"{self.service_port}=127.0.0.1:{self.backup_service_port}"]
         guest = guest or self.guest or (str(KV), "--port", str(self.service_port))
         return [
+            *self.wrap.get(role, ()),
             *FTPROXY,
             role,
             *where,
@@ -139,7 +151,7 @@ class Cluster:
             *self.arbiter_args,
             "--admin",
             f"127.0.0.1:{admin}",
-            "--insecure",
+            *self.security(),
             *mapping,
             *extra,
             "--",
@@ -149,13 +161,25 @@ class Cluster:
     def start(self) -> Cluster:
         if self.arbiter_address is None:
             self.start_arbiter()
-        self.processes["primary"] = Process(
-            "primary", self.replica_command("primary", *self.primary_args), self.tmp
-        )
-        self.processes["backup"] = Process("backup", self.replica_command("backup"), self.tmp)
+        self.start_primary()
+        self.start_backup()
         self.primary.wait_for("listening")
         self.backup.wait_for("listening")
         return self
+
+    def start_primary(self) -> Process:
+        command = self.replica_command("primary", *self.primary_args)
+        self.processes["primary"] = Process("primary", command, self.tmp)
+        return self.primary
+
+    def start_backup(self, primary: str | None = None) -> Process:
+        """The backup, joining the primary's log channel (or ``primary``: HOST:PORT)."""
+        command = self.replica_command("backup", *self.backup_args)
+        if primary is not None:
+            at = command.index("--primary")
+            command[at + 1] = primary
+        self.processes["backup"] = Process("backup", command, self.tmp)
+        return self.backup
 
     @property
     def primary(self) -> Process:

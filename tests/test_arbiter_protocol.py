@@ -187,10 +187,13 @@ def test_insecure_and_secure_refuse_each_other(
 
 def test_other_protocol_version_gets_a_clear_error() -> None:
     s = server()
-    with pytest.raises(RemoteProtocolError, match="version 2; this side speaks version 1"):
-        events(s, encode_frame(Hello(2, NONCE_C, True)))
+    other = PROTOCOL_VERSION + 1
+    with pytest.raises(
+        RemoteProtocolError, match=f"version {other}; this side speaks version {PROTOCOL_VERSION}"
+    ):
+        events(s, encode_frame(Hello(other, NONCE_C, True)))
     # Errors are sticky, and the server may still say why before closing.
-    with pytest.raises(RemoteProtocolError, match="version 2"):
+    with pytest.raises(RemoteProtocolError, match=f"version {other}"):
         s.next_event()
     c = client()
     with pytest.raises(
@@ -231,9 +234,9 @@ def test_truncated_frame_then_close_is_an_error() -> None:
     ids=["not-msgpack", "bad-utf8"],
 )
 def test_undecodable_body_is_an_error(body: bytes) -> None:
-    _, s = connected()
+    c, s = connected()
     with pytest.raises(RemoteProtocolError, match="malformed message"):
-        events(s, len(body).to_bytes(4, "little") + body)
+        events(s, c.forge(body))
 
 
 # --- Replies must answer the request -------------------------------------------------
@@ -256,13 +259,13 @@ def test_mismatched_reply(request_: Request, reply: Decision | Undecided, match:
         with pytest.raises(LocalProtocolError, match=match):
             s.send(reply)
     with pytest.raises(RemoteProtocolError, match=match):
-        events(c, encode_frame(reply))
+        events(c, s.forge(reply))
 
 
 def test_one_request_at_a_time() -> None:
     c, s = connected()
     with pytest.raises(RemoteProtocolError, match=r"unexpected Query .* AWAIT_DECISION"):
-        events(s, encode_frame(TestAndSet("k", "a")) + encode_frame(Query("k")))
+        events(s, c.forge(TestAndSet("k", "a")) + c.forge(Query("k")))
     c.send(TestAndSet("k", "a"))
     with pytest.raises(LocalProtocolError, match="cannot send Query in state AWAIT_DECISION"):
         c.send(Query("k"))

@@ -55,6 +55,7 @@ from arbiter._protocol import (
 )
 from arbiter._server import IDLE_TIMEOUT
 from arbiter._store import FILE_NAME
+from ftproxy.admission import OPENING_TIMEOUT_S
 
 SECRET = b"arbiter-test-secret-0123456789"
 LOCAL = "127.0.0.1"
@@ -253,7 +254,10 @@ async def test_secure_client_refuses_an_insecure_server(
         (b"\xff" * 64, "larger than the limit"),
         (b"\x04\0\0\0\xc1\xc1\xc1\xc1", "malformed message"),
         (b"\x06\0\0\0\x93\x02\xa1\x80\xa1a", "malformed message"),
-        (encode_frame(Hello(PROTOCOL_VERSION + 1, b"n" * 32, True)), "version 2"),
+        (
+            encode_frame(Hello(PROTOCOL_VERSION + 1, b"n" * 32, True)),
+            f"version {PROTOCOL_VERSION + 1}",
+        ),
         (encode_frame(TestAndSet("gen-1", "sneaky")), "unexpected TestAndSet"),
     ],
     ids=["oversized", "not-msgpack", "bad-utf8", "newer-version", "request-before-hello"],
@@ -285,15 +289,31 @@ async def test_truncated_frame_is_rejected(port: int) -> None:
     assert "inside a frame" in rejected["reason"]
 
 
-async def test_silent_peer_is_disconnected(
+async def test_a_silent_stranger_is_closed_after_the_opening_timeout(
     autojump_clock: trio.testing.MockClock, port: int
 ) -> None:
     stream = await trio.open_tcp_stream(LOCAL, port)
     connected_at = trio.current_time()
     with capture_logs() as logs:
-        messages = decode_frames(await read_to_eof(stream))
-    assert trio.current_time() - connected_at == pytest.approx(IDLE_TIMEOUT)
-    assert messages == [Error("idle for too long")]
+        assert await read_to_eof(stream) == b""
+        await trio.testing.wait_all_tasks_blocked()  # the server logs after it closed
+    assert trio.current_time() - connected_at == pytest.approx(OPENING_TIMEOUT_S)
+    (rejected,) = events_named(logs, "peer_rejected")
+    assert "did not finish the opening within 2 s" in rejected["reason"]
+    assert rejected["peer"].startswith(f"{LOCAL}:")
+
+
+async def test_an_authenticated_idle_peer_is_disconnected(
+    autojump_clock: trio.testing.MockClock, port: int
+) -> None:
+    session = await Session.open(port)
+    authenticated_at = trio.current_time()
+    with capture_logs() as logs:
+        data = await read_to_eof(session.stream)
+    assert trio.current_time() - authenticated_at == pytest.approx(IDLE_TIMEOUT)
+    session.conn.receive_data(data)  # sealed, like every frame after the opening
+    with pytest.raises(RemoteProtocolError, match="saying: idle for too long"):
+        session.conn.next_event()
     assert events_named(logs, "peer_timed_out")
 
 

@@ -103,7 +103,7 @@ def test_the_peer_refusal_is_reported_with_its_reason() -> None:
 
 
 def test_messages_out_of_turn() -> None:
-    backup, primary = connected()
+    backup, primary = connected(None)  # plain, so that a forged frame reaches the table
     with pytest.raises(LocalProtocolError):
         backup.send(Entries([]))  # only the primary ships entries
     with pytest.raises(RemoteProtocolError, match="unexpected Ack from the primary"):
@@ -164,9 +164,8 @@ def test_any_split_of_the_stream_gives_the_same_events(data: st.DataObject) -> N
     entries = [
         Entries([Entry(i, i * 3, 1, i, data.draw(st.binary(max_size=50)))]) for i in range(1, 6)
     ]
-    _, primary = connected()
+    backup, primary = connected()
     stream = b"".join(primary.send(e) for e in entries)
-    backup, _ = connected()
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     got = []
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
@@ -176,3 +175,93 @@ def test_any_split_of_the_stream_gives_the_same_events(data: st.DataObject) -> N
         while (event := backup.next_event()) is not NEED_DATA:
             got.append(event)
     assert got == entries
+
+
+# -- sealing: every frame after the opening is authenticated and encrypted ----------
+
+
+def test_secure_frames_are_encrypted_and_insecure_ones_are_plain() -> None:
+    secret_data = b"a client's very secret request"
+    batch = Entries([Entry(1, 0, 0, 0, secret_data)])
+    _, primary = connected()
+    assert secret_data not in primary.send(batch)
+    _, plain = connected(None)
+    assert secret_data in plain.send(batch)
+
+
+def tampered(frames: list[bytes], how: str) -> bytes:
+    """The primary's frames as a man in the middle rewrites them."""
+    first, second, third = frames
+    if how == "flip":
+        flipped = bytearray(second)
+        flipped[len(flipped) // 2] ^= 0x01
+        return first + bytes(flipped) + third
+    if how == "drop":
+        return first + third
+    if how == "replay":
+        return first + second + second
+    if how == "reorder":
+        return first + third + second
+    if how == "inject_plain":
+        return first + encode_message(Entries([Entry(2, 1, 1, 0, b"forged")])) + second
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["flip", "drop", "replay", "reorder", "inject_plain"])
+def test_a_tampered_stream_is_refused_as_the_peers_fault(how: str) -> None:
+    backup, primary = connected()
+    frames = [primary.send(Entries([Entry(i, i, 1, 0, b"x" * 40)])) for i in (1, 2, 3)]
+    backup.receive_data(tampered(frames, how))
+    assert backup.next_event() == Entries([Entry(1, 1, 1, 0, b"x" * 40)])
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        while backup.next_event() is not NEED_DATA:
+            pass
+    assert backup.state is State.ERROR
+
+
+def test_a_frame_from_another_connection_or_reflected_is_refused() -> None:
+    backup, primary = connected()
+    _, other_primary = connected()
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pump(other_primary, backup, other_primary.send(Heartbeat()))
+    backup, primary = connected()
+    # The backup's own frame sent back to it: the other direction's key does not open it.
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pump(primary, backup, backup.send(Heartbeat()))
+
+
+def test_a_refused_proof_is_still_explained_to_the_client() -> None:
+    # A primary that refuses the backup's proof cannot derive the backup's keys,
+    # so its Error comes plain as the first frame after the backup's opening.
+    backup, primary = Channel(BACKUP, SECRET), Channel(PRIMARY, SECRET)
+    pump(backup, primary)
+    assert pump(primary, backup) == [Authenticated(secure=True)]
+    with pytest.raises(RemoteProtocolError, match="aborted the connection, saying: bad proof"):
+        pump(primary, backup, encode_message(Error("bad proof")))
+    # Anything else plain is not taken: only an Error, and only first.
+    backup, primary = Channel(BACKUP, SECRET), Channel(PRIMARY, SECRET)
+    pump(backup, primary)
+    pump(primary, backup)
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pump(primary, backup, encode_message(Welcome("pair", 1, HEADER)))
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_before_the_proof_frames_are_small(secret: bytes | None) -> None:
+    primary = Channel(PRIMARY, secret)
+    with pytest.raises(RemoteProtocolError, match="larger than the limit of 4096"):
+        pump(primary, primary, (60 * 1024 * 1024).to_bytes(4, "little"))
+    backup, primary = connected(secret)
+    big = Entries([Entry(1, 0, 0, 0, b"y" * 100_000)])
+    assert pump(primary, backup, primary.send(big)) == [big]
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=1, max_size=300))
+def test_garbage_after_the_opening_is_only_ever_a_remote_protocol_error(data: bytes) -> None:
+    backup, _ = connected()
+    backup.receive_data(data)
+    backup.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        while not isinstance(backup.next_event(), ConnectionClosed):
+            pass

@@ -27,9 +27,11 @@ from typing import Any
 import structlog
 import trio
 
+from ftproxy.admission import RESERVED_DESCRIPTORS, RejectionLog, descriptors_left, peer_name
 from ftproxy.guest import protocol as p
 
 log = structlog.get_logger()
+_ACCEPT_PAUSE_S = 0.1
 
 _INPUT_LIMIT = 256 * 1024
 _DATAGRAM_QUEUE = 1024
@@ -129,6 +131,7 @@ class SocketFront:
         # Streams whose input is wanted (open, buffer not full), by fd.
         self._poller = select.epoll()
         self._polled: dict[int, _Stream] = {}
+        self._rejections = RejectionLog("connection_rejected", port="service")
 
     def inherit(self, held: dict[int, bool], next_accepted: int) -> None:
         """Take over a guest that already holds connections (a backup going live).
@@ -440,8 +443,15 @@ class SocketFront:
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
-                        log.warning("accept_failed", sock=sock_id, error=exc.strerror)
+                        # Out of descriptors or memory: try again shortly, not at once.
+                        self._rejections("?", f"accept failed: {exc.strerror}", sock=sock_id)
+                        await trio.sleep(_ACCEPT_PAUSE_S)
                         break
+                    if descriptors_left(conn.fileno()) < RESERVED_DESCRIPTORS:
+                        # Keep what the replica itself needs (the arbiter, the log channel).
+                        self._rejections(peer_name(conn), "too few descriptors left", sock=sock_id)
+                        conn.close()
+                        continue
                     conn_id = self._next_accepted
                     self._next_accepted += 1
                     self._add_stream(conn_id, conn)

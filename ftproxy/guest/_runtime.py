@@ -19,7 +19,7 @@ import sys
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ftproxy.guest import protocol as p
 
@@ -194,7 +194,10 @@ class Runtime:
     def _write(self, frame: bytes) -> None:
         view = memoryview(frame)
         while view:
-            written = _os_write(self._request_fd, view)
+            try:
+                written = _os_write(self._request_fd, view)
+            except BrokenPipeError:
+                _lost_supervisor()  # one line, then exit: no traceback for the user
             view = view[written:]
 
     # -- what sockets ask -------------------------------------------------
@@ -424,6 +427,11 @@ def _no_signal_sink(signum: int) -> None:
     pass
 
 
-def _lost_supervisor() -> None:
-    sys.stderr.write("ftproxy guest: the supervisor went away; stopping\n")
+def _lost_supervisor() -> NoReturn:
+    try:
+        sys.stderr.write("ftproxy guest: the supervisor went away; stopping\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
     _real_exit(75)
+    raise AssertionError("unreachable")  # os._exit does not return (tests may replace it)
