@@ -93,6 +93,7 @@ class Cluster:
     primary_admin: int = field(default_factory=free_port)
     backup_admin: int = field(default_factory=free_port)
     primary_args: tuple[str, ...] = ()
+    guest: tuple[str, ...] = ()  # the guest's command line; examples/kv.py when empty
     processes: dict[str, Process] = field(default_factory=dict)
 
     def start_arbiter(self) -> Process:
@@ -124,7 +125,7 @@ class Cluster:
         mapping: list[str] = []
         if role == "backup" and self.backup_service_port is not None:
             mapping = ["--map", f"{self.service_port}=127.0.0.1:{self.backup_service_port}"]
-        guest = guest or (str(KV), "--port", str(self.service_port))
+        guest = guest or self.guest or (str(KV), "--port", str(self.service_port))
         return [
             *FTPROXY,
             role,
@@ -142,12 +143,17 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.start_arbiter()
+        return self.start_replicas()
+
+    def start_replicas(self, ready: str | None = "listening") -> Cluster:
+        """Primary and backup, against an arbiter already up; ``ready``: their stdout marker."""
         self.processes["primary"] = Process(
             "primary", self.replica_command("primary", *self.primary_args), self.tmp
         )
         self.processes["backup"] = Process("backup", self.replica_command("backup"), self.tmp)
-        self.primary.wait_for("listening")
-        self.backup.wait_for("listening")
+        if ready is not None:
+            self.primary.wait_for(ready)
+            self.backup.wait_for(ready)
         return self
 
     @property
