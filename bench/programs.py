@@ -350,6 +350,7 @@ class Writer:
     counter_unacked: int = 0  # increments sent whose reply never came
     requests: int = 0
     broken: int = 0
+    broken_why: list[str] = field(default_factory=list)  # the first few
     wrong: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
 
@@ -382,8 +383,10 @@ class Writer:
                     f"{self.counter} went from {self.counter_acked} to {count}: a write was lost"
                 )
             self.counter_acked = count
-        except Broken:
+        except Broken as exc:
             self.broken += 1
+            if len(self.broken_why) < 3:
+                self.broken_why.append(str(exc))
             kv.close()
         except Wrong as exc:
             self.wrong.append(str(exc))
@@ -464,6 +467,10 @@ class Load:
 
     def wrong(self) -> list[str]:
         return [line for w in self.writers for line in w.wrong]
+
+    def broken(self) -> list[str]:
+        """Why connections broke (the first few per writer)."""
+        return [line for w in self.writers for line in w.broken_why]
 
     def verify(self, port: int) -> list[str]:
         return [line for w in self.writers for line in w.verify(port)]
