@@ -5,8 +5,9 @@ outputs wait only for the network. The guest replays behind, answered from the
 received entries and checked against them. When the primary falls silent, the
 backup replays everything it holds, then asks the arbiter; if it wins it goes
 live: the guest's next exit is answered from the world (it cannot tell), the
-service addresses are bound here, and every connection the old primary held
-reads as reset (the new front does not know it), as a logged input.
+service addresses are bound here, connection ids continue from the log's, and
+every connection the guest held reads as reset, as a logged input (see
+``ftproxy.takeover``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ import trio
 from ftproxy.channel import (
     Ack,
     ConnectionClosed,
+    Diverged,
     Entries,
     Heartbeat,
+    RecordedOutputs,
     RemoteProtocolError,
+    Waiting,
     Welcome,
 )
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
-from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, join_primary
-from ftproxy.replay import check_entry
+from ftproxy.replay import check_entry, first_difference
 from ftproxy.replica import (
     EXIT_DIVERGED,
     EXIT_FAILED,
@@ -46,12 +49,15 @@ from ftproxy.replica import (
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
-from ftproxy.wire import Entry, Header
-from ftproxy.world import WorldAnswers, open_front
+from ftproxy.takeover import TakeoverState
+from ftproxy.wire import Entry, Header, Output
+from ftproxy.world import WorldAnswers, open_front, output_record
 
 log = structlog.get_logger()
 
 TAKEOVER_BIND_RETRY_S = 0.1
+# How long a diverged backup waits for the primary's outputs to compare with its own.
+RECORDED_OUTPUTS_WAIT_S = 2.0
 
 
 class Backup(ReplicaShell):
@@ -64,12 +70,13 @@ class Backup(ReplicaShell):
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
         self._acked = (0, 0)  # the (received, replayed) the last ack said
-        # The guest's clock as the replayed replies set it: a live guest's
-        # clock continues from there (replies carry deltas, not absolutes).
-        self._clock = p.GuestClock(welcome.header.policy.clock_step_ns)
-        # The guest's bound sockets, to bind for real at go-live:
-        # sock -> [family, type, guest address, backlog or None]
-        self._bound: dict[int, list[Any]] = {}
+        self._takeover = TakeoverState(welcome.header.policy.clock_step_ns)
+        # The replaying guest's outputs since its last replayed entry: what a
+        # divergence at the next entry compares with the primary's.
+        self._since_entry: list[Output] = []
+        self._recorded: RecordedOutputs | None = None
+        self._recorded_arrived = trio.Event()
+        self._primary_waiting: Waiting | None = None
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
@@ -80,11 +87,19 @@ class Backup(ReplicaShell):
         self.board.counters["exits_total"] += 1
         if self.world is None:
             while not self._entries and not self.peer_gone.is_set():
+                waiting = self._primary_waiting
+                if waiting is not None and waiting.seq == seq:
+                    # Where the primary's guest waits: check it before the entry comes.
+                    check_entry(
+                        seq, Entry(seq, waiting.icount, waiting.kind, waiting.digest, b""), exit
+                    )
+                    self._primary_waiting = None
                 await self._arrived.wait()
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
-                self._track_clock_and_binds(exit, entry)
+                self._since_entry.clear()
+                self._takeover.follow_entry(exit, entry)
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
                 return entry.reply
@@ -96,29 +111,13 @@ class Backup(ReplicaShell):
         self.board.counters["outputs_total"] += 1
         if self.world is not None:
             self.world.output_later(message)
-        elif message[0] == p.OP_CLOSE:
-            self._bound.pop(message[1], None)
+        else:
+            self._since_entry.append(output_record(seq, message))
+            self._takeover.follow_output(message)
 
     def flush(self) -> None:
         if self.world is not None:
             self.world.flush_outputs()
-
-    def _track_clock_and_binds(self, exit: Exit, entry: Entry) -> None:
-        """Follow what go-live needs from a replayed entry: the clock, bound addresses."""
-        try:
-            mono_gain, wall_shift, result = p.split_reply(p.decode_body(entry.reply))
-        except p.ProtocolError as exc:
-            raise GuestFailure(f"entry {entry.seq} holds no reply: {exc}") from None
-        self._clock.apply(entry.icount, mono_gain, wall_shift)
-        if exit.kind == p.KIND_BIND:
-            sock, family, kind, _ = exit.args
-            code, address = result[:2]
-            if code == 0:
-                self._bound[sock] = [family, kind, tuple(address), None]
-        elif exit.kind == p.KIND_LISTEN:
-            sock, backlog = exit.args
-            if sock in self._bound and result == 0:
-                self._bound[sock][3] = backlog
 
     # -- the log channel --------------------------------------------------------
 
@@ -143,6 +142,13 @@ class Backup(ReplicaShell):
                     self.replica.heard(now)
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
+            elif isinstance(event, Waiting):
+                self.replica.heard(now)
+                self._primary_waiting = event
+                self._arrived.ring()
+            elif isinstance(event, RecordedOutputs):
+                self._recorded = event
+                self._recorded_arrived.set()
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the primary closed the log channel")
                 return
@@ -190,6 +196,28 @@ class Backup(ReplicaShell):
 
     def peer_lost(self) -> None:
         self._arrived.ring()  # a guest waiting for entries must now take over
+        self._recorded_arrived.set()  # nobody will answer a divergence now
+
+    async def compare_with_primary(self, divergence: Divergence) -> None:
+        """Tell the primary this backup diverged (so it goes on alone, knowing why),
+        and put in the report where the two guests' outputs first differ."""
+        self.board.counters["divergences_total"] += 1
+        if self.peer_gone.is_set():
+            return
+        try:
+            await self.joined.send(
+                Diverged(divergence.seq, divergence.icount, divergence.report(), self._since_entry)
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        with trio.move_on_after(RECORDED_OUTPUTS_WAIT_S):
+            await self._recorded_arrived.wait()
+        if self._recorded is None:
+            divergence.difference = "(the primary did not send its outputs to compare)"
+            return
+        divergence.difference = first_difference(self._recorded.outputs, self._since_entry) or (
+            f"the outputs after entry {self._recorded.seq} are equal on both sides"
+        )
 
     async def run_channel(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -227,9 +255,19 @@ class Backup(ReplicaShell):
         )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
-        world.clock.continue_from(self._clock)
+        takeover = self._takeover
+        world.clock.continue_from(takeover.clock)
         if isinstance(front, SocketFront):
-            for sock, (family, kind, address, backlog) in self._bound.items():
+            # Before any new connection: ids go on from the log's, and the
+            # connections the old primary's sockets carried read as reset.
+            front.inherit(takeover.held, takeover.next_accepted)
+            if takeover.held:
+                self.log.info(
+                    "connections_reset",
+                    count=sum(not told for told in takeover.held.values()),
+                    next_id=takeover.next_accepted,
+                )
+            for sock, (family, kind, address, backlog) in takeover.bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
@@ -377,6 +415,7 @@ async def _run_guest(
                 await supervisor.run()
         except Divergence as divergence:
             divergence.stack = await supervisor.halt_for_stack("divergence")
+            await backup.compare_with_primary(divergence)
             backup.log.error("replay_diverged", report=divergence.report())
             outcome.append(EXIT_DIVERGED)
         except Halted as exc:

@@ -14,6 +14,9 @@ accepts (the server). One line per frame, backup on the left::
                                      ◀─  Entries([entry, ...])    (a batch: group commit)
     Ack(received, replayed)          ─▶  (cumulative; sent on receipt)
     Heartbeat()                      ◀▶
+                                     ◀─  Waiting(seq, icount, kind, digest)  (a heartbeat too)
+    Diverged(seq, icount, report, outputs) ─▶  the backup's guest did not do what
+                                     ◀─  RecordedOutputs(seq, outputs)   the primary's did
     Error(reason)                    ◀▶  either side, any time, then it closes
 
 ``Join`` carries the backup's guest command line: the primary refuses (with an
@@ -45,7 +48,7 @@ from ftproxy.session import (
     common_rows,
     encode_unchecked,
 )
-from ftproxy.wire import Entry, Header
+from ftproxy.wire import Entry, Header, Output
 
 __all__ = [
     "BACKUP",
@@ -57,6 +60,7 @@ __all__ = [
     "Channel",
     "ChannelEvent",
     "ConnectionClosed",
+    "Diverged",
     "Entries",
     "Error",
     "Heartbeat",
@@ -65,14 +69,17 @@ __all__ = [
     "LocalProtocolError",
     "Proof",
     "ProtocolError",
+    "RecordedOutputs",
     "RemoteProtocolError",
     "State",
+    "Waiting",
     "Welcome",
     "encode_message",
 ]
 
 # 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
-CHANNEL_VERSION: Final = 2
+# 3: Waiting, Diverged and RecordedOutputs (a running pair checks its outputs).
+CHANNEL_VERSION: Final = 3
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
 
@@ -108,9 +115,61 @@ class Heartbeat(msgspec.Struct, tag=7, array_like=True, frozen=True):
     """Nothing to say, but alive."""
 
 
-Message: TypeAlias = Hello | Proof | Error | Join | Welcome | Entries | Ack | Heartbeat
+class Waiting(msgspec.Struct, tag=10, array_like=True, frozen=True):
+    """Sent instead of a heartbeat: the primary's guest has waited a while at the exit
+    that will be entry ``seq``, at ``icount``, with ``digest`` of its outputs so far.
+    The digest of the outputs before an exit otherwise reaches the backup only with
+    that exit's entry, when input comes: this lets it check the outputs of an idle
+    service within a heartbeat."""
+
+    seq: int
+    icount: int
+    kind: int
+    digest: int
+
+
+class Diverged(msgspec.Struct, tag=8, array_like=True, frozen=True):
+    """The backup's guest diverged at entry ``seq``: it stops. ``report`` is what the
+    backup knows (both sides as it sees them, its guest's stack); ``outputs`` are its
+    guest's outputs after entry ``seq - 1``, for the primary to compare with its own."""
+
+    seq: int
+    icount: int
+    report: str
+    outputs: list[Output]
+
+
+class RecordedOutputs(msgspec.Struct, tag=9, array_like=True, frozen=True):
+    """The primary's answer to Diverged: its guest's outputs after entry ``seq``."""
+
+    seq: int
+    outputs: list[Output]
+
+
+Message: TypeAlias = (
+    Hello
+    | Proof
+    | Error
+    | Join
+    | Welcome
+    | Entries
+    | Ack
+    | Heartbeat
+    | Waiting
+    | Diverged
+    | RecordedOutputs
+)
 ChannelEvent: TypeAlias = (
-    Authenticated | Join | Welcome | Entries | Ack | Heartbeat | ConnectionClosed
+    Authenticated
+    | Join
+    | Welcome
+    | Entries
+    | Ack
+    | Heartbeat
+    | Waiting
+    | Diverged
+    | RecordedOutputs
+    | ConnectionClosed
 )
 
 
@@ -137,6 +196,9 @@ _TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
     (State.STREAMING, BACKUP, Ack): State.STREAMING,
     (State.STREAMING, PRIMARY, Heartbeat): State.STREAMING,
     (State.STREAMING, BACKUP, Heartbeat): State.STREAMING,
+    (State.STREAMING, PRIMARY, Waiting): State.STREAMING,
+    (State.STREAMING, BACKUP, Diverged): State.STREAMING,
+    (State.STREAMING, PRIMARY, RecordedOutputs): State.STREAMING,
 }
 
 
@@ -170,7 +232,18 @@ class Channel(Session):
         event: ChannelEvent | Literal[_NeedData.NEED_DATA] = super().next_event()
         return event
 
-    def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> bytes:
+    def send(
+        self,
+        message: Join
+        | Welcome
+        | Entries
+        | Ack
+        | Heartbeat
+        | Waiting
+        | Diverged
+        | RecordedOutputs
+        | Error,
+    ) -> bytes:
         """The bytes that send ``message``, after any queued opening bytes."""
         return super().send(message)
 

@@ -16,12 +16,15 @@ from ftproxy.channel import (
     Channel,
     ChannelEvent,
     ConnectionClosed,
+    Diverged,
     Entries,
     Error,
     Heartbeat,
     Join,
     LocalProtocolError,
+    RecordedOutputs,
     RemoteProtocolError,
+    Waiting,
     Welcome,
 )
 
@@ -42,7 +45,18 @@ class LogLink:
         self._send_lock = trio.StrictFIFOLock()
         self.peer = _peer_name(stream)
 
-    async def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> None:
+    async def send(
+        self,
+        message: Join
+        | Welcome
+        | Entries
+        | Ack
+        | Heartbeat
+        | Waiting
+        | Diverged
+        | RecordedOutputs
+        | Error,
+    ) -> None:
         """Send one message; ClosedResourceError once the conversation has ended."""
         async with self._send_lock:
             try:

@@ -11,6 +11,7 @@ releasing nothing, if it loses.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections import deque
 from typing import Any
@@ -18,10 +19,21 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
+from ftproxy.channel import (
+    Ack,
+    ConnectionClosed,
+    Diverged,
+    Entries,
+    Heartbeat,
+    RecordedOutputs,
+    RemoteProtocolError,
+    Waiting,
+    Welcome,
+)
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, accept_backup
+from ftproxy.replay import first_difference
 from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
@@ -34,8 +46,8 @@ from ftproxy.replica import (
 )
 from ftproxy.replication import Event, Role
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
-from ftproxy.wire import Entry, Header
-from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front
+from ftproxy.wire import Entry, Header, Output
+from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front, output_record
 
 log = structlog.get_logger()
 
@@ -54,17 +66,29 @@ class Primary(ReplicaShell):
         self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
         self.world: WorldAnswers | None = None
         self.halted: str | None = None
+        # Outputs the backup's replay has not checked yet (those after the entry it
+        # last said it replayed): what its report of a divergence is compared with.
+        self._unchecked: deque[Output] = deque()
+        # The exit the guest waits at (announced to the backup when it waits long).
+        self._waiting: Waiting | None = None
+        self._announced: Waiting | None = None
 
     # -- the supervisor's mode --------------------------------------------------
 
     async def answer(self, seq: int, exit: Exit) -> bytes:
         assert self.world is not None
         self.board.counters["exits_total"] += 1
-        return await self.world.answer(seq, exit)
+        self._waiting = Waiting(seq, exit.icount, exit.kind, exit.digest)
+        try:
+            return await self.world.answer(seq, exit)
+        finally:
+            self._waiting = None
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         assert self.world is not None
         self.board.counters["outputs_total"] += 1
+        if self.link is not None:
+            self._unchecked.append(output_record(seq, message))
         if not self.options.output_rule:
             self.world.output_later(message)
             return
@@ -101,7 +125,11 @@ class Primary(ReplicaShell):
             if self._outbox and self.options.ship_delay_s:
                 await trio.sleep(self.options.ship_delay_s)
             batch, self._outbox = self._outbox, []
-            message: Entries | Heartbeat = Entries(batch) if batch else Heartbeat()
+            message: Entries | Heartbeat | Waiting = Entries(batch) if batch else Heartbeat()
+            waiting = self._waiting
+            if not batch and waiting is not None and waiting is not self._announced:
+                # Idle for a heartbeat at an exit: its digest, so the backup can check now.
+                message = self._announced = waiting
             if batch:
                 self._in_flight.append((batch[-1].seq, trio.current_time()))
             try:
@@ -120,6 +148,9 @@ class Primary(ReplicaShell):
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
+                unchecked = self._unchecked
+                while unchecked and unchecked[0].seq < event.replayed:
+                    unchecked.popleft()
                 self._measure(event, now)
                 assert self.world is not None
                 for released in self.replica.ack_received(event.received, event.replayed, now):
@@ -130,9 +161,32 @@ class Primary(ReplicaShell):
                 self._acked.ring()
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
+            elif isinstance(event, Diverged):
+                await self._backup_diverged(link, event)
+                return
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the backup closed the log channel")
                 return
+
+    async def _backup_diverged(self, link: LogLink, diverged: Diverged) -> None:
+        """The backup's guest did not do what ours did: say where, answer with our
+        outputs for its report, and go on without it."""
+        after = diverged.seq - 1
+        ours = [output for output in self._unchecked if output.seq == after]
+        self.board.counters["divergences_total"] += 1
+        self.log.error(
+            "backup_diverged",
+            seq=diverged.seq,
+            icount=diverged.icount,
+            difference=first_difference(ours, diverged.outputs),
+            report=diverged.report,
+        )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await link.send(RecordedOutputs(after, ours))
+        self.lose_peer(
+            f"the backup diverged at log entry {diverged.seq} (icount {diverged.icount}); "
+            "this replica goes on alone"
+        )
 
     def _measure(self, ack: Ack, now: float) -> None:
         """The log channel's round trip (batch sent to its ack) and the backup's lag."""
@@ -151,6 +205,7 @@ class Primary(ReplicaShell):
             nursery.cancel_scope.cancel()
         await link.aclose()
         self.link = None
+        self._unchecked.clear()
         if self.replica.role is Role.PRIMARY:
             self.replica.handle(Event.PEER_LOST)
         self._outbox.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,54 @@ def describe_output(op: int, sock: int, data: bytes, extra: Any) -> str:
     if extra is not None:
         detail += f" {extra!r}"
     return f"{name} on socket {sock}{detail}"
+
+
+# Bytes shown on each side of the first difference between two outputs.
+DIFFERENCE_CONTEXT = 16
+
+
+def first_difference(recorded: Sequence[Output], replaying: Sequence[Output]) -> str:
+    """Where two sequences of outputs first differ: which output, and for data, the
+    byte offset and both sides' bytes around it ("" when they are equal)."""
+    for index in range(max(len(recorded), len(replaying))):
+        if index >= len(recorded) or index >= len(replaying):
+            longer, side = (
+                (replaying, "replaying") if index < len(replaying) else (recorded, "recorded")
+            )
+            only = longer[index]
+            return (
+                f"first difference: output {index} exists only on the {side} side: "
+                + describe_output(only.op, only.sock, only.data, only.extra)
+            )
+        mine, theirs = replaying[index], recorded[index]
+        if (theirs.op, theirs.sock, theirs.extra) != (mine.op, mine.sock, mine.extra):
+            return (
+                f"first difference: output {index} is "
+                f"{describe_output(theirs.op, theirs.sock, theirs.data, theirs.extra)} recorded, "
+                f"{describe_output(mine.op, mine.sock, mine.data, mine.extra)} replaying"
+            )
+        if theirs.data != mine.data:
+            return byte_difference(theirs, mine.data, index)
+    return ""
+
+
+def byte_difference(recorded: Output, replaying: bytes, index: int | None = None) -> str:
+    """The first byte where an output's data differs between the two sides, in context."""
+    theirs = recorded.data
+    offset = next(
+        (i for i, (a, b) in enumerate(zip(theirs, replaying, strict=False)) if a != b),
+        min(len(theirs), len(replaying)),
+    )
+    start, end = max(0, offset - DIFFERENCE_CONTEXT), offset + DIFFERENCE_CONTEXT
+    name = p.OP_NAMES.get(recorded.op, f"op {recorded.op}")
+    return (
+        "first difference: "
+        + ("" if index is None else f"output {index} ")
+        + f"({name} on socket {recorded.sock}, "
+        f"{len(theirs)}B recorded, {len(replaying)}B replaying) at byte {offset}:\n"
+        f"  recorded  [{start}:{end}]: {theirs[start:end]!r}\n"
+        f"  replaying [{start}:{end}]: {replaying[start:end]!r}"
+    )
 
 
 def describe_record(record: Record | None) -> str:
@@ -107,12 +156,15 @@ class LogAnswers:
             )
             != mine
         ):
-            raise Divergence(
+            divergence = Divergence(
                 seq=seq,
                 icount=-1,
                 recorded=describe_record(record),
                 replaying="output " + describe_output(op, sock, data, extra),
             )
+            if isinstance(record, Output) and record.data != data:
+                divergence.difference = byte_difference(record, data)
+            raise divergence
         self._next += 1
         self.output_bytes += len(data)
 

@@ -138,8 +138,14 @@ class StatusBoard:
     guest_pid: int | None = None
     peer_state: str = "none"
     peer_address: str = ""
+    peer_lost_reason: str = ""
     counters: dict[str, int] = field(
-        default_factory=lambda: {"exits_total": 0, "outputs_total": 0, "log_bytes_total": 0}
+        default_factory=lambda: {
+            "exits_total": 0,
+            "outputs_total": 0,
+            "log_bytes_total": 0,
+            "divergences_total": 0,
+        }
     )
     role_override: str | None = None
     channel_rtt_ms: Samples = field(default_factory=Samples)
@@ -176,6 +182,7 @@ class StatusBoard:
                     "state": self.peer_state,
                     "silent_ms": core["peer_silent_ms"],
                     "address": self.peer_address,
+                    **({"lost_because": self.peer_lost_reason} if self.peer_lost_reason else {}),
                 },
             )
         if self.role_override:
@@ -217,6 +224,7 @@ class ReplicaShell:
             return
         self.log.warning(f"{self.peer_role}_lost", reason=reason, received=self.replica.received)
         self.board.peer_state = "lost"
+        self.board.peer_lost_reason = reason
         self.peer_gone.set()
         self.peer_lost()
 

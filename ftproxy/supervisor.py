@@ -47,6 +47,8 @@ class Divergence(Exception):
         self.recorded = recorded
         self.replaying = replaying
         self.stack = stack
+        # Where the two sides' outputs first differ, when they were compared.
+        self.difference = ""
         self.after_exit = False
         super().__init__(f"divergence at log entry {seq}")
 
@@ -61,6 +63,8 @@ class Divergence(Exception):
             f"  recorded:  {self.recorded}",
             f"  replaying: {self.replaying}",
         ]
+        if self.difference:
+            lines.extend("  " + line for line in self.difference.splitlines())
         if self.stack:
             lines.append("  replaying guest's stack at that point:")
             lines.extend("    " + line for line in self.stack.rstrip().splitlines())

@@ -93,7 +93,8 @@ class Cluster:
     primary_admin: int = field(default_factory=free_port)
     backup_admin: int = field(default_factory=free_port)
     primary_args: tuple[str, ...] = ()
-    guest: tuple[str, ...] = ()  # the guest's command line; examples/kv.py when empty
+    # The guest's command line (default: examples/kv.py on the service port).
+    guest: tuple[str, ...] = ()
     processes: dict[str, Process] = field(default_factory=dict)
 
     def start_arbiter(self) -> Process:

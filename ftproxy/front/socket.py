@@ -121,10 +121,27 @@ class SocketFront:
         self._listeners: dict[int, _Listener] = {}
         self._datagrams: dict[int, _Datagram] = {}
         self._next_accepted = p.FIRST_ACCEPTED_SOCK
+        # Connections the guest held before this front existed (a backup gone
+        # live): they have no real socket here, and each reads as reset once.
+        # id -> whether the guest has been told.
+        self._inherited: dict[int, bool] = {}
         self.input_bytes = 0  # client bytes handed to the guest, for log-size ratios
         # Streams whose input is wanted (open, buffer not full), by fd.
         self._poller = select.epoll()
         self._polled: dict[int, _Stream] = {}
+
+    def inherit(self, held: dict[int, bool], next_accepted: int) -> None:
+        """Take over a guest that already holds connections (a backup going live).
+
+        ``held`` maps each connection id the guest holds to whether it already
+        knows the connection was reset. Their real sockets died with the old
+        primary: each reads as reset at the guest's next wait on it (a logged
+        input, like any other), and outputs to them go nowhere. Accepted
+        connections are numbered from ``next_accepted`` on, so that an id never
+        names two connections in one guest's life.
+        """
+        self._inherited.update(held)
+        self._next_accepted = max(self._next_accepted, next_accepted)
 
     # -- set-up exits ------------------------------------------------------
 
@@ -243,6 +260,8 @@ class SocketFront:
         stream.to_write.ring()
 
     def close(self, sock_id: int) -> None:
+        if self._inherited.pop(sock_id, None) is not None:
+            return
         stream = self._streams.get(sock_id)
         if stream is not None:
             if stream.reset:
@@ -325,9 +344,15 @@ class SocketFront:
             datagram = self._datagrams.get(sid)
             if datagram is not None and datagram.queue:
                 return True
+            if self._inherited.get(sid) is False:
+                return True
         for sid in writable:
             stream = self._streams.get(sid)
-            if stream is None or stream.written > stream.written_reported or stream.reset:
+            if stream is None:
+                if self._inherited.get(sid, False) is False:
+                    return True
+                continue
+            if stream.written > stream.written_reported or stream.reset:
                 return True
         return False
 
@@ -355,9 +380,12 @@ class SocketFront:
                     data, addr = datagram.queue.popleft()
                     events.append((p.EV_DGRAM, sid, data, addr))
                     self.input_bytes += len(data)
+                continue
+            self._collect_inherited(sid, events)
         for sid in (*writable, *pressured):
             stream = self._streams.get(sid)
             if stream is None:
+                self._collect_inherited(sid, events)
                 continue
             if stream.written > stream.written_reported:
                 stream.written_reported = stream.written
@@ -367,6 +395,11 @@ class SocketFront:
                 events.append((p.EV_RESET, sid, stream.reset))
         index, blob = p.pack_data(chunks)
         return index, blob, events
+
+    def _collect_inherited(self, sid: int, events: list[Any]) -> None:
+        if self._inherited.get(sid) is False:
+            self._inherited[sid] = True
+            events.append((p.EV_RESET, sid, errno.ECONNRESET))
 
     def _collect_stream_input(
         self, sid: int, stream: _Stream, chunks: list[tuple[int, bytes]], events: list[Any]
