@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import signal
 from collections import deque
 from typing import Any
@@ -48,6 +49,7 @@ from ftproxy.replica import (
     admin_endpoint,
 )
 from ftproxy.replication import Event, Role
+from ftproxy.startfiles import start_files_problem
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.takeover import TakeoverState
 from ftproxy.wire import Entry, Header, Output
@@ -334,7 +336,10 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     packet, network = options.packet, welcome.header.network
     if packet is not None and packet.network is None and network is not None:
         options.packet = dataclasses.replace(packet, network=network)
-    mismatch = _front_mismatch(options.packet, welcome.header)
+    workdir = _workdir(options)
+    mismatch = _front_mismatch(options.packet, welcome.header) or start_files_problem(
+        welcome.header.files, workdir
+    )
     if mismatch:
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
@@ -348,10 +353,18 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         return EXIT_HALTED
     backup.log.info("joined_primary", peer=link.peer, pair=welcome.pair)
     header = welcome.header
+    backup.log.info("guest_directory_chosen", workdir=workdir, primary_workdir=header.cwd)
+    if os.path.realpath(workdir) == os.path.realpath(header.cwd):
+        backup.log.warning(
+            "guest_directory_shared",
+            workdir=workdir,
+            consequence="if the primary runs on this host, both guests write the same files; "
+            "give the backup its own directory with --workdir",
+        )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with admin_endpoint(options, backup.board), trio.open_nursery() as nursery:
             backup.nursery = nursery
-            guest = await start_guest(header.argv, header.env, _cwd(header.cwd))
+            guest = await start_guest(header.argv, header.env, workdir)
             backup.guest_pid = guest.pid
             backup.board.guest_pid = guest.pid
             supervisor = Supervisor(guest, backup)
@@ -384,10 +397,9 @@ def _front_mismatch(packet: PacketConfig | None, header: Header) -> str:
     return ""
 
 
-def _cwd(recorded: str) -> str:
-    import os
-
-    return recorded if os.path.isdir(recorded) else os.getcwd()
+def _workdir(options: ReplicaOptions) -> str:
+    """The backup's own directory for its guest (never the primary's recorded one)."""
+    return os.path.abspath(options.workdir or os.getcwd())
 
 
 async def _run_guest(

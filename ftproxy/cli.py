@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     record = commands.add_parser(
         "record",
-        usage="ftproxy record --log PATH [options] -- SCRIPT [ARGS...]",
+        usage="ftproxy record --log PATH [options] -- (SCRIPT | -m MODULE) [ARGS...]",
         help="run a service alone, recording every input into a log",
         description="Run SCRIPT on virtual devices, serving real clients, and log every "
         "non-deterministic input. Ctrl-C stops the guest (delivered as a logged signal).",
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="device calls between forced exits (pinned in the log)",
     )
+    record.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
+        "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
+    )
     _add_front_arguments(record)
 
     replay = commands.add_parser(
@@ -104,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     primary = commands.add_parser(
         "primary",
         usage="ftproxy primary --log-listen HOST:PORT --arbiter HOST:PORT [options] "
-        "-- SCRIPT [ARGS]",
+        "-- (SCRIPT | -m MODULE) [ARGS]",
         help="run a service as the primary of a replicated pair",
         description="Wait for a backup on --log-listen, then run SCRIPT, shipping every input "
         "to the backup and releasing each output only once the backup holds the log that "
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --no-output-rule only: hold each log batch this long before shipping it, "
         "to make the unsafe window visible",
     )
+    primary.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
+        "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
+    )
     primary.add_argument("--pair", default="ftproxy", help="the pair's name at the arbiter")
     primary.add_argument(
         "--generation", type=int, default=1, help="the pair's generation at the arbiter"
@@ -135,13 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup = commands.add_parser(
         "backup",
-        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] -- SCRIPT [ARGS]",
+        usage="ftproxy backup --primary HOST:PORT --arbiter HOST:PORT [options] "
+        "-- (SCRIPT | -m MODULE) [ARGS]",
         help="replay behind a primary, and take over when it dies",
         description="Connect to the primary's log channel, replay its guest behind it, and go "
         "live (after winning the arbiter) when the primary falls silent.",
     )
     backup.add_argument(
         "--primary", required=True, metavar="HOST:PORT", help="the primary's --log-listen"
+    )
+    backup.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="run the guest in DIR (default: this command's working directory; never the "
+        "primary's, whose files would be shared on one host)",
     )
     _add_replica_arguments(backup)
 
@@ -327,8 +351,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
     from ftproxy.replication import Timing
     from ftproxy.wire import Policy
 
-    if not args.guest:
-        raise ValueError(f"{command} needs the program to run after --: -- SCRIPT [ARGS]")
+    _check_guest_command(args.guest, command)
     return ReplicaOptions(
         argv=args.guest,
         arbiter=arbiter.parse_address(args.arbiter),
@@ -351,10 +374,12 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     import arbiter
     from ftproxy.auth import SecretFileError
     from ftproxy.primary import serve_primary
+    from ftproxy.startfiles import pinned_paths
 
     try:
         options = _replica_options(args, "primary")
         listen = arbiter.parse_address(args.log_listen)
+        pinned_paths(args.pin, os.getcwd())  # a path that is not there: say so now
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     if args.ship_delay_ms and not args.no_output_rule:
@@ -363,6 +388,7 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     options.ship_delay_s = args.ship_delay_ms / 1000
     options.pair = args.pair
     options.generation = args.generation
+    options.pins = args.pin
     if not options.output_rule:
         structlog.get_logger().warning(
             "output_rule_disabled",
@@ -380,6 +406,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     try:
         options = _replica_options(args, "backup")
         primary = arbiter.parse_address(args.primary)
+        if args.workdir is not None and not os.path.isdir(args.workdir):
+            raise ValueError(f"--workdir {args.workdir!r} is not a directory")
+        options.workdir = args.workdir
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     return int(trio.run(serve_backup, options, primary))
@@ -429,9 +458,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.wire import Policy
 
     argv = args.guest
-    if not argv:
-        return _usage("record needs the program to run: ftproxy record --log L -- SCRIPT [ARGS]")
     try:
+        _check_guest_command(argv, "record")
         options = RecordOptions(
             log_path=args.log,
             argv=argv,
@@ -439,6 +467,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
             policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
             extra_env=_parse_env(args.env),
             packet=_packet_config(args),
+            pins=args.pin,
         )
         result = trio.run(record, options)
     except ValueError as exc:
@@ -531,6 +560,18 @@ def _cmd_log(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _check_guest_command(argv: list[str], command: str) -> None:
+    """Refuse, before anything starts, a guest command line the guest could not run."""
+    from ftproxy.guest.command import USAGE, CommandError, parse_command
+
+    if not argv:
+        raise ValueError(f"{command} needs the program to run after --: -- {USAGE}")
+    try:
+        parse_command(argv)
+    except CommandError as exc:
+        raise ValueError(f"{command}: {exc}") from None
 
 
 def _usage(message: str) -> int:

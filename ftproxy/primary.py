@@ -250,7 +250,7 @@ async def serve_primary(
         return EXIT_HALTED
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
-    header = new_header(options.argv, env, options.policy, network)
+    header = new_header(options.argv, env, options.policy, network, options.pins)
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     port = listeners[0].socket.getsockname()[1]

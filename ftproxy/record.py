@@ -70,6 +70,8 @@ class RecordOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     stop_grace_s: float = STOP_GRACE_S
     packet: PacketConfig | None = None
+    # Files and directories the guest reads, pinned by digest (``ftproxy.startfiles``).
+    pins: list[str] = field(default_factory=list)
 
 
 async def record(
@@ -80,7 +82,7 @@ async def record(
     """Run the guest against the real network until it exits, logging every input."""
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
-    header = new_header(options.argv, env, options.policy, network)
+    header = new_header(options.argv, env, options.policy, network, options.pins)
     writer = LogWriter(options.log_path, header)
     received: list[int] = []
     bound = log.bind(role="recorder")

@@ -19,8 +19,9 @@ import structlog
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import start_guest
 from ftproxy.logfile import LogContents
+from ftproxy.startfiles import start_files_problem
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
-from ftproxy.wire import End, Entry, Output, Record
+from ftproxy.wire import End, Entry, Header, Output, Record
 
 log = structlog.get_logger()
 
@@ -189,6 +190,11 @@ class ReplayResult:
     truncated: bool
 
 
+def replay_directory(header: Header) -> str:
+    """Where a replay runs the guest: the recorded directory if it is here, else ours."""
+    return header.cwd if os.path.isdir(header.cwd) else os.getcwd()
+
+
 def check_replayable(contents: LogContents, argv: list[str] | None) -> None:
     """Refuse, with a reason, a replay that could not reproduce the recording."""
     header = contents.header
@@ -204,6 +210,9 @@ def check_replayable(contents: LogContents, argv: list[str] | None) -> None:
             f"the log was recorded under Python {recorded_python}, this is Python {here}: "
             "the interpreter must be the same for the execution to be the same"
         )
+    problem = start_files_problem(header.files, replay_directory(header), "the recording")
+    if problem:
+        raise ReplayError(problem)
 
 
 async def replay(
@@ -216,7 +225,7 @@ async def replay(
     """Re-execute the recorded program against its log; raise Divergence on disagreement."""
     check_replayable(contents, argv)
     header = contents.header
-    cwd = header.cwd if os.path.isdir(header.cwd) else os.getcwd()
+    cwd = replay_directory(header)
     bound = log.bind(role="replayer")
     guest = await start_guest(header.argv, header.env, cwd, stdout=stdout, stderr=stderr)
     mode = LogAnswers(contents)

@@ -57,6 +57,11 @@ class ReplicaOptions:
     ship_delay_s: float = 0.0
     # Packet mode (None: socket mode). A backup's comes from the primary's header.
     packet: PacketConfig | None = None
+    # Where a backup runs its guest (None: its own working directory), never the
+    # primary's: on one host the two would share the program's files.
+    workdir: str | None = None
+    # A primary's: files and directories the guest reads, pinned by digest.
+    pins: list[str] = field(default_factory=list)
 
 
 def generation_key(pair: str, generation: int) -> str:

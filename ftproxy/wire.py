@@ -44,7 +44,9 @@ class Header(msgspec.Struct, tag=0, array_like=True, frozen=True):
     """What a replica needs to start a guest that executes like the recorded one.
 
     ``network`` is None in socket mode; in packet mode the guest's stack is
-    part of its execution, so its address is pinned here like the policy.
+    part of its execution, so its address is pinned here like the policy. So
+    are the digests of the program's files, which each replica reads from its
+    own disk.
     """
 
     version: int
@@ -55,6 +57,8 @@ class Header(msgspec.Struct, tag=0, array_like=True, frozen=True):
     policy: Policy
     created_ns: int
     network: Network | None = None
+    # The files the guest runs at start, {path: sha256 hex} (``ftproxy.startfiles``).
+    files: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Entry(msgspec.Struct, tag=1, array_like=True, frozen=True):

@@ -29,6 +29,7 @@ from ftproxy.front import PacketConfig
 from ftproxy.front.packet import PacketFront
 from ftproxy.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
 from ftproxy.guest import protocol as p
+from ftproxy.startfiles import pinned_paths, start_files
 from ftproxy.supervisor import Exit, GuestFailure
 from ftproxy.wire import FORMAT_VERSION, Entry, Header, Network, Output, Policy
 
@@ -51,17 +52,23 @@ def guest_environment(extra: Mapping[str, str] = {}) -> dict[str, str]:
 
 
 def new_header(
-    argv: Sequence[str], env: Mapping[str, str], policy: Policy, network: Network | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    policy: Policy,
+    network: Network | None = None,
+    pins: Sequence[str] = (),
 ) -> Header:
+    cwd = os.getcwd()
     return Header(
         version=FORMAT_VERSION,
         argv=list(argv),
         env=dict(env),
-        cwd=os.getcwd(),
+        cwd=cwd,
         python=sys.version,
         policy=policy,
         created_ns=time.time_ns(),
         network=network,
+        files={**start_files(list(argv), cwd), **pinned_paths(list(pins), cwd)},
     )
 
 

@@ -21,13 +21,13 @@ KV = EXAMPLES / "kv.py"
 class Process:
     """One ftproxy process; its stdout is read for readiness, stderr kept for failures."""
 
-    def __init__(self, name: str, command: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, command: list[str], log_dir: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.command = command
         self.stderr_path = log_dir / f"{name}.stderr"
         self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=ROOT
+            command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd
         )
 
     def wait_for(self, marker: str, timeout: float = 20.0) -> None:

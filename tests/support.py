@@ -14,6 +14,11 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+import trio
+
+from ftproxy.logfile import read_log
+from ftproxy.replay import ReplayResult, replay
+from ftproxy.wire import Output
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -71,8 +76,10 @@ class Recording:
         *args: str,
         ready_marker: str = "listening",
         record_args: tuple[str, ...] = (),
+        cwd: Path = ROOT,
     ) -> None:
         self.log = log
+        self.cwd = cwd
         self.command = [
             *FTPROXY,
             "record",
@@ -94,7 +101,7 @@ class Recording:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=ROOT,
+            cwd=self.cwd,
         )
         if self.ready_marker:
             assert self.process.stdout is not None
@@ -120,6 +127,17 @@ class Recording:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.communicate()
+
+
+def replay_log(path: Path) -> ReplayResult:
+    """Replay in-process and check the counts against the log itself."""
+    contents = read_log(path)
+    result = trio.run(lambda: replay(contents, stdout=subprocess.DEVNULL))
+    outputs = [r for r in contents.records if isinstance(r, Output)]
+    assert result.entries == contents.entries
+    assert result.outputs == len(outputs)
+    assert result.output_bytes == sum(len(o.data) for o in outputs)
+    return result
 
 
 def run_ftproxy(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -29,24 +29,14 @@ from support import (
     free_port,
     read_line_until,
     recv_until,
+    replay_log,
     run_ftproxy,
 )
 
 from ftproxy.logfile import read_log
-from ftproxy.replay import ReplayResult, replay
+from ftproxy.replay import replay
 from ftproxy.supervisor import Divergence
-from ftproxy.wire import End, Entry, Output
-
-
-def replay_log(path: Path) -> ReplayResult:
-    """Replay in-process and check the counts against the log itself."""
-    contents = read_log(path)
-    result = trio.run(lambda: replay(contents, stdout=subprocess.DEVNULL))
-    outputs = [r for r in contents.records if isinstance(r, Output)]
-    assert result.entries == contents.entries
-    assert result.outputs == len(outputs)
-    assert result.output_bytes == sum(len(o.data) for o in outputs)
-    return result
+from ftproxy.wire import End, Entry
 
 
 def test_socketserver_echo_replays(tmp_path: Path) -> None:

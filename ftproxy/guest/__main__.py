@@ -1,9 +1,11 @@
-"""``python -m ftproxy.guest SCRIPT ARGS``: boot a program on virtual devices.
+"""``python -m ftproxy.guest SCRIPT ARGS`` (or ``-m MODULE ARGS``): boot a program on virtual
+devices.
 
 Started by a supervisor with the guest pipe on fds 3 and 4 (see
 ``ftproxy.guest.protocol``). The first exit learns the pinned policy and the
-entropy seed; then the devices are installed and SCRIPT runs as ``__main__``,
-unmodified, exactly as ``python SCRIPT ARGS`` would run it.
+entropy seed; then the devices are installed and the program runs as
+``__main__``, unmodified, exactly as ``python SCRIPT ARGS`` or ``python -m
+MODULE ARGS`` would run it.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from typing import NoReturn
 
 from ftproxy.guest._install import install
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
+from ftproxy.guest._runtime import EXIT_UNSUPPORTED, ModuleNotOffered, Runtime
+from ftproxy.guest.command import CommandError, GuestCommand, parse_command
 
-EXIT_UNSUPPORTED = 3
+EXIT_USAGE = 2
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m ftproxy.guest SCRIPT [ARGS...] (started by ftproxy)\n")
-        raise SystemExit(2)
-    script = os.path.abspath(sys.argv[1])
+    try:
+        command = parse_command(sys.argv[1:])
+    except CommandError as exc:
+        _stop(f"ftproxy: {exc}", EXIT_USAGE)
+    if command.script is not None and not os.path.isfile(command.script):
+        _stop(f"ftproxy: the guest's script {command.script!r} is not a file", EXIT_USAGE)
     runtime = Runtime()
     seed, pid, hostname, network = runtime.boot()
     install(runtime, seed, pid, hostname)
@@ -31,29 +37,42 @@ def main() -> None:
         from ftproxy.guest._vnet import PacketNetwork
 
         runtime.network = PacketNetwork(runtime, network, seed)
-    sys.argv = sys.argv[1:]
-    sys.path[0] = os.path.dirname(script)
+    runtime.stop_on_refusal()
     try:
-        runpy.run_path(script, run_name="__main__")
-    except UnsupportedInGuest as exc:
+        _run(command)
+    except ModuleNotOffered as exc:
         runtime.flush()
-        where = _call_site(exc)
-        sys.stderr.write(f"ftproxy: the guest stopped: {exc}{where}\n")
-        raise SystemExit(EXIT_UNSUPPORTED) from None
+        _stop(f"ftproxy: the guest stopped: {exc}", EXIT_UNSUPPORTED)
     finally:
         runtime.flush()
 
 
-def _call_site(exc: BaseException) -> str:
-    """Where in the user's program the unsupported call was made."""
-    tb = exc.__traceback__
-    site = ""
-    while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        if "ftproxy" not in filename and "<frozen" not in filename and "runpy" not in filename:
-            site = f" (called at {filename}:{tb.tb_lineno})"
-        tb = tb.tb_next
-    return site
+def _run(command: GuestCommand) -> None:
+    if command.script is not None:
+        script = os.path.abspath(command.script)
+        sys.argv = [command.script, *command.args]
+        sys.path[0] = os.path.dirname(script)
+        runpy.run_path(script, run_name="__main__")
+        return
+    assert command.module is not None
+    # As ``python -m``: the working directory leads sys.path, argv[0] becomes
+    # the module's file (run_module sets it).
+    sys.argv = ["-m", *command.args]
+    sys.path[0] = os.getcwd()
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(command.module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        _stop(f"ftproxy: the guest's module {command.module!r} was not found", EXIT_USAGE)
+    runpy.run_module(command.module, run_name="__main__", alter_sys=True)
+
+
+def _stop(message: str, code: int) -> NoReturn:
+    sys.stderr.write(message + "\n")
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

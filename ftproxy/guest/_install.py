@@ -11,6 +11,7 @@ one because the replacement comes first.
 from __future__ import annotations
 
 import _thread
+import datetime
 import os
 import select
 import selectors
@@ -21,11 +22,11 @@ import time
 from collections.abc import Callable
 from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 from ftproxy.guest import _vclock, _ventropy, _vselect, _vsignal, _vsocket
-from ftproxy.guest._runtime import Runtime, refusal
+from ftproxy.guest._runtime import ModuleNotOffered, Runtime, refusal
 
 _THREAD_WHY = (
     "ftproxy replays a single-threaded guest; how a second thread interleaves with "
@@ -35,6 +36,7 @@ _PROCESS_WHY = (
     "a child process's input and output are not virtual devices, so the backup could "
     "not replay them"
 )
+_THREAD_INSTEAD = "serve every connection from one thread (selectors, asyncio or a plain server)"
 
 
 def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
@@ -44,15 +46,19 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
     originals: dict[int, Any] = {}
 
     def replace(module: ModuleType | type, name: str, value: Any) -> None:
+        if isinstance(module, ModuleType) and isinstance(value, FunctionType):
+            # The real ones are builtins, which do not bind as methods when a
+            # class stores them (logging.Formatter.converter = time.localtime):
+            # a staticmethod does not either, and calls the same.
+            value = staticmethod(value)
         old = getattr(module, name, None)
         if old is not None:
             originals[id(old)] = value
         setattr(module, name, value)
 
-    _force_pure_datetime()
-
     for name, value in _vclock.REPLACEMENTS.items():
         replace(time, name, value)
+    replace(datetime, "datetime", _vclock.VirtualDatetime)
 
     entropy = _ventropy.Entropy(runtime, seed)
     replace(os, "urandom", entropy.urandom)
@@ -81,11 +87,27 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
 
     replace(os, "_exit", _exit)
 
+    for name, value in _vsocket.OS_REPLACEMENTS.items():
+        if hasattr(os, name):
+            replace(os, name, value)
+
     _vsocket.set_hostname(hostname)
     replace(socket, "socket", _vsocket.VirtualSocket)
     replace(socket, "SocketType", _vsocket.VirtualSocket)
-    for name in ("socketpair", "getaddrinfo", "gethostbyname", "gethostbyaddr"):
+    for name in (
+        "socketpair",
+        "getaddrinfo",
+        "gethostbyname",
+        "gethostbyname_ex",
+        "gethostbyaddr",
+        "getnameinfo",
+    ):
         replace(socket, name, getattr(_vsocket, name))
+    replace(socket, "close", _vsocket.socket_close)
+    replace(socket, "dup", _vsocket.socket_dup)
+    for name, why in _vsocket.REFUSED.items():
+        if hasattr(socket, name):
+            replace(socket, name, refusal(f"socket.{name}", why))
     for name in ("gethostname", "getfqdn"):
         replace(socket, name, getattr(_vsocket, name))
     for name in ("fromfd", "fromshare", "send_fds", "recv_fds"):
@@ -96,9 +118,12 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
 
     replace(select, "select", _vselect.select)
     replace(select, "poll", _vselect.poll)
-    for name in ("epoll", "devpoll", "kqueue"):
-        if hasattr(select, name):
-            replace(select, name, getattr(_vselect, name))
+    # Not offered at all, so that programs which look for them first (pyftpdlib:
+    # hasattr(select, "epoll")) fall back to poll or select, as on a host without them.
+    for name in _vselect.NOT_OFFERED:
+        if name in vars(select):
+            delattr(select, name)
+    setattr(select, "__getattr__", _vselect.missing_attribute)  # noqa: B010
     for name in (
         "DefaultSelector",
         "SelectSelector",
@@ -116,26 +141,24 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
         if hasattr(signal, name):
             replace(signal, name, value)
 
-    replace(threading.Thread, "start", refusal("threading.Thread.start", _THREAD_WHY))
-    replace(_thread, "start_new_thread", refusal("_thread.start_new_thread", _THREAD_WHY))
-    if hasattr(_thread, "start_new"):
-        replace(_thread, "start_new", refusal("_thread.start_new", _THREAD_WHY))
+    replace(
+        threading.Thread,
+        "start",
+        refusal("threading.Thread.start", _THREAD_WHY, _THREAD_INSTEAD),
+    )
+    for name in ("start_new_thread", "start_new"):
+        if hasattr(_thread, name):
+            replace(_thread, name, refusal(f"_thread.{name}", _THREAD_WHY, _THREAD_INSTEAD))
 
     _rebind_copies(originals)
+    sys.meta_path.insert(0, _NotOffered())
     _PatchOnImport.install(
         {
             "asyncio.base_events": _inline_default_executor,
+            "socketserver": _inline_threading_mixin,
             "_posixsubprocess": _refuse_fork_exec,
         }
     )
-
-
-def _force_pure_datetime() -> None:
-    """Use the pure-Python datetime, which reads the clock through ``time.time``."""
-    for name in ("datetime", "_datetime", "_strptime"):
-        sys.modules.pop(name, None)
-    sys.modules["_datetime"] = None  # type: ignore[assignment]
-    import datetime  # noqa: F401 - imported now, while _datetime is blocked
 
 
 def _rebind_copies(originals: dict[int, Any]) -> None:
@@ -173,8 +196,35 @@ def _inline_default_executor(module: ModuleType) -> None:
     loop_class.run_in_executor = run_in_executor
 
 
+def _inline_threading_mixin(module: ModuleType) -> None:
+    """socketserver.ThreadingMixIn (ThreadingHTTPServer, ``python -m http.server``) serves
+    each request inline, in turn, exactly as the plain server class does."""
+
+    def process_request(self: Any, request: Any, client_address: Any) -> None:
+        self.process_request_thread(request, client_address)
+
+    module.ThreadingMixIn.process_request = process_request
+
+
 def _refuse_fork_exec(module: ModuleType) -> None:
     setattr(module, "fork_exec", refusal("subprocess", _PROCESS_WHY))  # noqa: B010
+
+
+class _NotOffered(MetaPathFinder):
+    """Modules that bring their own I/O or event loop in C: not there, as if not installed."""
+
+    MODULES = {
+        "uvloop": (
+            "it runs its own event loop on libuv, whose I/O ftproxy cannot virtualize",
+            "use asyncio's own event loop (uvicorn: --loop asyncio)",
+        ),
+    }
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        refused = self.MODULES.get(fullname.partition(".")[0])
+        if refused is not None:
+            raise ModuleNotOffered(fullname, *refused)
+        return None
 
 
 class _PatchOnImport(MetaPathFinder):

@@ -12,6 +12,7 @@ it never knows which.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -22,21 +23,58 @@ from typing import Any, Protocol
 
 from ftproxy.guest import protocol as p
 
+EXIT_UNSUPPORTED = 3
 
-class UnsupportedInGuest(RuntimeError):
-    """The guest called something ftproxy cannot make deterministic."""
 
-    def __init__(self, function: str, why: str) -> None:
+class UnsupportedInGuest(SystemExit):
+    """The guest called something ftproxy cannot make deterministic.
+
+    Once the guest has booted, making one stops the program on the spot (see
+    ``Runtime.stop_refused``): servers catch ``Exception`` around each request
+    (socketserver does) and asyncio keeps a task's exceptions in the task, so a
+    refusal that travelled up the stack would become an empty reply, or a
+    traceback in a log, and the server would serve on having done nothing. It
+    is a SystemExit, with the guest's exit status as its code, for the calls
+    made before boot.
+    """
+
+    def __init__(self, function: str, why: str, instead: str = "") -> None:
         super().__init__(f"{function} is not supported under ftproxy: {why}")
+        self.code = EXIT_UNSUPPORTED
         self.function = function
         self.why = why
+        self.instead = instead
+        if _stopper is not None:
+            _stopper(self)
+
+    def __str__(self) -> str:
+        message = f"{self.function} is not supported under ftproxy: {self.why}"
+        return f"{message}; instead, {self.instead}" if self.instead else message
 
 
-def refusal(name: str, why: str) -> Callable[..., Any]:
-    """A stand-in for ``name`` that raises UnsupportedInGuest saying ``why``."""
+class ModuleNotOffered(ImportError):
+    """A module the guest does not offer, as if it were not installed.
+
+    An ImportError, so that programs which fall back when it is missing
+    (uvicorn's ``--loop auto`` without uvloop) do; one that cannot do without
+    it stops with this message (exit code 3).
+    """
+
+    def __init__(self, name: str, why: str, instead: str) -> None:
+        super().__init__(
+            f"{name} is not offered under ftproxy: {why}; instead, {instead}", name=name
+        )
+
+
+# The booted runtime's stop_refused: nothing the program does can catch a refusal.
+_stopper: Callable[[UnsupportedInGuest], None] | None = None
+
+
+def refusal(name: str, why: str, instead: str = "") -> Callable[..., Any]:
+    """A stand-in for ``name`` that raises UnsupportedInGuest saying ``why`` (and ``instead``)."""
 
     def refused(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedInGuest(name, why)
+        raise UnsupportedInGuest(name, why, instead)
 
     refused.__name__ = name.rsplit(".", 1)[-1]
     return refused
@@ -76,8 +114,10 @@ class GuestSocket(Protocol):
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
 _iter_data_index = p.DATA_INDEX.iter_unpack
-# Taken before the devices are installed: os._exit becomes a flushing wrapper.
+# Taken before the devices are installed: os._exit becomes a flushing wrapper,
+# os.write one that knows virtual sockets.
 _real_exit = os._exit
+_os_write = os.write
 
 
 class Runtime:
@@ -154,7 +194,7 @@ class Runtime:
     def _write(self, frame: bytes) -> None:
         view = memoryview(frame)
         while view:
-            written = os.write(self._request_fd, view)
+            written = _os_write(self._request_fd, view)
             view = view[written:]
 
     # -- what sockets ask -------------------------------------------------
@@ -288,6 +328,24 @@ class Runtime:
             got += chunk
         return view
 
+    def stop_on_refusal(self) -> None:
+        """From now on, a refusal stops the guest where the call was made."""
+        global _stopper
+        _stopper = self.stop_refused
+
+    def stop_refused(self, refusal: UnsupportedInGuest) -> None:
+        """Say what was refused, where and what to do instead; end the guest with
+        EXIT_UNSUPPORTED."""
+        caller = sys._getframe(2)
+        site = _call_site(caller)
+        refusal.instead = _library_advice(caller) or refusal.instead
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _os_write(2, f"ftproxy: the guest stopped: {refusal}{site}\n".encode(errors="replace"))
+        self.flush()
+        _real_exit(EXIT_UNSUPPORTED)
+
     def _halt(self, reason: str) -> None:
         """The supervisor stops this guest (a divergence): report where we are and go."""
         import traceback
@@ -301,6 +359,58 @@ class Runtime:
         stack = "".join(traceback.format_list(frames))
         self._write(p.encode([(p.OP_STACK, stack)]))
         _real_exit(70)
+
+
+def _call_site(frame: Any) -> str:
+    """Where the refused call was made: the library line, and the program's own line."""
+    where: list[str] = []
+    while frame is not None and len(where) < 2:
+        filename = frame.f_code.co_filename
+        if "/ftproxy/guest/" not in filename and not filename.startswith("<frozen"):
+            own = not _is_library(filename)
+            if not where or own:
+                where.append(f"{filename}:{frame.f_lineno}")
+            if own:
+                break
+        frame = frame.f_back
+    if not where:
+        return ""
+    if len(where) == 1:
+        return f" (called at {where[0]})"
+    return f" (called at {where[0]}, from {where[1]})"
+
+
+# What to use instead when the refused call comes from one of these libraries
+# (a thread pool, a forking server, a multi-process server): searched from the
+# refused call outwards, up to the program's own code.
+_LIBRARY_ADVICE = (
+    ("concurrent/futures/", "run the work inline, or run_in_executor(None, ...) under asyncio"),
+    ("socketserver.py", "use the plain server class (socketserver.TCPServer, HTTPServer)"),
+    ("multiprocessing/", "run one process (uvicorn and gunicorn: --workers 1)"),
+    ("uvicorn/", "run one worker process (--workers 1)"),
+)
+
+
+def _library_advice(frame: Any) -> str:
+    while frame is not None:
+        filename = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/ftproxy/guest/" not in filename:
+            for where, advice in _LIBRARY_ADVICE:
+                if where in filename:
+                    return advice
+            if not _is_library(filename):
+                return ""
+        frame = frame.f_back
+    return ""
+
+
+_STDLIB = os.path.dirname(os.__file__).replace(os.sep, "/") + "/"
+
+
+def _is_library(filename: str) -> bool:
+    """Whether ``filename`` is the stdlib's or an installed package's, not the program's."""
+    filename = filename.replace(os.sep, "/")
+    return filename.startswith(_STDLIB) or "-packages/" in filename or filename.startswith("<")
 
 
 def _no_signal_sink(signum: int) -> None:

@@ -4,10 +4,19 @@ Virtual time moves at exits (the reply's clock snapshot) and by a fixed step at
 every device call, so reading a clock never needs an exit of its own. The
 functions that read the host's clock when given no argument (``localtime()``,
 ``strftime(fmt)``, ``ctime()``...) are given the virtual time instead.
+
+``datetime`` stays the C module, whose C API extensions import (numpy, and so
+fakeredis): its ``date.today`` reads ``time.time`` and so the virtual clock,
+but ``datetime.now``/``utcnow`` read the host's clock in C, and C types take
+no new attributes. ``datetime.datetime`` becomes a subclass that reads the
+virtual clock there, and is otherwise the C class: it prints, pickles and
+checks with ``isinstance`` as the C class does, and instances the C API makes
+are instances of it.
 """
 
 from __future__ import annotations
 
+import datetime as _datetime
 import time as _time
 from typing import Any
 
@@ -115,6 +124,47 @@ def asctime(t: Any = None) -> str:
 
 def strftime(format: str, t: Any = None) -> str:
     return _real_strftime(format, localtime() if t is None else t)
+
+
+class _DatetimeType(type):
+    """``isinstance``/``issubclass`` answer for the C class: its instances are datetimes."""
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return isinstance(instance, _real_datetime)
+
+    def __subclasscheck__(cls, subclass: Any) -> bool:
+        return issubclass(subclass, _real_datetime)
+
+
+_real_datetime = _datetime.datetime
+
+
+class VirtualDatetime(_real_datetime, metaclass=_DatetimeType):
+    """``datetime.datetime`` with ``now`` and ``utcnow`` on the virtual clock."""
+
+    __slots__ = ()
+
+    @classmethod
+    def now(cls, tz: _datetime.tzinfo | None = None) -> Any:
+        seconds, micros = _wall_seconds_micros()
+        return cls.fromtimestamp(seconds, tz).replace(microsecond=micros)
+
+    @classmethod
+    def utcnow(cls) -> Any:
+        seconds, micros = _wall_seconds_micros()
+        return cls.utcfromtimestamp(seconds).replace(microsecond=micros)
+
+
+# The C class's names: repr() prints tp_name ("datetime.datetime(2026, ...)"),
+# pickle finds the class as datetime.datetime.
+VirtualDatetime.__name__ = "datetime.datetime"
+VirtualDatetime.__qualname__ = "datetime"
+VirtualDatetime.__module__ = "datetime"
+
+
+def _wall_seconds_micros() -> tuple[int, int]:
+    micros = time_ns() // 1000
+    return micros // 1_000_000, micros % 1_000_000
 
 
 REPLACEMENTS = {

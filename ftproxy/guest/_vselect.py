@@ -13,7 +13,7 @@ import selectors
 from collections.abc import Iterable
 from typing import Any
 
-from ftproxy.guest._runtime import Runtime, UnsupportedInGuest, refusal
+from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
 from ftproxy.guest._vsocket import VirtualSocket
 
 _runtime: Runtime
@@ -135,13 +135,21 @@ def poll() -> VirtualPoll:
     return VirtualPoll()
 
 
-_NOT_VIRTUALIZED = (
-    "it is not virtualized; selectors.DefaultSelector, select.select and "
-    "select.poll are, and asyncio and socketserver use those"
-)
-epoll = refusal("select.epoll", _NOT_VIRTUALIZED)
-devpoll = refusal("select.devpoll", _NOT_VIRTUALIZED)
-kqueue = refusal("select.kqueue", _NOT_VIRTUALIZED)
+# Removed from the guest's select module, as on a host that lacks them.
+NOT_OFFERED = ("epoll", "devpoll", "kqueue")
+
+
+def missing_attribute(name: str) -> Any:
+    """``select``'s module ``__getattr__``: say why epoll and the like are not there."""
+    if name in NOT_OFFERED:
+        raise AttributeError(
+            f"module 'select' has no attribute {name!r} under ftproxy: it is not virtualized; "
+            "use select.poll, select.select or selectors.DefaultSelector (asyncio and "
+            "socketserver do)",
+            name=name,
+            obj=_select,
+        )
+    raise AttributeError(f"module 'select' has no attribute {name!r}", name=name, obj=_select)
 
 
 class VirtualSelector(selectors._BaseSelectorImpl):

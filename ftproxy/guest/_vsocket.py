@@ -25,6 +25,8 @@ _STREAM = _socket.SOCK_STREAM
 _DGRAM = _socket.SOCK_DGRAM
 _TYPE_FLAGS = getattr(_socket, "SOCK_NONBLOCK", 0) | getattr(_socket, "SOCK_CLOEXEC", 0)
 _INET_FAMILIES = (_socket.AF_INET, _socket.AF_INET6)
+_INHERITABLE = (-1, -1)  # where a socket keeps its inheritable flag among its options
+_SENDFILE_BLOCK = 64 * 1024
 
 _runtime: Runtime
 
@@ -543,7 +545,79 @@ class VirtualSocket:
             "socket.dup", "duplicated descriptors would share state ftproxy cannot replay"
         )
 
-    # -- options and files -------------------------------------------------
+    def get_inheritable(self) -> bool:
+        return bool(self._options.get(_INHERITABLE, False))
+
+    def set_inheritable(self, inheritable: bool) -> None:
+        # Only a child process would see it, and starting one is refused (with
+        # the fix: run one worker) where it happens.
+        self._options[_INHERITABLE] = bool(inheritable)
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    # -- messages and files --------------------------------------------------
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
+        _runtime.tick()
+        if list(ancdata):
+            raise UnsupportedInGuest(
+                "socket.sendmsg(ancdata=...)",
+                "ancillary data (file descriptors, credentials) cannot be replayed",
+                "send the data alone",
+            )
+        data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+        if address is not None:
+            return self._sendto(data, address)
+        return self._send(data)
+
+    def recvmsg(
+        self, bufsize: int, ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[bytes, list[Any], int, Any]:
+        _runtime.tick()
+        if self._type == _DGRAM:
+            data, address = self._recvfrom(bufsize, flags)
+            return data, [], 0, address
+        return self._recv(bufsize, flags), [], 0, None
+
+    def recvmsg_into(
+        self, buffers: Any, ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[int, list[Any], int, Any]:
+        views = [memoryview(b).cast("B") for b in buffers]
+        data, ancdata, msg_flags, address = self.recvmsg(sum(len(v) for v in views), 0, flags)
+        offset = 0
+        for view in views:
+            take = data[offset : offset + len(view)]
+            view[: len(take)] = take
+            offset += len(take)
+        return len(data), ancdata, msg_flags, address
+
+    def sendmsg_afalg(self, *args: Any, **kwargs: Any) -> int:
+        raise UnsupportedInGuest("socket.sendmsg_afalg", "AF_ALG sockets are not virtualized")
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """As the stdlib's: the file's bytes go out through send (a file is no device)."""
+        _runtime.tick()
+        if "b" not in getattr(file, "mode", "b"):
+            raise ValueError("file should be opened in binary mode")
+        if self._type != _STREAM:
+            raise ValueError("only SOCK_STREAM type sockets are supported")
+        if count is not None and (not isinstance(count, int) or count <= 0):
+            raise ValueError(f"count must be a positive integer (got {count!r})")
+        if self._timeout == 0.0:
+            raise ValueError("non-blocking sockets are not supported")
+        file.seek(offset)  # from offset, wherever the file stands, as os.sendfile reads
+        total = 0
+        while count is None or total < count:
+            chunk = file.read(min(_SENDFILE_BLOCK, count - total) if count else _SENDFILE_BLOCK)
+            if not chunk:
+                break
+            self.sendall(chunk)
+            total += len(chunk)
+        if total and hasattr(file, "seek"):
+            file.seek(offset + total)
+        return total
 
     def setsockopt(self, level: int, optname: int, value: Any, optlen: Any = None) -> None:
         _runtime.tick()
@@ -569,6 +643,83 @@ class VirtualSocket:
         # The stdlib's makefile needs only recv_into, send and _io_refs of its socket.
         makefile: Any = _real_socket_class.makefile
         return makefile(self, mode, buffering, **kwargs)
+
+
+# -- os functions given a virtual socket's descriptor -------------------------
+
+_real_os = {
+    name: getattr(os, name)
+    for name in ("close", "sendfile", "set_inheritable", "get_inheritable")
+    if hasattr(os, name)
+}
+_real_os_read = os.read
+_real_os_write = os.write
+
+
+def os_read(fd: int, n: int) -> bytes:
+    sock = _runtime.by_fd.get(fd)
+    return _real_os_read(fd, n) if sock is None else bytes(sock.recv(n))
+
+
+def os_write(fd: int, data: Any) -> int:
+    sock = _runtime.by_fd.get(fd)
+    return _real_os_write(fd, data) if sock is None else int(sock.send(data))
+
+
+def os_close(fd: int) -> None:
+    sock = _runtime.by_fd.get(fd)
+    if sock is None:
+        _real_os["close"](fd)
+    else:
+        sock.close()
+
+
+def os_set_inheritable(fd: int, inheritable: bool) -> None:
+    sock = _runtime.by_fd.get(fd)
+    if sock is None:
+        _real_os["set_inheritable"](fd, inheritable)
+    else:
+        sock.set_inheritable(inheritable)
+
+
+def os_get_inheritable(fd: int) -> bool:
+    sock = _runtime.by_fd.get(fd)
+    return bool(_real_os["get_inheritable"](fd) if sock is None else sock.get_inheritable())
+
+
+def os_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int, *args: Any) -> int:
+    """``os.sendfile`` to a virtual socket: read the file, send what the socket takes."""
+    sock = _runtime.by_fd.get(out_fd)
+    if _runtime.by_fd.get(in_fd) is not None:
+        raise UnsupportedInGuest(
+            "os.sendfile from a socket", "only a file can be its source", "recv, then send"
+        )
+    if sock is None:
+        return int(_real_os["sendfile"](out_fd, in_fd, offset, count, *args))
+    if args:
+        raise UnsupportedInGuest("os.sendfile(headers, trailers, flags)", "they are BSD's")
+    data = os.pread(in_fd, count, offset) if offset is not None else _real_os_read(in_fd, count)
+    if not data:
+        return 0
+    try:
+        sent: int = sock.send(data)
+    except BlockingIOError:
+        if offset is None:
+            os.lseek(in_fd, -len(data), os.SEEK_CUR)
+        raise
+    if offset is None and sent < len(data):
+        os.lseek(in_fd, sent - len(data), os.SEEK_CUR)
+    return sent
+
+
+OS_REPLACEMENTS = {
+    "read": os_read,
+    "write": os_write,
+    "close": os_close,
+    "sendfile": os_sendfile,
+    "set_inheritable": os_set_inheritable,
+    "get_inheritable": os_get_inheritable,
+}
 
 
 def socketpair(
@@ -684,6 +835,58 @@ def gethostbyaddr(address: str) -> tuple[str, list[str], list[str]]:
         raise _socket.herror(code, result)
     name, aliases, addresses = result
     return name, list(aliases), list(addresses)
+
+
+def gethostbyname_ex(host: str) -> tuple[str, list[str], list[str]]:
+    """From getaddrinfo (a device): the canonical name and the IPv4 addresses; no aliases."""
+    infos = getaddrinfo(host, 0, _socket.AF_INET, _STREAM, 0, _socket.AI_CANONNAME)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return (infos[0][3] or host), [], addresses
+
+
+def getnameinfo(sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+    """From gethostbyaddr (a device); services from the host's table, as the real one."""
+    host, port = str(sockaddr[0]), int(sockaddr[1])
+    if flags & _socket.NI_NUMERICSERV:
+        service = str(port)
+    else:
+        try:
+            service = _socket.getservbyport(port, "udp" if flags & _socket.NI_DGRAM else "tcp")
+        except OSError:
+            service = str(port)
+    if not flags & _socket.NI_NUMERICHOST:
+        try:
+            name = gethostbyaddr(host)[0]
+        except OSError:
+            if flags & _socket.NI_NAMEREQD:
+                raise _socket.gaierror(_socket.EAI_NONAME, "Name or service not known") from None
+        else:
+            host = name.split(".", 1)[0] if flags & _socket.NI_NOFQDN else name
+    return host, service
+
+
+def socket_close(fd: int) -> None:
+    """``socket.close(fd)``."""
+    os_close(fd)
+
+
+def socket_dup(fd: int) -> int:
+    """``socket.dup(fd)``: a host descriptor's copy; a virtual socket's is refused."""
+    if _runtime.by_fd.get(fd) is not None:
+        raise UnsupportedInGuest(
+            "socket.dup", "duplicated descriptors would share state ftproxy cannot replay"
+        )
+    return int(_real_socket_dup(fd))
+
+
+_real_socket_dup = _socket.dup
+_HOST_INTERFACES_WHY = "the host's network interfaces are not the same on both replicas"
+REFUSED = {
+    "if_nameindex": _HOST_INTERFACES_WHY,
+    "if_nametoindex": _HOST_INTERFACES_WHY,
+    "if_indextoname": _HOST_INTERFACES_WHY,
+    "sethostname": "the guest's host name is pinned in the log",
+}
 
 
 _hostname = "localhost"
