@@ -101,6 +101,14 @@ PROGRAMS: tuple[Program, ...] = (
         keep_alive=False,
     ),
     Program(
+        "ThreadingHTTPServer",
+        "http.server.ThreadingHTTPServer (each request served in turn)",
+        (),
+        _script("threading_httpserver_kv.py"),
+        one_at_a_time=True,
+        keep_alive=False,
+    ),
+    Program(
         "flask-wsgiref",
         "Flask on wsgiref.simple_server",
         ("flask",),
@@ -137,14 +145,6 @@ PROGRAMS: tuple[Program, ...] = (
 
 REFUSED: tuple[Refused, ...] = (
     Refused(
-        "ThreadingHTTPServer",
-        "http.server.ThreadingHTTPServer",
-        _script("threading_httpserver_kv.py"),
-        "starts a thread per request; how threads interleave cannot be replayed",
-        "HTTPServer",
-        needs_request=True,
-    ),
-    Refused(
         "uvicorn --workers 2",
         "uvicorn + Starlette, --workers 2",
         _uvicorn("--loop", "asyncio", "--http", "h11", "--workers", "2"),
@@ -153,9 +153,9 @@ REFUSED: tuple[Refused, ...] = (
         needs_request=False,
     ),
     Refused(
-        "uvicorn with uvloop",
-        "uvicorn + Starlette, default --loop with uvloop installed",
-        _uvicorn("--http", "h11"),
+        "uvicorn --loop uvloop",
+        "uvicorn + Starlette, --loop uvloop",
+        _uvicorn("--loop", "uvloop", "--http", "h11"),
         "uvloop's event loop is C code (libuv) doing its own I/O, outside the virtual devices",
         "--loop asyncio",
         needs_request=False,
