@@ -7,7 +7,7 @@ tornado. ``tests/test_real_programs.py`` fails them over; ``python -m bench
 programs`` measures each one bare and as a replicated pair:
 
     python -m bench programs          # ~2 min: a table, bench/results/programs-<UTC>.json
-    python -m bench programs --json out.json --seconds 1 --only flask-wsgiref
+    python -m bench programs --json out.json --seconds 1 --only flask-wsgiref   # there only
 """
 
 from __future__ import annotations
@@ -563,33 +563,56 @@ def _start_pair(program: Program, scratch: Path, arbiter: Arbiter) -> tuple[list
 
 
 def bench_program(
-    program: Program, scratch: Path, arbiter: Arbiter, loads: list[int], seconds: float
+    program: Program,
+    scratch: Path,
+    arbiter: Arbiter,
+    loads: list[int],
+    seconds: float,
+    rounds: int,
 ) -> dict[str, Any]:
-    """Bare, then the pair, under each load; the pair's throughput over bare's."""
+    """Bare and the pair side by side, taking turns cell by cell over ``rounds``.
+
+    The shared machine drifts; turns make the drift hit both alike, and each
+    cell keeps its round of median throughput (``rps_rounds`` lists all).
+    """
     row: dict[str, Any] = {"name": program.name, "title": program.title}
     row["versions"] = versions(program)
-    for config in ("bare", "pair"):
-        procs, port = (
-            _start_bare(program, scratch)
-            if config == "bare"
-            else _start_pair(program, scratch, arbiter)
-        )
-        try:
+    bare_procs, bare_port = _start_bare(program, scratch)
+    procs = list(bare_procs)
+    try:
+        pair_procs, pair_port = _start_pair(program, scratch, arbiter)
+        procs += pair_procs
+        ports = {"bare": bare_port, "pair": pair_port}
+        for port in ports.values():
             wait_serving(program, port)
-            row[config] = [
-                measure(program, port, clients, seconds, f"{config}{clients}c") for clients in loads
-            ]
-        except (TimeoutError, OSError) as exc:
-            row[config] = {"error": f"{exc}; {procs[0].stderr_tail(5)}"}
-        finally:
-            for proc in procs:
-                proc.stop()
-    if isinstance(row["bare"], list) and isinstance(row["pair"], list):
-        row["pair_over_bare"] = [
-            p["rps"] / b["rps"] if b["rps"] else None
-            for p, b in zip(row["pair"], row["bare"], strict=True)
-        ]
+        measured: dict[str, list[list[dict[str, Any]]]] = {"bare": [], "pair": []}
+        for config in ports:
+            measured[config] = [[] for _ in loads]
+        for turn in range(rounds):
+            order = list(ports) if turn % 2 == 0 else list(reversed(ports))
+            for i, clients in enumerate(loads):
+                for config in order:
+                    cell = measure(program, ports[config], clients, seconds, f"{config}{turn}c")
+                    measured[config][i].append(cell)
+        for config, cells in measured.items():
+            row[config] = [_median_round(rounds_of_cell) for rounds_of_cell in cells]
+    except (TimeoutError, OSError) as exc:
+        tails = "; ".join(f"{p.name}: {p.stderr_tail(3)}" for p in procs)
+        row["error"] = f"{exc}; {tails}"
+        return row
+    finally:
+        for proc in procs:
+            proc.stop()
+    row["pair_over_bare"] = [
+        p["rps"] / b["rps"] if b["rps"] else None
+        for p, b in zip(row["pair"], row["bare"], strict=True)
+    ]
     return row
+
+
+def _median_round(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(cells, key=lambda cell: float(cell["rps"]))
+    return {**ordered[len(ordered) // 2], "rps_rounds": [round(c["rps"], 1) for c in cells]}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -600,14 +623,17 @@ def table(result: dict[str, Any]) -> str:
         head += [f"bare req/s c={clients}", f"pair req/s c={clients}", f"pair/bare c={clients}"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "--:|" * (3 * len(loads))]
     for row in result["programs"]:
-        cells = [row["title"], ", ".join(f"{k} {v}" for k, v in row["versions"].items())]
+        named = [f"{k} {v}" for k, v in row["versions"].items() if k != "python"]
+        cells = [row["title"], ", ".join(named) or "stdlib"]
         for i in range(len(loads)):
-            try:
-                bare, pair = row["bare"][i], row["pair"][i]
-                cells += [f"{bare['rps']:,.0f}", f"{pair['rps']:,.0f}"]
-                cells.append(f"{row['pair_over_bare'][i]:.2f}x")
-            except (KeyError, TypeError):
+            if "error" in row:
                 cells += ["failed", "failed", "-"]
+                continue
+            for config in ("bare", "pair"):
+                cell = row[config][i]
+                wrong = f" ({len(cell['wrong'])} wrong)" if cell["wrong"] else ""
+                cells.append(f"{cell['rps']:,.0f}{wrong}")
+            cells.append(f"{row['pair_over_bare'][i]:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -616,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench programs", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("--seconds", type=float, default=3.0, help="per cell (default 3)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per cell (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per cell (default 3)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="loads (1 4)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="these programs only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the JSON here too")
@@ -631,7 +658,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for program in chosen:
                 print(f"bench programs: {program.name} ...", file=sys.stderr, flush=True)
-                rows.append(bench_program(program, scratch, arbiter, args.clients, args.seconds))
+                rows.append(
+                    bench_program(
+                        program, scratch, arbiter, args.clients, args.seconds, args.rounds
+                    )
+                )
         finally:
             arbiter.stop()
     result = {
@@ -639,18 +670,24 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe(),
         "loads": args.clients,
         "seconds_per_cell": args.seconds,
+        "rounds": args.rounds,
         "notes": [
             "Each client is a process running http.client (xmlrpc.client for XML-RPC) in a "
             "closed loop of PUT of a unique key, GET of it, POST to its counter; every reply "
             "is checked. req/s counts the requests answered over the cell.",
             "bare: python PROGRAM on real sockets. pair: ftproxy primary + backup on "
             "loopback with the output rule (the product), one arbiter for the run.",
+            "Bare and pair run side by side and take turns cell by cell over the rounds "
+            "(reversed order every other round); each cell keeps its round of median req/s.",
         ],
         "programs": rows,
     }
     print(table(result))
+    for row in rows:
+        if "error" in row:
+            print(f"bench programs: {row['name']} failed: {row['error']}", file=sys.stderr)
     stamp = taken.strftime("%Y-%m-%dT%H%M%SZ")
-    paths = [RESULTS / f"programs-{stamp}.json", *([args.json] if args.json else [])]
+    paths = [args.json] if args.json else [RESULTS / f"programs-{stamp}.json"]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
