@@ -6,7 +6,7 @@ wsgiref with Flask and bottle, xmlrpc.server, uvicorn + Starlette, aiohttp and
 tornado. ``tests/test_real_programs.py`` fails them over; ``python -m bench
 programs`` measures each one bare and as a replicated pair:
 
-    python -m bench programs          # ~2 min: a table, bench/results/programs-<UTC>.json
+    python -m bench programs          # ~5 min: a table, bench/results/programs-<UTC>.json
     python -m bench programs --json out.json --seconds 1 --only flask-wsgiref   # there only
 """
 
