@@ -72,7 +72,7 @@ class Recording:
     def __init__(
         self,
         log: Path,
-        script: Path,
+        script: Path | str,
         *args: str,
         ready_marker: str = "listening",
         record_args: tuple[str, ...] = (),

@@ -15,18 +15,21 @@ from ftproxy.channel import (
     Authenticated,
     Channel,
     ConnectionClosed,
+    Diverged,
     Entries,
     Error,
     Heartbeat,
     Hello,
     Join,
     LocalProtocolError,
+    RecordedOutputs,
     RemoteProtocolError,
     State,
+    Waiting,
     Welcome,
     encode_message,
 )
-from ftproxy.wire import Entry, Header, Policy
+from ftproxy.wire import Entry, Header, Output, Policy
 
 SECRET = b"a shared secret of enough bytes"
 HEADER = Header(1, ["kv.py"], {"PYTHONHASHSEED": "1"}, "/srv", "3.11.7", Policy(200, 1000), 0)
@@ -105,6 +108,23 @@ def test_messages_out_of_turn() -> None:
         backup.send(Entries([]))  # only the primary ships entries
     with pytest.raises(RemoteProtocolError, match="unexpected Ack from the primary"):
         pump(primary, backup, encode_message(Ack(1, 1)))
+
+
+def test_a_divergence_is_reported_by_the_backup_and_answered_by_the_primary() -> None:
+    backup, primary = connected()
+    waiting = Waiting(7, 120, 1, 0xDEADBEEF)
+    assert pump(primary, backup, primary.send(waiting)) == [waiting]
+    ours = [Output(6, 1, 1 << 30, b"pid 10490\n")]
+    diverged = Diverged(7, 120, "divergence at log entry 7 (icount 120)", ours)
+    assert pump(backup, primary, backup.send(diverged)) == [diverged]
+    theirs = RecordedOutputs(6, [Output(6, 1, 1 << 30, b"pid 10488\n")])
+    assert pump(primary, backup, primary.send(theirs)) == [theirs]
+    with pytest.raises(LocalProtocolError):
+        backup.send(Waiting(1, 1, 1, 1))  # only the primary's guest waits for the backup
+    with pytest.raises(LocalProtocolError):
+        primary.send(diverged)  # only the backup replays
+    with pytest.raises(RemoteProtocolError, match="unexpected RecordedOutputs from the backup"):
+        pump(backup, primary, encode_message(theirs))
 
 
 def test_an_oversized_frame_is_refused_before_its_body() -> None:

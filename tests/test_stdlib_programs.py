@@ -96,7 +96,7 @@ def test_python_m_http_server_serves_concurrent_clients_and_replays(tmp_path: Pa
     port = free_port()
     log = tmp_path / "httpserver.ftlog"
     command = ("http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port))
-    with Recording(log, "-m", *command, ready_marker="Serving HTTP") as rec:  # type: ignore[arg-type]
+    with Recording(log, "-m", *command, ready_marker="Serving HTTP") as rec:
         base = f"http://127.0.0.1:{port}"
         urls = [f"{base}/index.txt", f"{base}/other.txt", f"{base}/"] * 8
         # http.server's main is a ThreadingHTTPServer: it serves them in turn.
@@ -123,12 +123,17 @@ def test_numpy_and_fakeredis_import_and_datetime_now_follows_the_virtual_clock(
     with Recording(log, GUESTS / "numpy_fakeredis.py", str(port)) as rec:
         replies = []
         with connect(port) as sock:
-            for command in ("now", "set a 1", "incr a", "incr a", "get a", "mean 1 2 4", "now"):
+            commands = ("now", "set a 1", "incr a", "incr a", "get a", "mean 1 2 4", "pickle")
+            for command in (*commands, "now"):
                 sock.sendall(command.encode() + b"\n")
                 replies.append(recv_until(sock, b"\n").decode().rstrip("\n"))
         assert rec.stop() == 0, rec.stderr
     first_now, *store, last_now = replies
+    *store, pickled = store
     assert store == ["True", "2", "3", "3", "2.3333333333333335"]
+    assert pickled == (
+        "datetime.datetime(2020, 1, 2, 3, 4, 5) datetime.datetime(2021, 5, 6, 0, 0) [True, True]"
+    )
     for now in (first_now, last_now):
         local, utc, utcnow, today, np_now, kind = now.split(" ", 5)
         assert kind == "<class 'datetime.datetime'>"
@@ -184,7 +189,7 @@ def test_pyftpdlib_picks_poll_and_serves_concurrent_ftp_clients_and_replays(
     port = free_port()
     log = tmp_path / "ftp.ftlog"
     command = ("pyftpdlib", "-i", "127.0.0.1", "-p", str(port), "-d", str(shared), "-w", "-D")
-    with Recording(log, "-m", *command, ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, "-m", *command, ready_marker="") as rec:
         _wait_for_port(port, rec)
         with concurrent.futures.ThreadPoolExecutor(4) as clients:
             sessions = list(clients.map(lambda i: _ftp_session(port, i), range(4)))
@@ -209,7 +214,7 @@ def _uvicorn(port: int, *options: str) -> tuple[str, ...]:
 def test_uvicorn_with_several_workers_is_refused_with_the_fix(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "workers.ftlog"
-    with Recording(log, *_uvicorn(port, "--workers", "2"), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port, "--workers", "2"), ready_marker="") as rec:
         _refused_exit(rec, log)
     assert "ftproxy: the guest stopped: " in rec.stderr
     assert "is not supported under ftproxy" in rec.stderr
@@ -222,7 +227,7 @@ def test_uvicorn_with_uvloop_installed_runs_on_asyncio_and_replays(tmp_path: Pat
     assert importlib.util.find_spec("uvloop") is not None, "install uvloop (the dev extra)"
     port = free_port()
     log = tmp_path / "uvicorn.ftlog"
-    with Recording(log, *_uvicorn(port), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port), ready_marker="") as rec:
         _wait_for_port(port, rec)
         paths = [f"/client/{i}" for i in range(24)]
         with concurrent.futures.ThreadPoolExecutor(8) as clients:
@@ -237,7 +242,7 @@ def test_uvicorn_with_uvloop_installed_runs_on_asyncio_and_replays(tmp_path: Pat
 def test_a_program_that_needs_uvloop_stops_with_the_fix(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "uvloop.ftlog"
-    with Recording(log, *_uvicorn(port, "--loop", "uvloop"), ready_marker="") as rec:  # type: ignore[arg-type]
+    with Recording(log, *_uvicorn(port, "--loop", "uvloop"), ready_marker="") as rec:
         assert rec.stop(None) == 3, rec.stderr
     assert (
         "ftproxy: the guest stopped: uvloop is not offered under ftproxy: it runs its own event "
@@ -291,3 +296,40 @@ def test_a_guest_command_python_could_not_run_is_refused_clearly(tmp_path: Path)
     assert cli.returncode == 3
     assert "ftproxy: the guest's module 'no_such_module_here' was not found" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+def test_uvicorn_on_a_unix_socket_is_refused_with_the_fix(tmp_path: Path) -> None:
+    log = tmp_path / "uds.ftlog"
+    uds = ("--uds", str(tmp_path / "app.sock"))
+    with Recording(log, *_uvicorn(free_port(), *uds), ready_marker="") as rec:
+        _refused_exit(rec, log)
+    assert (
+        "socket.socket(family=AF_UNIX) is not supported under ftproxy: only AF_INET and "
+        "AF_INET6 sockets (and socketpair) are virtualized; instead, serve on a TCP or UDP "
+        "address (uvicorn: --host and --port, not --uds)"
+    ) in rec.stderr
+
+
+def test_a_forking_socketserver_is_refused_with_the_plain_class_as_the_fix(tmp_path: Path) -> None:
+    script = tmp_path / "forking.py"
+    script.write_text(
+        "import socketserver, sys\n"
+        "class Echo(socketserver.StreamRequestHandler):\n"
+        "    def handle(self):\n"
+        "        self.wfile.write(self.rfile.readline())\n"
+        "server = socketserver.ForkingTCPServer(('127.0.0.1', int(sys.argv[1])), Echo)\n"
+        "print('listening', flush=True)\n"
+        "server.serve_forever()\n"
+    )
+    port = free_port()
+    log = tmp_path / "forking.ftlog"
+    with Recording(log, script, str(port)) as rec:
+        with connect(port) as sock:
+            sock.sendall(b"echo\n")
+            assert sock.recv(100) == b""
+        _refused_exit(rec, log)
+    assert "os.fork is not supported under ftproxy" in rec.stderr
+    assert (
+        "instead, use the plain server class (socketserver.TCPServer, http.server.HTTPServer)"
+    ) in rec.stderr
+    assert f"from {script}:7" in rec.stderr

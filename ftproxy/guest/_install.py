@@ -58,7 +58,8 @@ def install(runtime: Runtime, seed: bytes, pid: int, hostname: str) -> None:
 
     for name, value in _vclock.REPLACEMENTS.items():
         replace(time, name, value)
-    replace(datetime, "datetime", _vclock.VirtualDatetime)
+    originals[id(datetime.datetime)] = _vclock.VirtualDatetime
+    _vclock.install_datetime()
 
     entropy = _ventropy.Entropy(runtime, seed)
     replace(os, "urandom", entropy.urandom)

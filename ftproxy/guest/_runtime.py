@@ -338,7 +338,7 @@ class Runtime:
         EXIT_UNSUPPORTED."""
         caller = sys._getframe(2)
         site = _call_site(caller)
-        refusal.instead = _library_advice(caller) or refusal.instead
+        refusal.instead = _library_advice(caller, refusal.function) or refusal.instead
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -380,23 +380,30 @@ def _call_site(frame: Any) -> str:
     return f" (called at {where[0]}, from {where[1]})"
 
 
-# What to use instead when the refused call comes from one of these libraries
-# (a thread pool, a forking server, a multi-process server): searched from the
-# refused call outwards, up to the program's own code.
+# What to use instead when the refused call (by name prefix) comes from one of
+# these libraries (a thread pool, a forking server, a multi-process server):
+# searched from the refused call outwards, up to the program's own code.
 _LIBRARY_ADVICE = (
-    ("concurrent/futures/", "run the work inline, or run_in_executor(None, ...) under asyncio"),
-    ("socketserver.py", "use the plain server class (socketserver.TCPServer, HTTPServer)"),
-    ("multiprocessing/", "run one process (uvicorn and gunicorn: --workers 1)"),
-    ("uvicorn/", "run one worker process (--workers 1)"),
+    (
+        "concurrent/futures/",
+        ("threading.", "_thread."),
+        "run the work inline, or run_in_executor(None, ...) under asyncio",
+    ),
+    (
+        "socketserver.py",
+        ("os.fork",),
+        "use the plain server class (socketserver.TCPServer, http.server.HTTPServer)",
+    ),
+    ("multiprocessing/", ("",), "run one process (uvicorn and gunicorn: --workers 1)"),
 )
 
 
-def _library_advice(frame: Any) -> str:
+def _library_advice(frame: Any, function: str) -> str:
     while frame is not None:
         filename = frame.f_code.co_filename.replace(os.sep, "/")
         if "/ftproxy/guest/" not in filename:
-            for where, advice in _LIBRARY_ADVICE:
-                if where in filename:
+            for where, functions, advice in _LIBRARY_ADVICE:
+                if where in filename and function.startswith(functions):
                     return advice
             if not _is_library(filename):
                 return ""

@@ -16,6 +16,7 @@ are instances of it.
 
 from __future__ import annotations
 
+import copyreg
 import datetime as _datetime
 import time as _time
 from typing import Any
@@ -160,6 +161,21 @@ class VirtualDatetime(_real_datetime, metaclass=_DatetimeType):
 VirtualDatetime.__name__ = "datetime.datetime"
 VirtualDatetime.__qualname__ = "datetime"
 VirtualDatetime.__module__ = "datetime"
+
+
+def install_datetime() -> None:
+    """Put VirtualDatetime in the datetime module's place.
+
+    A datetime the C API made (numpy's ``item()``, ``datetime.min``) is still
+    of the C class, which pickle would look up as ``datetime.datetime`` and
+    find another class: it pickles as a VirtualDatetime.
+    """
+    _datetime.datetime = VirtualDatetime  # type: ignore[misc]
+    copyreg.pickle(_real_datetime, _reduce_real_datetime)
+
+
+def _reduce_real_datetime(instance: _datetime.datetime) -> tuple[Any, ...]:
+    return (VirtualDatetime, instance.__reduce__()[1])
 
 
 def _wall_seconds_micros() -> tuple[int, int]:

@@ -66,6 +66,7 @@ class VirtualSocket:
             raise UnsupportedInGuest(
                 f"socket.socket(family={_socket.AddressFamily(family).name})",
                 "only AF_INET and AF_INET6 sockets (and socketpair) are virtualized",
+                "serve on a TCP or UDP address (uvicorn: --host and --port, not --uds)",
             )
         if type not in (_STREAM, _DGRAM):
             raise UnsupportedInGuest(

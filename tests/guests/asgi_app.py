@@ -1,7 +1,7 @@
 """A plain ASGI application for uvicorn: GET /hello answers with the request's path."""
 
 
-async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     body = f"hello from {scope['path']}\n".encode()

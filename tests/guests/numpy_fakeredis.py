@@ -3,10 +3,12 @@
 numpy imports the C datetime API at import; fakeredis imports numpy-free
 redis-py but is what the issue saw fail. ``now`` answers the clocks as
 datetime, date and numpy see them, ``set K V``/``get K``/``incr K`` go to an
-in-process fake Redis, ``mean X Y ...`` to numpy.
+in-process fake Redis, ``mean X Y ...`` to numpy, ``pickle`` round-trips
+datetimes numpy made.
 """
 
 import datetime
+import pickle
 import socketserver
 import sys
 
@@ -30,6 +32,12 @@ def answer(words: list[str]) -> str:
                 repr(type(now)),
             ]
         )
+    if words[0] == "pickle":
+        # numpy makes datetimes through the C API: they must pickle, compare and check too.
+        made_in_c = numpy.datetime64("2020-01-02T03:04:05").item()
+        back = pickle.loads(pickle.dumps([made_in_c, datetime.datetime(2021, 5, 6)]))
+        checks = [isinstance(made_in_c, datetime.datetime), back[0] == made_in_c]
+        return f"{back[0]!r} {back[1]!r} {checks}"
     if words[0] == "set":
         return str(store.set(words[1], words[2]))
     if words[0] == "get":
