@@ -161,10 +161,15 @@ class Cluster:
     def start(self) -> Cluster:
         if self.arbiter_address is None:
             self.start_arbiter()
+        return self.start_replicas()
+
+    def start_replicas(self, ready: str | None = "listening") -> Cluster:
+        """Primary and backup, against an arbiter already up; ``ready``: their stdout marker."""
         self.start_primary()
         self.start_backup()
-        self.primary.wait_for("listening")
-        self.backup.wait_for("listening")
+        if ready is not None:
+            self.primary.wait_for(ready)
+            self.backup.wait_for(ready)
         return self
 
     def start_primary(self) -> Process:

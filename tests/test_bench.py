@@ -149,3 +149,24 @@ def test_no_acknowledged_write_is_lost_with_the_output_rule(result: dict[str, An
     etcd = result["failover"]["output-rule-etcd"]  # the same kills, etcd deciding
     assert len(etcd["trials"]) == 3, etcd.get("reason")
     assert etcd["failed"] == 0 and etcd["lost_acknowledged_writes"] == 0, etcd["trials"]
+
+
+def test_bench_programs_measures_a_real_program_bare_and_as_a_pair(tmp_path: Path) -> None:
+    out = tmp_path / "programs.json"
+    quick = ["--only", "http.server", "--seconds", "0.3", "--rounds", "1", "--clients", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "programs", *quick, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["programs"]
+    assert "error" not in row, row
+    for config in ("bare", "pair"):
+        (cell,) = row[config]
+        assert cell["requests"] > 0 and cell["wrong"] == [] and cell["rps"] > 0
+    assert row["pair_over_bare"][0] > 0
+    assert "| http.server.HTTPServer | stdlib |" in done.stdout
