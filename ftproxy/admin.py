@@ -628,7 +628,7 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
             table.add_row(Text(str(key)), Text(_plain(value)))
 
     role = _plain(status.get("role", "role unknown"))
-    if status.get("serving") is False:  # live, but an old primary holds the address
+    if status.get("address_busy"):  # live, but an old primary holds the address
         role = f"{role}, address busy"
     title = Text.assemble(
         (_plain(status.get("pair", "ftproxy")), "bold"),

@@ -102,7 +102,8 @@ STATUS_FAMILIES: Final[Sequence[StatusFamily]] = (
     ),
     gauge(
         "ftproxy_serving",
-        "On a live replica: 1 while it serves its addresses, 0 while an old primary holds them",
+        "1 while this replica serves clients: a primary with its backup, or a live replica "
+        "that holds its addresses (0 while an old primary still holds them)",
         field("serving"),
     ),
     gauge("ftproxy_generation", "The pair's generation at the arbiter", field("generation")),

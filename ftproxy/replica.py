@@ -331,8 +331,13 @@ class StatusBoard:
             status["role"] = self.role_override
         status["protected"] = self.protected()
         busy = self.address_busy()
-        if status.get("role") == "live":
-            status["serving"] = not busy
+        # Serving clients now: a primary with its backup, a live replica that holds
+        # its addresses (not one whose old primary still does: --fence none).
+        role = status.get("role")
+        status["serving"] = (role == "primary" and self.peer_state == "connected") or (
+            role == "live" and not busy
+        )
+        if role == "live":
             status["address_busy"] = busy
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()

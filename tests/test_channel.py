@@ -123,6 +123,7 @@ def test_a_divergence_is_reported_by_the_backup_and_answered_by_the_primary() ->
         backup.send(Waiting(1, 1, 1, 1))  # only the primary's guest waits for the backup
     with pytest.raises(LocalProtocolError):
         primary.send(diverged)  # only the backup replays
+    backup, primary = connected(None)  # plain, so that a forged frame reaches the table
     with pytest.raises(RemoteProtocolError, match="unexpected RecordedOutputs from the backup"):
         pump(backup, primary, encode_message(theirs))
 
