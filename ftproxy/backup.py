@@ -380,7 +380,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     The script and the admin port are checked first (StartupError); the admin
     endpoint answers from then on.
     """
-    check_program(options.argv)
+    check_program(options.argv, options.workdir)
     board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
     hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
     async with admin_endpoint(options, board), hooks_running as hooks:

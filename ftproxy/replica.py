@@ -79,14 +79,19 @@ def check_free(flag: str, address: tuple[str, int]) -> None:
             raise StartupError(flag, exc.strerror or str(exc)) from None
 
 
-def check_program(argv: list[str]) -> None:
-    """The script after ``--`` must be there and readable before anything starts."""
+def check_program(argv: list[str], workdir: str | None = None) -> None:
+    """The script after ``--`` must be there and readable before anything starts.
+
+    A relative script is looked for where the guest will run: ``workdir`` (a
+    backup's ``--workdir``), or this process's working directory.
+    """
     script = argv[0]
     if script.startswith("-"):  # an interpreter option (-m MODULE): Python finds it
         return
-    if not os.path.exists(script):
+    path = os.path.join(workdir, script) if workdir is not None else script
+    if not os.path.exists(path):
         raise StartupError(f"-- {script}", "no such file")
-    if not os.path.isfile(script) or not os.access(script, os.R_OK):
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise StartupError(f"-- {script}", "not a readable file")
 
 
