@@ -31,6 +31,7 @@ from ftproxy.channel import (
     Welcome,
 )
 from ftproxy.front.socket import Doorbell
+from ftproxy.guest import _trace
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, accept_backup
@@ -102,9 +103,13 @@ class Primary(ReplicaShell):
         if self.link is not None:
             self._unchecked.append(output_record(seq, message))
         if not self.options.output_rule:
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(message)
             return
         for released in self.replica.output(seq, message):
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(released)
 
     def flush(self) -> None:
@@ -144,11 +149,15 @@ class Primary(ReplicaShell):
                 message = self._announced = waiting
             if batch:
                 self._in_flight.append((batch[-1].seq, trio.current_time()))
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.lose_peer("the log channel broke while sending")
                 return
+            if batch and _trace.stamp is not None:
+                _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
             self.replica.sent(trio.current_time())
 
     async def receive(self, link: LogLink) -> None:
@@ -160,12 +169,16 @@ class Primary(ReplicaShell):
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.ACK_RECEIVED, event.received)
                 unchecked = self._unchecked
                 while unchecked and unchecked[0].seq < event.replayed:
                     unchecked.popleft()
                 self._measure(event, now)
                 assert self.world is not None
                 for released in self.replica.ack_received(event.received, event.replayed, now):
+                    if _trace.stamp is not None:
+                        _trace.stamp(_trace.OUTPUT_RELEASED, event.received)
                     self.world.apply_output(released)
                 if self.replica.role is not Role.PRIMARY:
                     self.lose_peer("the backup's ack came after the peer timeout")
