@@ -118,6 +118,7 @@ class Subject:
     trace_dir: Path
     windows: list[tuple[int, int]] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)  # redis-benchmark 1-client SET req/s
+    rates_many: list[float] = field(default_factory=list)  # ... with --redis-clients
     cpu_start: tuple[float, float] = (0.0, 0.0)
     cpu_used: list[float] = field(default_factory=lambda: [0.0, 0.0])
     requests: int = 0
@@ -273,9 +274,9 @@ def started(subjects: list[Subject]) -> Iterator[None]:
             subject.service.stop()
 
 
-def redis_rate(port: int, requests: int) -> float:
-    """redis-benchmark's 1-client SET 16 B rate."""
-    return bm.run(port, Load("c=1", 1, 1), Op("set", 16), requests).rps
+def redis_rate(port: int, requests: int, clients: int = 1) -> float:
+    """redis-benchmark's SET 16 B rate with ``clients`` clients."""
+    return bm.run(port, Load(f"c={clients}", clients, 1), Op("set", 16), requests).rps
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,6 +294,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for config in args.configs:
                     subjects.append(start(build, config, scratch, arbiter))
             with started(subjects):
+                for subject in subjects:
+                    if subject.build.tree == ROOT and args.pin:
+                        _pin(subject)
                 for subject in subjects:  # warm-up, not measured
                     client_load(subject.service.port, args.warmup)
                 for round_no in range(args.rounds):
@@ -308,6 +312,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             subject.rates.append(
                                 redis_rate(subject.service.port, args.redis_requests)
                             )
+                            if args.redis_clients > 1:
+                                subject.rates_many.append(
+                                    redis_rate(
+                                        subject.service.port,
+                                        args.redis_requests * 4,
+                                        args.redis_clients,
+                                    )
+                                )
                         print(f"  round {round_no + 1}: {subject.key} done", file=sys.stderr)
                 results = {subject.key: _summary(subject) for subject in subjects}
                 if args.keep:
@@ -326,6 +338,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pin(subject: Subject) -> None:
+    """Experiment: the primary side (supervisor and its guest) on CPU 0, the rest free."""
+    for proc in subject.service.primary:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in [proc.pid, *map(int, children)]:
+            os.sched_setaffinity(pid, {0})
+
+
 def _summary(subject: Subject) -> dict[str, Any]:
     joined = join(subject)
     totals = [(got - sent) / 1000 for sent, got in subject.windows]
@@ -340,6 +360,7 @@ def _summary(subject: Subject) -> dict[str, Any]:
             round(used * 1e6 / max(1, subject.requests)) for used in subject.cpu_used
         ],
         "redis_benchmark_c1_set_rps": [round(r) for r in subject.rates],
+        "redis_benchmark_cN_set_rps": [round(r) for r in subject.rates_many],
     }
 
 
@@ -385,6 +406,7 @@ def print_report(result: dict[str, Any]) -> None:
         ("client req/s", "client_rps"),
         ("CPU us/req (primary, backup)", "cpu_us_per_request"),
         ("redis-benchmark c=1 SET req/s", "redis_benchmark_c1_set_rps"),
+        ("redis-benchmark c=N SET req/s", "redis_benchmark_cN_set_rps"),
     ):
         print(f"{label:<{width}}" + "".join(f"{results[k][field_name]!s:>18}" for k in keys))
 
@@ -404,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run redis-benchmark -c 1 SET for N requests per round (0: not)",
     )
     parser.add_argument(
+        "--redis-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --redis-requests, also N clients (4x the requests)",
+    )
+    parser.add_argument(
         "--configs",
         nargs="+",
         default=list(CONFIGS),
@@ -414,15 +443,21 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, metavar="TREE", help="another ftproxy checkout to compare with"
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin this build's primary side (supervisor and guest) to CPU 0",
+    )
+    parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="keep the trace files and logs in DIR"
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the JSON here too")
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the JSON here (default: bench/results/)"
+    )
     args = parser.parse_args(argv)
     result = run(args)
     print_report(result)
     stamp = result["taken"].replace(":", "").replace("+00:00", "Z")
-    paths = [RESULTS / f"breakdown-{stamp}.json"] + ([args.json] if args.json else [])
-    for path in paths:
+    for path in [args.json or RESULTS / f"breakdown-{stamp}.json"]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"bench: wrote {path}")
