@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     print_report(result)
-    stamp = result["taken"].replace(":", "").replace("+00:00", "Z")
+    stamp = result["taken"].replace(":", "").replace("+0000", "Z")
     for path in [args.json or RESULTS / f"breakdown-{stamp}.json"]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
