@@ -9,6 +9,7 @@ primary under a write load. Prints tables, writes JSON and a PNG.
     python -m bench                          # full: a few minutes, saved in bench/results/
     python -m bench --quick --json out.json  # under a minute (+ a first-time pip install)
     python -m bench programs                 # real frameworks, bare and as a pair
+    python -m bench breakdown                # 1 client: p50 per stage of a request's path
 """
 
 from __future__ import annotations
@@ -273,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import programs
 
         return programs.main(argv[1:])
+    if argv[:1] == ["breakdown"]:
+        from bench import breakdown
+
+        return breakdown.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=(__doc__ or "").splitlines()[0]
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
+from bench.procs import FTPROXY, HOST, KV, ROOT, Proc, free_port, wait_until
 from ftproxy.etcdlocal import EtcdCluster
 
 READY = "listening"
@@ -108,19 +108,23 @@ def log_channel_bytes_sent(port: int) -> int | None:
     return sum(int(v) for v in found) if found else None
 
 
-def start_bare(scratch: Path) -> Service:
+def start_bare(scratch: Path, env: dict[str, str] | None = None) -> Service:
     """Configuration 1: ``python examples/kv.py`` on real sockets, no supervisor."""
     port = free_port()
-    proc = Proc("bare", [sys.executable, str(KV), "--port", str(port)], scratch)
+    proc = Proc("bare", [sys.executable, str(KV), "--port", str(port)], scratch, env=env)
     return Service("bare", port, primary=[proc])
 
 
-def start_record(scratch: Path) -> Service:
-    """Configuration 2: ``ftproxy record``, one replica logging to a file, no backup."""
+def start_record(scratch: Path, env: dict[str, str] | None = None, tree: Path = ROOT) -> Service:
+    """Configuration 2: ``ftproxy record``, one replica logging to a file, no backup.
+
+    ``tree``: the ftproxy checkout it runs from (its cwd, so its imports and kv.py).
+    """
     port = free_port()
     log_path = scratch / "record.ftlog"
-    command = [*FTPROXY, "record", "--log", str(log_path), "--", str(KV), "--port", str(port)]
-    proc = Proc("record", command, scratch)
+    kv = tree / KV.relative_to(ROOT)
+    command = [*FTPROXY, "record", "--log", str(log_path), "--", str(kv), "--port", str(port)]
+    proc = Proc("record", command, scratch, env=env, cwd=tree)
     return Service("record", port, primary=[proc], log_path=log_path)
 
 
@@ -193,6 +197,8 @@ def start_pair(
     *,
     output_rule: bool = True,
     two_addresses: bool = False,
+    env: dict[str, str] | None = None,
+    tree: Path = ROOT,
 ) -> Service:
     """Configurations 3 and 4: ``ftproxy primary`` and ``ftproxy backup`` on loopback.
 
@@ -207,7 +213,7 @@ def start_pair(
     primary_admin = free_port()
     backup_admin = free_port()
     generation = arbiter.next_generation()
-    guest = ["--", str(KV), "--port", str(port)]
+    guest = ["--", str(tree / KV.relative_to(ROOT)), "--port", str(port)]
     common = ["--arbiter", arbiter.address, *_security(arbiter.secret_file)]
     primary_command = [
         *FTPROXY,
@@ -235,8 +241,8 @@ def start_pair(
         *mapping,
         *guest,
     ]
-    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch)
-    backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch)
+    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch, env=env, cwd=tree)
+    backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch, env=env, cwd=tree)
     return Service(
         name,
         port,

@@ -36,6 +36,7 @@ from ftproxy.channel import (
 from ftproxy.fence import Fencer
 from ftproxy.front import PacketConfig, format_mac
 from ftproxy.front.socket import Doorbell, SocketFront
+from ftproxy.guest import _trace
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, join_primary
@@ -149,6 +150,8 @@ class Backup(ReplicaShell):
             now = trio.current_time()
             if isinstance(event, Entries):
                 if event.entries:
+                    if _trace.stamp is not None:
+                        _trace.stamp(_trace.BACKUP_RECEIVED, event.entries[-1].seq)
                     self._entries.extend(event.entries)
                     self.replica.entries_received(event.entries[-1].seq, now)
                     self._arrived.ring()
@@ -177,7 +180,10 @@ class Backup(ReplicaShell):
         current = (self.replica.received, self.replica.replayed)
         if current == self._acked:
             return True
-        return await self._send(Ack(*current), current)
+        sent = await self._send(Ack(*current), current)
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ACK_SENT, current[0])
+        return sent
 
     async def _send(self, message: Ack | Heartbeat, state: tuple[int, int]) -> bool:
         try:

@@ -492,8 +492,10 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 def _run_replica(command: str, serve: Any, *args: Any) -> int:
     """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
+    from ftproxy.guest import _trace
     from ftproxy.replica import EXIT_STARTUP, StartupError
 
+    _trace.enable(command)
     try:
         return int(trio.run(serve, *args))
     except StartupError as exc:
@@ -566,6 +568,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
             packet=_packet_config(args),
             pins=args.pin,
         )
+        from ftproxy.guest import _trace
+
+        _trace.enable("record")
         result = trio.run(record, options)
     except ValueError as exc:
         return _usage(str(exc))

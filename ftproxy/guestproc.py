@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 
 _READ_SIZE = 256 * 1024
@@ -106,6 +107,8 @@ class GuestProcess:
         first yield a pass of its loop.
         """
         frame = p.LENGTH.pack(len(body)) + body
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.REPLY_WRITTEN, -1)
         try:
             written = os.write(self._replies.fileno(), frame)
         except BlockingIOError:
@@ -141,6 +144,9 @@ async def start_guest(
     stderr: int | None = None,
 ) -> GuestProcess:
     """Start ``python -m ftproxy.guest ARGV`` with the pipe on fds 3 and 4."""
+    traced = _trace.directory()
+    if traced is not None:
+        env = {**env, _trace.ENV: traced}  # the guest takes it out before the program runs
     reply_read, reply_write = os.pipe()
     request_read, request_write = os.pipe()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import termios
 
 import structlog
@@ -40,6 +41,11 @@ from ftproxy.channel import (
 
 log = structlog.get_logger()
 HANDSHAKE_TIMEOUT_S = OPENING_TIMEOUT_S
+_READ_SIZE = 1024 * 1024
+# Reads that found data without waiting, after which next_event yields once
+# anyway, so that a peer that never lets the socket run dry cannot starve the
+# replica's other tasks.
+_READS_BETWEEN_YIELDS = 32
 
 
 class LinkRefused(Exception):
@@ -55,14 +61,27 @@ class LinkRefused(Exception):
         self.retry = retry
 
 
+Sendable = Join | Welcome | Entries | Ack | Heartbeat | Waiting | Diverged | RecordedOutputs | Error
+
+
 class LogLink:
-    """One authenticated log channel connection."""
+    """One authenticated log channel connection.
+
+    Bytes go to the socket at once when it has room and nobody else is
+    sending, and are read before waiting for more: trio's lock and stream
+    methods would each yield a full pass of its loop (an epoll_wait and a task
+    switch) per message, and on the 1-client path every entry and every ack is
+    such a message. What the socket does not take at once waits in
+    ``_pending`` and goes out, in order, before anything sent after it.
+    """
 
     def __init__(self, stream: trio.SocketStream, channel: Channel) -> None:
         self.stream = stream
         self.channel = channel
         self._send_lock = trio.StrictFIFOLock()
         self.peer = peer_name(stream.socket)
+        self._pending = b""
+        self._unyielded = 0
 
     def unread(self) -> int:
         """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
@@ -73,20 +92,53 @@ class LogLink:
             )
         return waiting + self.channel.buffered
 
-    async def send(
-        self,
-        message: Join
-        | Welcome
-        | Entries
-        | Ack
-        | Heartbeat
-        | Waiting
-        | Diverged
-        | RecordedOutputs
-        | Error,
-    ) -> None:
-        """Send one message; ClosedResourceError once the conversation has ended."""
+    @property
+    def pending(self) -> bool:
+        """Bytes of a message sent with ``send_now`` still wait for the socket (``flush``)."""
+        return bool(self._pending)
+
+    def send_now(self, message: Sendable) -> bool:
+        """Send ``message`` without waiting, if no other send is under way (False: it was
+        not sent, nothing changed). What the socket does not take now stays pending:
+        ``flush`` (or any later send) puts it out first."""
+        if self._send_lock.locked() or self._pending:
+            return False
+        try:
+            data = self.channel.send(message)
+        except LocalProtocolError:
+            raise trio.ClosedResourceError("the log channel is closed") from None
+        self._write_now(data)
+        return True
+
+    def _write_now(self, data: bytes) -> None:
+        try:
+            # -1 once closed (never a stale number that a new socket may have taken).
+            written = os.write(self.stream.socket.fileno(), data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError:
+            written = 0  # broken: the stream's send_all reports it, from flush
+        if written < len(data):
+            self._pending = data[written:]
+
+    async def flush(self) -> None:
+        """Put out what ``send_now`` left pending."""
         async with self._send_lock:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            await self.stream.send_all(data)
+
+    async def send(self, message: Sendable) -> None:
+        """Send one message; ClosedResourceError once the conversation has ended."""
+        if self.send_now(message):
+            if self._pending:
+                await self.flush()
+            return
+        async with self._send_lock:
+            await self._flush_pending()
             try:
                 data = self.channel.send(message)
             except LocalProtocolError:
@@ -101,14 +153,30 @@ class LogLink:
             pending = self.channel.data_to_send()
             if pending:
                 async with self._send_lock:
+                    await self._flush_pending()
                     await self.stream.send_all(pending)
             if event is not NEED_DATA:
                 return event
-            try:
-                data = await self.stream.receive_some(1024 * 1024)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            self.channel.receive_data(data)
+            self.channel.receive_data(await self._receive_some())
+
+    async def _receive_some(self) -> bytes:
+        """What the peer sent since the last read; b"" once the connection is closed."""
+        try:
+            while True:
+                fd = self.stream.socket.fileno()  # -1 once closed: EBADF, the end
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    self._unyielded = 0
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                self._unyielded += 1
+                if self._unyielded >= _READS_BETWEEN_YIELDS:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
 
     async def refuse(self, reason: str) -> None:
         """Tell the peer why, then close."""

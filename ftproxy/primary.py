@@ -32,6 +32,7 @@ from ftproxy.channel import (
 )
 from ftproxy.fence import identify_self
 from ftproxy.front.socket import Doorbell
+from ftproxy.guest import _trace
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LogLink, accept_first_backup
@@ -93,9 +94,42 @@ class Primary(ReplicaShell):
         self.board.counters["exits_total"] += 1
         self._waiting = Waiting(seq, exit.icount, exit.kind, exit.digest)
         try:
-            return await self.world.answer(seq, exit)
+            body = await self.world.answer(seq, exit)
         finally:
             self._waiting = None
+        if self._outbox and not self._ship_now():
+            self._outbox_ready.ring()
+        return body
+
+    def _ship_now(self) -> bool:
+        """Send the outbox from here when the channel is idle (nothing in flight):
+        before the reply goes to the guest, so the log's round trip and the guest's
+        work overlap from the start, and without waking the ship task (a pass of
+        trio's loop later). Under load, entries wait for the ship task and go in
+        batches (group commit). False: not sent here."""
+        link = self.link
+        if (
+            link is None
+            or self._in_flight
+            or self.options.ship_delay_s
+            or self.replica.role is not Role.PRIMARY
+        ):
+            return False
+        batch = self._outbox
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
+        try:
+            if not link.send_now(Entries(batch)):
+                return False
+        except trio.ClosedResourceError:
+            return False  # the ship task finds out and reports it
+        now = trio.current_time()
+        self._outbox = []
+        self._in_flight.append((batch[-1].seq, now))
+        self.replica.sent(now)
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
+        return not link.pending  # the ship task puts out the rest
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         assert self.world is not None
@@ -103,9 +137,13 @@ class Primary(ReplicaShell):
         if self.link is not None:
             self._unchecked.append(output_record(seq, message))
         if not self.options.output_rule:
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(message)
             return
         for released in self.replica.output(seq, message):
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(released)
 
     def flush(self) -> None:
@@ -116,8 +154,7 @@ class Primary(ReplicaShell):
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
         if self.replica.role is Role.PRIMARY:
-            self._outbox.append(entry)
-            self._outbox_ready.ring()
+            self._outbox.append(entry)  # shipped at the end of answer()
 
     async def _input_allowed(self) -> None:
         if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
@@ -132,9 +169,18 @@ class Primary(ReplicaShell):
         """Send the outbox in batches; heartbeats when there is nothing to send."""
         timing = self.options.timing
         while True:
+            if link.pending:
+                try:
+                    await link.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.lose_peer("the log channel broke while sending")
+                    return
+                self.replica.sent(trio.current_time())
             if not self._outbox:
                 with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
                     await self._outbox_ready.wait()
+            if link.pending and not self._outbox:
+                continue
             if self._outbox and self.options.ship_delay_s:
                 await trio.sleep(self.options.ship_delay_s)
             batch, self._outbox = self._outbox, []
@@ -145,11 +191,15 @@ class Primary(ReplicaShell):
                 message = self._announced = waiting
             if batch:
                 self._in_flight.append((batch[-1].seq, trio.current_time()))
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.lose_peer("the log channel broke while sending")
                 return
+            if batch and _trace.stamp is not None:
+                _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
             self.replica.sent(trio.current_time())
 
     async def receive(self, link: LogLink) -> None:
@@ -161,13 +211,19 @@ class Primary(ReplicaShell):
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.ACK_RECEIVED, event.received)
+                lag_s = self.replica.lag(now)[2]  # before this ack, as it always was
+                assert self.world is not None
+                # The held outputs go first: the bookkeeping below is not on their path.
+                for released in self.replica.ack_received(event.received, event.replayed, now):
+                    if _trace.stamp is not None:
+                        _trace.stamp(_trace.OUTPUT_RELEASED, event.received)
+                    self.world.apply_output(released)
                 unchecked = self._unchecked
                 while unchecked and unchecked[0].seq < event.replayed:
                     unchecked.popleft()
-                self._measure(event, now)
-                assert self.world is not None
-                for released in self.replica.ack_received(event.received, event.replayed, now):
-                    self.world.apply_output(released)
+                self._measure(event, now, lag_s)
                 if self.replica.role is not Role.PRIMARY:
                     self.lose_peer("the backup's ack came after the peer timeout")
                     return
@@ -201,12 +257,12 @@ class Primary(ReplicaShell):
             "this replica goes on alone"
         )
 
-    def _measure(self, ack: Ack, now: float) -> None:
+    def _measure(self, ack: Ack, now: float, lag_s: float) -> None:
         """The log channel's round trip (batch sent to its ack) and the backup's lag."""
         while self._in_flight and self._in_flight[0][0] <= ack.received:
             _, sent_at = self._in_flight.popleft()
             self.board.channel_rtt_ms.add((now - sent_at) * 1000)
-        self.board.lag_ms.add(self.replica.lag(now)[2] * 1000)
+        self.board.lag_ms.add(lag_s * 1000)
 
     async def run_channel(self, link: LogLink) -> None:
         """Replicate until the backup is lost, then arbitrate."""

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess
 
@@ -124,6 +125,8 @@ class Supervisor:
             await self.guest.reply(body)
         elif op in (p.OP_SEND, p.OP_SENDTO, p.OP_SHUTDOWN, p.OP_CLOSE, p.OP_FRAME):
             self.outputs += 1
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_TAKEN, self.seq)
             try:
                 self.mode.output(self.seq, message)
             except Divergence as divergence:

@@ -28,6 +28,7 @@ import trio
 from ftproxy.front import PacketConfig
 from ftproxy.front.packet import PacketFront
 from ftproxy.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
+from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 from ftproxy.startfiles import pinned_paths, start_files
 from ftproxy.supervisor import Exit, GuestFailure
@@ -310,6 +311,8 @@ class WorldAnswers:
                     await self._doorbell.wait()
             else:
                 await self._doorbell.wait_readable(fd, deadline)
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.SUP_WOKE, -1)
         index, blob, events = self.front.collect(readable, writable, pressured)
         if self._signals:
             events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]

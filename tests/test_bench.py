@@ -170,3 +170,31 @@ def test_bench_programs_measures_a_real_program_bare_and_as_a_pair(tmp_path: Pat
         assert cell["requests"] > 0 and cell["wrong"] == [] and cell["rps"] > 0
     assert row["pair_over_bare"][0] > 0
     assert "| http.server.HTTPServer | stdlib |" in done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_breakdown_finds_every_stage_of_a_request(tmp_path: Path) -> None:
+    """``python -m bench breakdown``: every process stamps its stages, and the join finds
+    each stage inside the requests' windows (no figure is filled in when it is not)."""
+    out = tmp_path / "breakdown.json"
+    command = [sys.executable, "-m", "bench", "breakdown", "--requests", "150", "--rounds", "1"]
+    done = subprocess.run(
+        [*command, "--warmup", "30", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"record@this", "no-rule@this", "rule@this"}
+    for key, result in results.items():
+        assert result["requests"] == 150, key
+        for stage in result["stages"]:
+            assert stage["n"] > 0 and stage["p50_us"] is not None, (key, stage)
+        # With the rule, the output waits for the ack in the same window: every
+        # request's log path is there (without it the ack may come after the reply).
+        if key == "rule@this":
+            by_name = {stage["stage"]: stage for stage in result["stages"]}
+            assert by_name["ack -> output released"]["n"] >= 140, by_name
+        assert result["stages"][-1]["n"] == 150  # the client's own round trip

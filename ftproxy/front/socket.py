@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from ftproxy.admission import RESERVED_DESCRIPTORS, RejectionLog, descriptors_left, peer_name
+from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 
 log = structlog.get_logger()
@@ -232,6 +233,8 @@ class SocketFront:
         if stream is None or stream.reset:
             return
         if not stream.outbox:
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.CLIENT_WRITE, -1)
             try:
                 sent = stream.sock.send(data)
             except BlockingIOError:
@@ -311,6 +314,8 @@ class SocketFront:
             stream.eof = True
             self._unpoll(stream)
             return
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.SUP_READ, -1)
         stream.inbox += data
         if len(stream.inbox) >= _INPUT_LIMIT:
             self._unpoll(stream)  # the guest pushes back on its client through TCP

@@ -15,6 +15,7 @@ import runpy
 import sys
 from typing import NoReturn
 
+from ftproxy.guest import _trace
 from ftproxy.guest._install import install
 from ftproxy.guest._runtime import EXIT_UNSUPPORTED, ModuleNotOffered, Runtime
 from ftproxy.guest.command import CommandError, GuestCommand, parse_command
@@ -29,6 +30,7 @@ def main() -> None:
         _stop(f"ftproxy: {exc}", EXIT_USAGE)
     if command.script is not None and not os.path.isfile(command.script):
         _stop(f"ftproxy: the guest's script {command.script!r} is not a file", EXIT_USAGE)
+    _trace.enable("guest")
     runtime = Runtime()
     seed, pid, hostname, network = runtime.boot()
     install(runtime, seed, pid, hostname)

@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
+from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 
 EXIT_UNSUPPORTED = 3
@@ -225,8 +226,12 @@ class Runtime:
             frame = p.encode(self._outbox)
             self._outbox = []
             self._outbox_bytes = 0
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.GUEST_WROTE, -1)
             self._write(frame)
             reply = p.decode_body(self._read_frame())
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.GUEST_WOKE, -1)
         finally:
             self._in_exit = False
         self._since_exit = 0
