@@ -140,6 +140,37 @@ class Cluster:
             *guest,
         ]
 
+    def replica(
+        self,
+        name: str,
+        command: str,
+        *flags: str,
+        admin: int,
+        guest: tuple[str, ...] = (),
+    ) -> Process:
+        """Start ``ftproxy COMMAND`` (primary, backup or run) with its own flags and data dir."""
+        guest = guest or (str(KV), "--port", str(self.service_port))
+        process = Process(
+            name,
+            [
+                *FTPROXY,
+                command,
+                *flags,
+                "--arbiter",
+                f"127.0.0.1:{self.arbiter_port}",
+                "--admin",
+                f"127.0.0.1:{admin}",
+                "--data-dir",
+                str(self.tmp / f"data-{name}"),
+                "--insecure",
+                "--",
+                *guest,
+            ],
+            self.tmp,
+        )
+        self.processes[name] = process
+        return process
+
     def start(self) -> Cluster:
         self.start_arbiter()
         self.processes["primary"] = Process(
