@@ -147,8 +147,10 @@ class Cluster:
         *flags: str,
         admin: int,
         guest: tuple[str, ...] = (),
+        data: str = "",
     ) -> Process:
-        """Start ``ftproxy COMMAND`` (primary, backup or run) with its own flags and data dir."""
+        """Start ``ftproxy COMMAND`` (primary, backup or run) with its own flags and data
+        dir (``data-NAME``, or ``data-DATA`` to share one between runs of a node)."""
         guest = guest or (str(KV), "--port", str(self.service_port))
         process = Process(
             name,
@@ -161,7 +163,7 @@ class Cluster:
                 "--admin",
                 f"127.0.0.1:{admin}",
                 "--data-dir",
-                str(self.tmp / f"data-{name}"),
+                str(self.tmp / f"data-{data or name}"),
                 "--insecure",
                 "--",
                 *guest,

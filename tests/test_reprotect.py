@@ -297,3 +297,56 @@ def test_a_full_disk_is_reported_and_the_replica_keeps_serving_unprotected(clust
     finally:
         c.stop()
         subprocess.run(["umount", str(data)], check=True)
+
+
+def start_node(c: Cluster, name: str, log_port: int, admin: int, run: int) -> Node:
+    """``ftproxy run`` as an operator puts it under systemd: the same command every time."""
+    process = c.replica(
+        f"{name}-{run}",
+        "run",
+        "--pair",
+        "kv",
+        "--log-listen",
+        f"127.0.0.1:{log_port}",
+        admin=admin,
+        data=name,
+    )
+    return Node(name, log_port, admin, process)
+
+
+def test_run_nodes_restarted_in_a_loop_heal_the_pair_each_time(cluster) -> None:
+    c = cluster
+    ports = {name: (free_port(), free_port()) for name in ("x", "y")}
+    # Both started at once: the arbiter lets exactly one boot the service.
+    nodes = {name: start_node(c, name, *ports[name], run=0) for name in ports}
+
+    def by_role() -> tuple[Node, Node]:
+        first, second = nodes.values()
+        return (first, second) if first.status()["role"] == "primary" else (second, first)
+
+    def wait_healed(generation: int) -> None:
+        wait_until(
+            lambda: any(n.protected(generation) for n in nodes.values()),
+            60,
+            f"the nodes form a pair of generation {generation}",
+        )
+
+    wait_healed(1)
+    booted = [e for n in nodes.values() for e in events(n, "node_booting")]
+    assert len(booted) == 1
+    load = Load(c.service_port, clients=2).start()
+    try:
+        wait_writes(load)
+        for run, generation in ((1, 2), (2, 3), (3, 4)):
+            primary, backup = by_role()
+            kill(primary)
+            wait_role(backup, "live")
+            wait_writes(load)
+            # systemd's Restart=always: the same command again.
+            nodes[primary.name] = start_node(c, primary.name, *ports[primary.name], run=run)
+            wait_healed(generation)
+            assert backup.status()["role"] == "primary"
+        wait_writes(load)
+    finally:
+        load.stop()
+    load.verify(c.service_port)
