@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +234,23 @@ def test_a_second_joiner_is_refused_with_the_name_of_the_attached_one(cluster) -
         second.process.stderr()
     )
     assert backup.protected(2) and first.status()["protected"] is True
+    # What /status says, ftproxy status and /metrics say too.
+    shown = subprocess.run(
+        [*FTPROXY, "status", f"127.0.0.1:{backup.admin}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "generation 2" in shown.stdout and "yes: a backup holds the whole log" in shown.stdout
+    assert "protected" in shown.stdout and "catch-up" in shown.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{backup.admin}/metrics", timeout=5) as reply:
+        metrics = reply.read().decode()
+    assert "ftproxy_protected 1\n" in metrics and "ftproxy_generation 2\n" in metrics
+    assert 'ftproxy_catch_up_state{state="protected"} 1' in metrics
+    assert "ftproxy_catch_up_entries_sent " in metrics
 
 
 def test_a_joiner_that_stalls_mid_catch_up_is_dropped_and_the_next_one_taken(cluster) -> None:
