@@ -81,7 +81,7 @@ class CatchUp:
     replayed_seq: int = 0
     sent_entries: int = 0
     sent_bytes: int = 0
-    state: str = "catching_up"  # then protected, or dropped
+    state: str = "catching_up"  # then protected (and lost, later), or dropped
     finished: float | None = None
 
     def elapsed(self) -> float:
@@ -265,6 +265,7 @@ class Reprotector:
         if replica.role is Role.PRIMARY or replica.role is Role.ARBITRATING:
             self.log.warning("backup_lost", peer=link.peer, reason=reason)
             self.board.peer_state = "lost"
+            catch_up.state = "lost"
             await self._arbitrate()
         else:
             replica.joiner_detached()

@@ -368,3 +368,24 @@ def test_run_nodes_restarted_in_a_loop_heal_the_pair_each_time(cluster) -> None:
     finally:
         load.stop()
     load.verify(c.service_port)
+
+
+def test_a_joiner_running_another_program_is_refused_and_the_next_one_taken(cluster) -> None:
+    c = cluster
+    primary, backup = form_pair(c)
+    kill(primary)
+    wait_role(backup, "live")
+    other = c.replica(
+        "other",
+        "backup",
+        "--primary",
+        f"127.0.0.1:{backup.log_port}",
+        admin=free_port(),
+        guest=(str(ROOT / "examples" / "echo.py"),),
+    )
+    assert other.wait(timeout=20) == EXIT_HALTED
+    assert "both must run the same guest command line" in other.stderr()
+    (refused,) = events(backup, "backup_refused")
+    assert "both must run the same guest command line" in refused["reason"]
+    start_backup(c, "c", backup)
+    wait_protected(backup, 2)
