@@ -426,6 +426,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ftproxy.auth import SecretFileError
     from ftproxy.node import run_node
 
+    if args.front == "packet":
+        return _usage(
+            "ftproxy run serves in socket mode only (for now); run a packet-mode pair "
+            "with ftproxy primary and ftproxy backup"
+        )
     try:
         options = _replica_options(args, "run")
         options.log_listen = arbiter.parse_address(args.log_listen)
