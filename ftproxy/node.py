@@ -24,6 +24,13 @@ log = structlog.get_logger()
 
 CONNECT_TIMEOUT_S = 5.0
 RETRY_S = 0.5
+# Refusals that pass: another backup is attached; the live replica was too busy (or
+# stopped) to finish the handshake. Any other (another program, a wrong secret) stays.
+PASSING_REFUSALS = (ALREADY_ATTACHED, "did not finish the handshake in time")
+
+
+def _worth_retrying(reason: str) -> bool:
+    return any(passing in reason for passing in PASSING_REFUSALS)
 
 
 async def run_node(options: ReplicaOptions) -> int:
@@ -64,7 +71,7 @@ async def run_node(options: ReplicaOptions) -> int:
                 with trio.move_on_after(CONNECT_TIMEOUT_S):
                     joined = await connect_to_primary(options, address)
             except LinkRefused as exc:
-                if ALREADY_ATTACHED not in str(exc):
+                if not _worth_retrying(str(exc)):
                     bound.error("node_refused", reason=str(exc))
                     return EXIT_HALTED
                 reason = str(exc)
