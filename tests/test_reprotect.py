@@ -304,13 +304,21 @@ def test_a_full_disk_is_reported_and_the_replica_keeps_serving_unprotected(clust
     data.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(data)], check=True)
     try:
-        primary, _ = form_pair(c)
+        primary, backup = form_pair(c)
         load = Load(c.service_port, clients=2).start()
         try:
             wait_until(lambda: primary.status()["log_store"]["error"], 60, "the disk fills up")
             now = primary.status()
             assert "the disk is full" in now["log_store"]["error"]
             assert now["protected"] is False and now["role"] == "primary"
+            wait_writes(load)
+            # Alone now, it keeps serving, and takes no backup it could not stand behind.
+            kill(backup)
+            wait_role(primary, "live")
+            wait_writes(load)
+            joiner = start_backup(c, "c", primary)
+            assert joiner.process.wait(timeout=20) == EXIT_HALTED
+            assert "cannot stream its log" in joiner.process.stderr()
             wait_writes(load)
         finally:
             load.stop()
