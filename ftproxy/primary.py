@@ -14,6 +14,7 @@ live, with no backup yet (``alone``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from collections import deque
 from typing import Any
@@ -198,10 +199,14 @@ class Primary(ReplicaShell):
             self.log.error("role_changed", to="halted", dropped_outputs=dropped)
             raise Halted(self.halted)
 
-    async def reprotect(self) -> None:
+    async def reprotect(self, listeners: list[trio.SocketListener] | None) -> None:
         """Live: take the next backup on the log address, again after each one is lost."""
+        await self.reprotector.run(listeners)
+
+    @functools.cached_property
+    def reprotector(self) -> Reprotector:
         assert self.world is not None
-        reprotector = Reprotector(
+        return Reprotector(
             options=self.options,
             header=self.header,
             replica=self.replica,
@@ -212,7 +217,6 @@ class Primary(ReplicaShell):
             on_ack=self._acked.ring,
             bound_log=self.log,
         )
-        await reprotector.run()
 
     async def finish(self) -> None:
         """The guest exited: let the backup acknowledge the last entries, then release."""
@@ -251,6 +255,9 @@ async def serve_primary(
         return EXIT_USAGE
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
     link: LogLink | None = None
+    # Kept open once the backup is in: a second one is refused, naming the first, and
+    # once live the primary takes its next backup here.
+    listeners: list[trio.SocketListener] | None = None
     if alone:
         options.log_listen = options.log_listen or listen
         task_status.started(listen[1])
@@ -261,8 +268,6 @@ async def serve_primary(
         bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
         task_status.started(port)
         link = await _accept_one_backup(listeners, options, welcome)
-        for listener in listeners:
-            await listener.aclose()
         bound.info("backup_joined", peer=link.peer)
     primary = Primary(options, header, link, store)
     if link is not None:
@@ -290,9 +295,11 @@ async def serve_primary(
             primary.board.input_bytes = lambda: front.input_bytes
             primary.board.front = front.status
             nursery.start_soon(store.flush_periodically)
-            code = await _run_guest(primary, supervisor, guest, signals, nursery)
+            code = await _run_guest(primary, supervisor, guest, signals, listeners)
             front.close_all()
             nursery.cancel_scope.cancel()
+    for listener in listeners or []:
+        await listener.aclose()
     store.close()
     return code
 
@@ -314,7 +321,7 @@ async def _run_guest(
     supervisor: Supervisor,
     guest: GuestProcess,
     signals: Any,
-    nursery: trio.Nursery,
+    listeners: list[trio.SocketListener] | None,
 ) -> int:
     assert primary.world is not None
     world = primary.world
@@ -326,8 +333,21 @@ async def _run_guest(
     async def replicate() -> None:
         try:
             if primary.link is not None:
-                await primary.run_channel(primary.link)
-            await primary.reprotect()
+                assert listeners is not None
+                halted: Halted | None = None
+                async with trio.open_nursery() as refusing:
+                    refusing.start_soon(
+                        primary.reprotector.refuse_joiners, listeners, primary.link.peer
+                    )
+                    try:
+                        await primary.run_channel(primary.link)
+                    except Halted as exc:  # out of the nursery as itself, not in a group
+                        halted = exc
+                    refusing.cancel_scope.cancel()
+                if halted is not None:
+                    raise halted
+                primary.reprotector.attached = None
+            await primary.reprotect(listeners)
         except Halted as exc:
             outcome.append(EXIT_HALTED)
             serving.cancel()

@@ -139,11 +139,13 @@ class Reprotector:
             self.replica.role is Role.PRIMARY and self.attached is not None and self.store.on_disk
         )
 
-    async def run(self) -> None:
-        """Serve joiners until cancelled; Halted when a lost backup won the arbiter."""
+    async def run(self, listeners: list[trio.SocketListener] | None = None) -> None:
+        """Serve joiners (on ``listeners``, or on the log address) until cancelled;
+        Halted when a lost backup won the arbiter."""
         self.board.protected = self.protected
         self.board.catch_up = lambda: self.catch_up.status() if self.catch_up else None
-        listeners = await self._listen()
+        if listeners is None:
+            listeners = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._accept_loop, listeners[0], nursery)
@@ -152,6 +154,13 @@ class Reprotector:
         finally:
             for listener in listeners:
                 await listener.aclose()
+
+    async def refuse_joiners(self, listeners: list[trio.SocketListener], attached: str) -> None:
+        """A primary's first backup is ``attached``: refuse every other, naming it,
+        until cancelled (then ``run`` takes over the listeners)."""
+        self.attached = attached
+        async with trio.open_nursery() as nursery:
+            await self._accept_loop(listeners[0], nursery)
 
     async def _listen(self) -> list[trio.SocketListener]:
         assert self.options.log_listen is not None
@@ -184,7 +193,7 @@ class Reprotector:
     def _refusal(self) -> str:
         if self.attached is not None:
             return (
-                f"{ALREADY_ATTACHED} to this live replica: {self.attached} "
+                f"{ALREADY_ATTACHED} to this replica: {self.attached} "
                 "(one backup at a time; try again once it is gone)"
             )
         if self.store.error is not None:
@@ -193,6 +202,17 @@ class Reprotector:
 
     async def _handshake(self, stream: trio.SocketStream) -> None:
         link = LogLink(stream, Channel(PRIMARY, self.options.secret))
+        try:
+            if await self._admit(link):
+                await self._joiners_in.send(link)
+                return
+        except trio.Cancelled:
+            await link.aclose()  # a refusing primary went live meanwhile: start afresh
+            raise
+
+    async def _admit(self, link: LogLink) -> bool:
+        """Authenticate, check and welcome a joiner; False (it was told why, and the link
+        is closed) if refused."""
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 await _handshake(link)
@@ -209,19 +229,19 @@ class Reprotector:
         except RemoteProtocolError as exc:
             await link.refuse(str(exc))
             self._refused(link, str(exc))
-            return
+            return False
         except trio.TooSlowError:
             await link.aclose()
             self._refused(link, f"{link.peer} did not finish the handshake in time")
-            return
+            return False
         except LinkRefused as exc:
             await link.aclose()
             self._refused(link, str(exc))
-            return
+            return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._refused(link, f"{link.peer} hung up during the handshake")
-            return
-        await self._joiners_in.send(link)
+            return False
+        return True
 
     def _refused(self, link: LogLink, reason: str) -> None:
         if self.attached == link.peer:

@@ -234,9 +234,7 @@ def test_a_second_joiner_is_refused_with_the_name_of_the_attached_one(cluster) -
     attached = backup.status()["peer"]["address"]
     second = start_backup(c, "d", backup)
     assert second.process.wait(timeout=20) == EXIT_HALTED
-    assert f"a backup is already attached to this live replica: {attached}" in (
-        second.process.stderr()
-    )
+    assert f"a backup is already attached to this replica: {attached}" in second.process.stderr()
     assert backup.protected(2) and first.status()["protected"] is True
     # What /status says, ftproxy status and /metrics say too.
     shown = subprocess.run(
@@ -255,6 +253,16 @@ def test_a_second_joiner_is_refused_with_the_name_of_the_attached_one(cluster) -
     assert "ftproxy_protected 1\n" in metrics and "ftproxy_generation 2\n" in metrics
     assert 'ftproxy_catch_up_state{state="protected"} 1' in metrics
     assert "ftproxy_catch_up_entries_sent " in metrics
+
+
+def test_a_second_backup_of_a_primary_is_refused_with_the_name_of_the_first(cluster) -> None:
+    c = cluster
+    primary, _ = form_pair(c)
+    attached = primary.status()["peer"]["address"]
+    second = start_backup(c, "c", primary)
+    assert second.process.wait(timeout=20) == EXIT_HALTED
+    assert f"a backup is already attached to this replica: {attached}" in second.process.stderr()
+    assert primary.protected(1)
 
 
 def test_a_joiner_that_stalls_mid_catch_up_is_dropped_and_the_next_one_taken(cluster) -> None:
