@@ -8,6 +8,7 @@ primary under a write load. Prints tables, writes JSON and a PNG.
 
     python -m bench                          # full: a few minutes, saved in bench/results/
     python -m bench --quick --json out.json  # under a minute (+ a first-time pip install)
+    python -m bench soak --faults 100        # one service through 100 faults (bench/soak.py)
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ def save(result: dict[str, Any], json_path: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak  # its own command: not part of the quick or full run
+
+        return soak.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=(__doc__ or "").splitlines()[0]
     )
