@@ -7,6 +7,11 @@ backup replays everything it holds, then asks the arbiter; if it wins it goes
 live: the guest's next exit is answered from the world (it cannot tell), the
 service addresses are bound here, and every connection the old primary held
 reads as reset (the new front does not know it), as a logged input.
+
+A backup may go live only once its primary said ``Protected``: a backup that
+joined a live replica (re-protection) and loses it while still catching up
+halts, since it lacks what that replica released alone. Once live, it takes
+the next backup on its ``--log-listen`` (``ftproxy.reprotect``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import signal
+import sys
 from collections import deque
 from typing import Any
 
@@ -25,6 +31,7 @@ from ftproxy.channel import (
     ConnectionClosed,
     Entries,
     Heartbeat,
+    Protected,
     RemoteProtocolError,
     Welcome,
 )
@@ -33,18 +40,21 @@ from ftproxy.front.socket import Doorbell, SocketFront
 from ftproxy.guest import protocol as p
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, join_primary
+from ftproxy.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.replay import check_entry
 from ftproxy.replica import (
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    EXIT_USAGE,
     Halted,
     ReplicaOptions,
     ReplicaShell,
     admin_endpoint,
 )
 from ftproxy.replication import Event, Role
+from ftproxy.reprotect import Reprotector
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, open_front
@@ -57,9 +67,20 @@ TAKEOVER_BIND_RETRY_S = 0.1
 class Backup(ReplicaShell):
     """The backup's state and tasks around one guest and one primary."""
 
-    def __init__(self, options: ReplicaOptions, link: LogLink, welcome: Welcome) -> None:
+    def __init__(
+        self, options: ReplicaOptions, link: LogLink, welcome: Welcome, store: LogStore
+    ) -> None:
         super().__init__(options, Role.BACKUP, link)
         self.welcome = welcome
+        self.store = store
+        # Told by the primary that this backup holds its whole log: only then may it go live.
+        self.protected = False
+        self.went_live = trio.Event()
+        self._flow = Doorbell()  # acks of our own backup, once live: input flow control
+        self.board.log_store = store.status
+        self.board.protected = lambda: (
+            self.protected and not self.peer_gone.is_set() and store.on_disk
+        )
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
@@ -81,6 +102,8 @@ class Backup(ReplicaShell):
         if self.world is None:
             while not self._entries and not self.peer_gone.is_set():
                 await self._arrived.wait()
+            if self.peer_gone.is_set() and not self.protected:
+                raise Halted(self._unprotected())
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
@@ -94,8 +117,11 @@ class Backup(ReplicaShell):
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
+        self.store.append_output(seq, message)
         if self.world is not None:
-            self.world.output_later(message)
+            # Live: at once; primary of a later generation: once our backup holds the log.
+            for released in self.replica.output(seq, message):
+                self.world.output_later(released)
         elif message[0] == p.OP_CLOSE:
             self._bound.pop(message[1], None)
 
@@ -132,6 +158,8 @@ class Backup(ReplicaShell):
             now = trio.current_time()
             if isinstance(event, Entries):
                 if event.entries:
+                    for entry in event.entries:
+                        self.store.append_entry(entry)
                     self._entries.extend(event.entries)
                     self.replica.entries_received(event.entries[-1].seq, now)
                     self._arrived.ring()
@@ -143,9 +171,21 @@ class Backup(ReplicaShell):
                     self.replica.heard(now)
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
+            elif isinstance(event, Protected):
+                self.replica.heard(now)
+                self.protected = True
+                self.log.info("backup_protected", generation=event.generation, seq=event.seq)
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the primary closed the log channel")
                 return
+
+    def _unprotected(self) -> str:
+        return (
+            f"the live replica was lost while this backup was catching up (it had received "
+            f"{self.replica.received} entries), before the pair was protected under "
+            f"generation {self.options.generation}: this backup lacks what that replica "
+            "released alone, so it cannot go live; it halts and sends nothing"
+        )
 
     async def _ack(self) -> bool:
         """Say what is received and replayed, unless the last ack said it; False if the
@@ -204,6 +244,8 @@ class Backup(ReplicaShell):
 
     async def take_over(self) -> None:
         """Everything received is replayed: ask the arbiter, then serve or halt."""
+        if not self.protected:
+            raise Halted(self._unprotected())
         self.replica.handle(Event.PEER_LOST)
         self.log.info("role_changed", to="arbitrating", replayed=self.replica.replayed)
         if not await self.arbiter.test_and_set():
@@ -221,9 +263,10 @@ class Backup(ReplicaShell):
             # The guest runs with the primary's policy (its boot reply), whatever our flags say.
             self.welcome.header.policy,
             self.guest_pid,
-            _discard,
+            self._logged_live,
             # The guest may not have booted yet: its boot must name the same network.
             network=packet.network if packet is not None else None,
+            input_allowed=self._input_allowed,
         )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
@@ -233,10 +276,40 @@ class Backup(ReplicaShell):
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
+        self.went_live.set()
 
+    def _logged_live(self, entry: Entry) -> None:
+        """Live, this replica logs what its guest gets, for the next backup to catch up."""
+        self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
+        self.board.counters["log_bytes_total"] += len(entry.reply)
+        self.store.append_entry(entry)
 
-def _discard(entry: Entry) -> None:
-    """A live replica without a backup keeps no log."""
+    async def _input_allowed(self) -> None:
+        """As a primary again (after re-protection): no new input while our backup lags."""
+        if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
+            self.world.flush_outputs()
+        while self.replica.lag_exceeded(trio.current_time()):
+            with trio.move_on_after(self.options.timing.heartbeat_s):
+                await self._flow.wait()
+
+    async def reprotect(self) -> None:
+        """Once live, take the next backup on --log-listen (if given), again and again."""
+        await self.went_live.wait()
+        if self.options.log_listen is None:
+            return
+        assert self.world is not None
+        reprotector = Reprotector(
+            options=self.options,
+            header=self.welcome.header,
+            replica=self.replica,
+            store=self.store,
+            arbiter=self.arbiter,
+            board=self.board,
+            release=self.world.apply_output,
+            on_ack=self._flow.ring,
+            bound_log=self.log,
+        )
+        await reprotector.run()
 
 
 async def _bind_for_takeover(
@@ -292,7 +365,26 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     except LinkRefused as exc:
         log.error("replica_refused", role="backup", reason=str(exc))
         return EXIT_HALTED
+    return await serve_joined_backup(options, link, welcome)
+
+
+async def serve_joined_backup(options: ReplicaOptions, link: LogLink, welcome: Welcome) -> int:
+    """Replay behind the primary this backup joined through ``link``; the exit code."""
     options.pair, options.generation = welcome.pair, welcome.generation
+    if welcome.header.python != sys.version:
+        reason = (
+            f"the primary's guest runs on Python {welcome.header.python.split()[0]}, this "
+            f"backup's would run on {sys.version.split()[0]}: replay needs the same Python"
+        )
+        log.error("replica_refused", role="backup", reason=reason)
+        await link.refuse(reason)
+        return EXIT_HALTED
+    try:
+        store = LogStore(welcome.header, open_data_dir(options.data_dir, options.pair))
+    except DataDirError as exc:
+        log.error("data_dir_refused", role="backup", reason=str(exc))
+        await link.refuse(f"the backup cannot keep the log: {exc}")
+        return EXIT_USAGE
     packet, network = options.packet, welcome.header.network
     if packet is not None and packet.network is None and network is not None:
         options.packet = dataclasses.replace(packet, network=network)
@@ -301,7 +393,7 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
         return EXIT_HALTED
-    backup = Backup(options, link, welcome)
+    backup = Backup(options, link, welcome, store)
     try:
         await backup.arbiter.check_undecided()
     except Halted as exc:
@@ -319,8 +411,10 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
             supervisor = Supervisor(guest, backup)
             backup.board.icount = lambda: supervisor.icount
             backup.board.seq = lambda: supervisor.seq
+            nursery.start_soon(store.flush_periodically)
             code = await _run_guest(backup, supervisor, guest, signals)
             nursery.cancel_scope.cancel()
+    store.close()
     return code
 
 
@@ -369,9 +463,19 @@ async def _run_guest(
                 serving.cancel()
                 guest.kill()
 
+    async def reprotect() -> None:
+        try:
+            await backup.reprotect()
+        except Halted as exc:
+            backup.log.error("replica_halted", reason=str(exc))
+            outcome.append(EXIT_HALTED)
+            serving.cancel()
+            guest.kill()
+
     async with trio.open_nursery() as inner:
         inner.start_soon(backup.run_channel)
         inner.start_soon(forward_signals)
+        inner.start_soon(reprotect)
         try:
             with serving:
                 await supervisor.run()

@@ -10,6 +10,7 @@ accepts (the server). One line per frame, backup on the left::
     Proof(mac_b)                     ─▶                both sides: Authenticated
     Join(argv)                       ─▶
                                      ◀─  Welcome(pair, generation, header)
+                                     ◀─  Protected(generation, seq)  (once caught up)
     ...streaming, in any order...
                                      ◀─  Entries([entry, ...])    (a batch: group commit)
     Ack(received, replayed)          ─▶  (cumulative; sent on receipt)
@@ -17,7 +18,10 @@ accepts (the server). One line per frame, backup on the left::
     Error(reason)                    ◀▶  either side, any time, then it closes
 
 ``Join`` carries the backup's guest command line: the primary refuses (with an
-Error that says why) a backup that would run another program. The opening, the
+Error that says why) a backup that would run another program. A backup may
+go live only after ``Protected``: a primary waiting for its first backup sends
+it at once; a live replica taking a new backup (re-protection) sends it once
+the joiner has received every entry of its log. The opening, the
 framing and the error rules are ``ftproxy.session``'s, shared with the
 arbiter's protocol; the transitions are the one table ``_TRANSITIONS``.
 """
@@ -64,6 +68,7 @@ __all__ = [
     "Join",
     "LocalProtocolError",
     "Proof",
+    "Protected",
     "ProtocolError",
     "RemoteProtocolError",
     "State",
@@ -72,7 +77,8 @@ __all__ = [
 ]
 
 # 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
-CHANNEL_VERSION: Final = 2
+# 3: Protected (a backup may go live only once it was told so).
+CHANNEL_VERSION: Final = 3
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
 
@@ -108,9 +114,20 @@ class Heartbeat(msgspec.Struct, tag=7, array_like=True, frozen=True):
     """Nothing to say, but alive."""
 
 
-Message: TypeAlias = Hello | Proof | Error | Join | Welcome | Entries | Ack | Heartbeat
+class Protected(msgspec.Struct, tag=8, array_like=True, frozen=True):
+    """The backup holds the log up to ``seq``: the pair is protected under ``generation``.
+
+    From here on the primary's outputs wait for this backup's acks, and the
+    backup may go live if the primary dies; before it, it may not.
+    """
+
+    generation: int
+    seq: int
+
+
+Message: TypeAlias = Hello | Proof | Error | Join | Welcome | Entries | Ack | Heartbeat | Protected
 ChannelEvent: TypeAlias = (
-    Authenticated | Join | Welcome | Entries | Ack | Heartbeat | ConnectionClosed
+    Authenticated | Join | Welcome | Entries | Ack | Heartbeat | Protected | ConnectionClosed
 )
 
 
@@ -137,6 +154,7 @@ _TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
     (State.STREAMING, BACKUP, Ack): State.STREAMING,
     (State.STREAMING, PRIMARY, Heartbeat): State.STREAMING,
     (State.STREAMING, BACKUP, Heartbeat): State.STREAMING,
+    (State.STREAMING, PRIMARY, Protected): State.STREAMING,
 }
 
 
@@ -170,7 +188,9 @@ class Channel(Session):
         event: ChannelEvent | Literal[_NeedData.NEED_DATA] = super().next_event()
         return event
 
-    def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> bytes:
+    def send(
+        self, message: Join | Welcome | Entries | Ack | Heartbeat | Protected | Error
+    ) -> bytes:
         """The bytes that send ``message``, after any queued opening bytes."""
         return super().send(message)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -143,7 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument(
         "--primary", required=True, metavar="HOST:PORT", help="the primary's --log-listen"
     )
+    backup.add_argument(
+        "--log-listen",
+        metavar="HOST:PORT",
+        help="once live, take the next backup here (re-protection); without it the "
+        "backup, once live, serves alone for good",
+    )
     _add_replica_arguments(backup)
+
+    run = commands.add_parser(
+        "run",
+        usage="ftproxy run --pair NAME --arbiter HOST:PORT --log-listen HOST:PORT "
+        "[options] -- SCRIPT [ARGS]",
+        help="one node of a self-healing pair: the same command on every host",
+        description="Ask the arbiter who is live for the pair: nobody, and this node boots "
+        "the service as its first replica (the arbiter lets exactly one node do so); "
+        "somebody, and it joins that replica as its backup, catches up from its log and "
+        "protects the pair again. Restarted after a failure, it rejoins by itself.",
+    )
+    run.add_argument("--pair", required=True, help="the pair's name at the arbiter")
+    run.add_argument(
+        "--log-listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="where this node takes a backup once live; recorded at the arbiter, so it "
+        "must be an address the other nodes reach",
+    )
+    _add_replica_arguments(run)
 
     arbiter_cmd = commands.add_parser(
         "arbiter",
@@ -270,6 +297,12 @@ def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> An
 def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arbiter", required=True, metavar="HOST:PORT", help="the arbiter")
     parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep the log this replica holds in DIR/log.ftlog (readable by ftproxy log "
+        "show and replay); without it the log is kept in memory only",
+    )
     _add_secret_arguments(parser)
     parser.add_argument(
         "--map",
@@ -344,6 +377,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
     )
 
 
@@ -380,9 +414,25 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     try:
         options = _replica_options(args, "backup")
         primary = arbiter.parse_address(args.primary)
+        if args.log_listen:
+            options.log_listen = arbiter.parse_address(args.log_listen)
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     return int(trio.run(serve_backup, options, primary))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import arbiter
+    from ftproxy.auth import SecretFileError
+    from ftproxy.node import run_node
+
+    try:
+        options = _replica_options(args, "run")
+        options.log_listen = arbiter.parse_address(args.log_listen)
+    except (ValueError, SecretFileError) as exc:
+        return _usage(str(exc))
+    options.pair = args.pair
+    return int(trio.run(run_node, options))
 
 
 def _cmd_arbiter(args: argparse.Namespace) -> int:
@@ -555,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _cmd_status,
         "lab": _cmd_lab,
         "demo": _cmd_demo,
+        "run": _cmd_run,
     }
     try:
         return handlers[args.command](args)

@@ -21,6 +21,7 @@ from ftproxy.channel import (
     Heartbeat,
     Join,
     LocalProtocolError,
+    Protected,
     RemoteProtocolError,
     Welcome,
 )
@@ -42,7 +43,9 @@ class LogLink:
         self._send_lock = trio.StrictFIFOLock()
         self.peer = _peer_name(stream)
 
-    async def send(self, message: Join | Welcome | Entries | Ack | Heartbeat | Error) -> None:
+    async def send(
+        self, message: Join | Welcome | Entries | Ack | Heartbeat | Protected | Error
+    ) -> None:
         """Send one message; ClosedResourceError once the conversation has ended."""
         async with self._send_lock:
             try:
@@ -80,6 +83,16 @@ class LogLink:
             await self.stream.aclose()
 
 
+def argv_mismatch(theirs: list[str], ours: list[str]) -> str:
+    """Why a backup running ``theirs`` cannot replicate a guest running ``ours`` ("" if it can)."""
+    if theirs == ours:
+        return ""
+    return (
+        f"the backup runs {' '.join(theirs)!r} but the primary runs "
+        f"{' '.join(ours)!r}: both must run the same guest command line"
+    )
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     with contextlib.suppress(OSError):
         host, port, *_ = stream.socket.getpeername()
@@ -109,11 +122,8 @@ async def accept_backup(
             join = await link.next_event()
         if not isinstance(join, Join):
             raise LinkRefused(f"{link.peer} sent {type(join).__name__} instead of Join")
-        if join.argv != argv:
-            reason = (
-                f"the backup runs {' '.join(join.argv)!r} but the primary runs "
-                f"{' '.join(argv)!r}: both must run the same guest command line"
-            )
+        reason = argv_mismatch(join.argv, argv)
+        if reason:
             await link.refuse(reason)
             raise LinkRefused(reason)
         await link.send(welcome)

@@ -6,11 +6,14 @@ entries share a write and the backup acknowledges them with one ack. Outputs
 wait in the replication core's gate until the backup has acknowledged the
 entry they follow; the guest never waits for that. When the backup goes
 silent, the primary asks the arbiter: it goes on alone if it wins, and halts,
-releasing nothing, if it loses.
+releasing nothing, if it loses. Once live, it takes the next backup on its
+log address (``ftproxy.reprotect``); ``ftproxy run``'s first replica starts
+live, with no backup yet (``alone``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections import deque
 from typing import Any
@@ -18,14 +21,24 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.channel import Ack, ConnectionClosed, Entries, Heartbeat, RemoteProtocolError, Welcome
+from ftproxy.channel import (
+    Ack,
+    ConnectionClosed,
+    Entries,
+    Heartbeat,
+    Protected,
+    RemoteProtocolError,
+    Welcome,
+)
 from ftproxy.front.socket import Doorbell
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.link import LinkRefused, LogLink, accept_backup
+from ftproxy.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    EXIT_USAGE,
     ArbiterClient,
     Halted,
     ReplicaOptions,
@@ -33,6 +46,7 @@ from ftproxy.replica import (
     admin_endpoint,
 )
 from ftproxy.replication import Event, Role
+from ftproxy.reprotect import Reprotector
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front
@@ -45,9 +59,20 @@ FINAL_ACK_WAIT_S = 2.0
 class Primary(ReplicaShell):
     """The primary's state and tasks around one guest and one backup."""
 
-    def __init__(self, options: ReplicaOptions, header: Header, link: LogLink) -> None:
-        super().__init__(options, Role.PRIMARY, link)
+    def __init__(
+        self,
+        options: ReplicaOptions,
+        header: Header,
+        link: LogLink | None,
+        store: LogStore,
+    ) -> None:
+        super().__init__(options, Role.PRIMARY if link is not None else Role.LIVE, link)
         self.header = header
+        self.store = store
+        self.board.log_store = store.status
+        self.board.protected = lambda: (
+            self.replica.role is Role.PRIMARY and self.link is not None and store.on_disk
+        )
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
         self._outbox_ready = Doorbell()
@@ -65,6 +90,7 @@ class Primary(ReplicaShell):
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         assert self.world is not None
         self.board.counters["outputs_total"] += 1
+        self.store.append_output(seq, message)
         if not self.options.output_rule:
             self.world.output_later(message)
             return
@@ -78,7 +104,8 @@ class Primary(ReplicaShell):
     def _logged(self, entry: Entry) -> None:
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
-        if self.replica.role is Role.PRIMARY:
+        self.store.append_entry(entry)
+        if self.replica.role is Role.PRIMARY and self.link is not None:
             self._outbox.append(entry)
             self._outbox_ready.ring()
 
@@ -170,6 +197,22 @@ class Primary(ReplicaShell):
             self.log.error("role_changed", to="halted", dropped_outputs=dropped)
             raise Halted(self.halted)
 
+    async def reprotect(self) -> None:
+        """Live: take the next backup on the log address, again after each one is lost."""
+        assert self.world is not None
+        reprotector = Reprotector(
+            options=self.options,
+            header=self.header,
+            replica=self.replica,
+            store=self.store,
+            arbiter=self.arbiter,
+            board=self.board,
+            release=self.world.apply_output,
+            on_ack=self._acked.ring,
+            bound_log=self.log,
+        )
+        await reprotector.run()
+
     async def finish(self) -> None:
         """The guest exited: let the backup acknowledge the last entries, then release."""
         if self.replica.role is not Role.PRIMARY or self.link is None:
@@ -183,29 +226,48 @@ async def serve_primary(
     options: ReplicaOptions,
     listen: tuple[str, int],
     *,
+    alone: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Wait for a backup, then run the guest replicated; return the exit code."""
+    """Wait for a backup (unless ``alone``), then run the guest replicated; return the
+    exit code. Alone, the guest starts at once, live, and the first backup to catch
+    up makes the next generation."""
     bound = log.bind(role="primary", generation=options.generation)
     arbiter_client = ArbiterClient(options, "primary")
     try:
-        await arbiter_client.check_undecided()
+        if not alone:  # alone, this replica has just won its generation's key
+            await arbiter_client.check_undecided()
     except Halted as exc:
         bound.error("replica_refused", reason=str(exc))
         return EXIT_HALTED
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network)
+    try:
+        store = LogStore(header, open_data_dir(options.data_dir, options.pair))
+    except DataDirError as exc:
+        bound.error("data_dir_refused", reason=str(exc))
+        return EXIT_USAGE
     welcome = Welcome(pair=options.pair, generation=options.generation, header=header)
-    listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-    port = listeners[0].socket.getsockname()[1]
-    bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
-    task_status.started(port)
-    link = await _accept_one_backup(listeners, options, welcome)
-    for listener in listeners:
-        await listener.aclose()
-    primary = Primary(options, header, link)
-    bound.info("backup_joined", peer=link.peer)
+    link: LogLink | None = None
+    if alone:
+        options.log_listen = options.log_listen or listen
+        task_status.started(listen[1])
+    else:
+        listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+        port = listeners[0].socket.getsockname()[1]
+        options.log_listen = options.log_listen or (listen[0], port)
+        bound.info("waiting_for_backup", address=f"{listen[0]}:{port}")
+        task_status.started(port)
+        link = await _accept_one_backup(listeners, options, welcome)
+        for listener in listeners:
+            await listener.aclose()
+        bound.info("backup_joined", peer=link.peer)
+    primary = Primary(options, header, link, store)
+    if link is not None:
+        # The guest has not started: this backup holds the whole log (none yet).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await link.send(Protected(options.generation, 0))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with admin_endpoint(options, primary.board), trio.open_nursery() as nursery:
             doorbell = Doorbell()
@@ -226,9 +288,11 @@ async def serve_primary(
             primary.board.seq = lambda: supervisor.seq
             primary.board.input_bytes = lambda: front.input_bytes
             primary.board.front = front.status
+            nursery.start_soon(store.flush_periodically)
             code = await _run_guest(primary, supervisor, guest, signals, nursery)
             front.close_all()
             nursery.cancel_scope.cancel()
+    store.close()
     return code
 
 
@@ -251,7 +315,7 @@ async def _run_guest(
     signals: Any,
     nursery: trio.Nursery,
 ) -> int:
-    assert primary.link is not None and primary.world is not None
+    assert primary.world is not None
     world = primary.world
     outcome: list[int] = []
     # The supervisor may be waiting inside an answer (for input that will never
@@ -259,9 +323,10 @@ async def _run_guest(
     serving = trio.CancelScope()
 
     async def replicate() -> None:
-        assert primary.link is not None
         try:
-            await primary.run_channel(primary.link)
+            if primary.link is not None:
+                await primary.run_channel(primary.link)
+            await primary.reprotect()
         except Halted as exc:
             outcome.append(EXIT_HALTED)
             serving.cancel()

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -57,14 +58,49 @@ class ReplicaOptions:
     ship_delay_s: float = 0.0
     # Packet mode (None: socket mode). A backup's comes from the primary's header.
     packet: PacketConfig | None = None
+    # Where this replica keeps the log it holds (None: in memory only).
+    data_dir: Path | None = None
+    # Where this replica takes the next backup once it is live (a primary's is
+    # its --log-listen); the arbiter records it with each win, for ``ftproxy run``.
+    log_listen: tuple[str, int] | None = None
 
 
 def generation_key(pair: str, generation: int) -> str:
     return f"{pair}/generation/{generation}"
 
 
-def candidate_name(role: str) -> str:
-    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+LOG_ADDRESS_MARK = " log="
+
+
+def candidate_name(role: str, log_listen: tuple[str, int] | None = None) -> str:
+    """Who asks the arbiter; with the log address a new backup would join it at."""
+    name = f"{role}@{socket.gethostname()}:{os.getpid()}"
+    if log_listen is not None:
+        name += f"{LOG_ADDRESS_MARK}{_address(log_listen)}"
+    return name
+
+
+def log_address_of(candidate: str) -> tuple[str, int] | None:
+    """The log address a winner recorded with its win (None if it recorded none)."""
+    _, mark, address = candidate.rpartition(LOG_ADDRESS_MARK)
+    if not mark:
+        return None
+    try:
+        return arbiter.parse_address(address)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class LiveReplica:
+    """The replica the arbiter names as live for a pair: the winner of its last decided key."""
+
+    generation: int
+    winner: str
+
+    @property
+    def log_address(self) -> tuple[str, int] | None:
+        return log_address_of(self.winner)
 
 
 class ArbiterClient:
@@ -73,9 +109,56 @@ class ArbiterClient:
     def __init__(self, options: ReplicaOptions, role: str) -> None:
         self.address = options.arbiter
         self.secret = options.secret
+        self.pair = options.pair
         self.key = generation_key(options.pair, options.generation)
-        self.candidate = candidate_name(role)
+        self.candidate = candidate_name(role, options.log_listen)
         self.state = "idle"
+
+    def set_generation(self, generation: int) -> None:
+        """The pair moved on to ``generation`` (re-protection): arbitrate on its key."""
+        self.key = generation_key(self.pair, generation)
+
+    async def _query(self, key: str) -> arbiter.Decision | arbiter.Undecided:
+        while True:
+            try:
+                answer = await arbiter.query(self.address, key, self.secret)
+                self.state = "idle"
+                return answer
+            except arbiter.ArbiterUnavailable as exc:
+                self.state = "unreachable"
+                log.warning("arbiter_unreachable", error=str(exc), key=key)
+                await trio.sleep(0.5)
+
+    async def find_live(self) -> LiveReplica | None:
+        """The winner of the pair's highest decided generation (None: nobody ever won).
+
+        Generations are decided in order (a pair of generation N+1 forms only
+        around the winner of N), so the scan stops at the first undecided key
+        past the first decided one; a pair started with the explicit form
+        begins at generation 1, one started by ``ftproxy run`` at 0.
+        """
+        found: LiveReplica | None = None
+        generation = 0
+        while True:
+            answer = await self._query(generation_key(self.pair, generation))
+            if isinstance(answer, arbiter.Decision):
+                found = LiveReplica(generation, answer.winner)
+            elif found is not None or generation >= 1:
+                return found
+            generation += 1
+
+    async def claim_boot(self) -> arbiter.Decision:
+        """Ask to be the pair's first replica: generation 0's winner boots the guest alone.
+
+        Two nodes started at once both ask; the arbiter lets exactly one win.
+        """
+        self.state = "asking"
+        decision = await arbiter.test_and_set_retrying(
+            self.address, generation_key(self.pair, 0), self.candidate, self.secret
+        )
+        self.state = "won" if decision.won else "lost"
+        log.info("arbiter_decided", key=decision.key, winner=decision.winner, won=decision.won)
+        return decision
 
     async def check_undecided(self) -> None:
         """Refuse to serve a generation the arbiter already decided (retrying while down)."""
@@ -146,6 +229,11 @@ class StatusBoard:
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
     front: Callable[[], Mapping[str, Any]] | None = None
+    # Re-protection: whether the pair is protected now, the catch-up's progress,
+    # the log held (``ftproxy.reprotect``, ``ftproxy.logstore``).
+    protected: Callable[[], bool] = lambda: False
+    catch_up: Callable[[], Mapping[str, Any] | None] = lambda: None
+    log_store: Callable[[], Mapping[str, Any] | None] = lambda: None
 
     def snapshot(self) -> Mapping[str, Any]:
         now = trio.current_time()
@@ -180,6 +268,13 @@ class StatusBoard:
             )
         if self.role_override:
             status["role"] = self.role_override
+        status["protected"] = self.protected()
+        catch_up = self.catch_up()
+        if catch_up is not None:
+            status["catch_up"] = catch_up
+        store = self.log_store()
+        if store is not None:
+            status["log_store"] = store
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
@@ -192,15 +287,16 @@ class StatusBoard:
 class ReplicaShell:
     """What a primary and a backup do alike around their replication core and their peer."""
 
-    def __init__(self, options: ReplicaOptions, role: Role, link: LogLink) -> None:
+    def __init__(self, options: ReplicaOptions, role: Role, link: LogLink | None) -> None:
         self.options = options
         self.link: LogLink | None = link
         self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
-        self.peer_role = "backup" if role is Role.PRIMARY else "primary"
+        self.peer_role = "primary" if role is Role.BACKUP else "backup"
         self.arbiter = ArbiterClient(options, role.value)
         self.board = StatusBoard(options, self.arbiter, replica=self.replica)
-        self.board.peer_state = "connected"
-        self.board.peer_address = link.peer
+        if link is not None:
+            self.board.peer_state = "connected"
+            self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
         self.log = log.bind(role=role.value, generation=options.generation)
 
