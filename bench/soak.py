@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import random
 import signal
@@ -102,6 +103,17 @@ class HistoryLoad:
         if not before or not after:
             return None
         return min(after) - max(before)
+
+    def longest_pause_s(self, start: float, end: float) -> float | None:
+        """The longest stretch in [start, end] with no reply to any client."""
+        with self._lock:
+            done = sorted(o.completed for o in self.history if o.completed is not None)
+        inside = [t for t in done if start <= t <= end]
+        if not inside:
+            return None
+        before = [t for t in done if t < start]
+        edges = [before[-1] if before else start, *inside, end]
+        return max(b - a for a, b in itertools.pairwise(edges))
 
     def _connect(self) -> Connection | None:
         for port in self.ports():
@@ -294,10 +306,9 @@ class Fleet:
         return self.backup
 
     def client_ports(self) -> list[int]:
-        """The primary's address first, then the others still running."""
-        first = [self.primary] if self.primary is not None else []
-        rest = [n for n in self.nodes if n is not self.primary and n.proc.alive()]
-        return [n.client_port for n in first + rest]
+        """Where clients connect: the replica that is (or is about to be) live, as a
+        virtual IP or a DNS name that follows the pair would send them."""
+        return [] if self.primary is None else [self.primary.client_port]
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -344,6 +355,12 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str) -> dict[str, Any]:
     primary, backup = fleet.primary, fleet.backup
     record: dict[str, Any] = {"kind": kind, "primary": primary.name, "backup": backup.name}
     before = primary.status() if fleet.reprotect else {}
+    if fleet.reprotect:
+        # A backup that holds the log may not have replayed all of it yet: going
+        # live, it must first. How far behind it is now explains the disruption.
+        replayed = backup.status().get("replayed_seq")
+        if isinstance(replayed, int) and isinstance(before.get("log_seq"), int):
+            record["backup_replay_behind"] = before["log_seq"] - replayed
     at = time.monotonic()
     if kind == "kill-primary":
         primary.proc.kill()
@@ -378,8 +395,9 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str) -> dict[str, Any]:
         catchup_s=protected - joined,
         generation_before=before.get("generation"),
         generation_after=live_status.get("generation"),
-        catchup_entries=live_status.get("log_seq"),
-        catchup_bytes=live_status.get("log_bytes_total"),
+        log_seq=live_status.get("log_seq"),
+        catch_up=live_status.get("catch_up"),
+        longest_pause_during_catchup_s=load.longest_pause_s(joined, protected),
     )
     return record
 
@@ -410,6 +428,7 @@ class SoakPlan:
     load_between_s: tuple[float, float] = (0.5, 1.5)
     mode: str = "auto"
     unsafe: bool = False
+    keep: Path | None = None  # keep every replica's log here (else a temporary directory)
 
 
 class Target:
@@ -480,8 +499,12 @@ def soak(
     taken = datetime.datetime.now(datetime.UTC)
     faults: list[dict[str, Any]] = []
     error: str | None = None
-    with tempfile.TemporaryDirectory(prefix="ftproxy-soak-") as tmp:
-        scratch = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if plan.keep is not None:
+            plan.keep.mkdir(parents=True, exist_ok=True)
+            scratch = plan.keep
+        else:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ftproxy-soak-")))
         arbiter = Arbiter(scratch).start()
         target = Target(plan, scratch, arbiter, reprotect)
         try:
@@ -525,7 +548,8 @@ def _fault_line(record: dict[str, Any]) -> str:
     if record.get("reprotect_s") is not None:
         line += (
             f", protected again in {record['reprotect_s']:.2f} s"
-            f" (catch-up {record['catchup_s']:.2f} s, {record.get('catchup_entries')} entries)"
+            f" (joiner start to protected {record['catchup_s']:.2f} s, "
+            f"{(record.get('catch_up') or {}).get('entries_sent')} entries streamed)"
         )
     return line
 
@@ -544,16 +568,10 @@ def _report(
     verdict = check(history)
     check_s = time.monotonic() - checked
     survived = [f for f in faults if "error" not in f]
-    rates = [
-        f["catchup_entries"] / f["catchup_s"]
-        for f in survived
-        if f.get("catchup_entries") and f.get("catchup_s")
-    ]
-    byte_rates = [
-        f["catchup_bytes"] / f["catchup_s"] / 1e6
-        for f in survived
-        if f.get("catchup_bytes") and f.get("catchup_s")
-    ]
+    # The live replica's own account of each catch-up: what it streamed, how fast.
+    streamed = [f["catch_up"] for f in survived if f.get("catch_up")]
+    rates = [c["entries_sent"] / c["elapsed_s"] for c in streamed if c.get("elapsed_s")]
+    byte_rates = [c["bytes_sent"] / c["elapsed_s"] / 1e6 for c in streamed if c.get("elapsed_s")]
     by_kind = {
         kind: _percentiles(
             [f["failover_s"] for f in survived if f["kind"] == kind and f.get("failover_s")]
@@ -586,6 +604,16 @@ def _report(
         "linearizability": {**verdict.as_dict(), "check_s": round(check_s, 2)},
         "failover_s": _percentiles([f["failover_s"] for f in survived if f.get("failover_s")]),
         "failover_s_by_kind": by_kind,
+        "backup_replay_behind_entries": _percentiles(
+            [f["backup_replay_behind"] for f in survived if "backup_replay_behind" in f]
+        ),
+        "longest_pause_during_catchup_s": _percentiles(
+            [
+                f["longest_pause_during_catchup_s"]
+                for f in survived
+                if f.get("longest_pause_during_catchup_s") is not None
+            ]
+        ),
         "reprotect_s": _percentiles([f["reprotect_s"] for f in survived if "reprotect_s" in f]),
         "catchup_s": _percentiles([f["catchup_s"] for f in survived if "catchup_s" in f]),
         "catchup_entries_per_s": _percentiles(rates),
@@ -618,7 +646,11 @@ def print_report(report: dict[str, Any]) -> None:
         lines.append(f"    {kind:<22} {p(figure)} ({figure['n']})")
     lines += [
         f"  re-protection            {p(report['reprotect_s'], digits=2)}",
-        f"  catch-up                 {p(report['catchup_s'], digits=2)}",
+        f"  joiner start->protected  {p(report['catchup_s'], digits=2)}",
+        f"  longest pause in replies during a catch-up "
+        f"{p(report['longest_pause_during_catchup_s'])}",
+        f"  backup's replay behind the log at the fault "
+        f"{p(report['backup_replay_behind_entries'], 'entries', 0)}",
         f"  catch-up rate            {p(report['catchup_entries_per_s'], 'entries/s', 0)}; "
         f"{p(report['catchup_mb_per_s'], 'MB/s', 2)}",
     ]
@@ -660,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         "to see the check find the acknowledged writes a failover then loses",
     )
     parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep every replica's output and data here"
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         metavar="PATH",
@@ -681,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         mode=args.mode,
         unsafe=args.unsafe_no_output_rule,
+        keep=args.keep,
     )
     report, history = soak(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_report(report)
