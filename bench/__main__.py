@@ -68,7 +68,9 @@ DESCRIPTIONS = {
 
 
 def _progress(name: str, cell: dict[str, Any]) -> None:
-    if not cell.get("supported"):
+    if cell.get("failed"):
+        line = f"FAILED: {cell.get('reason')}"
+    elif not cell.get("supported"):
         line = f"not supported: {cell.get('reason')}"
     else:
         line = f"{cell['rps']:>9,.0f} req/s  p50 {cell['p50_ms']:.3f} ms"
@@ -242,6 +244,7 @@ def run(plan: Plan) -> dict[str, Any]:
         "configurations": configs,
         "failover": series,
         "targets": summary.targets(configs, series),
+        "failed_cells": matrix.failed_cells(configs),
     }
 
 
