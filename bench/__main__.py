@@ -104,8 +104,8 @@ def measure_ftproxy(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, An
     services = [
         start_bare(scratch),
         start_record(scratch),
-        start_pair(NO_RULE, scratch, arbiter, output_rule=False),
-        start_pair(RULE, scratch, arbiter, output_rule=True),
+        start_pair(NO_RULE, scratch, arbiter, output_rule=False, ephemeral=True),
+        start_pair(RULE, scratch, arbiter, output_rule=True, ephemeral=True),
     ]
     with running(services):
         cells = matrix.run_matrix(services, plan, _progress)
