@@ -55,7 +55,8 @@ CLIENT_TIMEOUT_S = 0.3  # a SIGSTOPped primary never answers: this bounds the wa
 CONNECT_TIMEOUT_S = 0.2
 RECONNECT_PAUSE_S = 0.01
 REPLIES_AFTER_FAULT = 20
-RECOVERY_TIMEOUT_S = 30.0
+RECOVERY_TIMEOUT_S = 30.0  # default of --recovery-timeout
+READ_BACK_TIMEOUT_S = 120.0
 PROTECT_TIMEOUT_S = 120.0
 THAW_EXIT_TIMEOUT_S = 5.0
 
@@ -102,7 +103,7 @@ class HistoryLoad:
             after = [o.completed for o in self.history if o.invoked > moment and o.completed]
         if not before or not after:
             return None
-        return min(after) - max(before)
+        return max(0.0, min(after) - max(before))
 
     def longest_pause_s(self, start: float, end: float) -> float | None:
         """The longest stretch in [start, end] with no reply to any client."""
@@ -188,7 +189,7 @@ def _result(reply: object) -> str | int | None:
     return str(reply)
 
 
-def lost_acknowledged_writes(history: list[Operation]) -> int:
+def lost_acknowledged_writes(history: list[Operation]) -> int | None:
     """Acknowledged writes the final read-back no longer shows.
 
     A fresh key whose acknowledged SET reads back as something else is one;
@@ -196,6 +197,8 @@ def lost_acknowledged_writes(history: list[Operation]) -> int:
     difference. (The linearizability check is the exact verdict; this counts.)
     """
     final = {op.key: op.result for op in history if op.client == -1}
+    if not final and history:
+        return None  # never read back: unknown
     lost = 0
     highest: dict[str, int] = {}
     for op in history:
@@ -349,7 +352,7 @@ def _wait_protected(live: Node, joiner: Node, timeout: float) -> dict[str, Any]:
     return last
 
 
-def inject(fleet: Fleet, load: HistoryLoad, kind: str) -> dict[str, Any]:
+def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[str, Any]:
     """One fault, the wait for service and (re-protection) for protection again."""
     assert fleet.primary is not None and fleet.backup is not None
     primary, backup = fleet.primary, fleet.backup
@@ -374,10 +377,10 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown fault kind {kind!r}")
     fleet.primary, fleet.backup = live, None
-    _wait_live(live, RECOVERY_TIMEOUT_S)
+    _wait_live(live, plan.recovery_timeout_s)
     wait_until(
         lambda: load.replies_since(at) >= REPLIES_AFTER_FAULT,
-        RECOVERY_TIMEOUT_S,
+        plan.recovery_timeout_s,
         "replies after the fault",
     )
     record["failover_s"] = load.disruption_s(at)
@@ -399,6 +402,15 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str) -> dict[str, Any]:
         catch_up=live_status.get("catch_up"),
         longest_pause_during_catchup_s=load.longest_pause_s(joined, protected),
     )
+    if plan.wait_replay:
+        target = live_status.get("log_seq")
+        if isinstance(target, int):
+            wait_until(
+                lambda: int(joiner.status().get("replayed_seq") or 0) >= target,
+                PROTECT_TIMEOUT_S,
+                f"{joiner.name} replays the log it holds",
+            )
+            record["replay_caught_up_s"] = time.monotonic() - protected
     return record
 
 
@@ -428,6 +440,8 @@ class SoakPlan:
     load_between_s: tuple[float, float] = (0.5, 1.5)
     mode: str = "auto"
     unsafe: bool = False
+    recovery_timeout_s: float = RECOVERY_TIMEOUT_S
+    wait_replay: bool = False  # before the next fault, the new backup replays what it holds
     keep: Path | None = None  # keep every replica's log here (else a temporary directory)
 
 
@@ -481,6 +495,8 @@ class Target:
         load.stop()
         try:
             if fleet.primary is not None:
+                # After a failed fault the service may still come back: give it time.
+                _wait_live(fleet.primary, READ_BACK_TIMEOUT_S)
                 load.read_back(fleet.primary.client_port)
         finally:
             fleet.stop()
@@ -516,7 +532,7 @@ def soak(
                 try:
                     fleet, load = target.next()
                     time.sleep(rng.uniform(*plan.load_between_s))  # a random moment of the load
-                    record = inject(fleet, load, kind)
+                    record = inject(fleet, load, kind, plan)
                 except (TimeoutError, RuntimeError, OSError, ReplyError) as exc:
                     error = f"fault {index + 1} ({kind}): {exc}"
                     faults.append({"fault": index + 1, "kind": kind, "error": str(exc)})
@@ -529,8 +545,9 @@ def soak(
             say("soak: reading every key back, checking the history")
             try:
                 target.finish()
-            except (OSError, ReplyError) as exc:
-                error = error or f"the read-back failed: {exc}"
+            except (TimeoutError, OSError, ReplyError) as exc:
+                error = (f"{error}; " if error else "") + f"the read-back failed: {exc}"
+                say(f"soak: the read-back failed: {exc}")
         finally:
             if target._current is not None:
                 target._current[0].stop()
@@ -589,6 +606,8 @@ def _report(
             "kinds": list(plan.kinds),
             "seed": plan.seed,
             "output_rule": not plan.unsafe,
+            "recovery_timeout_s": plan.recovery_timeout_s,
+            "wait_replay": plan.wait_replay,
         },
         "duration_s": round(time.monotonic() - started, 1),
         "faults_injected": len(faults),
@@ -614,6 +633,9 @@ def _report(
                 if f.get("longest_pause_during_catchup_s") is not None
             ]
         ),
+        "replay_caught_up_s": _percentiles(
+            [f["replay_caught_up_s"] for f in survived if "replay_caught_up_s" in f]
+        ),
         "reprotect_s": _percentiles([f["reprotect_s"] for f in survived if "reprotect_s" in f]),
         "catchup_s": _percentiles([f["catchup_s"] for f in survived if "catchup_s" in f]),
         "catchup_entries_per_s": _percentiles(rates),
@@ -634,7 +656,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"  faults survived          {report['faults_survived']} of {report['faults_injected']}",
         f"  operations               {report['operations']:,} "
         f"({report['acknowledged']:,} acknowledged, {report['pending']:,} pending)",
-        f"  acknowledged writes lost {report['acknowledged_writes_lost']}",
+        "  acknowledged writes lost "
+        + (
+            "unknown (nothing was read back)"
+            if report["acknowledged_writes_lost"] is None
+            else str(report["acknowledged_writes_lost"])
+        ),
         f"  linearizability          "
         f"{'linearizable' if report['linearizable'] else 'NOT linearizable'}, "
         f"{report['linearizability_violations']} keys in violation of "
@@ -647,6 +674,7 @@ def print_report(report: dict[str, Any]) -> None:
     lines += [
         f"  re-protection            {p(report['reprotect_s'], digits=2)}",
         f"  joiner start->protected  {p(report['catchup_s'], digits=2)}",
+        f"  protected->replayed      {p(report['replay_caught_up_s'], digits=2)}",
         f"  longest pause in replies during a catch-up "
         f"{p(report['longest_pause_during_catchup_s'])}",
         f"  backup's replay behind the log at the fault "
@@ -692,6 +720,20 @@ def main(argv: list[str] | None = None) -> int:
         "to see the check find the acknowledged writes a failover then loses",
     )
     parser.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=RECOVERY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a fault the service does not recover from within this long ends the soak "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--wait-replay",
+        action="store_true",
+        help="before the next fault, wait until the new backup has replayed the log it "
+        "holds (default: the next fault may come as soon as the pair is protected)",
+    )
+    parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="keep every replica's output and data here"
     )
     parser.add_argument(
@@ -717,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         mode=args.mode,
         unsafe=args.unsafe_no_output_rule,
         keep=args.keep,
+        recovery_timeout_s=args.recovery_timeout,
+        wait_replay=args.wait_replay,
     )
     report, history = soak(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_report(report)
