@@ -410,7 +410,10 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[s
                 PROTECT_TIMEOUT_S,
                 f"{joiner.name} replays the log it holds",
             )
-            record["replay_caught_up_s"] = time.monotonic() - protected
+            replayed = time.monotonic()
+            record["replay_caught_up_s"] = replayed - protected
+            # The whole log since boot, replayed from the joiner's start.
+            record["replay_entries_per_s"] = target / (replayed - joined)
     return record
 
 
@@ -538,6 +541,11 @@ def soak(
                     faults.append({"fault": index + 1, "kind": kind, "error": str(exc)})
                     say(f"soak: fault {index + 1:>3} {kind:<13} FAILED: {exc}")
                     break
+                except KeyboardInterrupt:
+                    # Ctrl-C: no new fault; the history so far is still read back and checked.
+                    error = f"interrupted during fault {index + 1} ({kind})"
+                    say(f"soak: {error}; reading back and checking what ran")
+                    break
                 record["fault"] = index + 1
                 record["at_s"] = round(time.monotonic() - started, 3)
                 faults.append(record)
@@ -636,6 +644,9 @@ def _report(
         "replay_caught_up_s": _percentiles(
             [f["replay_caught_up_s"] for f in survived if "replay_caught_up_s" in f]
         ),
+        "replay_entries_per_s": _percentiles(
+            [f["replay_entries_per_s"] for f in survived if "replay_entries_per_s" in f]
+        ),
         "reprotect_s": _percentiles([f["reprotect_s"] for f in survived if "reprotect_s" in f]),
         "catchup_s": _percentiles([f["catchup_s"] for f in survived if "catchup_s" in f]),
         "catchup_entries_per_s": _percentiles(rates),
@@ -674,7 +685,8 @@ def print_report(report: dict[str, Any]) -> None:
     lines += [
         f"  re-protection            {p(report['reprotect_s'], digits=2)}",
         f"  joiner start->protected  {p(report['catchup_s'], digits=2)}",
-        f"  protected->replayed      {p(report['replay_caught_up_s'], digits=2)}",
+        f"  protected->replayed      {p(report['replay_caught_up_s'], digits=2)}; "
+        f"joiner's replay {p(report['replay_entries_per_s'], 'entries/s', 0)}",
         f"  longest pause in replies during a catch-up "
         f"{p(report['longest_pause_during_catchup_s'])}",
         f"  backup's replay behind the log at the fault "
