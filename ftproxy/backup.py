@@ -54,7 +54,7 @@ from ftproxy.replica import (
     admin_endpoint,
 )
 from ftproxy.replication import Event, Role
-from ftproxy.reprotect import Reprotector
+from ftproxy.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, open_front
@@ -91,6 +91,8 @@ class Backup(ReplicaShell):
         # The guest's bound sockets, to bind for real at go-live:
         # sock -> [family, type, guest address, backlog or None]
         self._bound: dict[int, list[Any]] = {}
+        # The highest connection id the guest was given: a new front goes on after it.
+        self._last_conn = 0
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
@@ -107,6 +109,9 @@ class Backup(ReplicaShell):
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
+                # Stored as replayed, not as received: on disk, each output then
+                # follows the entry it came after, as ``ftproxy replay`` reads it.
+                self.store.append_entry(entry)
                 self._track_clock_and_binds(exit, entry)
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
@@ -136,7 +141,12 @@ class Backup(ReplicaShell):
         except p.ProtocolError as exc:
             raise GuestFailure(f"entry {entry.seq} holds no reply: {exc}") from None
         self._clock.apply(entry.icount, mono_gain, wall_shift)
-        if exit.kind == p.KIND_BIND:
+        if exit.kind == p.KIND_WAIT:
+            events = result[2]
+            for event in events or ():
+                if event[0] == p.EV_ACCEPT:
+                    self._last_conn = max(self._last_conn, event[2])
+        elif exit.kind == p.KIND_BIND:
             sock, family, kind, _ = exit.args
             code, address = result[:2]
             if code == 0:
@@ -158,8 +168,6 @@ class Backup(ReplicaShell):
             now = trio.current_time()
             if isinstance(event, Entries):
                 if event.entries:
-                    for entry in event.entries:
-                        self.store.append_entry(entry)
                     self._entries.extend(event.entries)
                     self.replica.entries_received(event.entries[-1].seq, now)
                     self._arrived.ring()
@@ -272,6 +280,7 @@ class Backup(ReplicaShell):
         self.board.front = front.status
         world.clock.continue_from(self._clock)
         if isinstance(front, SocketFront):
+            front.continue_connection_ids(self._last_conn)
             for sock, (family, kind, address, backlog) in self._bound.items():
                 await _bind_for_takeover(front, sock, family, kind, address, backlog, self.log)
         self.world = world
@@ -291,6 +300,7 @@ class Backup(ReplicaShell):
         while self.replica.lag_exceeded(trio.current_time()):
             with trio.move_on_after(self.options.timing.heartbeat_s):
                 await self._flow.wait()
+        await throttle_for_catch_up(self.replica, self._flow)
 
     async def reprotect(self) -> None:
         """Once live, take the next backup on --log-listen (if given), again and again."""

@@ -46,7 +46,7 @@ from ftproxy.replica import (
     admin_endpoint,
 )
 from ftproxy.replication import Event, Role
-from ftproxy.reprotect import Reprotector
+from ftproxy.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header
 from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front
@@ -115,6 +115,7 @@ class Primary(ReplicaShell):
         while self.replica.lag_exceeded(trio.current_time()):
             with trio.move_on_after(self.options.timing.heartbeat_s):
                 await self._acked.wait()
+        await throttle_for_catch_up(self.replica, self._acked)
 
     # -- the log channel --------------------------------------------------------
 

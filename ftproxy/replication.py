@@ -31,6 +31,14 @@ DEFAULT_HEARTBEAT_S: Final = 0.05
 DEFAULT_PEER_TIMEOUT_S: Final = 0.5
 DEFAULT_MAX_LAG_S: Final = 0.1
 DEFAULT_MAX_LAG_BYTES: Final = 8 * 1024 * 1024
+# A joiner is caught up once it holds every entry logged and has replayed all
+# but this many: protected earlier, the new primary's input would stall on the
+# replay lag bound while the joiner replays the history it just received.
+CATCH_UP_SLACK_ENTRIES: Final = 256
+# While a joiner's replay is further behind than that, the live replica's guest
+# takes new input at most this often: replay is not much faster than the live
+# run on a busy host, and without it a joiner under load would never converge.
+CATCH_UP_THROTTLE_S: Final = 0.005
 
 
 class Role(enum.Enum):
@@ -268,8 +276,22 @@ class Replica(Generic[T]):
         self.catching_up = False
 
     def caught_up(self) -> bool:
-        """The joiner holds every entry logged so far: the pair can be protected."""
-        return self.role is Role.LIVE and self.catching_up and self.received >= self.logged
+        """The joiner holds every entry logged so far, and has replayed nearly all of them:
+        the pair can be protected."""
+        return (
+            self.role is Role.LIVE
+            and self.catching_up
+            and self.received >= self.logged
+            and self.logged - self.replayed <= CATCH_UP_SLACK_ENTRIES
+        )
+
+    def catch_up_behind(self) -> bool:
+        """A joiner is catching up and its replay is more than the slack behind."""
+        return (
+            self.role is Role.LIVE
+            and self.catching_up
+            and self.logged - self.replayed > CATCH_UP_SLACK_ENTRIES
+        )
 
     def protect(self, now: float, unreplayed: list[tuple[int, int]]) -> None:
         """Become the primary of the next generation; outputs wait for acks from now on.
@@ -278,7 +300,7 @@ class Replica(Generic[T]):
         not replayed yet: its replay lag, counted from now, for flow control.
         """
         if not self.caught_up():
-            raise LocalProtocolError("the joiner has not received every entry yet")
+            raise LocalProtocolError("the joiner has not caught up yet")
         self.handle(Event.PROTECTED)
         self.catching_up = False
         self.gate.acked = self.received

@@ -41,10 +41,11 @@ from ftproxy.channel import (
     RemoteProtocolError,
     Welcome,
 )
+from ftproxy.front.socket import Doorbell
 from ftproxy.link import HANDSHAKE_TIMEOUT_S, LinkRefused, LogLink, _handshake, argv_mismatch
 from ftproxy.logstore import LogStore
 from ftproxy.replica import ArbiterClient, Halted, ReplicaOptions, StatusBoard
-from ftproxy.replication import Event, Replica, Role
+from ftproxy.replication import CATCH_UP_THROTTLE_S, Event, Replica, Role
 from ftproxy.wire import Header
 
 log = structlog.get_logger()
@@ -53,6 +54,19 @@ MAX_BATCH_ENTRIES = 4096
 MAX_BATCH_BYTES = 1024 * 1024
 ALREADY_ATTACHED = "a backup is already attached"
 LISTEN_RETRY_S = 0.2
+
+
+async def throttle_for_catch_up(replica: Replica[Any], acked: Doorbell) -> None:
+    """Before new input: while a joiner's replay lags, hold the guest for a moment.
+
+    Each wait lasts until the joiner's acks say it is close enough, and at most
+    CATCH_UP_THROTTLE_S, so the service slows down but never stops for it.
+    """
+    if not replica.catch_up_behind():
+        return
+    with trio.move_on_after(CATCH_UP_THROTTLE_S):
+        while replica.catch_up_behind():
+            await acked.wait()
 
 
 @dataclass
@@ -67,7 +81,7 @@ class CatchUp:
     replayed_seq: int = 0
     sent_entries: int = 0
     sent_bytes: int = 0
-    state: str = "catching_up"  # then protected, or dropped
+    state: str = "catching_up"  # then protected (and lost, later), or dropped
     finished: float | None = None
 
     def elapsed(self) -> float:
@@ -251,6 +265,7 @@ class Reprotector:
         if replica.role is Role.PRIMARY or replica.role is Role.ARBITRATING:
             self.log.warning("backup_lost", peer=link.peer, reason=reason)
             self.board.peer_state = "lost"
+            catch_up.state = "lost"
             await self._arbitrate()
         else:
             replica.joiner_detached()
