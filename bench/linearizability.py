@@ -262,6 +262,15 @@ def _unlift(entry: _Entry) -> None:
         entry.next.prev = entry
 
 
+def _mark(low: int, rest: int, index: int) -> tuple[int, int]:
+    """(low, rest) with ``index`` added (see check_key)."""
+    rest |= 1 << (index - low)
+    while rest & 1:
+        rest >>= 1
+        low += 1
+    return low, rest
+
+
 def check_key(key: str, ops: Sequence[Operation], model: Model) -> KeyVerdict:
     """Whether one key's sub-history is linearizable with respect to ``model``."""
     prepared = sorted(model.prepare(list(ops)), key=lambda op: op.invoked)
@@ -280,9 +289,13 @@ def check_key(key: str, ops: Sequence[Operation], model: Model) -> KeyVerdict:
     next_spare = 0
     remaining = sum(1 for op in prepared if not op.pending)
     state = model.init()
-    linearized = 0
-    cache: set[tuple[int, State]] = set()
-    stack: list[tuple[_Entry | None, State]] = []
+    # The linearized set as (low, rest): every index below ``low`` is in it, and
+    # bit i of ``rest`` says whether ``low + i`` is. The search linearizes mostly
+    # in invocation order, so ``rest`` stays a small number however long the
+    # history: the cache's keys stay small (exact, not hashed).
+    low, rest = 0, 0
+    cache: set[tuple[int, int, State]] = set()
+    stack: list[tuple[_Entry | None, State, int, int]] = []
     deepest = -1
     stuck: _Entry | None = None
     entry = head.next
@@ -295,11 +308,11 @@ def check_key(key: str, ops: Sequence[Operation], model: Model) -> KeyVerdict:
             assert op is not None
             legal, after = model.step(state, op)
             if legal:
-                marked = linearized | (1 << entry.index)
-                if (marked, after) not in cache:
-                    cache.add((marked, after))
-                    stack.append((entry, state))
-                    state, linearized = after, marked
+                marked = _mark(low, rest, entry.index)
+                if (*marked, after) not in cache:
+                    cache.add((*marked, after))
+                    stack.append((entry, state, low, rest))
+                    state, (low, rest) = after, marked
                     if entry.match is not None:
                         remaining -= 1
                     _lift(entry)
@@ -311,28 +324,26 @@ def check_key(key: str, ops: Sequence[Operation], model: Model) -> KeyVerdict:
         assert entry.op is not None and entry.op.completed is not None
         if next_spare < len(spare) and prepared[spare[next_spare]].invoked <= entry.op.completed:
             legal, after = model.step(state, prepared[spare[next_spare]])
-            marked = linearized | (1 << spare[next_spare])
-            if legal and (marked, after) not in cache:
-                cache.add((marked, after))
-                stack.append((None, state))
-                state, linearized = after, marked
+            marked = _mark(low, rest, spare[next_spare])
+            if legal and (*marked, after) not in cache:
+                cache.add((*marked, after))
+                stack.append((None, state, low, rest))
+                state, (low, rest) = after, marked
                 next_spare += 1
                 entry = head.next
                 continue
         if len(stack) > deepest:
             deepest, stuck = len(stack), entry
             verdict.states = [state]
-        elif len(stack) == deepest and state not in verdict.states:
+        elif len(stack) == deepest and len(verdict.states) < 10 and state not in verdict.states:
             verdict.states.append(state)
         popped: _Entry | None = None
         while stack and popped is None:
-            popped, state = stack.pop()
+            popped, state, low, rest = stack.pop()
             if popped is None:  # a spare INCR, tried last: nothing is left to try here
                 next_spare -= 1
-                linearized &= ~(1 << spare[next_spare])
         if popped is None:
             break
-        linearized &= ~(1 << popped.index)
         if popped.match is not None:
             remaining += 1
         _unlift(popped)
