@@ -57,7 +57,7 @@ RECONNECT_PAUSE_S = 0.01
 REPLIES_AFTER_FAULT = 20
 RECOVERY_TIMEOUT_S = 30.0  # default of --recovery-timeout
 READ_BACK_TIMEOUT_S = 120.0
-PROTECT_TIMEOUT_S = 120.0
+PROTECT_TIMEOUT_S = 120.0  # default of --protect-timeout
 THAW_EXIT_TIMEOUT_S = 5.0
 
 
@@ -391,7 +391,7 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[s
         return record
     joined = time.monotonic()
     joiner = fleet.join_backup()
-    live_status = _wait_protected(live, joiner, PROTECT_TIMEOUT_S)
+    live_status = _wait_protected(live, joiner, plan.protect_timeout_s)
     protected = time.monotonic()
     record.update(
         reprotect_s=protected - at,
@@ -407,7 +407,7 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[s
         if isinstance(target, int):
             wait_until(
                 lambda: int(joiner.status().get("replayed_seq") or 0) >= target,
-                PROTECT_TIMEOUT_S,
+                plan.protect_timeout_s,
                 f"{joiner.name} replays the log it holds",
             )
             replayed = time.monotonic()
@@ -445,6 +445,7 @@ class SoakPlan:
     unsafe: bool = False
     recovery_timeout_s: float = RECOVERY_TIMEOUT_S
     wait_replay: bool = False  # before the next fault, the new backup replays what it holds
+    protect_timeout_s: float = PROTECT_TIMEOUT_S
     keep: Path | None = None  # keep every replica's log here (else a temporary directory)
 
 
@@ -616,6 +617,7 @@ def _report(
             "output_rule": not plan.unsafe,
             "recovery_timeout_s": plan.recovery_timeout_s,
             "wait_replay": plan.wait_replay,
+            "protect_timeout_s": plan.protect_timeout_s,
         },
         "duration_s": round(time.monotonic() - started, 1),
         "faults_injected": len(faults),
@@ -740,6 +742,14 @@ def main(argv: list[str] | None = None) -> int:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--protect-timeout",
+        type=float,
+        default=PROTECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a new backup that has not made the pair protected within this long ends the "
+        "soak (default %(default)s)",
+    )
+    parser.add_argument(
         "--wait-replay",
         action="store_true",
         help="before the next fault, wait until the new backup has replayed the log it "
@@ -773,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
         recovery_timeout_s=args.recovery_timeout,
         wait_replay=args.wait_replay,
+        protect_timeout_s=args.protect_timeout,
     )
     report, history = soak(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_report(report)
