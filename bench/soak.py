@@ -600,7 +600,11 @@ def _report(
     byte_rates = [c["bytes_sent"] / c["elapsed_s"] / 1e6 for c in streamed if c.get("elapsed_s")]
     by_kind = {
         kind: _percentiles(
-            [f["failover_s"] for f in survived if f["kind"] == kind and f.get("failover_s")]
+            [
+                f["failover_s"]
+                for f in survived
+                if f["kind"] == kind and f.get("failover_s") is not None
+            ]
         )
         for kind in plan.kinds
     }
@@ -631,7 +635,9 @@ def _report(
         "linearizable": verdict.linearizable,
         "linearizability_violations": len(verdict.violations),
         "linearizability": {**verdict.as_dict(), "check_s": round(check_s, 2)},
-        "failover_s": _percentiles([f["failover_s"] for f in survived if f.get("failover_s")]),
+        "failover_s": _percentiles(
+            [f["failover_s"] for f in survived if f.get("failover_s") is not None]
+        ),
         "failover_s_by_kind": by_kind,
         "backup_replay_behind_entries": _percentiles(
             [f["backup_replay_behind"] for f in survived if "backup_replay_behind" in f]
