@@ -194,11 +194,11 @@ class Arbiter:
         return self
 
     def wait_listening(self) -> None:
-        wait_until(
-            lambda: socket.create_connection((HOST, self.port), timeout=1).close() is None,
-            30,
-            "the arbiter listens",
-        )
+        def accepts() -> bool:
+            socket.create_connection((HOST, self.port), timeout=1).close()
+            return True
+
+        wait_until(accepts, 30, "the arbiter listens")
 
     def next_generation(self) -> int:
         self._generation += 1
