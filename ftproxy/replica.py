@@ -374,10 +374,11 @@ class StatusBoard:
         return self.replica.role.value if self.replica is not None else "starting"
 
     def protected(self) -> bool:
-        """The pair is protected: a failover now loses nothing. ``protection`` says it for
-        the role this replica is in (``ftproxy.primary``, ``ftproxy.backup``,
-        ``ftproxy.reprotect``); without the output rule nothing ever is."""
-        return self.options.output_rule and self.protection()
+        """The pair is protected: a caught-up backup holds the whole log. ``protection``
+        says it for the role this replica is in (``ftproxy.primary``, ``ftproxy.backup``,
+        ``ftproxy.reprotect``). Whether outputs wait for it is ``output_rule``, apart:
+        without the rule (a demonstration) the pair is formed, yet a failover loses."""
+        return self.protection()
 
     def health(self) -> tuple[bool, str]:
         """/healthz: serving, or ready to take over; else why not."""
