@@ -344,7 +344,6 @@ class Backup(ReplicaShell):
         self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
         self.role_changed("live", "the primary was lost; this backup won the arbiter")
-
         self.went_live.set()
 
     def _logged_live(self, entry: Entry) -> None:

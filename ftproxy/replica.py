@@ -114,6 +114,20 @@ def check_data_dir(data_dir: Path | None) -> None:
 _DRAIN_CHECKPOINTS = 8
 
 
+async def peer_frames_read(link: LogLink, replica: Replica[Any], bound_log: Any) -> bool:
+    """Let the receiving task read what the peer sent; False if nothing was waiting
+    (or the receiving task reads nothing: it is stuck, and so, for us, is the peer)."""
+    waiting, heard = link.unread(), replica.last_heard
+    if not waiting:
+        return False
+    for _ in range(_DRAIN_CHECKPOINTS):
+        await trio.sleep(0)
+        if replica.last_heard != heard or link.unread() < waiting:
+            bound_log.info("peer_frames_drained", waiting_bytes=waiting)
+            return True
+    return False
+
+
 class Halted(Exception):
     """This replica must stop serving: it lost the arbiter, or its pair is decided."""
 
@@ -503,20 +517,7 @@ class ReplicaShell:
         self.lose_peer(f"no word from the {self.peer_role} for {timeout}s")
 
     async def _peer_frames_read(self) -> bool:
-        """Let the receiving task read what the peer sent; False if nothing was waiting
-        (or the receiving task reads nothing: it is stuck, and so, for us, is the peer)."""
-        link = self.link
-        if link is None:
-            return False
-        waiting, heard = link.unread(), self.replica.last_heard
-        if not waiting:
-            return False
-        for _ in range(_DRAIN_CHECKPOINTS):
-            await trio.sleep(0)
-            if self.replica.last_heard != heard or link.unread() < waiting:
-                self.log.info("peer_frames_drained", waiting_bytes=waiting)
-                return True
-        return False
+        return self.link is not None and await peer_frames_read(self.link, self.replica, self.log)
 
     def lose_peer(self, reason: str) -> None:
         """The peer is gone (however we learnt it): once, log it and wake who waits."""

@@ -32,6 +32,7 @@ from ftproxy.admission import Admission, Gate, RejectionLog, serve_with_limits
 from ftproxy.channel import (
     Ack,
     ConnectionClosed,
+    Diverged,
     Entries,
     Heartbeat,
     LocalProtocolError,
@@ -43,7 +44,7 @@ from ftproxy.fence import identify_self
 from ftproxy.front.socket import Doorbell
 from ftproxy.link import LinkRefused, LogLink, accept_backup
 from ftproxy.logstore import LogStore
-from ftproxy.replica import ArbiterClient, Halted, ReplicaOptions, StatusBoard
+from ftproxy.replica import ArbiterClient, Halted, ReplicaOptions, StatusBoard, peer_frames_read
 from ftproxy.replication import CATCH_UP_THROTTLE_S, Event, Replica, Role
 from ftproxy.wire import Header
 
@@ -254,7 +255,7 @@ class Reprotector:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ship, link, lose)
             nursery.start_soon(self._receive, link, lose)
-            nursery.start_soon(self._watch, lose)
+            nursery.start_soon(self._watch, link, lose)
             await gone.wait()
             nursery.cancel_scope.cancel()
         await link.aclose()
@@ -356,6 +357,15 @@ class Reprotector:
                         return
             elif isinstance(event, Heartbeat):
                 replica.heard(now)
+            elif isinstance(event, Diverged):
+                # Its guest did not do what ours did: it can never protect this pair. (The
+                # outputs it asks for are not kept in memory: its own report stands alone.)
+                self.board.counters["divergences_total"] += 1
+                self.log.error(
+                    "backup_diverged", seq=event.seq, icount=event.icount, report=event.report
+                )
+                lose(f"the backup diverged at log entry {event.seq} (icount {event.icount})")
+                return
             elif isinstance(event, ConnectionClosed):
                 lose("the backup closed the log channel")
                 return
@@ -388,8 +398,12 @@ class Reprotector:
         self.role_changed("primary", f"the backup {link.peer} caught up")
         await link.send(Protected(generation, seq))
 
-    async def _watch(self, lose: Callable[[str], None]) -> None:
+    async def _watch(self, link: LogLink, lose: Callable[[str], None]) -> None:
+        """The joiner's silence, judged after reading what it sent (as ``ReplicaShell.watch``)."""
         replica = self.replica
-        while not replica.peer_dead(trio.current_time()):
-            await trio.sleep_until(replica.next_deadline())
+        while True:
+            if not replica.peer_dead(trio.current_time()):
+                await trio.sleep_until(replica.next_deadline())
+            elif not await peer_frames_read(link, replica, self.log):
+                break
         lose(f"no word from the backup for {self.options.timing.peer_timeout_s}s")
