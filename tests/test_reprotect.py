@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
-from support import FTPROXY, ROOT, free_port, metric_samples
+from support import FTPROXY, GUESTS, ROOT, connect, free_port, metric_samples, recv_until
 
 EXIT_HALTED = 4
 # Rounds under load: each catch-up replays a longer history, and on a busy host
@@ -419,3 +419,52 @@ def test_a_joiner_running_another_program_is_refused_and_the_next_one_taken(clus
     assert "both must run the same guest command line" in refused["reason"]
     start_backup(c, "c", backup)
     wait_protected(backup, 2)
+
+
+def test_a_joiner_that_diverges_is_let_go_and_the_live_replica_serves_on(tmp_path: Path) -> None:
+    port = free_port()
+    c = Cluster(tmp_path, service_port=port)
+    c.start_arbiter()
+    facts = (str(GUESTS / "host_facts.py"), str(port))
+
+    def ask() -> bytes:
+        with connect(port) as sock:
+            sock.sendall(b"?")
+            return recv_until(sock, b"\n")
+
+    try:
+        (a_log, a_admin), (b_log, b_admin) = (free_port(), free_port()), (free_port(), free_port())
+        a = c.replica(
+            "a", "primary", "--log-listen", f"127.0.0.1:{a_log}", admin=a_admin, guest=facts
+        )
+        b = c.replica(
+            "b", "backup", "--primary", f"127.0.0.1:{a_log}",
+            "--log-listen", f"127.0.0.1:{b_log}", admin=b_admin, guest=facts,
+        )  # fmt: skip
+        primary, live = Node("a", a_log, a_admin, a), Node("b", b_log, b_admin, b)
+        wait_until(lambda: primary.protected(1), 20, "the first pair is protected")
+        kill(primary)  # before any request: the backup has replayed nothing that differs
+        wait_role(live, "live")
+        # Two replies from the live replica alone: the second request's entry carries the
+        # digest of the first reply (the host's pid), which a joiner's replay cannot match.
+        assert ask().startswith(b"host facts") and ask().startswith(b"host facts")
+        joiner = c.replica(
+            "c", "backup", "--primary", f"127.0.0.1:{live.log_port}", admin=free_port(),
+            guest=facts,
+        )  # fmt: skip
+        assert joiner.wait(timeout=30) == 1  # EXIT_DIVERGED
+        assert any(e.get("event") == "replay_diverged" for e in joiner.events())
+        # Caught up (all but the slack replayed), it was protected before its replay reached
+        # the entry that differs: the live replica's primary of generation 2 loses its
+        # backup, told why, and goes on alone through the arbiter.
+        wait_until(lambda: live.status()["catch_up"]["state"] == "lost", 10, "the joiner is lost")
+        wait_role(live, "live")
+        (told,) = events(live, "backup_diverged")
+        assert told["generation"] == 2 and told["seq"] > 0 and told["report"]
+        (lost,) = events(live, "backup_lost")
+        assert "the backup diverged at log entry" in lost["reason"]
+        now = live.status()
+        assert now["divergences_total"] == 1 and now["protected"] is False
+        assert ask().startswith(b"host facts")  # it served alone all along
+    finally:
+        c.stop()
