@@ -10,6 +10,7 @@ primary under a write load. Prints tables, writes JSON and a PNG.
     python -m bench --quick --json out.json  # under a minute (+ a first-time pip install)
     python -m bench programs                 # real frameworks, bare and as a pair
     python -m bench breakdown                # 1 client: p50 per stage of a request's path
+    python -m bench soak --faults 100        # one service through 100 faults (bench/soak.py)
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ DESCRIPTIONS = {
 
 
 def _progress(name: str, cell: dict[str, Any]) -> None:
-    if not cell.get("supported"):
+    if cell.get("failed"):
+        line = f"FAILED: {cell.get('reason')}"
+    elif not cell.get("supported"):
         line = f"not supported: {cell.get('reason')}"
     else:
         line = f"{cell['rps']:>9,.0f} req/s  p50 {cell['p50_ms']:.3f} ms"
@@ -113,8 +116,8 @@ def measure_ftproxy(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, An
     services = [
         start_bare(scratch),
         start_record(scratch),
-        start_pair(NO_RULE, scratch, arbiter, output_rule=False),
-        start_pair(RULE, scratch, arbiter, output_rule=True),
+        start_pair(NO_RULE, scratch, arbiter, output_rule=False, ephemeral=True),
+        start_pair(RULE, scratch, arbiter, output_rule=True, ephemeral=True),
     ]
     with running(services):
         cells = matrix.run_matrix(services, plan, _progress)
@@ -256,6 +259,7 @@ def run(plan: Plan) -> dict[str, Any]:
         "configurations": configs,
         "failover": series,
         "targets": summary.targets(configs, series),
+        "failed_cells": matrix.failed_cells(configs),
     }
 
 
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import breakdown
 
         return breakdown.main(argv[1:])
+    if argv[:1] == ["soak"]:
+        from bench import soak  # its own command: not part of the quick or full run
+
+        return soak.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=(__doc__ or "").splitlines()[0]
     )

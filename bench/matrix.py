@@ -17,10 +17,12 @@ measurement windows.
 from __future__ import annotations
 
 import math
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from bench import load as bm
@@ -30,6 +32,20 @@ from bench.resp import ReplyError, call_once, encode
 from bench.services import Service, admin_status
 
 FLUSH_WAIT_S = 0.15  # ftproxy record flushes its log every 50 ms
+TOOL_OUTPUT_CHARS = 2000
+LOG_TAIL_LINES = 15
+
+# What a cell's measurement can die of: the tool exits non-zero or hangs, the
+# service refuses or drops the connection, or answers what cannot be parsed.
+CELL_FAILURES = (
+    subprocess.CalledProcessError,
+    subprocess.TimeoutExpired,
+    OSError,
+    ReplyError,
+    ValueError,
+    StopIteration,
+    KeyError,
+)
 
 
 class LagPoller:
@@ -154,7 +170,12 @@ def costs(
 
 
 def measure_cell(service: Service, load: Load, op: Op, plan: Plan) -> dict[str, Any]:
-    """Run one cell against ``service`` and return every figure it yields."""
+    """Run one cell against ``service`` and return every figure it yields.
+
+    A cell that fails (the tool exits non-zero or hangs, the service died or
+    drops the connection) comes back marked ``failed``, with the reason, the
+    tool's output and the tail of every process's log, so that the run goes on.
+    """
     cell: dict[str, Any] = {
         "load": load.name,
         "clients": load.clients,
@@ -163,6 +184,52 @@ def measure_cell(service: Service, load: Load, op: Op, plan: Plan) -> dict[str, 
         "size": op.size,
         "label": op.label,
     }
+    try:
+        return _measure(service, load, op, plan, cell)
+    except CELL_FAILURES as exc:
+        return failed_cell(cell, service, exc)
+
+
+def failed_cell(cell: dict[str, Any], service: Service, exc: BaseException) -> dict[str, Any]:
+    """The cell as failed: why, what the tool printed, how each process ended."""
+    output = ""
+    if isinstance(exc, subprocess.CalledProcessError):
+        reason = f"{Path(str(exc.cmd[0])).name} exited with {exc.returncode}"
+        output = _text(exc.stdout) + _text(exc.stderr)
+    elif isinstance(exc, subprocess.TimeoutExpired):
+        reason = f"{Path(str(exc.cmd[0])).name} did not finish within {exc.timeout:.0f} s"
+        output = _text(exc.stdout) + _text(exc.stderr)
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    processes = {}
+    for proc in service.primary + service.backup + service.others:
+        code = proc.popen.poll()
+        processes[proc.name] = {
+            "state": "running" if code is None else f"exited with {code}",
+            "log_tail": proc.stderr_tail(LOG_TAIL_LINES),
+        }
+    dead = [f"{name} {p['state']}" for name, p in processes.items() if p["state"] != "running"]
+    if dead:
+        reason += f" ({', '.join(dead)})"
+    return {
+        **cell,
+        "supported": False,
+        "failed": True,
+        "reason": reason,
+        "tool_output": output.strip()[-TOOL_OUTPUT_CHARS:],
+        "service_log": processes,
+    }
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _measure(
+    service: Service, load: Load, op: Op, plan: Plan, cell: dict[str, Any]
+) -> dict[str, Any]:
     unsupported = supports(service, op)
     if unsupported is not None:
         return {**cell, "supported": False, "reason": unsupported}
@@ -228,10 +295,33 @@ def run_matrix(
 
 
 def median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round of median throughput, with every round's throughput attached."""
-    if not all(cell.get("supported") for cell in measured):
+    """The round of median throughput, with every round's throughput attached.
+
+    Rounds that failed are left out (and listed); if every round failed or the
+    operation is not supported, the first round stands for the cell.
+    """
+    good = [cell for cell in measured if cell.get("supported")]
+    if not good:
         return measured[0]
-    ordered = sorted(measured, key=lambda cell: float(cell["rps"]))
+    ordered = sorted(good, key=lambda cell: float(cell["rps"]))
     chosen = dict(ordered[(len(ordered) - 1) // 2])
-    chosen["rps_rounds"] = [cell["rps"] for cell in measured]
+    chosen["rps_rounds"] = [cell["rps"] for cell in good]
+    failed = [cell["reason"] for cell in measured if cell.get("failed")]
+    if failed:
+        chosen["failed_rounds"] = failed
     return chosen
+
+
+def failed_cells(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every failed cell of a result, one line each (the cells keep the details)."""
+    return [
+        {
+            "configuration": name,
+            "load": cell["load"],
+            "label": cell["label"],
+            "reason": cell["reason"],
+        }
+        for name, config in configs.items()
+        for cell in config.get("cells", [])
+        if cell.get("failed")
+    ]

@@ -8,6 +8,7 @@ files in a scratch directory, never to pipes nobody drains.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KV = ROOT / "examples" / "kv.py"
@@ -24,11 +26,42 @@ FTPROXY = [sys.executable, "-m", "ftproxy.cli", "--log-format", "json"]
 HOST = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+_PICK_LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for bind(0) and connect() (Linux)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free now, for a process to bind a moment later.
+
+    Chosen below the kernel's ephemeral range, so that no bind(0) or outgoing
+    connection elsewhere on the machine (redis-benchmark's clients, other
+    tests) takes it in the meantime, and never the same one twice in this run,
+    so that two of our services do not race for it either. Where a service can
+    take port 0 and report it, that is better still (bench/services.py).
+    """
+    rng = random.Random()
+    high = _ephemeral_low()
+    for _ in range(500):
+        port = rng.randrange(_PICK_LOW, high) if high > _PICK_LOW + 1000 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def free_port_block(count: int) -> int:
@@ -39,7 +72,9 @@ def free_port_block(count: int) -> int:
     """
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 32000 - count)
+        base = rng.randrange(_PICK_LOW, 32000 - count)
+        if _HANDED_OUT & set(range(base, base + count)):
+            continue
         sockets: list[socket.socket] = []
         try:
             for port in range(base, base + count):
@@ -51,6 +86,7 @@ def free_port_block(count: int) -> int:
         finally:
             for sock in sockets:
                 sock.close()
+        _HANDED_OUT.update(range(base, base + count))
         return base
     raise RuntimeError(f"no {count} adjacent free ports")
 
@@ -112,6 +148,34 @@ class Proc:
             wait_until(printed, timeout, f"{self.name} prints {marker!r}")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
+
+    def wait_for_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the process logged structlog ``event`` (JSON lines on stderr); return it.
+
+        How a service started on port 0 tells which port it took.
+        """
+        found: dict[str, Any] = {}
+
+        def logged() -> bool:
+            exited = self.popen.poll()
+            for line in self.stderr_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("event") == event:
+                        found.update(record)
+                        return True
+            if exited is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {exited} before logging {event!r}; "
+                    f"stderr ends with:\n{self.stderr_tail()}"
+                )
+            return False
+
+        try:
+            wait_until(logged, timeout, f"{self.name} logs {event!r}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
+        return found
 
     def stderr_tail(self, lines: int = 15) -> str:
         try:

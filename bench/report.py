@@ -171,6 +171,24 @@ def print_rich(result: dict[str, Any]) -> None:
         console.print(table)
     console.print(LEGEND)
     console.print(f"Machine: {machine_summary(result['machine'])}")
+    for line in failure_lines(result):
+        console.print(line, style="bold red", markup=False, highlight=False)
+
+
+def failure_lines(result: dict[str, Any]) -> list[str]:
+    """Each failed cell with its reason, the tool's output and the logs' last lines."""
+    lines = []
+    for name, config in result["configurations"].items():
+        for cell in config.get("cells", []):
+            if not cell.get("failed"):
+                continue
+            lines.append(f"FAILED cell: {name} {cell['load']} {cell['label']}: {cell['reason']}")
+            if cell.get("tool_output"):
+                lines.append("  tool output: " + cell["tool_output"][-400:].replace("\n", "\n  "))
+            for proc, info in cell.get("service_log", {}).items():
+                tail = "\n    ".join(info["log_tail"].splitlines()[-5:])
+                lines.append(f"  {proc} ({info['state']}), log ends:\n    {tail}")
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:

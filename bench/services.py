@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,15 @@ class Service:
     takeover_port: int | None = None  # where the backup serves once live
     log_path: Path | None = None
     ready_marker: str | None = READY
+    # Started on port 0: learns its ports from its processes' output (once, in ready()).
+    boot: Callable[[Service, float], None] | None = None
 
     def ready(self, timeout: float = 60.0) -> Service:
-        """Wait until every replica printed its readiness line."""
+        """Wait until every replica printed its readiness line (and, started on
+        port 0, said which ports it took)."""
+        if self.boot is not None:
+            boot, self.boot = self.boot, None
+            boot(self, timeout)
         if self.ready_marker is not None:
             for proc in self.primary + self.backup:
                 proc.wait_for_output(self.ready_marker, timeout)
@@ -108,11 +115,38 @@ def log_channel_bytes_sent(port: int) -> int | None:
     return sum(int(v) for v in found) if found else None
 
 
+# Services of the load matrix take port 0 and report what they got, so that two of
+# them (or anything else on the machine) never race for a port picked in advance.
+GUEST_PORT = 6380  # the port kv.py asks for inside a supervisor: mapped to port 0
+_KV_LISTENING = re.compile(r"kv listening on [^\s:]+:(\d+)")
+
+
+def _port_of(address: object) -> int:
+    """The port of a logged address: ``"host:port"`` or ``[host, port]``."""
+    if isinstance(address, str):
+        return int(address.rsplit(":", 1)[1])
+    if isinstance(address, list | tuple):
+        return int(address[1])
+    raise ValueError(f"not an address: {address!r}")
+
+
+def _listening_port(proc: Proc, timeout: float) -> int:
+    """The real port a supervisor bound for its guest's listening socket."""
+    return _port_of(proc.wait_for_event("listening", timeout)["address"])
+
+
 def start_bare(scratch: Path, env: dict[str, str] | None = None) -> Service:
     """Configuration 1: ``python examples/kv.py`` on real sockets, no supervisor."""
-    port = free_port()
-    proc = Proc("bare", [sys.executable, str(KV), "--port", str(port)], scratch, env=env)
-    return Service("bare", port, primary=[proc])
+    proc = Proc("bare", [sys.executable, str(KV), "--port", "0"], scratch, env=env)
+
+    def boot(service: Service, timeout: float) -> None:
+        proc.wait_for_output(READY, timeout)
+        found = _KV_LISTENING.search(proc.stdout_path.read_text(errors="replace"))
+        if found is None:
+            raise RuntimeError(f"{proc.name} printed no 'kv listening on HOST:PORT' line")
+        service.port = int(found[1])
+
+    return Service("bare", 0, primary=[proc], boot=boot)
 
 
 def start_record(scratch: Path, env: dict[str, str] | None = None, tree: Path = ROOT) -> Service:
@@ -120,12 +154,25 @@ def start_record(scratch: Path, env: dict[str, str] | None = None, tree: Path = 
 
     ``tree``: the ftproxy checkout it runs from (its cwd, so its imports and kv.py).
     """
-    port = free_port()
     log_path = scratch / "record.ftlog"
-    kv = tree / KV.relative_to(ROOT)
-    command = [*FTPROXY, "record", "--log", str(log_path), "--", str(kv), "--port", str(port)]
+    command = [
+        *FTPROXY,
+        "record",
+        "--log",
+        str(log_path),
+        "--map",
+        f"{GUEST_PORT}={HOST}:0",
+        "--",
+        str(tree / KV.relative_to(ROOT)),
+        "--port",
+        str(GUEST_PORT),
+    ]
     proc = Proc("record", command, scratch, env=env, cwd=tree)
-    return Service("record", port, primary=[proc], log_path=log_path)
+
+    def boot(service: Service, timeout: float) -> None:
+        service.port = _listening_port(proc, timeout)
+
+    return Service("record", 0, primary=[proc], log_path=log_path, boot=boot)
 
 
 @dataclass
@@ -153,11 +200,11 @@ class Arbiter:
         return self
 
     def wait_listening(self) -> None:
-        wait_until(
-            lambda: socket.create_connection((HOST, self.port), timeout=1).close() is None,
-            30,
-            "the arbiter listens",
-        )
+        def accepts() -> bool:
+            socket.create_connection((HOST, self.port), timeout=1).close()
+            return True
+
+        wait_until(accepts, 30, "the arbiter listens")
 
     @property
     def address(self) -> str:
@@ -199,6 +246,7 @@ def start_pair(
     two_addresses: bool = False,
     env: dict[str, str] | None = None,
     tree: Path = ROOT,
+    ephemeral: bool = False,
 ) -> Service:
     """Configurations 3 and 4: ``ftproxy primary`` and ``ftproxy backup`` on loopback.
 
@@ -207,7 +255,11 @@ def start_pair(
     on one of its own (``--map``), as on two hosts: then a primary that is
     stopped, not dead, cannot keep it from going live. The pair authenticates
     and seals its frames as its arbiter does (``Arbiter.secret_file``).
+    ``ephemeral`` (the load matrix, where nothing fails over): every port is port 0,
+    reported back.
     """
+    if ephemeral:
+        return _start_ephemeral_pair(name, scratch, arbiter, output_rule=output_rule)
     port = free_port()
     log_port = free_port()
     primary_admin = free_port()
@@ -253,6 +305,53 @@ def start_pair(
         log_port=log_port,
         takeover_port=takeover_port,
     )
+
+
+def _start_ephemeral_pair(
+    name: str, scratch: Path, arbiter: Arbiter, *, output_rule: bool
+) -> Service:
+    """A pair whose every port is port 0: the backup starts once the primary has
+    said where its log channel listens; the client port is the primary's mapped one."""
+    generation = arbiter.next_generation()
+    guest = ["--", str(KV), "--port", str(GUEST_PORT)]
+    common = ["--arbiter", arbiter.address, *_security(arbiter.secret_file), "--admin", f"{HOST}:0"]
+    primary_command = [
+        *FTPROXY,
+        "primary",
+        "--log-listen",
+        f"{HOST}:0",
+        "--map",
+        f"{GUEST_PORT}={HOST}:0",
+        "--generation",
+        str(generation),
+        *common,
+        *([] if output_rule else ["--no-output-rule"]),
+        *guest,
+    ]
+    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch)
+
+    def boot(service: Service, timeout: float) -> None:
+        service.log_port = _port_of(
+            primary.wait_for_event("waiting_for_backup", timeout)["address"]
+        )
+        backup_command = [
+            *FTPROXY,
+            "backup",
+            "--primary",
+            f"{HOST}:{service.log_port}",
+            *common,
+            *guest,
+        ]
+        backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch)
+        service.backup.append(backup)
+        # The primary serves /status once its backup has joined.
+        service.admin_port = _port_of(primary.wait_for_event("admin_listening", timeout)["address"])
+        service.backup_admin_port = _port_of(
+            backup.wait_for_event("admin_listening", timeout)["address"]
+        )
+        service.port = service.takeover_port = _listening_port(primary, timeout)
+
+    return Service(name, 0, primary=[primary], boot=boot)
 
 
 def _security(secret_file: Path | None) -> list[str]:

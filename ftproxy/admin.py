@@ -64,7 +64,9 @@ JSON_CONTENT_TYPE: Final = "application/json"
 TEXT_CONTENT_TYPE: Final = "text/plain; charset=utf-8"
 
 # String leaves that become info-style gauges: ``ftproxy_role{role="primary"} 1``.
-INFO_LEAVES: Final = frozenset({("role",), ("peer", "state"), ("arbiter", "state")})
+INFO_LEAVES: Final = frozenset(
+    {("role",), ("peer", "state"), ("arbiter", "state"), ("catch_up", "state")}
+)
 
 MAX_RECV: Final = 64 * 1024
 # A client has this long to send a whole request head, waiting on a kept-alive
@@ -509,7 +511,7 @@ def _connect_failure(exc: OSError) -> str:
 # -- for people ------------------------------------------------------------------
 
 _ROLE_STYLES: Final = {"primary": "bold green", "backup": "bold cyan", "live": "bold green"}
-_GOOD_STATES: Final = frozenset({"connected", "idle", "ok", "alive", "live"})
+_GOOD_STATES: Final = frozenset({"connected", "idle", "ok", "alive", "live", "protected"})
 # Keys the panel shows in its title and fixed rows; anything else gets a row of its own.
 _SHOWN_KEYS: Final = frozenset(
     {
@@ -525,6 +527,11 @@ _SHOWN_NESTED: Final = {
     "arbiter": frozenset({"state", "silent_ms", "address"}),
     "channel_rtt_ms": frozenset({"p50", "p99", "samples"}),
     "lag_ms": frozenset({"p50", "p99", "samples"}),
+    "catch_up": frozenset(
+        {"state", "peer", "generation", "target_seq", "acked_seq", "replayed_seq"}
+        | {"entries_sent", "bytes_sent", "elapsed_s", "entries_per_s"}
+    ),
+    "log_store": frozenset({"path", "entries", "bytes", "error"}),
     "front": frozenset(
         {
             "mode",
@@ -595,11 +602,25 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
         _suffixed(status, ("front", "frames_dropped_in"), _count, "dropped in"),
         _suffixed(status, ("front", "frames_dropped_out"), _count, "dropped out"),
     )
+    row("outputs", _suffixed(status, ("held_outputs",), _count, "held"), _output_rule(status))
+    row("protected", _protected(status))
     row(
-        "outputs",
-        _suffixed(status, ("held_outputs",), _count, "held"),
-        _output_rule(status),
-        _protected(status),
+        "catch-up",
+        _state(_field(status, "catch_up", "state")),
+        _value(status, ("catch_up", "peer"), str),
+        _labelled("replayed", status, ("catch_up", "replayed_seq"), _count),
+        _labelled("acked", status, ("catch_up", "acked_seq"), _count),
+        _suffixed(status, ("catch_up", "entries_sent"), _count, "sent"),
+        _value(status, ("catch_up", "bytes_sent"), _bytes),
+        _suffixed(status, ("catch_up", "entries_per_s"), _count, "entries/s"),
+        _labelled("in", status, ("catch_up", "elapsed_s"), _duration),
+    )
+    row(
+        "log store",
+        _value(status, ("log_store", "path"), str),
+        _suffixed(status, ("log_store", "entries"), _count, "entries"),
+        _value(status, ("log_store", "bytes"), _bytes),
+        _store_error(status),
     )
     for name in ("peer", "arbiter"):
         row(
@@ -643,6 +664,20 @@ def render_status(status: Mapping[str, Any]) -> RenderableType:
     return Panel(table, title=title, title_align="left", expand=False)
 
 
+def _protected(status: Mapping[str, Any]) -> Text | None:
+    value = status.get("protected", _MISSING)
+    if value is _MISSING:
+        return None
+    if value is True:
+        return Text("yes: a backup holds the whole log", style="green")
+    return Text("no: a fault now would lose the service", style="bold red")
+
+
+def _store_error(status: Mapping[str, Any]) -> Text | None:
+    error = _field(status, "log_store", "error")
+    return None if error is _MISSING or error is None else Text(_plain(error), style="bold red")
+
+
 def _field(status: Mapping[str, Any], *path: str) -> Any:
     value: Any = status
     for key in path:
@@ -682,15 +717,6 @@ def _output_rule(status: Mapping[str, Any]) -> Text | None:
     if value is False:
         return Text("output rule OFF (unsafe)", style="bold red")
     return Text(f"output rule {_plain(value)}", style="yellow")
-
-
-def _protected(status: Mapping[str, Any]) -> Text | None:
-    value = status.get("protected", _MISSING)
-    if value is _MISSING:
-        return None
-    if value is True:
-        return Text("protected", style="green")
-    return Text("not protected", style="bold yellow")
 
 
 def _state(value: Any) -> Text | None:

@@ -8,6 +8,11 @@ live: the guest's next exit is answered from the world (it cannot tell), the
 service addresses are bound here, connection ids continue from the log's, and
 every connection the guest held reads as reset, as a logged input (see
 ``ftproxy.takeover``).
+
+A backup may go live only once its primary said ``Protected``: a backup that
+joined a live replica (re-protection) and loses it while still catching up
+halts, since it lacks what that replica released alone. Once live, it takes
+the next backup on its ``--log-listen`` (``ftproxy.reprotect``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import errno
 import os
 import signal
+import sys
 from collections import deque
 from typing import Any
 
@@ -28,6 +34,7 @@ from ftproxy.channel import (
     Diverged,
     Entries,
     Heartbeat,
+    Protected,
     RecordedOutputs,
     RemoteProtocolError,
     Waiting,
@@ -40,21 +47,25 @@ from ftproxy.guest import _trace
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LinkRefused, LogLink, join_primary
+from ftproxy.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.replay import check_entry, first_difference
 from ftproxy.replica import (
     EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    EXIT_USAGE,
     ArbiterClient,
     Halted,
     ReplicaOptions,
     ReplicaShell,
     StatusBoard,
     admin_endpoint,
+    check_data_dir,
     check_program,
 )
 from ftproxy.replication import Event, Role
+from ftproxy.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.startfiles import start_files_problem
 from ftproxy.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.takeover import TakeoverState
@@ -68,6 +79,7 @@ TAKEOVER_BIND_RETRY_S = 0.1
 RECORDED_OUTPUTS_WAIT_S = 2.0
 FENCE_AFTER_S = 0.2  # how long the address may stay held before its holder is fenced
 FENCE_GRACE_S = 1.0  # how long a fenced primary's address may take to come free
+REPLAY_ACK_INTERVAL_S = 0.001
 
 
 class Backup(ReplicaShell):
@@ -78,11 +90,21 @@ class Backup(ReplicaShell):
         options: ReplicaOptions,
         link: LogLink,
         welcome: Welcome,
+        store: LogStore,
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
         super().__init__(options, Role.BACKUP, link, board, hooks)
         self.welcome = welcome
+        self.store = store
+        # Told by the primary that this backup holds its whole log: only then may it go live.
+        self.protected = False
+        self.went_live = trio.Event()
+        self._flow = Doorbell()  # acks of our own backup, once live: input flow control
+        self.board.log_store = store.status
+        self.board.protection = lambda: (
+            self.protected and not self.peer_gone.is_set() and store.on_disk
+        )
         self._entries: deque[Entry] = deque()
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
@@ -114,9 +136,14 @@ class Backup(ReplicaShell):
                     )
                     self._primary_waiting = None
                 await self._arrived.wait()
+            if self.peer_gone.is_set() and not self.protected:
+                raise Halted(self._unprotected())
             if self._entries:
                 entry = self._entries.popleft()
                 check_entry(seq, entry, exit)
+                # Stored as replayed, not as received: on disk, each output then
+                # follows the entry it came after, as ``ftproxy replay`` reads it.
+                self.store.append_entry(entry)
                 self._since_entry.clear()
                 self._takeover.follow_entry(exit, entry)
                 self.replica.entry_replayed(entry.seq)
@@ -128,8 +155,11 @@ class Backup(ReplicaShell):
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
+        self.store.append_output(seq, message)
         if self.world is not None:
-            self.world.output_later(message)
+            # Live: at once; primary of a later generation: once our backup holds the log.
+            for released in self.replica.output(seq, message):
+                self.world.output_later(released)
         else:
             self._since_entry.append(output_record(seq, message))
             self._takeover.follow_output(message)
@@ -170,9 +200,21 @@ class Backup(ReplicaShell):
             elif isinstance(event, RecordedOutputs):
                 self._recorded = event
                 self._recorded_arrived.set()
+            elif isinstance(event, Protected):
+                self.replica.heard(now)
+                self.protected = True
+                self.log.info("backup_protected", generation=event.generation, seq=event.seq)
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the primary closed the log channel")
                 return
+
+    def _unprotected(self) -> str:
+        return (
+            f"the live replica was lost while this backup was catching up (it had received "
+            f"{self.replica.received} entries), before the pair was protected under "
+            f"generation {self.options.generation}: this backup lacks what that replica "
+            "released alone, so it cannot go live; it halts and sends nothing"
+        )
 
     async def _ack(self) -> bool:
         """Say what is received and replayed, unless the last ack said it; False if the
@@ -205,6 +247,11 @@ class Backup(ReplicaShell):
                 with trio.move_on_at(self.replica.last_sent + timing.heartbeat_s):
                     await self._ack_due.wait()
             current = (self.replica.received, self.replica.replayed)
+            if current != self._acked and current[0] == self._acked[0]:
+                # Replay progress only: one ack per millisecond, not one per entry (a
+                # catch-up replays thousands a second, and a send each halved its pace).
+                await trio.sleep(REPLAY_ACK_INTERVAL_S)
+                current = (self.replica.received, self.replica.replayed)
             if current != self._acked:
                 sent = await self._send(Ack(*current), current)
             else:
@@ -256,6 +303,8 @@ class Backup(ReplicaShell):
 
     async def take_over(self) -> None:
         """Everything received is replayed: ask the arbiter, then serve or halt."""
+        if not self.protected:
+            raise Halted(self._unprotected())
         self.replica.handle(Event.PEER_LOST)
         self.log.info("role_changed", to="arbitrating", replayed=self.replica.replayed)
         if not await self.arbiter.test_and_set():
@@ -274,9 +323,10 @@ class Backup(ReplicaShell):
             # The guest runs with the primary's policy (its boot reply), whatever our flags say.
             self.welcome.header.policy,
             self.guest_pid,
-            _discard,
+            self._logged_live,
             # The guest may not have booted yet: its boot must name the same network.
             network=packet.network if packet is not None else None,
+            input_allowed=self._input_allowed,
         )
         self.board.input_bytes = lambda: front.input_bytes
         self.board.front = front.status
@@ -300,10 +350,42 @@ class Backup(ReplicaShell):
         self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
         self.role_changed("live", "the primary was lost; this backup won the arbiter")
+        self.went_live.set()
 
+    def _logged_live(self, entry: Entry) -> None:
+        """Live, this replica logs what its guest gets, for the next backup to catch up."""
+        self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
+        self.board.counters["log_bytes_total"] += len(entry.reply)
+        self.store.append_entry(entry)
 
-def _discard(entry: Entry) -> None:
-    """A live replica without a backup keeps no log."""
+    async def _input_allowed(self) -> None:
+        """As a primary again (after re-protection): no new input while our backup lags."""
+        if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
+            self.world.flush_outputs()
+        while self.replica.lag_exceeded(trio.current_time()):
+            with trio.move_on_after(self.options.timing.heartbeat_s):
+                await self._flow.wait()
+        await throttle_for_catch_up(self.replica, self._flow)
+
+    async def reprotect(self) -> None:
+        """Once live, take the next backup on --log-listen (if given), again and again."""
+        await self.went_live.wait()
+        if self.options.log_listen is None:
+            return
+        assert self.world is not None
+        reprotector = Reprotector(
+            options=self.options,
+            header=self.welcome.header,
+            replica=self.replica,
+            store=self.store,
+            arbiter=self.arbiter,
+            board=self.board,
+            release=self.world.apply_output,
+            on_ack=self._flow.ring,
+            bound_log=self.log,
+            role_changed=self.role_changed,
+        )
+        await reprotector.run()
 
 
 async def _bind_for_takeover(
@@ -387,10 +469,20 @@ async def serve_backup(options: ReplicaOptions, primary_address: tuple[str, int]
     endpoint answers from then on.
     """
     check_program(options.argv, options.workdir)
+    check_data_dir(options.data_dir)
     board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
     hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
     async with admin_endpoint(options, board), hooks_running as hooks:
         return await _serve_backup(options, primary_address, board, hooks)
+
+
+async def serve_joined(options: ReplicaOptions, link: LogLink, welcome: Welcome) -> int:
+    """``ftproxy run``'s backup: it joined through ``link``; the admin endpoint and the
+    hooks as ``serve_backup`` has them (the node checked the flags at start)."""
+    board = StatusBoard(options, ArbiterClient(options, "backup"), role_override="joining")
+    hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
+    async with admin_endpoint(options, board), hooks_running as hooks:
+        return await serve_joined_backup(options, link, welcome, board, hooks)
 
 
 async def _serve_backup(
@@ -404,7 +496,32 @@ async def _serve_backup(
     except LinkRefused as exc:
         log.error("replica_refused", role="backup", reason=str(exc))
         return EXIT_HALTED
+    return await serve_joined_backup(options, link, welcome, board, hooks)
+
+
+async def serve_joined_backup(
+    options: ReplicaOptions,
+    link: LogLink,
+    welcome: Welcome,
+    board: StatusBoard,
+    hooks: RoleHooks,
+) -> int:
+    """Replay behind the primary this backup joined through ``link``; the exit code."""
     options.pair, options.generation = welcome.pair, welcome.generation
+    if welcome.header.python != sys.version:
+        reason = (
+            f"the primary's guest runs on Python {welcome.header.python.split()[0]}, this "
+            f"backup's would run on {sys.version.split()[0]}: replay needs the same Python"
+        )
+        log.error("replica_refused", role="backup", reason=reason)
+        await link.refuse(reason)
+        return EXIT_HALTED
+    try:
+        store = LogStore(welcome.header, open_data_dir(options.data_dir, options.pair))
+    except DataDirError as exc:
+        log.error("data_dir_refused", role="backup", reason=str(exc))
+        await link.refuse(f"the backup cannot keep the log: {exc}")
+        return EXIT_USAGE
     packet, network = options.packet, welcome.header.network
     if packet is not None and packet.network is None and network is not None:
         options.packet = dataclasses.replace(packet, network=network)
@@ -416,7 +533,7 @@ async def _serve_backup(
         log.error("replica_refused", role="backup", reason=mismatch)
         await link.aclose()
         return EXIT_HALTED
-    backup = Backup(options, link, welcome, board, hooks)
+    backup = Backup(options, link, welcome, store, board, hooks)
     try:
         await backup.arbiter.check_undecided()
     except Halted as exc:
@@ -443,8 +560,10 @@ async def _serve_backup(
             supervisor = Supervisor(guest, backup)
             backup.board.icount = lambda: supervisor.icount
             backup.board.seq = lambda: supervisor.seq
+            nursery.start_soon(store.flush_periodically)
             code = await _run_guest(backup, supervisor, guest, signals)
             nursery.cancel_scope.cancel()
+    store.close()
     return code
 
 
@@ -492,9 +611,19 @@ async def _run_guest(
                 serving.cancel()
                 guest.kill()
 
+    async def reprotect() -> None:
+        try:
+            await backup.reprotect()
+        except Halted as exc:
+            backup.log.error("replica_halted", reason=str(exc))
+            outcome.append(EXIT_HALTED)
+            serving.cancel()
+            guest.kill()
+
     async with trio.open_nursery() as inner:
         inner.start_soon(backup.run_channel)
         inner.start_soon(forward_signals)
+        inner.start_soon(reprotect)
         try:
             with serving:
                 await supervisor.run()

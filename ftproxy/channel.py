@@ -10,6 +10,7 @@ accepts (the server). One line per frame, backup on the left::
     Proof(mac_b)                     ─▶                both sides: Authenticated
     Join(argv)                       ─▶
                                      ◀─  Welcome(pair, generation, header, primary)
+                                     ◀─  Protected(generation, seq)  (once caught up)
     ...streaming, in any order...
                                      ◀─  Entries([entry, ...])    (a batch: group commit)
     Ack(received, replayed)          ─▶  (cumulative; sent on receipt)
@@ -20,7 +21,10 @@ accepts (the server). One line per frame, backup on the left::
     Error(reason)                    ◀▶  either side, any time, then it closes
 
 ``Join`` carries the backup's guest command line: the primary refuses (with an
-Error that says why) a backup that would run another program. The opening, the
+Error that says why) a backup that would run another program. A backup may
+go live only after ``Protected``: a primary waiting for its first backup sends
+it at once; a live replica taking a new backup (re-protection) sends it once
+the joiner has received every entry of its log. The opening, the
 framing and the error rules are ``ftproxy.session``'s, shared with the
 arbiter's protocol; the transitions are the one table ``_TRANSITIONS``.
 """
@@ -69,6 +73,7 @@ __all__ = [
     "Join",
     "LocalProtocolError",
     "Proof",
+    "Protected",
     "ProtocolError",
     "RecordedOutputs",
     "RemoteProtocolError",
@@ -81,7 +86,8 @@ __all__ = [
 # 2: entries carry guest-pipe replies of log format version 2 (``ftproxy.wire``).
 # 3: frames after the opening are sealed (``ftproxy.session``); Welcome says who
 #    the primary is, for fencing (``ftproxy.fence``); Waiting, Diverged and
-#    RecordedOutputs (a running pair checks its outputs).
+#    RecordedOutputs (a running pair checks its outputs); Protected (a backup may
+#    go live only once it was told so).
 CHANNEL_VERSION: Final = 3
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
@@ -154,6 +160,17 @@ class RecordedOutputs(msgspec.Struct, tag=9, array_like=True, frozen=True):
     outputs: list[Output]
 
 
+class Protected(msgspec.Struct, tag=11, array_like=True, frozen=True):
+    """The backup holds the log up to ``seq``: the pair is protected under ``generation``.
+
+    From here on the primary's outputs wait for this backup's acks, and the
+    backup may go live if the primary dies; before it, it may not.
+    """
+
+    generation: int
+    seq: int
+
+
 Message: TypeAlias = (
     Hello
     | Proof
@@ -166,6 +183,7 @@ Message: TypeAlias = (
     | Waiting
     | Diverged
     | RecordedOutputs
+    | Protected
 )
 ChannelEvent: TypeAlias = (
     Authenticated
@@ -177,6 +195,7 @@ ChannelEvent: TypeAlias = (
     | Waiting
     | Diverged
     | RecordedOutputs
+    | Protected
     | ConnectionClosed
 )
 
@@ -207,6 +226,7 @@ _TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
     (State.STREAMING, PRIMARY, Waiting): State.STREAMING,
     (State.STREAMING, BACKUP, Diverged): State.STREAMING,
     (State.STREAMING, PRIMARY, RecordedOutputs): State.STREAMING,
+    (State.STREAMING, PRIMARY, Protected): State.STREAMING,
 }
 
 
@@ -250,6 +270,7 @@ class Channel(Session):
         | Waiting
         | Diverged
         | RecordedOutputs
+        | Protected
         | Error,
     ) -> bytes:
         """The bytes that send ``message``, after any queued opening bytes."""

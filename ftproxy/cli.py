@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -158,7 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
         "service address is SIGKILLed (kill, the default), or left alone and the address "
         "reported busy in /status (none)",
     )
+    backup.add_argument(
+        "--log-listen",
+        metavar="HOST:PORT",
+        help="once live, take the next backup here (re-protection); without it the "
+        "backup, once live, serves alone for good",
+    )
     _add_replica_arguments(backup)
+
+    run = commands.add_parser(
+        "run",
+        usage="ftproxy run --pair NAME --arbiter HOST:PORT --log-listen HOST:PORT "
+        "[options] -- SCRIPT [ARGS]",
+        help="one node of a self-healing pair: the same command on every host",
+        description="Ask the arbiter who is live for the pair: nobody, and this node boots "
+        "the service as its first replica (the arbiter lets exactly one node do so); "
+        "somebody, and it joins that replica as its backup, catches up from its log and "
+        "protects the pair again. Restarted after a failure, it rejoins by itself.",
+    )
+    run.add_argument("--pair", required=True, help="the pair's name at the arbiter")
+    run.add_argument(
+        "--log-listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="where this node takes a backup once live; recorded at the arbiter, so it "
+        "must be an address the other nodes reach",
+    )
+    _add_replica_arguments(run)
 
     arbiter_cmd = commands.add_parser(
         "arbiter",
@@ -313,6 +340,12 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_etcd_arguments(parser)
     parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep the log this replica holds in DIR/log.ftlog (readable by ftproxy log "
+        "show and replay); without it the log is kept in memory only",
+    )
     _add_secret_arguments(parser)
     parser.add_argument(
         "--map",
@@ -435,6 +468,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         on_role_change=_hook_command(args),
         hook_timeout_s=args.on_role_change_timeout_s,
         fence=getattr(args, "fence", "kill"),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
     )
 
 
@@ -485,6 +519,8 @@ def _cmd_backup(args: argparse.Namespace) -> int:
         if args.workdir is not None and not os.path.isdir(args.workdir):
             raise ValueError(f"--workdir {args.workdir!r} is not a directory")
         options.workdir = args.workdir
+        if args.log_listen:
+            options.log_listen = arbiter.parse_address(args.log_listen)
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))
     return _run_replica("backup", serve_backup, options, primary)
@@ -501,6 +537,25 @@ def _run_replica(command: str, serve: Any, *args: Any) -> int:
     except StartupError as exc:
         print(f"ftproxy {command}: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import arbiter
+    from ftproxy.auth import SecretFileError
+    from ftproxy.node import run_node
+
+    if args.front == "packet":
+        return _usage(
+            "ftproxy run serves in socket mode only (for now); run a packet-mode pair "
+            "with ftproxy primary and ftproxy backup"
+        )
+    try:
+        options = _replica_options(args, "run")
+        options.log_listen = arbiter.parse_address(args.log_listen)
+    except (ValueError, SecretFileError) as exc:
+        return _usage(str(exc))
+    options.pair = args.pair
+    return _run_replica("run", run_node, options)
 
 
 def _cmd_arbiter(args: argparse.Namespace) -> int:
@@ -710,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _cmd_status,
         "lab": _cmd_lab,
         "demo": _cmd_demo,
+        "run": _cmd_run,
     }
     try:
         return handlers[args.command](args)

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 PROGRAM_KEY: Final = "program"
 # Subcommands whose options can come from the file (those with a command to run).
-WITH_PROGRAM: Final = frozenset({"primary", "backup", "record"})
+WITH_PROGRAM: Final = frozenset({"primary", "backup", "record", "run"})
 
 
 class ConfigError(Exception):

@@ -114,6 +114,7 @@ ADMIN_PORT: Final = 7200
 # timeout, so give a reply far longer than the socket demo does before calling the
 # connection broken.
 PACKET_REQUEST_TIMEOUT_S: Final = 10.0
+REPROTECT_TIMEOUT_S: Final = 120.0  # a fresh backup catching up on the whole history
 STALL_REPORTED_S: Final = 0.05  # a silence after the kill worth an event in the view
 _CLONE_NEWNET: Final = 0x40000000
 _TCP_INFO_TOTAL_RETRANS: Final = 100  # offset of tcpi_total_retrans in struct tcp_info
@@ -745,6 +746,7 @@ class Ports:
     primary_admin: int
     backup_admin: int
     arbiter: str  # the --arbiter address: the embedded arbiter's HOST:PORT, or etcd://...
+    backup_log: int = 0  # --rounds: where the backup takes the next backup once live
 
 
 async def free_ports(count: int) -> list[int]:
@@ -804,6 +806,7 @@ class Verdict:
     ship_delay_ms: float
     duration_s: float
     etcd: EtcdDecision | None = None  # --etcd: the decision, read back from etcd
+    rounds: tuple[Round, ...] = ()
 
     @property
     def acked(self) -> int:
@@ -846,7 +849,11 @@ class Verdict:
             ),
             ("found after failover", f"{self.found:,}"),
             ("lost", _lost_cell(self.lost)),
-            ("failover (clients' view)", _seconds(self.failover_s)),
+            *(
+                [("failover (clients' view)", _seconds(self.failover_s))]
+                if not self.rounds
+                else [(f"round {r.number}", r.describe()) for r in self.rounds]
+            ),
             ("requests answered", f"{self.replies:,}, {self.reconnects} reconnects"),
             *self._arbiter_rows(),
         ]
@@ -898,6 +905,7 @@ class Verdict:
             ship_delay_ms=None if self.output_rule else self.ship_delay_ms,
             duration_s=round(self.duration_s, 3),
             arbiter={"kind": "builtin"} if self.etcd is None else self._etcd_json(self.etcd),
+            rounds=[r.as_json() for r in self.rounds] if self.rounds else None,
         )
 
     @staticmethod
@@ -910,6 +918,45 @@ class Verdict:
             "key": etcd.key,
             "winner": etcd.winner,
             "backup": etcd.backup,
+        }
+
+
+@dataclass(frozen=True)
+class Round:
+    """``--rounds``: one kill -9 of whoever was primary, and the pair healing after it."""
+
+    number: int
+    killed: str
+    live: str
+    failover_s: float | None  # the clients' view: last reply of the old, first of the new
+    reprotect_s: float | None  # from the kill to protected again
+    catch_up_s: float | None
+    catch_up_entries: int
+    generation: int
+
+    def describe(self) -> Text:
+        return Text.assemble(
+            f"{self.killed} killed, {self.live} live; failover {_seconds(self.failover_s)}; ",
+            ("protected again", "green")
+            if self.reprotect_s is not None
+            else ("unprotected", "red"),
+            f" (generation {self.generation}) {_seconds(self.reprotect_s)} after the kill, "
+            f"{self.catch_up_entries:,} entries caught up in {_seconds(self.catch_up_s)}",
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
+        return {
+            "round": self.number,
+            "killed": self.killed,
+            "live": self.live,
+            "failover_s": rounded(self.failover_s),
+            "reprotect_s": rounded(self.reprotect_s),
+            "catch_up_s": rounded(self.catch_up_s),
+            "catch_up_entries": self.catch_up_entries,
+            "generation": self.generation,
         }
 
 
@@ -946,6 +993,7 @@ VERDICT_FIELDS: Final = (
     "ship_delay_ms",
     "duration_s",
     "arbiter",
+    "rounds",
 )
 
 
@@ -1244,6 +1292,7 @@ class DemoConfig:
     packet: bool = False
     partition: bool = False  # --packet only: cut the primary off instead of killing it
     etcd: bool = False  # the socket demo, decided by a three-member etcd cluster
+    rounds: int = 1  # kill -9s in a row, each followed by a fresh backup joining
 
 
 @dataclass
@@ -1271,12 +1320,15 @@ async def run(demo: Demo, workdir: Path) -> Outcome:
                 port = await nursery.start(arbiter.serve, HOST, 0, workdir / "arbiter-store", None)
                 arbiter_at = f"{HOST}:{port}"
                 events.emit("arbiter_started", f"arbiter on {arbiter_at}", port=port)
-            service, log_port, primary_admin, backup_admin = await free_ports(4)
-            ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_at)
+            service, log_port, primary_admin, backup_admin, backup_log = await free_ports(5)
+            ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_at, backup_log)
             primary, backup = await _start_pair(
                 demo, workdir, nursery, _socket_launches(demo.config, ports), ports.service
             )
-            verdict = await _failover(demo, nursery, primary, backup, ports.service)
+            if demo.config.rounds > 1:
+                verdict = await _rounds(demo, nursery, workdir, primary, backup, ports)
+            else:
+                verdict = await _failover(demo, nursery, primary, backup, ports.service)
             if demo.etcd is not None:
                 verdict = replace(verdict, etcd=await _etcd_decision(demo.etcd, backup))
         finally:
@@ -1399,6 +1451,8 @@ def _socket_launches(config: DemoConfig, ports: Ports) -> list[Launch]:
             f"{MAX_LAG_FACTOR * config.ship_delay_ms + DEFAULT_MAX_LAG_MS:g}",
         ]
     backup_args = ["backup", "--primary", log_at, "--arbiter", arbiter_at]
+    if config.rounds > 1:
+        backup_args += ["--log-listen", f"{HOST}:{ports.backup_log}"]
     return [
         Launch("primary", primary_args, f"{HOST}:{ports.primary_admin}"),
         Launch("backup", backup_args, f"{HOST}:{ports.backup_admin}"),
@@ -1542,6 +1596,118 @@ async def _failover(
     return replace(verdict, duration_s=trio.current_time() - events.started_at)
 
 
+async def _rounds(
+    demo: Demo,
+    nursery: trio.Nursery,
+    workdir: Path,
+    primary: Replica,
+    backup: Replica,
+    ports: Ports,
+) -> Verdict:
+    """``--rounds N``: load; N times: kill -9 of the primary, the backup goes live, a
+    fresh backup joins it and catches up, the pair is protected again; read-back."""
+    config, events = demo.config, demo.events
+    load = demo.load = Load(ports.service, config.clients, events)
+    nursery.start_soon(load.run)
+    await _wait_first_ack(load, config)
+    events.emit("load_started", f"load running: {config.clients} clients, INCR + SET")
+    await trio.sleep(config.warmup_s)  # a point of the run to fail at, not synchronisation
+    live_log, generation = ports.backup_log, 1
+    rounds: list[Round] = []
+    for number in range(1, config.rounds + 1):
+        events.emit("round_started", f"round {number} of {config.rounds}", round=number)
+        await _kill_primary(primary, events, load.stats.acked)
+        killed_at = load.stats.kill_at = trio.current_time()
+        # This round's old replies: those still coming from the killed primary.
+        load.stats.first_new_reply = load.stats.last_old_reply = None
+        await _wait_for(backup, lambda s: s.get("role") == "live", config.start_timeout_s)
+        events.emit("backup_live", f"{backup.name} is live, alone", replica=backup.name)
+        joiner_log, joiner_admin = await free_ports(2)
+        joiner = await start_replica(
+            Launch(
+                f"backup {number + 1}",
+                [
+                    "backup",
+                    "--primary",
+                    f"{HOST}:{live_log}",
+                    "--log-listen",
+                    f"{HOST}:{joiner_log}",
+                    "--arbiter",
+                    ports.arbiter,
+                    "--data-dir",
+                    str(workdir / f"data-{number + 1}"),
+                ],
+                f"{HOST}:{joiner_admin}",
+            ),
+            ports.service,
+            workdir,
+            ("--insecure",),
+        )
+        demo.replicas.append(joiner)
+        nursery.start_soon(joiner.watch_stdout)
+        nursery.start_soon(joiner.poll_status)
+        events.emit("backup_joining", f"{joiner.name} joins {backup.name}, catching up")
+        generation += 1
+        status = await _wait_for(backup, _protected_under(generation), REPROTECT_TIMEOUT_S)
+        catch_up = status.get("catch_up") or {}
+        done = Round(
+            number=number,
+            killed=primary.name,
+            live=backup.name,
+            failover_s=_round_failover(load.stats, killed_at),
+            reprotect_s=trio.current_time() - killed_at,
+            catch_up_s=catch_up.get("elapsed_s"),
+            catch_up_entries=int(catch_up.get("entries_sent", 0)),
+            generation=generation,
+        )
+        rounds.append(done)
+        events.emit(
+            "protected_again",
+            f"protected again: generation {generation}, {_seconds(done.reprotect_s)} after "
+            "the kill",
+            generation=generation,
+        )
+        primary, backup, live_log = backup, joiner, joiner_log
+        await trio.sleep(config.after_s)  # load on the healed pair, not synchronisation
+    load.stop()
+    events.emit(
+        "load_stopped", f"load stopped: {load.stats.acked} acknowledged writes; reading back"
+    )
+    verdict = await verify(ports.service, load.stats, config)
+    duration = trio.current_time() - events.started_at
+    failovers = [r.failover_s for r in rounds if r.failover_s is not None]
+    worst = max(failovers) if len(failovers) == len(rounds) else None
+    return replace(verdict, duration_s=duration, rounds=tuple(rounds), failover_s=worst)
+
+
+def _protected_under(generation: int) -> Callable[[dict[str, Any]], bool]:
+    def protected(status: dict[str, Any]) -> bool:
+        return status.get("protected") is True and status.get("generation") == generation
+
+    return protected
+
+
+def _round_failover(stats: LoadStats, killed_at: float) -> float | None:
+    """The clients' view: the old primary's last reply (at the latest, the kill) to the
+    new one's first."""
+    if stats.first_new_reply is None:
+        return None
+    return stats.first_new_reply - (stats.last_old_reply or killed_at)
+
+
+async def _wait_for(
+    replica: Replica, condition: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    """The replica's status, once ``condition`` holds for it (as polled for the view)."""
+    with trio.move_on_after(timeout):
+        while replica.status is None or not condition(replica.status):
+            await trio.sleep(REFRESH_S / 4)
+        return replica.status
+    raise DemoError(
+        f"the {replica.name} did not get there within {timeout:g} s{await replica.stderr_tail()}"
+    )
+
+
 async def _packet_failover(
     demo: Demo, nursery: trio.Nursery, lab: netlab.Lab, primary: Replica, backup: Replica
 ) -> PacketVerdict:
@@ -1634,13 +1800,32 @@ def _replica_row(replica: Replica) -> list[RenderableType]:
         f"{lag.get('entries', 0):,} / {lag.get('ms', 0):.0f} ms",
         f"{status.get('held_outputs', 0):,}",
         str(peer.get("state", "")),
+        _protection_cell(status),
     ]
+
+
+def _protection_cell(status: dict[str, Any]) -> Text:
+    """Protected, catching up (how far), or alone."""
+    if status.get("protected") is True:
+        return Text("protected", style="green")
+    catch_up = status.get("catch_up") or {}
+    if catch_up.get("state") == "catching_up":
+        return Text(
+            f"catch-up {catch_up.get('replayed_seq', 0):,}/{status.get('log_seq', 0):,}",
+            style="yellow",
+        )
+    if status.get("role") == "live":
+        return Text("alone", style="bold red")
+    return Text("")
 
 
 def render_view(demo: Demo) -> RenderableType:
     """The live view: both replicas, the load, the last events."""
     table = Table(expand=True, box=None, pad_edge=False)
-    columns = ("replica", "role", "gen", "exits", "log seq", "acked seq", "lag", "held", "peer")
+    columns = (
+        "replica", "role", "gen", "exits", "log seq", "acked seq", "lag", "held", "peer",
+        "protection",
+    )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("replica", "role") else "right")
     for replica in demo.replicas:
@@ -1771,6 +1956,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         f"(Debian package {etcdlocal.PACKAGE}); one member is killed mid-run",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="kill -9 whoever is primary N times in a row, each followed by a fresh backup "
+        "that catches up and protects the pair again (default 1: one failover)",
+    )
+    parser.add_argument(
         "--packet",
         action="store_true",
         help="packet mode (root): in a lab of network namespaces, one client connection to "
@@ -1807,6 +2000,10 @@ def _config(args: argparse.Namespace) -> DemoConfig:
                 raise ValueError(f"{flag} is for the socket demo; --packet holds one connection")
     elif args.partition:
         raise ValueError("--partition needs --packet")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
+    if args.rounds > 1 and (args.packet or args.no_output_rule):
+        raise ValueError("--rounds is for the socket demo with the output rule")
     return DemoConfig(
         warmup_s=args.warmup,
         after_s=args.after,
@@ -1818,6 +2015,7 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         packet=args.packet,
         partition=args.partition,
         etcd=args.etcd,
+        rounds=args.rounds,
     )
 
 

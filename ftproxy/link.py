@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import termios
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -33,6 +34,7 @@ from ftproxy.channel import (
     Heartbeat,
     Join,
     LocalProtocolError,
+    Protected,
     RecordedOutputs,
     RemoteProtocolError,
     Waiting,
@@ -61,7 +63,18 @@ class LinkRefused(Exception):
         self.retry = retry
 
 
-Sendable = Join | Welcome | Entries | Ack | Heartbeat | Waiting | Diverged | RecordedOutputs | Error
+Sendable = (
+    Join
+    | Welcome
+    | Entries
+    | Ack
+    | Heartbeat
+    | Waiting
+    | Diverged
+    | RecordedOutputs
+    | Protected
+    | Error
+)
 
 
 class LogLink:
@@ -190,6 +203,16 @@ class LogLink:
             await self.stream.aclose()
 
 
+def argv_mismatch(theirs: list[str], ours: list[str]) -> str:
+    """Why a backup running ``theirs`` cannot replicate a guest running ``ours`` ("" if it can)."""
+    if theirs == ours:
+        return ""
+    return (
+        f"the backup runs {' '.join(theirs)!r} but the primary runs "
+        f"{' '.join(ours)!r}: both must run the same guest command line"
+    )
+
+
 async def _handshake(link: LogLink) -> None:
     event = await link.next_event()
     if isinstance(event, ConnectionClosed):
@@ -202,13 +225,18 @@ async def accept_backup(
     stream: trio.SocketStream,
     secret: bytes | None,
     argv: list[str],
-    welcome: Welcome,
+    welcome: Welcome | Callable[[], Welcome],
     gate: Gate | None = None,
+    *,
+    claim: Callable[[str], str] | None = None,
 ) -> LogLink:
     """The primary's side of a new connection: authenticate, check, welcome.
 
     ``gate``: the connection's admission (``ftproxy.admission``), told once the
-    backup has proved the secret."""
+    backup has proved the secret. ``claim``: called with the peer's name once it
+    proved itself and runs the same program, with no await before its Welcome
+    (so the next backup sees what it did); it returns why to refuse this backup,
+    or "" to take it. ``welcome``: the Welcome, or what makes it once claimed."""
     link = LogLink(stream, Channel(PRIMARY, secret))
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
@@ -218,14 +246,14 @@ async def accept_backup(
             join = await link.next_event()
         if not isinstance(join, Join):
             raise LinkRefused(f"{link.peer} sent {type(join).__name__} instead of Join")
-        if join.argv != argv:
-            reason = (
-                f"the backup runs {' '.join(join.argv)!r} but the primary runs "
-                f"{' '.join(argv)!r}: both must run the same guest command line"
-            )
+        reason = argv_mismatch(join.argv, argv) or (claim(link.peer) if claim else "")
+        if reason:
             await link.refuse(reason)
             raise LinkRefused(reason)
-        await link.send(welcome)
+        try:
+            await link.send(welcome if isinstance(welcome, Welcome) else welcome())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise LinkRefused(f"{link.peer} hung up during the handshake", retry=True) from None
     except RemoteProtocolError as exc:
         await link.refuse(str(exc))
         raise LinkRefused(str(exc)) from None

@@ -8,6 +8,7 @@ where.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
@@ -61,6 +62,12 @@ class LogWriter:
             self.bytes_written += len(self._buffer)
             self._buffer.clear()
         self._file.flush()
+
+    def abandon(self) -> None:
+        """Close without writing what is buffered (a write already failed)."""
+        self._buffer.clear()
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def close(self) -> None:
         if not self._file.closed:

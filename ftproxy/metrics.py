@@ -60,14 +60,15 @@ def counter(name: str, help: str, value: Value) -> StatusFamily:
     return StatusFamily(name, "counter", help, value)
 
 
-def field(*path: str, scale: float = 1.0) -> Value:
-    """The number at ``path`` in the status (times ``scale``), None if it is not there."""
+def field(*path: str, scale: float = 1.0, absent: float | None = None) -> Value:
+    """The number at ``path`` in the status (times ``scale``); ``absent`` (None: no
+    sample) if it is not there."""
 
     def read(status: Mapping[str, Any]) -> float | None:
         value: Any = status
         for key in path:
             if not isinstance(value, Mapping) or key not in value:
-                return None
+                return absent
             value = value[key]
         if isinstance(value, bool):
             return float(value)
@@ -79,7 +80,16 @@ def field(*path: str, scale: float = 1.0) -> Value:
 
 
 def _protected(status: Mapping[str, Any]) -> float:
-    return float(bool(status.get("protected")))
+    # The pair is protected (``protected`` in /status, on every role), and this replica's
+    # outputs are the ones that wait: a backup's own count for nothing.
+    return float(bool(status.get("protected")) and status.get("role") != "backup")
+
+
+def _log_store_failed(status: Mapping[str, Any]) -> float | None:
+    store = status.get("log_store")
+    if not isinstance(store, Mapping):
+        return None
+    return float(store.get("error") is not None)
 
 
 MS: Final = 0.001
@@ -87,7 +97,8 @@ MS: Final = 0.001
 STATUS_FAMILIES: Final[Sequence[StatusFamily]] = (
     gauge(
         "ftproxy_protected",
-        "1 while a backup is attached and outputs wait for its acknowledgements",
+        "1 while a caught-up backup is attached, outputs wait for its acknowledgements and "
+        "the log is whole on disk",
         _protected,
     ),
     counter(
@@ -134,6 +145,48 @@ STATUS_FAMILIES: Final[Sequence[StatusFamily]] = (
     counter(
         "ftproxy_input_bytes_total", "Bytes clients sent to the service", field("input_bytes_total")
     ),
+    # Re-protection (``ftproxy.reprotect``): the latest joiner's catch-up, 0 before any.
+    gauge(
+        "ftproxy_catch_up_target_seq",
+        "The live replica's last log entry when the latest joiner came",
+        field("catch_up", "target_seq", absent=0),
+    ),
+    gauge(
+        "ftproxy_catch_up_acked_seq",
+        "Last log entry the latest joiner acknowledged",
+        field("catch_up", "acked_seq", absent=0),
+    ),
+    gauge(
+        "ftproxy_catch_up_replayed_seq",
+        "Last log entry the latest joiner replayed",
+        field("catch_up", "replayed_seq", absent=0),
+    ),
+    gauge(
+        "ftproxy_catch_up_entries_sent",
+        "Log entries streamed to the latest joiner",
+        field("catch_up", "entries_sent", absent=0),
+    ),
+    gauge(
+        "ftproxy_catch_up_bytes_sent",
+        "Log bytes streamed to the latest joiner",
+        field("catch_up", "bytes_sent", absent=0),
+    ),
+    gauge(
+        "ftproxy_catch_up_elapsed_seconds",
+        "How long the latest joiner's catch-up took (or has taken so far)",
+        field("catch_up", "elapsed_s", absent=0),
+    ),
+    gauge(
+        "ftproxy_log_store_entries",
+        "Log entries this replica holds (since boot)",
+        field("log_store", "entries"),
+    ),
+    gauge("ftproxy_log_store_bytes", "Log bytes this replica holds", field("log_store", "bytes")),
+    gauge(
+        "ftproxy_log_store_failed",
+        "1 once writing the log to the data dir failed (a full disk): the log is not whole",
+        _log_store_failed,
+    ),
 )
 
 # String fields that become a labelled gauge: ``ftproxy_role{role="primary"} 1``.
@@ -144,6 +197,12 @@ STATE_FAMILIES: Final = (
         "ftproxy_arbiter_state",
         "This replica's business with the arbiter",
         ("arbiter", "state"),
+        "state",
+    ),
+    (
+        "ftproxy_catch_up_state",
+        "The latest joiner's catch-up: catching_up, protected, lost or dropped",
+        ("catch_up", "state"),
         "state",
     ),
 )

@@ -6,12 +6,15 @@ entries share a write and the backup acknowledges them with one ack. Outputs
 wait in the replication core's gate until the backup has acknowledged the
 entry they follow; the guest never waits for that. When the backup goes
 silent, the primary asks the arbiter: it goes on alone if it wins, and halts,
-releasing nothing, if it loses.
+releasing nothing, if it loses. Once live, it takes the next backup on its
+log address (``ftproxy.reprotect``); ``ftproxy run``'s first replica starts
+live, with no backup yet (``alone``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from collections import deque
 from typing import Any
@@ -25,6 +28,7 @@ from ftproxy.channel import (
     Diverged,
     Entries,
     Heartbeat,
+    Protected,
     RecordedOutputs,
     RemoteProtocolError,
     Waiting,
@@ -36,11 +40,13 @@ from ftproxy.guest import _trace
 from ftproxy.guestproc import GuestProcess, start_guest
 from ftproxy.hooks import RoleHooks, role_hooks
 from ftproxy.link import LogLink, accept_first_backup
+from ftproxy.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.replay import first_difference
 from ftproxy.replica import (
     EXIT_FAILED,
     EXIT_HALTED,
     EXIT_OK,
+    EXIT_USAGE,
     ArbiterClient,
     Halted,
     ReplicaOptions,
@@ -48,10 +54,12 @@ from ftproxy.replica import (
     StatusBoard,
     admin_endpoint,
     bind_listeners,
+    check_data_dir,
     check_free,
     check_program,
 )
 from ftproxy.replication import Event, Role
+from ftproxy.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.wire import Entry, Header, Output
 from ftproxy.world import WorldAnswers, guest_environment, new_header, open_front, output_record
@@ -68,12 +76,19 @@ class Primary(ReplicaShell):
         self,
         options: ReplicaOptions,
         header: Header,
-        link: LogLink,
+        link: LogLink | None,
+        store: LogStore,
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
-        super().__init__(options, Role.PRIMARY, link, board, hooks)
+        role = Role.PRIMARY if link is not None else Role.LIVE
+        super().__init__(options, role, link, board, hooks)
         self.header = header
+        self.store = store
+        self.board.log_store = store.status
+        self.board.protection = lambda: (
+            self.replica.role is Role.PRIMARY and self.link is not None and store.on_disk
+        )
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
         self._outbox_ready = Doorbell()
@@ -134,6 +149,7 @@ class Primary(ReplicaShell):
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         assert self.world is not None
         self.board.counters["outputs_total"] += 1
+        self.store.append_output(seq, message)
         if self.link is not None:
             self._unchecked.append(output_record(seq, message))
         if not self.options.output_rule:
@@ -153,8 +169,11 @@ class Primary(ReplicaShell):
     def _logged(self, entry: Entry) -> None:
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
-        if self.replica.role is Role.PRIMARY:
-            self._outbox.append(entry)  # shipped at the end of answer()
+        self.store.append_entry(entry)
+        if self.replica.role is Role.PRIMARY and self.link is not None:
+            # Entries exist only while an exit is answered: answer() ships them
+            # at its end, or rings the ship task when the channel is busy.
+            self._outbox.append(entry)
 
     async def _input_allowed(self) -> None:
         if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
@@ -162,6 +181,7 @@ class Primary(ReplicaShell):
         while self.replica.lag_exceeded(trio.current_time()):
             with trio.move_on_after(self.options.timing.heartbeat_s):
                 await self._acked.wait()
+        await throttle_for_catch_up(self.replica, self._acked)
 
     # -- the log channel --------------------------------------------------------
 
@@ -297,6 +317,26 @@ class Primary(ReplicaShell):
             self.role_changed("halted", self.halted)
             raise Halted(self.halted)
 
+    async def reprotect(self, listeners: list[trio.SocketListener]) -> None:
+        """Live: take the next backup on the log address, again after each one is lost."""
+        await self.reprotector.run(listeners)
+
+    @functools.cached_property
+    def reprotector(self) -> Reprotector:
+        assert self.world is not None
+        return Reprotector(
+            options=self.options,
+            header=self.header,
+            replica=self.replica,
+            store=self.store,
+            arbiter=self.arbiter,
+            board=self.board,
+            release=self.world.apply_output,
+            on_ack=self._acked.ring,
+            bound_log=self.log,
+            role_changed=self.role_changed,
+        )
+
     async def finish(self) -> None:
         """The guest exited: let the backup acknowledge the last entries, then release."""
         if self.replica.role is not Role.PRIMARY or self.link is None:
@@ -310,14 +350,19 @@ async def serve_primary(
     options: ReplicaOptions,
     listen: tuple[str, int],
     *,
+    alone: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Wait for a backup, then run the guest replicated; return the exit code.
+    """Wait for a backup (unless ``alone``), then run the guest replicated; return the
+    exit code. Alone, the guest starts at once, live, and the first backup to catch
+    up makes the next generation.
 
-    What the flags name is checked first (StartupError): the script, the log and
-    admin ports, the --map addresses. The admin endpoint answers from then on.
+    What the flags name is checked first (StartupError): the script, the data dir,
+    the log and admin ports, the --map addresses. The admin endpoint answers from
+    then on.
     """
     check_program(options.argv)
+    check_data_dir(options.data_dir)
     listeners = await bind_listeners("--log-listen", listen)
     for guest_port, address in options.address_map.items():
         check_free(f"--map {guest_port}={address[0]}:{address[1]}", address)
@@ -326,7 +371,7 @@ async def serve_primary(
     hooks_running = role_hooks(options.on_role_change, options.hook_timeout_s, options.pair)
     try:
         async with admin_endpoint(options, board), hooks_running as hooks:
-            return await _serve_primary(options, listeners, board, hooks, task_status)
+            return await _serve_primary(options, listeners, board, hooks, task_status, alone)
     finally:
         for listener in listeners:
             await listener.aclose()
@@ -338,29 +383,48 @@ async def _serve_primary(
     board: StatusBoard,
     hooks: RoleHooks,
     task_status: trio.TaskStatus[int],
+    alone: bool,
 ) -> int:
     bound = log.bind(role="primary", generation=options.generation)
     arbiter_client = board.arbiter
     try:
-        await arbiter_client.check_undecided()
+        if not alone:  # alone, this replica has just won its generation's key
+            await arbiter_client.check_undecided()
     except Halted as exc:
         bound.error("replica_refused", reason=str(exc))
         return EXIT_HALTED
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network, options.pins)
-    welcome = Welcome(
-        pair=options.pair, generation=options.generation, header=header, primary=identify_self()
-    )
+    try:
+        store = LogStore(header, open_data_dir(options.data_dir, options.pair))
+    except DataDirError as exc:
+        bound.error("data_dir_refused", reason=str(exc))
+        return EXIT_USAGE
     host, port = listeners[0].socket.getsockname()[:2]
-    bound.info("waiting_for_backup", address=f"{host}:{port}")
+    # The listeners stay open once the backup is in: a second one is refused, naming
+    # the first, and once live the primary takes its next backup here.
+    options.log_listen = options.log_listen or (host, port)
     task_status.started(port)
-    link = await accept_first_backup(listeners, options.secret, options.argv, welcome)
-    for listener in listeners:
-        await listener.aclose()
-    primary = Primary(options, header, link, board, hooks)
-    bound.info("backup_joined", peer=link.peer)
-    primary.role_changed("primary", f"the backup {link.peer} joined")
+    link: LogLink | None = None
+    if not alone:
+        welcome = Welcome(
+            pair=options.pair,
+            generation=options.generation,
+            header=header,
+            primary=identify_self(),
+        )
+        bound.info("waiting_for_backup", address=f"{host}:{port}")
+        link = await accept_first_backup(listeners, options.secret, options.argv, welcome)
+        bound.info("backup_joined", peer=link.peer)
+    primary = Primary(options, header, link, store, board, hooks)
+    if link is not None:
+        primary.role_changed("primary", f"the backup {link.peer} joined")
+        # The guest has not started: this backup holds the whole log (none yet).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await link.send(Protected(options.generation, 0))
+    else:
+        primary.role_changed("live", "booted alone: the first backup to catch up protects it")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             doorbell = Doorbell()
@@ -381,9 +445,11 @@ async def _serve_primary(
             primary.board.seq = lambda: supervisor.seq
             primary.board.input_bytes = lambda: front.input_bytes
             primary.board.front = front.status
-            code = await _run_guest(primary, supervisor, guest, signals, nursery)
+            nursery.start_soon(store.flush_periodically)
+            code = await _run_guest(primary, supervisor, guest, signals, listeners)
             front.close_all()
             nursery.cancel_scope.cancel()
+    store.close()
     return code
 
 
@@ -392,9 +458,9 @@ async def _run_guest(
     supervisor: Supervisor,
     guest: GuestProcess,
     signals: Any,
-    nursery: trio.Nursery,
+    listeners: list[trio.SocketListener],
 ) -> int:
-    assert primary.link is not None and primary.world is not None
+    assert primary.world is not None
     world = primary.world
     outcome: list[int] = []
     # The supervisor may be waiting inside an answer (for input that will never
@@ -402,9 +468,22 @@ async def _run_guest(
     serving = trio.CancelScope()
 
     async def replicate() -> None:
-        assert primary.link is not None
         try:
-            await primary.run_channel(primary.link)
+            if primary.link is not None:
+                halted: Halted | None = None
+                async with trio.open_nursery() as refusing:
+                    refusing.start_soon(
+                        primary.reprotector.refuse_joiners, listeners, primary.link.peer
+                    )
+                    try:
+                        await primary.run_channel(primary.link)
+                    except Halted as exc:  # out of the nursery as itself, not in a group
+                        halted = exc
+                    refusing.cancel_scope.cancel()
+                if halted is not None:
+                    raise halted
+                primary.reprotector.attached = None
+            await primary.reprotect(listeners)
         except Halted as exc:
             outcome.append(EXIT_HALTED)
             serving.cancel()

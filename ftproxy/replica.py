@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -95,9 +96,41 @@ def check_program(argv: list[str], workdir: str | None = None) -> None:
         raise StartupError(f"-- {script}", "not a readable file")
 
 
+def check_data_dir(data_dir: Path | None) -> None:
+    """--data-dir must be a directory this replica can create and write in. Which pair
+    it belongs to is checked once the pair is known (``ftproxy.logstore``)."""
+    if data_dir is None:
+        return
+    flag = f"--data-dir {data_dir}"
+    existing = data_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise StartupError(flag, f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it" if existing == data_dir else f"{existing}, where it would be created,"
+        raise StartupError(flag, f"{what} is not writable by this user")
+
+
 # Scheduler passes the watcher gives the receiving task to read frames that
 # arrived while this replica was not running (one is usually enough).
 _DRAIN_CHECKPOINTS = 8
+
+
+async def peer_frames_read(link: LogLink, replica: Replica[Any], bound_log: Any) -> bool:
+    """Let the receiving task read what the peer sent; False if nothing was waiting
+    (or the receiving task reads nothing: it is stuck, and so, for us, is the peer)."""
+    waiting, heard = link.unread(), replica.last_heard
+    if not waiting:
+        return False
+    for _ in range(_DRAIN_CHECKPOINTS):
+        await trio.sleep(0)
+        if replica.last_heard != heard or link.unread() < waiting:
+            bound_log.info("peer_frames_drained", waiting_bytes=waiting)
+            return True
+    return False
 
 
 class Halted(Exception):
@@ -137,14 +170,49 @@ class ReplicaOptions:
     # What a backup that won does to an old primary on this host still holding the
     # service address: "kill" (SIGKILL it, then bind) or "none" (report it busy).
     fence: FenceMode = "kill"
+    # Where this replica keeps the log it holds (None: in memory only).
+    data_dir: Path | None = None
+    # Where this replica takes the next backup once it is live (a primary's is
+    # its --log-listen); the arbiter records it with each win, for ``ftproxy run``.
+    log_listen: tuple[str, int] | None = None
 
 
 def generation_key(pair: str, generation: int) -> str:
     return f"{pair}/generation/{generation}"
 
 
-def candidate_name(role: str) -> str:
-    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+LOG_ADDRESS_MARK = " log="
+
+
+def candidate_name(role: str, log_listen: tuple[str, int] | None = None) -> str:
+    """Who asks the arbiter; with the log address a new backup would join it at."""
+    name = f"{role}@{socket.gethostname()}:{os.getpid()}"
+    if log_listen is not None:
+        name += f"{LOG_ADDRESS_MARK}{log_listen[0]}:{log_listen[1]}"
+    return name
+
+
+def log_address_of(candidate: str) -> tuple[str, int] | None:
+    """The log address a winner recorded with its win (None if it recorded none)."""
+    _, mark, address = candidate.rpartition(LOG_ADDRESS_MARK)
+    if not mark:
+        return None
+    try:
+        return arbiter.parse_address(address)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class LiveReplica:
+    """The replica the arbiter names as live for a pair: the winner of its last decided key."""
+
+    generation: int
+    winner: str
+
+    @property
+    def log_address(self) -> tuple[str, int] | None:
+        return log_address_of(self.winner)
 
 
 class ArbiterClient:
@@ -161,9 +229,52 @@ class ArbiterClient:
         self.address = options.arbiter
         self.secret = options.secret
         self.timing = arbiter.ArbiterTiming.for_peer_timeout(options.timing.peer_timeout_s)
+        self.pair = options.pair
         self.key = generation_key(options.pair, options.generation)
-        self.candidate = candidate_name(role)
+        self.candidate = candidate_name(role, options.log_listen)
         self.state = "idle"
+
+    def set_generation(self, generation: int) -> None:
+        """The pair moved on to ``generation`` (re-protection): arbitrate on its key."""
+        self.key = generation_key(self.pair, generation)
+
+    async def find_live(self) -> LiveReplica | None:
+        """The winner of the pair's highest decided generation (None: nobody ever won).
+
+        Generations are decided in order (a pair of generation N+1 forms only
+        around the winner of N), so the scan stops at the first undecided key
+        past the first decided one; a pair started with the explicit form
+        begins at generation 1, one started by ``ftproxy run`` at 0.
+        """
+        found: LiveReplica | None = None
+        generation = 0
+        while True:
+            key = generation_key(self.pair, generation)
+            answer = await self._ask(partial(self.address.query, key), key=key)
+            self.state = "idle"
+            if isinstance(answer, arbiter.Decision):
+                found = LiveReplica(generation, answer.winner)
+            elif found is not None or generation >= 1:
+                return found
+            generation += 1
+
+    async def claim_boot(self) -> arbiter.Decision:
+        """Ask to be the pair's first replica: generation 0's winner boots the guest alone.
+
+        Two nodes started at once both ask; the arbiter lets exactly one win.
+        """
+        self.state = "asking"
+        key = generation_key(self.pair, 0)
+        decision = await self._ask(partial(self.address.test_and_set, key, self.candidate), key=key)
+        self.state = "won" if decision.won else "lost"
+        log.info(
+            "arbiter_decided",
+            key=key,
+            winner=decision.winner,
+            won=decision.won,
+            arbiter=self.address.kind,
+        )
+        return decision
 
     async def check_undecided(self) -> None:
         """Refuse to serve a generation the arbiter already decided (retrying while down)."""
@@ -189,8 +300,9 @@ class ArbiterClient:
         )
         return decision.won
 
-    async def _ask(self, question: Callable[[], Awaitable[T]]) -> T:
-        """``question()`` until the arbiter answers; Halted if it refuses us."""
+    async def _ask(self, question: Callable[[], Awaitable[T]], key: str | None = None) -> T:
+        """``question()`` (about ``key``, by default this replica's generation key) until
+        the arbiter answers; Halted if it refuses us."""
 
         async def asked() -> T:
             try:
@@ -201,7 +313,7 @@ class ArbiterClient:
 
         try:
             return await arbiter.ask_until_answered(
-                self.address, asked, self.timing, key=self.key, candidate=self.candidate
+                self.address, asked, self.timing, key=key or self.key, candidate=self.candidate
             )
         except (arbiter.ArbiterRefused, arbiter.RemoteProtocolError) as exc:
             raise Halted(
@@ -261,6 +373,11 @@ class StatusBoard:
     lag_ms: Samples = field(default_factory=Samples)
     input_bytes: Callable[[], int] = lambda: 0
     front: Callable[[], Mapping[str, Any]] | None = None
+    # Re-protection: whether the pair is protected now, the catch-up's progress,
+    # the log held (``ftproxy.reprotect``, ``ftproxy.logstore``).
+    protection: Callable[[], bool] = lambda: False
+    catch_up: Callable[[], Mapping[str, Any] | None] = lambda: None
+    log_store: Callable[[], Mapping[str, Any] | None] = lambda: None
     # Service addresses a live replica could not take over (the old primary holds them).
     address_busy: Callable[[], list[str]] = list
     metrics: ReplicaMetrics = field(default_factory=ReplicaMetrics)
@@ -276,10 +393,11 @@ class StatusBoard:
         return self.replica.role.value if self.replica is not None else "starting"
 
     def protected(self) -> bool:
-        """A backup is attached and outputs wait for its acks: a failover loses nothing."""
-        return (
-            self.role() == "primary" and self.peer_state == "connected" and self.options.output_rule
-        )
+        """The pair is protected: a caught-up backup holds the whole log. ``protection``
+        says it for the role this replica is in (``ftproxy.primary``, ``ftproxy.backup``,
+        ``ftproxy.reprotect``). Whether outputs wait for it is ``output_rule``, apart:
+        without the rule (a demonstration) the pair is formed, yet a failover loses."""
+        return self.protection()
 
     def health(self) -> tuple[bool, str]:
         """/healthz: serving, or ready to take over; else why not."""
@@ -344,6 +462,12 @@ class StatusBoard:
         )
         if role == "live":
             status["address_busy"] = busy
+        catch_up = self.catch_up()
+        if catch_up is not None:
+            status["catch_up"] = catch_up
+        store = self.log_store()
+        if store is not None:
+            status["log_store"] = store
         status["channel_rtt_ms"] = self.channel_rtt_ms.summary()
         status["lag_ms"] = self.lag_ms.summary()
         status.update(self.counters)
@@ -360,14 +484,14 @@ class ReplicaShell:
         self,
         options: ReplicaOptions,
         role: Role,
-        link: LogLink,
+        link: LogLink | None,
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
         self.options = options
         self.link: LogLink | None = link
         self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
-        self.peer_role = "backup" if role is Role.PRIMARY else "primary"
+        self.peer_role = "primary" if role is Role.BACKUP else "backup"
         self.arbiter = ArbiterClient(options, role.value)
         # The board the admin endpoint has served since start-up, if any: from here
         # on it shows this replica's core.
@@ -375,8 +499,9 @@ class ReplicaShell:
         self.board.arbiter, self.board.replica = self.arbiter, self.replica
         self.board.role_override = None
         self.hooks = hooks
-        self.board.peer_state = "connected"
-        self.board.peer_address = link.peer
+        if link is not None:
+            self.board.peer_state = "connected"
+            self.board.peer_address = link.peer
         self.peer_gone = trio.Event()
         self.peer_lost_at: float | None = None
         self.log = log.bind(role=role.value, generation=options.generation)
@@ -397,20 +522,7 @@ class ReplicaShell:
         self.lose_peer(f"no word from the {self.peer_role} for {timeout}s")
 
     async def _peer_frames_read(self) -> bool:
-        """Let the receiving task read what the peer sent; False if nothing was waiting
-        (or the receiving task reads nothing: it is stuck, and so, for us, is the peer)."""
-        link = self.link
-        if link is None:
-            return False
-        waiting, heard = link.unread(), self.replica.last_heard
-        if not waiting:
-            return False
-        for _ in range(_DRAIN_CHECKPOINTS):
-            await trio.sleep(0)
-            if self.replica.last_heard != heard or link.unread() < waiting:
-                self.log.info("peer_frames_drained", waiting_bytes=waiting)
-                return True
-        return False
+        return self.link is not None and await peer_frames_read(self.link, self.replica, self.log)
 
     def lose_peer(self, reason: str) -> None:
         """The peer is gone (however we learnt it): once, log it and wake who waits."""

@@ -8,6 +8,12 @@ Roles and their transitions live in one table, ``TRANSITIONS``:
 
     primary ──peer_lost──▶ arbitrating ──won──▶ live       (continue solo)
     backup  ──peer_lost──▶ arbitrating ──lost─▶ halted     (release nothing)
+    live    ──protected──▶ primary     (a new backup caught up: generation N+1)
+
+A live replica may take a new backup (re-protection): while the backup catches
+up, the live replica still releases at once and watches the joiner's silence;
+once the joiner has received every entry logged, the replica is the primary of
+the next generation and outputs wait for acks again.
 
 A primary holds each output until the backup has acknowledged receipt of the
 log entry it follows (the output rule); a live replica releases at once; an
@@ -25,6 +31,14 @@ DEFAULT_HEARTBEAT_S: Final = 0.05
 DEFAULT_PEER_TIMEOUT_S: Final = 0.5
 DEFAULT_MAX_LAG_S: Final = 0.1
 DEFAULT_MAX_LAG_BYTES: Final = 8 * 1024 * 1024
+# A joiner is caught up once it holds every entry logged and has replayed all
+# but this many: protected earlier, the new primary's input would stall on the
+# replay lag bound while the joiner replays the history it just received.
+CATCH_UP_SLACK_ENTRIES: Final = 256
+# While a joiner's replay is further behind than that, the live replica's guest
+# takes new input at most this often: replay is not much faster than the live
+# run on a busy host, and without it a joiner under load would never converge.
+CATCH_UP_THROTTLE_S: Final = 0.005
 
 
 class Role(enum.Enum):
@@ -40,6 +54,7 @@ class Event(enum.Enum):
     WON = "won"
     LOST = "lost"
     HALT = "halt"
+    PROTECTED = "protected"
 
 
 TRANSITIONS: Final[dict[tuple[Role, Event], Role]] = {
@@ -51,6 +66,7 @@ TRANSITIONS: Final[dict[tuple[Role, Event], Role]] = {
     (Role.BACKUP, Event.HALT): Role.HALTED,
     (Role.ARBITRATING, Event.HALT): Role.HALTED,
     (Role.LIVE, Event.HALT): Role.HALTED,
+    (Role.LIVE, Event.PROTECTED): Role.PRIMARY,
 }
 
 
@@ -114,8 +130,10 @@ class Replica(Generic[T]):
     """One replica's replication state; the trio shell feeds it and obeys it."""
 
     def __init__(self, role: Role, now: float, timing: Timing = Timing()) -> None:
-        if role not in (Role.PRIMARY, Role.BACKUP):
-            raise LocalProtocolError(f"a replica starts as primary or backup, not {role.value}")
+        if role not in (Role.PRIMARY, Role.BACKUP, Role.LIVE):
+            raise LocalProtocolError(
+                f"a replica starts as primary, backup or live, not {role.value}"
+            )
         self.role: Role = role
         self.was: Role = role
         self.timing = timing
@@ -128,6 +146,8 @@ class Replica(Generic[T]):
         self.replayed = 0
         self._unreplayed: deque[tuple[int, float, int]] = deque()  # (seq, logged_at, bytes)
         self._unreplayed_bytes = 0
+        # A live replica streaming its log to a new backup that is not caught up yet.
+        self.catching_up = False
 
     # -- roles ---------------------------------------------------------------
 
@@ -235,7 +255,61 @@ class Replica(Generic[T]):
 
     @property
     def _watching(self) -> bool:
-        return self.role in (Role.PRIMARY, Role.BACKUP)
+        return self.role in (Role.PRIMARY, Role.BACKUP) or (
+            self.role is Role.LIVE and self.catching_up
+        )
+
+    # -- re-protection: a live replica takes a new backup -----------------------
+
+    def joiner_attached(self, now: float) -> None:
+        """A new backup joined: it holds nothing yet; watch its silence from now."""
+        if self.role is not Role.LIVE or self.catching_up:
+            raise LocalProtocolError(f"a backup cannot join a replica that is {self.role.value}")
+        self.catching_up = True
+        self.received = 0
+        self.replayed = 0
+        self.gate.acked = 0
+        self.last_heard = self.last_sent = now
+
+    def joiner_detached(self) -> None:
+        """The joiner went away before it caught up; the replica stays live."""
+        self.catching_up = False
+
+    def caught_up(self) -> bool:
+        """The joiner holds every entry logged so far, and has replayed nearly all of them:
+        the pair can be protected."""
+        return (
+            self.role is Role.LIVE
+            and self.catching_up
+            and self.received >= self.logged
+            and self.logged - self.replayed <= CATCH_UP_SLACK_ENTRIES
+        )
+
+    def catch_up_behind(self) -> bool:
+        """A joiner is catching up and its replay is more than the slack behind."""
+        return (
+            self.role is Role.LIVE
+            and self.catching_up
+            and self.logged - self.replayed > CATCH_UP_SLACK_ENTRIES
+        )
+
+    def protect(self, now: float, unreplayed: list[tuple[int, int]]) -> None:
+        """Become the primary of the next generation; outputs wait for acks from now on.
+
+        ``unreplayed`` is (seq, bytes) of each entry the joiner received but has
+        not replayed yet: its replay lag, counted from now, for flow control.
+        """
+        if not self.caught_up():
+            raise LocalProtocolError("the joiner has not caught up yet")
+        self.handle(Event.PROTECTED)
+        self.catching_up = False
+        self.gate.acked = self.received
+        self._unreplayed.clear()
+        self._unreplayed_bytes = 0
+        for seq, size in unreplayed:
+            if seq > self.replayed:
+                self._unreplayed.append((seq, now, size))
+                self._unreplayed_bytes += size
 
     # -- after arbitration -----------------------------------------------------
 

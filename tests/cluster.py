@@ -158,6 +158,40 @@ class Cluster:
             *guest,
         ]
 
+    def replica(
+        self,
+        name: str,
+        command: str,
+        *flags: str,
+        admin: int,
+        guest: tuple[str, ...] = (),
+        data: str = "",
+    ) -> Process:
+        """Start ``ftproxy COMMAND`` (primary, backup or run) with its own flags and data
+        dir (``data-NAME``, or ``data-DATA`` to share one between runs of a node)."""
+        guest = guest or (str(KV), "--port", str(self.service_port))
+        process = Process(
+            name,
+            [
+                *FTPROXY,
+                command,
+                *flags,
+                "--arbiter",
+                self.arbiter_address or f"127.0.0.1:{self.arbiter_port}",
+                *self.arbiter_args,
+                "--admin",
+                f"127.0.0.1:{admin}",
+                "--data-dir",
+                str(self.tmp / f"data-{data or name}"),
+                "--insecure",
+                "--",
+                *guest,
+            ],
+            self.tmp,
+        )
+        self.processes[name] = process
+        return process
+
     def start(self) -> Cluster:
         if self.arbiter_address is None:
             self.start_arbiter()

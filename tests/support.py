@@ -15,6 +15,7 @@ from types import TracebackType
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from ftproxy.logfile import read_log
 from ftproxy.replay import ReplayResult, replay
@@ -209,3 +210,13 @@ class Resp:
 
 def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value, for every sample of every family."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out

@@ -75,6 +75,38 @@ program = ["{KV}", "--port", "{service}"]
                 process.stop()
 
 
+def test_ftproxy_run_and_its_data_dir_come_from_a_config_file(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    c.start_arbiter()
+    log, admin = free_port(), free_port()
+    data = tmp_path / "node-data"
+    file = tmp_path / "node.toml"
+    file.write_text(
+        f"""
+[run]
+pair = "kv-from-file"
+log-listen = "127.0.0.1:{log}"
+arbiter = "127.0.0.1:{c.arbiter_port}"
+admin = "127.0.0.1:{admin}"
+data-dir = "{data}"
+insecure = true
+program = ["{KV}", "--port", "{c.service_port}"]
+"""
+    )
+    node = Process("node", [*FTPROXY, "--config", str(file), "run"], tmp_path)
+    try:
+        node.wait_for("listening")
+        assert KvClient(c.service_port).call("INCR", "n") == b":1"
+        now = status(admin)
+        assert now["role"] == "live" and now["pair"] == "kv-from-file"
+        assert now["generation"] == 0 and now["protected"] is False
+        assert now["log_store"]["path"] == str(data / "log.ftlog")
+        assert (data / "pair").read_text() == "kv-from-file\n"
+    finally:
+        node.stop()
+        c.stop()
+
+
 def test_the_command_line_program_replaces_the_files(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text('[record]\nlog = "x.ftlog"\nprogram = ["a.py"]\nenv = ["A=1", "B=2"]\n')

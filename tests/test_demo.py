@@ -126,10 +126,27 @@ def test_both_modes_give_the_same_json_fields() -> None:
     assert lost["passed"] is False and lost["lost"] == 1
 
 
+def test_three_rounds_of_kill_9_heal_the_pair_each_time_and_lose_nothing() -> None:
+    result = run_demo("--json", "--rounds", "3", "--warmup", "1", "--after", "1", timeout=200)
+    assert result.returncode == 0, result.stderr
+    answer = verdict(result)
+    assert answer["lost"] == 0 and answer["acked"] > 0
+    assert answer["found"] == answer["acked"]
+    rounds = answer["rounds"]
+    assert [r["generation"] for r in rounds] == [2, 3, 4]
+    assert [r["killed"] for r in rounds] == ["primary", "backup", "backup 2"]
+    for done in rounds:
+        assert done["failover_s"] is not None and 0 <= done["failover_s"] < 5
+        assert done["reprotect_s"] > 0 and done["catch_up_entries"] > 0
+    assert answer["failover_s"] == max(r["failover_s"] for r in rounds)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (("--warmup", "-1"), "--warmup"),
+        (("--rounds", "0"), "--rounds"),
+        (("--rounds", "2", "--no-output-rule"), "--rounds"),
         (("--clients", "0"), "--clients"),
         (("--ship-delay-ms", "1000"), "--ship-delay-ms"),
     ],

@@ -42,6 +42,20 @@ def pairs(tmp_path: Path) -> Iterator[Any]:
         c.stop()
 
 
+def run_node(c: Cluster, name: str, log_port: int, admin: int, run: int) -> Any:
+    """``ftproxy run`` with etcd as the arbiter: the same command every time."""
+    return c.replica(
+        f"{name}-{run}",
+        "run",
+        "--pair",
+        "kv",
+        "--log-listen",
+        f"127.0.0.1:{log_port}",
+        admin=admin,
+        data=name,
+    )
+
+
 def role(admin_port: int) -> str:
     return str(status(admin_port)["role"])
 
@@ -233,3 +247,42 @@ def test_a_malformed_arbiter_address_is_refused_at_start(
     assert "--arbiter" in done.stderr and expected in done.stderr, done.stderr
     assert "hunter2" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@needs_etcd
+def test_run_nodes_boot_heal_and_record_their_log_address_in_etcd(etcd, pairs) -> None:
+    """``ftproxy run``'s lookups (who is live, the boot claim) go through etcd too."""
+    members = etcd(3)
+    c = pairs(arbiter_address=members.address)
+    ports = {name: (free_port(), free_port()) for name in ("x", "y")}
+    nodes = {name: run_node(c, name, *ports[name], run=0) for name in ports}
+
+    def protected(name: str, generation: int) -> bool:
+        now = status(ports[name][1])
+        return now["protected"] is True and now["generation"] == generation
+
+    wait_until(lambda: any(protected(n, 1) for n in ports), 60, "the nodes form generation 1")
+    booted = [
+        n for n, p in nodes.items() if any(e.get("event") == "node_booting" for e in p.events())
+    ]
+    assert len(booted) == 1
+    # The boot claim is etcd's key for generation 0, naming the booted node's log address.
+    (first,) = booted
+    assert stored_winner(members, "kv/generation/0").endswith(f" log=127.0.0.1:{ports[first][0]}")
+    load = Load(c.service_port, clients=2).start()
+    try:
+        wait_until(lambda: load.acknowledged() > 50, 20, "the load is running")
+        nodes[first].signal(signal.SIGKILL)
+        nodes[first].wait()
+        (other,) = set(ports) - {first}
+        wait_until(lambda: role(ports[other][1]) == "live", 20, f"{other} is live")
+        nodes[first] = run_node(c, first, *ports[first], run=1)
+        wait_until(lambda: protected(other, 2), 60, "the restarted node protects the pair again")
+        assert role(ports[first][1]) == "backup"
+        acked = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > acked + 50, 20, "writes go on")
+    finally:
+        load.stop()
+    load.verify(c.service_port)
+    # The failover was decided in etcd too: generation 1's key names the node that went live.
+    assert stored_winner(members, "kv/generation/1").endswith(f" log=127.0.0.1:{ports[other][0]}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import Cluster, KvClient, Process, status, wait_until
+from support import free_port
 
 RECORDER = """\
 import json, os, sys
@@ -149,5 +150,35 @@ def test_a_primary_that_loses_its_backup_and_goes_on_alone_runs_its_live_hook(
         assert live["FTPROXY_PREVIOUS_ROLE"] == "primary"
         assert "this primary won the arbiter" in live["FTPROXY_REASON"]
         assert KvClient(cluster.service_port).call("INCR", "n") == b":1"  # served alone
+    finally:
+        cluster.stop()
+
+
+def test_re_protection_runs_the_primary_hook_of_the_next_generation(tmp_path: Path) -> None:
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text(RECORDER)
+    primary_log = tmp_path / "primary.jsonl"
+    cluster = Cluster(tmp_path)
+    cluster.start_arbiter()
+    log_port, admin = free_port(), free_port()
+    hook = ("--on-role-change", f"{sys.executable} {recorder} {primary_log}")
+    primary = cluster.replica(
+        "a", "primary", "--log-listen", f"127.0.0.1:{log_port}", *hook, admin=admin
+    )
+    joining = ("--primary", f"127.0.0.1:{log_port}")
+    try:
+        first = cluster.replica("b", "backup", *joining, admin=free_port())
+        primary.wait_for("listening")
+        wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
+        first.signal(signal.SIGKILL)
+        wait_until(lambda: roles(primary_log) == ["primary", "live"], 20, "the live hook ran")
+        cluster.replica("c", "backup", *joining, admin=free_port())  # the next backup
+        wait_until(
+            lambda: roles(primary_log) == ["primary", "live", "primary"], 30, "protected again"
+        )
+        again = recorded(primary_log)[-1]
+        assert again["FTPROXY_GENERATION"] == "2" and again["FTPROXY_PREVIOUS_ROLE"] == "live"
+        assert "caught up" in again["FTPROXY_REASON"]
+        assert status(admin)["protected"] is True
     finally:
         cluster.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
-from support import GUESTS, Recording, run_ftproxy
+from support import GUESTS, Recording, free_port, run_ftproxy
 
 from ftproxy.channel import CHANNEL_VERSION, Ack, Entries, Hello, encode_message
 from ftproxy.wire import Entry
@@ -491,3 +491,31 @@ def test_the_guest_of_a_killed_supervisor_prints_no_traceback(tmp_path: Path) ->
         rec.stop(signal.SIGKILL, timeout=30)
     assert "Traceback" not in rec.stderr and "BrokenPipeError" not in rec.stderr, rec.stderr
     assert rec.stderr.count("the supervisor went away") == 1, rec.stderr
+
+
+def test_strangers_on_a_live_replicas_log_port_do_not_stop_its_next_backup(cluster) -> None:
+    """Re-protection's acceptor has the first backup's limits: openings side by side, at
+    most 64 unproven at once (the oldest shed), frames of at most 4 KiB before proof."""
+    c = cluster()
+    c.start_arbiter()
+    log_port = free_port()
+    primary_admin = free_port()
+    primary = c.replica("a", "primary", "--log-listen", f"{HOST}:{log_port}", admin=primary_admin)
+    first = c.replica("b", "backup", "--primary", f"{HOST}:{log_port}", admin=free_port())
+    primary.wait_for("listening")
+    wait_until(lambda: events(first, "backup_protected"), 20, "b is protected")
+    first.signal(signal.SIGKILL)
+    wait_until(lambda: role(primary_admin) == "live", 20, "a goes on alone")
+    strangers = [socket.create_connection((HOST, log_port)) for _ in range(70)]
+    oversized = socket.create_connection((HOST, log_port))
+    oversized.sendall((60 * 1024 * 1024).to_bytes(4, "little") + b"x" * 1000)
+    try:
+        admin = free_port()
+        c.replica("c", "backup", "--primary", f"{HOST}:{log_port}", admin=admin)
+        wait_until(lambda: status(admin)["protected"] is True, 30, "the next backup is protected")
+    finally:
+        for sock in [*strangers, oversized]:
+            sock.close()
+    refusals = [e["reason"] for e in events(primary, "backup_refused")]
+    assert any("shed: more than 64 connections were unproven at once" in r for r in refusals)
+    assert any("larger than the limit of 4096" in r for r in refusals)

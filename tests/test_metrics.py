@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cluster import Cluster, Load, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from support import metric_samples as samples
 
 import ftproxy
 from ftproxy.metrics import STATUS_FAMILIES
@@ -40,16 +41,6 @@ def promtool(text: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
-
-
-def samples(text: str) -> dict[str, float]:
-    """``name{labels}`` -> value, for every sample of every family."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
 
 
 @needs_promtool

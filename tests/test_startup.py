@@ -141,3 +141,34 @@ def test_record_refuses_a_missing_script_at_start(tmp_path: Path) -> None:
     result = run([*FTPROXY, "record", "--log", str(tmp_path / "x.ftlog"), "--", str(missing)])
     assert one_line(result) == f"ftproxy record: cannot start: -- {missing}: no such file"
     assert not (tmp_path / "x.ftlog").exists()
+
+
+def node(*flags: str) -> list[str]:
+    """``ftproxy run``, which checks its flags before it asks the arbiter anything."""
+    return [
+        *FTPROXY,
+        "run",
+        "--pair",
+        "kv",
+        "--log-listen",
+        f"127.0.0.1:{free_port()}",
+        "--arbiter",
+        f"127.0.0.1:{free_port()}",
+        "--insecure",
+        *flags,
+        "--",
+        str(KV),
+        "--port",
+        str(free_port()),
+    ]
+
+
+@pytest.mark.parametrize("role", ["primary", "backup", "run"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_data_dir_that_cannot_be_a_directory(role: str, below: bool, tmp_path: Path) -> None:
+    file = tmp_path / "data"
+    file.write_text("not a directory\n")
+    data_dir = file / "d" if below else file
+    flags = ("--data-dir", str(data_dir))
+    line = one_line(run(node(*flags) if role == "run" else replica(role, *flags)))
+    assert line == f"ftproxy {role}: cannot start: --data-dir {data_dir}: {file} is not a directory"
