@@ -20,7 +20,7 @@ import trio
 from arbiter._client import Address, parse_address
 from arbiter._server import serve
 from arbiter._store import StoreError
-from ftproxy.auth import SecretFileError, load_secret
+from ftproxy.core.auth import SecretFileError, load_secret
 from ftproxy.logsetup import add_logging_arguments, configure_from_args
 
 EXIT_OK: Final = 0

@@ -21,7 +21,7 @@ A conversation (one line per frame, client on the left)::
     ...
     Error(reason)                    ◀─▶ either side, any time, then it closes
 
-The connection sends ``Hello`` and ``Proof`` itself (see :mod:`ftproxy.auth`
+The connection sends ``Hello`` and ``Proof`` itself (see :mod:`ftproxy.core.auth`
 for the handshake): after every :meth:`Connection.next_event`, the caller
 writes out :meth:`Connection.data_to_send`. The caller's own events go through
 :meth:`Connection.send`, which returns their bytes (preceded by any handshake
@@ -40,7 +40,7 @@ bytes still queued, so order on the wire is always right). A client, say::
         ...
 
 The opening (``Hello``, ``Proof``), the framing and the error rules are
-``ftproxy.session``'s, shared with the log channel. Every message moves the
+``ftproxy.core.session``'s, shared with the log channel. Every message moves the
 connection through :data:`_TRANSITIONS`, the one table of what may be sent by
 whom in which state. The same table serves both ends:
 the client sends one request at a time and the server proves first, so both
@@ -61,8 +61,8 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from ftproxy.auth import Role
-from ftproxy.session import (
+from ftproxy.core.auth import Role
+from ftproxy.core.session import (
     NEED_DATA,
     Authenticated,
     ConnectionClosed,
@@ -76,7 +76,7 @@ from ftproxy.session import (
     common_rows,
     encode_unchecked,
 )
-from ftproxy.session import _NeedData as _NeedData
+from ftproxy.core.session import _NeedData as _NeedData
 
 __all__ = [
     "MAX_FRAME_SIZE",
@@ -103,7 +103,7 @@ __all__ = [
     "encode_frame",
 ]
 
-# 2: frames after the opening are sealed (``ftproxy.session``).
+# 2: frames after the opening are sealed (``ftproxy.core.session``).
 PROTOCOL_VERSION: Final = 2
 MAX_FRAME_SIZE: Final = 64 * 1024
 MAX_NAME_LENGTH: Final = 1024
@@ -113,7 +113,7 @@ AUTH_CONTEXT: Final = b"ftproxy-arbiter"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 
-# --- Messages (on the wire; Hello, Proof and Error are ftproxy.session's) ----------
+# --- Messages (on the wire; Hello, Proof and Error are ftproxy.core.session's) ----------
 
 
 class TestAndSet(msgspec.Struct, tag=3, array_like=True, frozen=True):

@@ -2,7 +2,7 @@
 
 A connection that sends garbage, fails authentication or stalls is logged and
 closed; every other connection, and the server, carry on. Until a client has
-proved the secret it lives under ``ftproxy.admission``'s limits (a short time
+proved the secret it lives under ``ftproxy.shell.admission``'s limits (a short time
 to finish the opening, a cap on such connections, descriptors kept in
 reserve), so a flood of strangers cannot keep a replica from its decision. Only a store that
 cannot be written stops the server (a decision that may or may not be on disk
@@ -36,7 +36,7 @@ from arbiter._protocol import (
     Undecided,
 )
 from arbiter._store import Store
-from ftproxy.admission import Admission, Gate, RejectionLog, serve_with_limits
+from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
 
 __all__ = ["IDLE_TIMEOUT", "serve"]
 

@@ -28,7 +28,7 @@ from bench import alternatives
 from bench.procs import wait_until
 from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, EtcdArbiter, admin_status, start_pair
-from ftproxy import etcdlocal
+from ftproxy.tools import etcdlocal
 
 WRITERS = 4
 ACKS_BEFORE_KILL = 50

@@ -24,8 +24,8 @@ from pathlib import Path
 from bench import load as bm
 from bench.load import Load, Op
 from bench.services import Arbiter, Service, start_pair
-from ftproxy.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Entries, Join, Welcome
-from ftproxy.wire import Entry, Header, Policy
+from ftproxy.core.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Entries, Join, Welcome
+from ftproxy.core.records import Entry, Header, Policy
 
 SEALED, PLAIN = "sealed (--secret-file)", "plain (--insecure)"
 

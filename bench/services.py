@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import FTPROXY, HOST, KV, ROOT, Proc, free_port, wait_until
-from ftproxy.etcdlocal import EtcdCluster
+from ftproxy.tools.etcdlocal import EtcdCluster
 
 READY = "listening"
 
@@ -221,7 +221,7 @@ class Arbiter:
 
 @dataclass
 class EtcdArbiter:
-    """An etcd cluster on loopback (ftproxy.etcdlocal) as the arbiter of every pair."""
+    """An etcd cluster on loopback (ftproxy.tools.etcdlocal) as the arbiter of every pair."""
 
     cluster: EtcdCluster
     _generation: int = 0

@@ -13,27 +13,27 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "FORMAT_VERSION": "ftproxy.wire",
-    "Header": "ftproxy.wire",
-    "Entry": "ftproxy.wire",
-    "Output": "ftproxy.wire",
-    "End": "ftproxy.wire",
-    "Policy": "ftproxy.wire",
-    "LogWriter": "ftproxy.logfile",
-    "LogFormatError": "ftproxy.logfile",
-    "read_log": "ftproxy.logfile",
+    "FORMAT_VERSION": "ftproxy.core.records",
+    "Header": "ftproxy.core.records",
+    "Entry": "ftproxy.core.records",
+    "Output": "ftproxy.core.records",
+    "End": "ftproxy.core.records",
+    "Policy": "ftproxy.core.records",
+    "LogWriter": "ftproxy.log.file",
+    "LogFormatError": "ftproxy.log.file",
+    "read_log": "ftproxy.log.file",
 }
 
 if TYPE_CHECKING:
-    from ftproxy.logfile import LogFormatError as LogFormatError
-    from ftproxy.logfile import LogWriter as LogWriter
-    from ftproxy.logfile import read_log as read_log
-    from ftproxy.wire import FORMAT_VERSION as FORMAT_VERSION
-    from ftproxy.wire import End as End
-    from ftproxy.wire import Entry as Entry
-    from ftproxy.wire import Header as Header
-    from ftproxy.wire import Output as Output
-    from ftproxy.wire import Policy as Policy
+    from ftproxy.core.records import FORMAT_VERSION as FORMAT_VERSION
+    from ftproxy.core.records import End as End
+    from ftproxy.core.records import Entry as Entry
+    from ftproxy.core.records import Header as Header
+    from ftproxy.core.records import Output as Output
+    from ftproxy.core.records import Policy as Policy
+    from ftproxy.log.file import LogFormatError as LogFormatError
+    from ftproxy.log.file import LogWriter as LogWriter
+    from ftproxy.log.file import read_log as read_log
 
 __all__ = sorted(_EXPORTS)
 

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_arguments(arbiter_cmd)
 
     status = commands.add_parser("status", help="show a replica's status (its --admin address)")
-    from ftproxy.admin import build_status_parser
+    from ftproxy.shell.admin import build_status_parser
 
     build_status_parser(status)
 
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Client, primary, backup and arbiter hosts in network namespaces on one "
         "bridge (10.200.0.0/24, inside the lab only).",
     )
-    from ftproxy.lab import add_lab_arguments
+    from ftproxy.tools.lab import add_lab_arguments
 
     add_lab_arguments(lab)
 
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same in a lab of network namespaces, in packet mode, where one client "
         "connection to the virtual IP survives the failover.",
     )
-    from ftproxy.demo import add_demo_arguments
+    from ftproxy.tools.demo import add_demo_arguments
 
     add_demo_arguments(demo)
 
@@ -305,7 +305,7 @@ def _add_front_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> Any:
     """The PacketConfig the front arguments ask for, or None in socket mode."""
-    from ftproxy.front import PacketConfig, check_interface, parse_network
+    from ftproxy.shell.front import PacketConfig, check_interface, parse_network
 
     if args.front != "packet":
         for flag in ("vip", "mac", "gateway"):
@@ -318,7 +318,7 @@ def _packet_config(args: argparse.Namespace, *, vip_required: bool = True) -> An
         raise ValueError("--map is for socket mode; in packet mode clients reach the --vip")
     check_interface(args.interface)
     # Before the event loop runs: later, scapy's import would stall the heartbeats.
-    from ftproxy.front.packet import preload_scapy
+    from ftproxy.shell.front.packet import preload_scapy
 
     preload_scapy()
     if args.vip is None:
@@ -427,7 +427,7 @@ def _arbiter_from_args(
 
 
 def _secret(args: argparse.Namespace, command: str) -> bytes | None:
-    from ftproxy.auth import load_secret
+    from ftproxy.core.auth import load_secret
 
     if args.secret_file:
         return load_secret(args.secret_file)
@@ -441,11 +441,11 @@ def _secret(args: argparse.Namespace, command: str) -> bytes | None:
 
 def _replica_options(args: argparse.Namespace, command: str) -> Any:
     import arbiter
-    from ftproxy.front.socket import parse_address_map
+    from ftproxy.core.records import Policy
+    from ftproxy.core.replication import Timing
     from ftproxy.guest import protocol as p
-    from ftproxy.replica import ReplicaOptions
-    from ftproxy.replication import Timing
-    from ftproxy.wire import Policy
+    from ftproxy.shell.front.socket import parse_address_map
+    from ftproxy.shell.replica import ReplicaOptions
 
     _check_guest_command(args.guest, command)
     secret = _secret(args, command)
@@ -473,7 +473,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
 
 
 def _hook_command(args: argparse.Namespace) -> list[str] | None:
-    from ftproxy.hooks import parse_hook_command
+    from ftproxy.shell.hooks import parse_hook_command
 
     if not args.on_role_change_timeout_s > 0:
         raise ValueError("--on-role-change-timeout-s must be a number > 0")
@@ -482,9 +482,9 @@ def _hook_command(args: argparse.Namespace) -> list[str] | None:
 
 def _cmd_primary(args: argparse.Namespace) -> int:
     import arbiter
-    from ftproxy.auth import SecretFileError
-    from ftproxy.primary import serve_primary
-    from ftproxy.startfiles import pinned_paths
+    from ftproxy.core.auth import SecretFileError
+    from ftproxy.shell.primary import serve_primary
+    from ftproxy.shell.startfiles import pinned_paths
 
     try:
         options = _replica_options(args, "primary")
@@ -510,8 +510,8 @@ def _cmd_primary(args: argparse.Namespace) -> int:
 
 def _cmd_backup(args: argparse.Namespace) -> int:
     import arbiter
-    from ftproxy.auth import SecretFileError
-    from ftproxy.backup import serve_backup
+    from ftproxy.core.auth import SecretFileError
+    from ftproxy.shell.backup import serve_backup
 
     try:
         options = _replica_options(args, "backup")
@@ -529,7 +529,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 def _run_replica(command: str, serve: Any, *args: Any) -> int:
     """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
     from ftproxy.guest import _trace
-    from ftproxy.replica import EXIT_STARTUP, StartupError
+    from ftproxy.shell.replica import EXIT_STARTUP, StartupError
 
     _trace.enable(command)
     try:
@@ -541,8 +541,8 @@ def _run_replica(command: str, serve: Any, *args: Any) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import arbiter
-    from ftproxy.auth import SecretFileError
-    from ftproxy.node import run_node
+    from ftproxy.core.auth import SecretFileError
+    from ftproxy.shell.node import run_node
 
     if args.front == "packet":
         return _usage(
@@ -569,19 +569,19 @@ def _cmd_arbiter(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ftproxy.demo import run_demo
+    from ftproxy.tools.demo import run_demo
 
     return run_demo(args)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from ftproxy.lab import run_lab
+    from ftproxy.tools.lab import run_lab
 
     return run_lab(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ftproxy.admin import run_status
+    from ftproxy.shell.admin import run_status
 
     return run_status(args)
 
@@ -597,13 +597,13 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from ftproxy.front.socket import parse_address_map
+    from ftproxy.core.records import Policy
     from ftproxy.guest import protocol as p
-    from ftproxy.record import RecordOptions, record
-    from ftproxy.wire import Policy
+    from ftproxy.shell.front.socket import parse_address_map
+    from ftproxy.shell.record import RecordOptions, record
 
     argv = args.guest
-    from ftproxy.replica import EXIT_STARTUP, StartupError, check_program
+    from ftproxy.shell.replica import EXIT_STARTUP, StartupError, check_program
 
     try:
         _check_guest_command(argv, "record")
@@ -646,9 +646,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     import subprocess
 
-    from ftproxy.logfile import LogFormatError, read_log
-    from ftproxy.replay import ReplayError, replay
-    from ftproxy.supervisor import Divergence, GuestFailure
+    from ftproxy.log.file import LogFormatError, read_log
+    from ftproxy.shell.replay import ReplayError, replay
+    from ftproxy.shell.supervisor import Divergence, GuestFailure
 
     argv = args.guest or None
     try:
@@ -698,14 +698,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_log(args: argparse.Namespace) -> int:
-    from ftproxy.logfile import LogFormatError, read_log
+    from ftproxy.log.file import LogFormatError, read_log
 
     try:
         contents = read_log(args.log)
     except LogFormatError as exc:
         return _usage(str(exc))
     if args.log_command == "show":
-        from ftproxy.logview import describe_log, log_summary
+        from ftproxy.log.view import describe_log, log_summary
 
         if args.json:
             print(json.dumps(log_summary(contents), indent=2, default=str))
@@ -713,7 +713,7 @@ def _cmd_log(args: argparse.Namespace) -> int:
             for line in describe_log(contents):
                 print(line)
         return EXIT_OK
-    from ftproxy.pcap import export_pcap
+    from ftproxy.log.pcap import export_pcap
 
     stats = export_pcap(contents, args.pcap)
     print(

@@ -1,7 +1,7 @@
 """How every ftproxy program logs: the one place structlog is configured.
 
 ``ftproxy`` and all its subcommands, ``python -m arbiter`` and ``python -m
-ftproxy.demo`` take the same two flags (``add_logging_arguments``) and hand
+ftproxy.tools.demo`` take the same two flags (``add_logging_arguments``) and hand
 them to ``configure_logging``. Logs go to stderr: console rendering on a
 terminal, JSON lines otherwise (``--log-format`` chooses), tracebacks included
 as text either way.

@@ -1,4 +1,4 @@
-"""Real etcd clusters for the tests (ftproxy.etcdlocal), TLS made with trustme, auth via etcdctl.
+"""Real etcd clusters for the tests (ftproxy.tools.etcdlocal), TLS by trustme, auth via etcdctl.
 
 One fixture, ``etcd``, starts clusters (``etcd(3)``, ``etcd(1, tls=True)``) that
 are stopped at the end of the test; :func:`enable_auth` turns etcd's
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ftproxy.etcdlocal import EtcdCluster, ServerTls, start_cluster
+from ftproxy.tools.etcdlocal import EtcdCluster, ServerTls, start_cluster
 
 needs_etcd = pytest.mark.skipif(
     shutil.which("etcd") is None or shutil.which("etcdctl") is None,

@@ -1,6 +1,6 @@
 """An in-process Ethernet for packet-mode guests: no root, no interface, no kernel.
 
-``StackWire`` stands where the packet front would (``ftproxy.world.Front``): the
+``StackWire`` stands where the packet front would (``ftproxy.shell.world.Front``): the
 frames the guest transmits go into a client ``NetStack`` in the test's process,
 and the client's frames come back to the guest as EV_FRAME events. A test then
 runs a real guest process under a real supervisor, drives TCP from the client
@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from ftproxy.front.socket import Doorbell
 from ftproxy.guest import protocol as p
 from ftproxy.netstack import NetStack
+from ftproxy.shell.front.socket import Doorbell
 
 CLIENT_MAC = b"\x02\x00\x0a\xc8\x00\x0a"
 CLIENT_IP = "10.200.0.10"
@@ -44,7 +44,7 @@ class StackWire:
         self._changed = trio.Event()
         self.closed = False
 
-    # -- the front's side (ftproxy.world.Front) ---------------------------------
+    # -- the front's side (ftproxy.shell.world.Front) ---------------------------------
 
     def ready(self, readable: list[int], writable: list[int]) -> bool:
         return bool(self.inbox)

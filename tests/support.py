@@ -17,9 +17,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from ftproxy.logfile import read_log
-from ftproxy.replay import ReplayResult, replay
-from ftproxy.wire import Output
+from ftproxy.core.records import Output
+from ftproxy.log.file import read_log
+from ftproxy.shell.replay import ReplayResult, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ftproxy.admin import (
+from ftproxy.shell.admin import (
     AdminUnavailable,
     build_status_parser,
     escape_label_value,

@@ -1,4 +1,4 @@
-"""ftproxy.admission without processes: the opening's deadline, the cap, the reserve, the log."""
+"""ftproxy.shell.admission without processes: the opening's deadline, cap, reserve and log."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from ftproxy.admission import Admission, RejectionLog, descriptors_left, serve_with_limits
+from ftproxy.shell.admission import Admission, RejectionLog, descriptors_left, serve_with_limits
 
 
 async def test_an_unproven_connection_is_cancelled_at_its_deadline(

@@ -32,7 +32,7 @@ from arbiter._protocol import (
     Undecided,
     encode_frame,
 )
-from ftproxy.auth import NONCE_SIZE
+from ftproxy.core.auth import NONCE_SIZE
 
 SECRET = b"k" * 32
 NONCE_C = b"c" * NONCE_SIZE

@@ -55,7 +55,7 @@ from arbiter._protocol import (
 )
 from arbiter._server import IDLE_TIMEOUT
 from arbiter._store import FILE_NAME
-from ftproxy.admission import OPENING_TIMEOUT_S
+from ftproxy.shell.admission import OPENING_TIMEOUT_S
 
 SECRET = b"arbiter-test-secret-0123456789"
 LOCAL = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""The shared-secret handshake (ftproxy.auth): mutual proofs, mode agreement, secret files."""
+"""The shared-secret handshake (ftproxy.core.auth): mutual proofs, mode agreement, secret files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from ftproxy.auth import (
+from ftproxy.core.auth import (
     MIN_SECRET_SIZE,
     NONCE_SIZE,
     PROOF_SIZE,

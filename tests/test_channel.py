@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftproxy.channel import (
+from ftproxy.core.channel import (
     BACKUP,
     CHANNEL_VERSION,
     NEED_DATA,
@@ -29,7 +29,7 @@ from ftproxy.channel import (
     Welcome,
     encode_message,
 )
-from ftproxy.wire import Entry, Header, Output, Policy
+from ftproxy.core.records import Entry, Header, Output, Policy
 
 SECRET = b"a shared secret of enough bytes"
 HEADER = Header(1, ["kv.py"], {"PYTHONHASHSEED": "1"}, "/srv", "3.11.7", Policy(200, 1000), 0)

@@ -16,17 +16,15 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import FTPROXY, ROOT
 
-from ftproxy import demo
+from ftproxy.tools import demo
 
 RUN_TIMEOUT = 30.0
 PACKET_RUN_TIMEOUT = 90.0
@@ -38,13 +36,9 @@ needs_root = pytest.mark.skipif(
 )
 
 
-@cache
 def demo_command() -> tuple[str, ...]:
-    """``ftproxy demo`` once the CLI has it, the module's own entry point until then."""
-    probe = subprocess.run([*FTPROXY, "demo", "--help"], capture_output=True, cwd=ROOT)
-    if probe.returncode == 0:
-        return (*FTPROXY, "demo")
-    return (sys.executable, "-m", "ftproxy.demo")
+    """``ftproxy demo``, as the README runs it."""
+    return (*FTPROXY, "demo")
 
 
 def run_demo(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from cluster import Cluster, KvClient, Load, status, wait_until
 from etcd_harness import enable_auth, needs_etcd, stored_winner
 from support import FTPROXY, free_port
 
-from ftproxy.etcdlocal import EtcdCluster
+from ftproxy.tools.etcdlocal import EtcdCluster
 
 EXIT_HALTED = 4
 KEY = "ftproxy/generation/1"  # the default pair's first generation, under ftproxy/ in etcd

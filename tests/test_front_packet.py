@@ -25,17 +25,17 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ftproxy.front import packet
-from ftproxy.front.packet import (
+from ftproxy.guest import protocol as p
+from ftproxy.netstack import packets as pk
+from ftproxy.shell.front import packet
+from ftproxy.shell.front.packet import (
     PacketFront,
     PacketFrontError,
     mac_for_ip,
     parse_mac,
     wanted,
 )
-from ftproxy.front.socket import Doorbell
-from ftproxy.guest import protocol as p
-from ftproxy.netstack import packets as pk
+from ftproxy.shell.front.socket import Doorbell
 
 VIP = "10.203.0.100"
 VIP_INT = int(ipaddress.IPv4Address(VIP))
@@ -155,7 +155,7 @@ def test_wanted_accepts_anything_addressed_to_us(payload: bytes) -> None:
 
 
 def test_mac_for_ip_follows_the_lab() -> None:
-    from ftproxy.lab import Host
+    from ftproxy.tools.lab import Host
 
     assert mac_for_ip("10.200.0.11") == b"\x02\x00\x0a\xc8\x00\x0b"
     assert mac_for_ip("10.200.0.11") == parse_mac(Host("primary", "10.200.0.11").mac)

@@ -22,8 +22,8 @@ import trio
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
 from support import GUESTS, Recording, free_port, run_ftproxy
 
-from ftproxy.channel import CHANNEL_VERSION, Ack, Entries, Hello, encode_message
-from ftproxy.wire import Entry
+from ftproxy.core.channel import CHANNEL_VERSION, Ack, Entries, Hello, encode_message
+from ftproxy.core.records import Entry
 
 EXIT_HALTED = 4
 HOST = "127.0.0.1"

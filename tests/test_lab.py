@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 from support import needs_lab, needs_nft
 
-from ftproxy import lab as labmod
-from ftproxy.lab import HOSTS, Lab, LabError
+from ftproxy.tools import lab as labmod
+from ftproxy.tools.lab import HOSTS, Lab, LabError
 
 pytestmark = needs_lab
 

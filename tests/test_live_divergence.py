@@ -13,9 +13,9 @@ import pytest
 from cluster import Cluster, status, wait_until
 from support import GUESTS, Recording, connect, free_port, recv_until, run_ftproxy
 
+from ftproxy.core.records import Output
 from ftproxy.guest import protocol as p
-from ftproxy.replay import first_difference
-from ftproxy.wire import Output
+from ftproxy.shell.replay import first_difference
 
 EXIT_DIVERGED = 1
 

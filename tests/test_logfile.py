@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from support import run_ftproxy
 
-from ftproxy.logfile import (
+from ftproxy.core.records import FORMAT_VERSION, End, Entry, Header, Output, Policy
+from ftproxy.log.file import (
     MAGIC,
     LogFormatError,
     LogVersionError,
     LogWriter,
     read_log,
 )
-from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Output, Policy
 
 HEADER = Header(FORMAT_VERSION, ["kv.py"], {}, "/", "3.11.7", Policy(200, 1000), 0)
 

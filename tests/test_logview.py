@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from ftproxy.core.records import FORMAT_VERSION, End, Entry, Header, Network, Output, Policy, Record
 from ftproxy.guest import protocol as p
-from ftproxy.logfile import LogContents, LogWriter, read_log
-from ftproxy.logview import (
+from ftproxy.log.file import LogContents, LogWriter, read_log
+from ftproxy.log.view import (
     decode_frame,
     describe_frame,
     describe_log,
@@ -23,7 +24,6 @@ from ftproxy.logview import (
     preview_bytes,
 )
 from ftproxy.netstack import packets as pk
-from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Network, Output, Policy, Record
 
 CLEAN_EXIT = End("guest_exited", 0)
 CREATED_NS = 1_714_564_800_123_456_789  # 2024-05-01T12:00:00.123456789Z

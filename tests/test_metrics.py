@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import metric_samples as samples
 
 import ftproxy
-from ftproxy.metrics import STATUS_FAMILIES
+from ftproxy.shell.metrics import STATUS_FAMILIES
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None,

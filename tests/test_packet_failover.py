@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 from support import EXAMPLES, FTPROXY, GUESTS, ROOT, needs_lab, needs_nft
 
-from ftproxy import etcdlocal
-from ftproxy.lab import HOST_NAMES, VIP, Lab
+from ftproxy.tools import etcdlocal
+from ftproxy.tools.lab import HOST_NAMES, VIP, Lab
 
 pytestmark = needs_lab
 needs_ping = pytest.mark.skipif(shutil.which("ping") is None, reason="needs `ping` (iputils-ping)")

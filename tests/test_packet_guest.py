@@ -22,16 +22,16 @@ import trio
 from packetwire import StackWire
 from support import EXAMPLES, GUESTS
 
-from ftproxy.front import mac_for_ip
-from ftproxy.front.socket import Doorbell
-from ftproxy.guestproc import start_guest
-from ftproxy.logfile import LogWriter, read_log
+from ftproxy.core.records import End, Network, Output, Policy
+from ftproxy.log.file import LogWriter, read_log
 from ftproxy.netstack import TcpConnection
-from ftproxy.record import RecordMode
-from ftproxy.replay import replay
-from ftproxy.supervisor import Supervisor
-from ftproxy.wire import End, Network, Output, Policy
-from ftproxy.world import WorldAnswers, guest_environment, new_header
+from ftproxy.shell.front import mac_for_ip
+from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.guestproc import start_guest
+from ftproxy.shell.record import RecordMode
+from ftproxy.shell.replay import replay
+from ftproxy.shell.supervisor import Supervisor
+from ftproxy.shell.world import WorldAnswers, guest_environment, new_header
 
 VIP = "10.200.0.100"
 NETWORK = Network(mac=mac_for_ip(VIP), ip=VIP, prefix_len=24)

@@ -16,11 +16,11 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet
 from scapy.utils import rdpcap
 
+from ftproxy.core.records import FORMAT_VERSION, End, Entry, Header, Network, Output, Policy, Record
 from ftproxy.guest import protocol as p
-from ftproxy.logfile import LogContents, LogWriter, read_log
+from ftproxy.log.file import LogContents, LogWriter, read_log
+from ftproxy.log.pcap import MAX_SEGMENT, PcapStats, export_pcap
 from ftproxy.netstack import packets as pk
-from ftproxy.pcap import MAX_SEGMENT, PcapStats, export_pcap
-from ftproxy.wire import FORMAT_VERSION, End, Entry, Header, Network, Output, Policy, Record
 
 WALL_START_NS = 1_714_564_801_000_000_000
 WALL_STEP_NS = 2_500_000

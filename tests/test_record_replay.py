@@ -35,10 +35,10 @@ from support import (
     run_ftproxy,
 )
 
-from ftproxy.logfile import read_log
-from ftproxy.replay import replay
-from ftproxy.supervisor import Divergence
-from ftproxy.wire import End, Entry
+from ftproxy.core.records import End, Entry
+from ftproxy.log.file import read_log
+from ftproxy.shell.replay import replay
+from ftproxy.shell.supervisor import Divergence
 
 
 def test_socketserver_echo_replays(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ftproxy.replication import (
+from ftproxy.core.replication import (
     TRANSITIONS,
     Event,
     LocalProtocolError,

@@ -9,19 +9,19 @@ import pytest
 import trio
 
 import arbiter
-from ftproxy.guest import protocol as p
-from ftproxy.logfile import read_log
-from ftproxy.logstore import DataDirError, LogStore, LogStoreError, open_data_dir
-from ftproxy.replica import ArbiterClient, ReplicaOptions, generation_key, log_address_of
-from ftproxy.replication import (
+from ftproxy.core.records import Entry, Header, Output, Policy
+from ftproxy.core.replication import (
     CATCH_UP_SLACK_ENTRIES,
     LocalProtocolError,
     Replica,
     Role,
     Timing,
 )
-from ftproxy.wire import Entry, Header, Output, Policy
-from ftproxy.world import new_header
+from ftproxy.guest import protocol as p
+from ftproxy.log.file import read_log
+from ftproxy.shell.logstore import DataDirError, LogStore, LogStoreError, open_data_dir
+from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, generation_key, log_address_of
+from ftproxy.shell.world import new_header
 
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)
 

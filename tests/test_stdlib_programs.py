@@ -21,8 +21,8 @@ from pathlib import Path
 
 from support import GUESTS, Recording, connect, free_port, recv_until, replay_log, run_ftproxy
 
-from ftproxy.logfile import read_log
-from ftproxy.wire import End
+from ftproxy.core.records import End
+from ftproxy.log.file import read_log
 
 
 def _refused_exit(rec: Recording, log: Path) -> None:

@@ -1,4 +1,4 @@
-"""Silence is judged after reading what arrived (ftproxy.replica.ReplicaShell.watch), in-process.
+"""Silence is judged after reading what arrived (shell.replica.ReplicaShell.watch), in-process.
 
 A replica that was itself stopped resumes with its peer's frames waiting in
 its socket and its peer deadline already past: it must read them before it
@@ -14,11 +14,11 @@ import time
 import trio
 import trio.testing
 
-from ftproxy.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat, Join, Welcome
-from ftproxy.link import LogLink
-from ftproxy.replica import ReplicaOptions, ReplicaShell
-from ftproxy.replication import Role, Timing
-from ftproxy.wire import Header, Policy
+from ftproxy.core.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat, Join, Welcome
+from ftproxy.core.records import Header, Policy
+from ftproxy.core.replication import Role, Timing
+from ftproxy.shell.link import LogLink
+from ftproxy.shell.replica import ReplicaOptions, ReplicaShell
 
 TIMING = Timing(heartbeat_s=0.02, peer_timeout_s=0.1)
 HEADER = Header(2, ["kv.py"], {}, "/", "3.11", Policy(200, 1000), 0)

@@ -2,7 +2,7 @@
 
 Imported by the guest (inside the user's process, so it imports little) and by
 the supervisor's side, which checks a command before starting anything and
-finds the files the guest will run (see ``ftproxy.startfiles``).
+finds the files the guest will run (see ``ftproxy.shell.startfiles``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ monotonic clock advances ``clock_step_ns`` per device call, and its wall clock
 is the monotonic clock plus an offset. At an exit at ``icount``, the reply
 moves the monotonic clock ``mono_gain`` ns beyond that virtual value (real
 time passed while the guest computed or waited) and, only when the host's wall
-clock moved away from the guest's (see ``ftproxy.world.WorldClock``), changes
+clock moved away from the guest's (see ``ftproxy.shell.world.WorldClock``), changes
 the wall offset by ``wall_shift`` ns. ``GuestClock`` is that arithmetic; the
 guest runtime does the same inline. The values are exact at any size (marshal
 writes big ints as longs); the first reply carries the whole host clock, as

@@ -1,0 +1,333 @@
+"""The log channel over trio: ``ftproxy.core.channel`` speaks events, this moves bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import termios
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from ftproxy.core.channel import (
+    BACKUP,
+    NEED_DATA,
+    PRIMARY,
+    Ack,
+    Authenticated,
+    Channel,
+    ChannelEvent,
+    ConnectionClosed,
+    Diverged,
+    Entries,
+    Error,
+    Heartbeat,
+    Join,
+    LocalProtocolError,
+    Protected,
+    RecordedOutputs,
+    RemoteProtocolError,
+    Waiting,
+    Welcome,
+)
+from ftproxy.shell.admission import (
+    OPENING_TIMEOUT_S,
+    Admission,
+    Gate,
+    RejectionLog,
+    peer_name,
+    serve_with_limits,
+)
+
+log = structlog.get_logger()
+HANDSHAKE_TIMEOUT_S = OPENING_TIMEOUT_S
+_READ_SIZE = 1024 * 1024
+# Reads that found data without waiting, after which next_event yields once
+# anyway, so that a peer that never lets the socket run dry cannot starve the
+# replica's other tasks.
+_READS_BETWEEN_YIELDS = 32
+
+
+class LinkRefused(Exception):
+    """The handshake failed; the message says why (and the peer was told).
+
+    ``retry``: the peer did not refuse us, it went quiet or away during the
+    opening (a busy primary, or one that shed us under a flood): trying again
+    may well work. Otherwise it said no, and asking again gets the same answer.
+    """
+
+    def __init__(self, reason: str, *, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+Sendable = (
+    Join
+    | Welcome
+    | Entries
+    | Ack
+    | Heartbeat
+    | Waiting
+    | Diverged
+    | RecordedOutputs
+    | Protected
+    | Error
+)
+
+
+class LogLink:
+    """One authenticated log channel connection.
+
+    Bytes go to the socket at once when it has room and nobody else is
+    sending, and are read before waiting for more: trio's lock and stream
+    methods would each yield a full pass of its loop (an epoll_wait and a task
+    switch) per message, and on the 1-client path every entry and every ack is
+    such a message. What the socket does not take at once waits in
+    ``_pending`` and goes out, in order, before anything sent after it.
+    """
+
+    def __init__(self, stream: trio.SocketStream, channel: Channel) -> None:
+        self.stream = stream
+        self.channel = channel
+        self._send_lock = trio.StrictFIFOLock()
+        self.peer = peer_name(stream.socket)
+        self._pending = b""
+        self._unyielded = 0
+
+    def unread(self) -> int:
+        """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
+        waiting = 0
+        with contextlib.suppress(OSError, ValueError):
+            waiting = int.from_bytes(
+                fcntl.ioctl(self.stream.socket.fileno(), termios.FIONREAD, b"\0" * 4), "little"
+            )
+        return waiting + self.channel.buffered
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of a message sent with ``send_now`` still wait for the socket (``flush``)."""
+        return bool(self._pending)
+
+    def send_now(self, message: Sendable) -> bool:
+        """Send ``message`` without waiting, if no other send is under way (False: it was
+        not sent, nothing changed). What the socket does not take now stays pending:
+        ``flush`` (or any later send) puts it out first."""
+        if self._send_lock.locked() or self._pending:
+            return False
+        try:
+            data = self.channel.send(message)
+        except LocalProtocolError:
+            raise trio.ClosedResourceError("the log channel is closed") from None
+        self._write_now(data)
+        return True
+
+    def _write_now(self, data: bytes) -> None:
+        try:
+            # -1 once closed (never a stale number that a new socket may have taken).
+            written = os.write(self.stream.socket.fileno(), data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError:
+            written = 0  # broken: the stream's send_all reports it, from flush
+        if written < len(data):
+            self._pending = data[written:]
+
+    async def flush(self) -> None:
+        """Put out what ``send_now`` left pending."""
+        async with self._send_lock:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            await self.stream.send_all(data)
+
+    async def send(self, message: Sendable) -> None:
+        """Send one message; ClosedResourceError once the conversation has ended."""
+        if self.send_now(message):
+            if self._pending:
+                await self.flush()
+            return
+        async with self._send_lock:
+            await self._flush_pending()
+            try:
+                data = self.channel.send(message)
+            except LocalProtocolError:
+                # The peer hung up (or broke the protocol) while we had this to say.
+                raise trio.ClosedResourceError("the log channel is closed") from None
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> ChannelEvent:
+        """The next event; ConnectionClosed when the peer went away, however it did."""
+        while True:
+            event = self.channel.next_event()
+            pending = self.channel.data_to_send()
+            if pending:
+                async with self._send_lock:
+                    await self._flush_pending()
+                    await self.stream.send_all(pending)
+            if event is not NEED_DATA:
+                return event
+            self.channel.receive_data(await self._receive_some())
+
+    async def _receive_some(self) -> bytes:
+        """What the peer sent since the last read; b"" once the connection is closed."""
+        try:
+            while True:
+                fd = self.stream.socket.fileno()  # -1 once closed: EBADF, the end
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    self._unyielded = 0
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                self._unyielded += 1
+                if self._unyielded >= _READS_BETWEEN_YIELDS:
+                    self._unyielded = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def refuse(self, reason: str) -> None:
+        """Tell the peer why, then close."""
+        with contextlib.suppress(Exception):
+            with trio.move_on_after(1):
+                await self.send(Error(reason))
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+def argv_mismatch(theirs: list[str], ours: list[str]) -> str:
+    """Why a backup running ``theirs`` cannot replicate a guest running ``ours`` ("" if it can)."""
+    if theirs == ours:
+        return ""
+    return (
+        f"the backup runs {' '.join(theirs)!r} but the primary runs "
+        f"{' '.join(ours)!r}: both must run the same guest command line"
+    )
+
+
+async def _handshake(link: LogLink) -> None:
+    event = await link.next_event()
+    if isinstance(event, ConnectionClosed):
+        raise LinkRefused(f"{link.peer} closed the connection during the handshake", retry=True)
+    if not isinstance(event, Authenticated):
+        raise LinkRefused(f"{link.peer} sent {type(event).__name__} before authenticating")
+
+
+async def accept_backup(
+    stream: trio.SocketStream,
+    secret: bytes | None,
+    argv: list[str],
+    welcome: Welcome | Callable[[], Welcome],
+    gate: Gate | None = None,
+    *,
+    claim: Callable[[str], str] | None = None,
+) -> LogLink:
+    """The primary's side of a new connection: authenticate, check, welcome.
+
+    ``gate``: the connection's admission (``ftproxy.shell.admission``), told once the
+    backup has proved the secret. ``claim``: called with the peer's name once it
+    proved itself and runs the same program, with no await before its Welcome
+    (so the next backup sees what it did); it returns why to refuse this backup,
+    or "" to take it. ``welcome``: the Welcome, or what makes it once claimed."""
+    link = LogLink(stream, Channel(PRIMARY, secret))
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await _handshake(link)
+            if gate is not None:
+                gate.proved()
+            join = await link.next_event()
+        if not isinstance(join, Join):
+            raise LinkRefused(f"{link.peer} sent {type(join).__name__} instead of Join")
+        reason = argv_mismatch(join.argv, argv) or (claim(link.peer) if claim else "")
+        if reason:
+            await link.refuse(reason)
+            raise LinkRefused(reason)
+        try:
+            await link.send(welcome if isinstance(welcome, Welcome) else welcome())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise LinkRefused(f"{link.peer} hung up during the handshake", retry=True) from None
+    except RemoteProtocolError as exc:
+        await link.refuse(str(exc))
+        raise LinkRefused(str(exc)) from None
+    except trio.TooSlowError:
+        await link.aclose()
+        raise LinkRefused(f"{link.peer} did not finish the handshake in time") from None
+    except LinkRefused:
+        await link.aclose()
+        raise
+    return link
+
+
+async def join_primary(
+    stream: trio.SocketStream, secret: bytes | None, argv: list[str]
+) -> tuple[LogLink, Welcome]:
+    """The backup's side: authenticate, ask to join, get the pair and the log header."""
+    link = LogLink(stream, Channel(BACKUP, secret))
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await _handshake(link)
+            await link.send(Join(argv))
+            welcome = await link.next_event()
+    except RemoteProtocolError as exc:
+        await link.refuse(str(exc))
+        raise LinkRefused(str(exc)) from None
+    except trio.TooSlowError:
+        await link.aclose()
+        raise LinkRefused(
+            f"the primary did not finish the handshake within {HANDSHAKE_TIMEOUT_S:g} s",
+            retry=True,
+        ) from None
+    except LinkRefused:
+        await link.aclose()
+        raise
+    if isinstance(welcome, ConnectionClosed):
+        await link.aclose()
+        raise LinkRefused("the primary closed the connection before its Welcome", retry=True)
+    if not isinstance(welcome, Welcome):
+        await link.aclose()
+        raise LinkRefused(f"the primary sent {type(welcome).__name__} instead of Welcome")
+    return link, welcome
+
+
+async def accept_first_backup(
+    listeners: list[trio.SocketListener],
+    secret: bytes | None,
+    argv: list[str],
+    welcome: Welcome,
+    admission: Admission | None = None,
+) -> LogLink:
+    """Take the first backup that authenticates and runs the same program.
+
+    Every connection's opening runs in a task of its own under ``admission``'s
+    limits (silent or slow strangers cannot hold up a backup that proves itself);
+    refusals are logged. A live replica that takes a backup later calls this too.
+    """
+    if admission is None:
+        refusals = RejectionLog("backup_refused", port="log channel", level="error")
+        admission = Admission("log channel", rejections=refusals)
+    taken: list[LogLink] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def attempt(stream: trio.SocketStream, gate: Gate) -> None:
+            try:
+                link = await accept_backup(stream, secret, argv, welcome, gate)
+            except LinkRefused as exc:
+                admission.reject(gate.peer, str(exc))
+                return
+            if taken:  # another backup won the race
+                await link.aclose()
+                return
+            taken.append(link)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(serve_with_limits, listeners, attempt, admission)
+    return taken[0]
