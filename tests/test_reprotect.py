@@ -444,7 +444,13 @@ def test_a_joiner_that_diverges_is_let_go_and_the_live_replica_serves_on(tmp_pat
         primary, live = Node("a", a_log, a_admin, a), Node("b", b_log, b_admin, b)
         wait_until(lambda: primary.protected(1), 20, "the first pair is protected")
         kill(primary)  # before any request: the backup has replayed nothing that differs
-        wait_role(live, "live")
+        # Its guest binds the service port live (the primary's had not yet, or the
+        # front takes it over): either way b logs it once it is listening.
+        wait_until(
+            lambda: events(live, "listening") or events(live, "address_taken_over"),
+            20,
+            "b serves the address",
+        )
         # Two replies from the live replica alone: the second request's entry carries the
         # digest of the first reply (the host's pid), which a joiner's replay cannot match.
         assert ask().startswith(b"host facts") and ask().startswith(b"host facts")

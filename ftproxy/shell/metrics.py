@@ -97,8 +97,8 @@ MS: Final = 0.001
 STATUS_FAMILIES: Final[Sequence[StatusFamily]] = (
     gauge(
         "ftproxy_protected",
-        "1 while a caught-up backup is attached, outputs wait for its acknowledgements and "
-        "the log is whole on disk",
+        "On the replica that serves (0 on a backup): 1 while a caught-up backup is attached, "
+        "outputs wait for its acknowledgements and the log is whole on disk",
         _protected,
     ),
     counter(

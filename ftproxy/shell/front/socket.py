@@ -147,11 +147,6 @@ class SocketFront:
         self._inherited.update(held)
         self._next_accepted = max(self._next_accepted, next_accepted)
 
-    def continue_connection_ids(self, last_used: int) -> None:
-        """Take over a guest that already knows connection ids up to ``last_used``: a new
-        connection must not reuse one (it would read as a connection the guest had)."""
-        self._next_accepted = max(self._next_accepted, last_used + 1)
-
     # -- set-up exits ------------------------------------------------------
 
     def bind(self, sock_id: int, family: int, kind: int, addr: tuple[Any, ...]) -> tuple[int, Any]:
