@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 
 import arbiter
+from ftproxy.core.exceptions import exception_leaves
 from ftproxy.tools import etcdlocal
 from ftproxy.tools import lab as netlab
 from ftproxy.tools.demo._config import (
@@ -318,7 +319,7 @@ def _stderr_held_back(path: Path) -> Iterator[None]:
 
 def _exit_for(exc: BaseException) -> int:
     """One line on stderr for whatever ended the demo early, and its exit code."""
-    leaves = list(_leaves(exc))
+    leaves = list(exception_leaves(exc))
     if any(isinstance(e, KeyboardInterrupt | Interrupted) for e in leaves):
         return _fail("interrupted; every process stopped", EXIT_INTERRUPTED)
     for leaf in leaves:
@@ -328,15 +329,6 @@ def _exit_for(exc: BaseException) -> int:
         if isinstance(leaf, OSError | arbiter.StoreError):
             return _fail(f"{type(leaf).__name__}: {leaf}", EXIT_FAILED)
     raise exc  # a bug in the demo: let the traceback say where
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (nested) exception groups, or ``exc`` itself."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 def _fail(message: str, code: int) -> int:
