@@ -7,7 +7,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
@@ -27,46 +27,115 @@ class ErrorReply:
     message: str
 
 
-Reply = str | int | bytes | None | ErrorReply
+Reply: TypeAlias = "str | int | bytes | ErrorReply | list[Reply] | None"
 
 
-class ConnectionLost(Exception):
+class ReplyError(Exception):
+    """The server answered with an error reply (``-ERR ...``), raised by :class:`RespClient`."""
+
+
+class ConnectionLost(ConnectionResetError):
     """The server closed the connection before the whole reply arrived."""
 
 
-def encode_command(*args: bytes) -> bytes:
+def encode_command(*args: bytes | str) -> bytes:
     """Encode one request in RESP's array form, the one every server accepts."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
 
-def parse_reply(buffer: bytes | bytearray) -> tuple[Reply, int] | None:
-    """The first complete reply in ``buffer`` and the bytes it took, or None if partial.
-
-    Only the reply types GET, SET and INCR produce: simple strings, errors,
-    integers and bulk strings (``None`` for the nil bulk string).
+def parse_reply(buffer: bytes | bytearray, start: int = 0) -> tuple[Reply, int] | None:
+    """The first complete reply in ``buffer[start:]`` and the bytes it took, or None if
+    partial: simple strings, errors (:class:`ErrorReply`), integers, bulk strings
+    (``None`` for the nil one) and arrays (lists; ``None`` for the nil one).
     """
-    end = buffer.find(b"\r\n")
+    end = buffer.find(b"\r\n", start)
     if end < 0:
         return None
-    kind, body = buffer[:1], bytes(buffer[1:end])
+    kind, body = buffer[start : start + 1], bytes(buffer[start + 1 : end])
+    used = end + 2 - start
     if kind == b"+":
-        return body.decode(), end + 2
+        return body.decode(), used
     if kind == b"-":
-        return ErrorReply(body.decode("utf-8", "replace")), end + 2
+        return ErrorReply(body.decode("utf-8", "replace")), used
     if kind == b":":
-        return int(body), end + 2
+        return int(body), used
     if kind == b"$":
         size = int(body)
         if size < 0:
-            return None, end + 2
+            return None, used
         stop = end + 2 + size
         if len(buffer) < stop + 2:
             return None
-        return bytes(buffer[end + 2 : stop]), stop + 2
+        return bytes(buffer[end + 2 : stop]), stop + 2 - start
+    if kind == b"*":
+        count = int(body)
+        if count < 0:
+            return None, used
+        items: list[Reply] = []
+        for _ in range(count):
+            parsed = parse_reply(buffer, start + used)
+            if parsed is None:
+                return None
+            items.append(parsed[0])
+            used += parsed[1]
+        return items, used
     raise ValueError(f"unexpected RESP reply type {bytes(kind)!r}")
+
+
+class RespClient:
+    """A blocking client on one TCP connection, one reply per request, in order.
+
+    For probes, checks and load where correctness matters more than speed (the
+    throughput figures come from redis-benchmark). OSError (a reset, a timeout,
+    :class:`ConnectionLost`) means the reply never came.
+    """
+
+    def __init__(self, port: int, host: str = HOST, timeout: float | None = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = bytearray()
+
+    def send(self, *commands: Sequence[bytes | str]) -> None:
+        """Send several requests in one write (pipelining)."""
+        self.sock.sendall(b"".join(encode_command(*c) for c in commands))
+
+    def read_reply(self) -> Reply:
+        """The next reply as it came, an error reply included (:class:`ErrorReply`)."""
+        while (parsed := parse_reply(self._buffer)) is None:
+            data = self.sock.recv(RECEIVE_SIZE)
+            if not data:
+                raise ConnectionLost("the server closed the connection")
+            self._buffer += data
+        reply, used = parsed
+        del self._buffer[:used]
+        return reply
+
+    def call(self, *args: bytes | str) -> Reply:
+        """Send one request and return its reply; ReplyError for an error reply."""
+        self.send(args)
+        reply = self.read_reply()
+        if isinstance(reply, ErrorReply):
+            raise ReplyError(reply.message)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RespClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def call_once(port: int, *args: bytes | str, host: str = HOST, timeout: float = 2.0) -> Reply:
+    """Connect, send one command, return its reply (ReplyError for an error), disconnect."""
+    with RespClient(port, host, timeout) as client:
+        return client.call(*args)
 
 
 class RespConnection:
