@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from typing import Final
 
 import structlog
@@ -21,6 +20,7 @@ from arbiter._client import Address, parse_address
 from arbiter._server import serve
 from arbiter._store import StoreError
 from ftproxy.core.auth import SecretFileError, load_secret
+from ftproxy.core.exceptions import exception_leaves
 from ftproxy.logsetup import add_logging_arguments, configure_from_args
 
 EXIT_OK: Final = 0
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m arbiter") -> i
     try:
         trio.run(run)
     except BaseException as exc:
-        leaves = list(_leaves(exc))
+        leaves = list(exception_leaves(exc))
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             log.info("arbiter_stopped", reason="interrupted")
             return EXIT_OK
@@ -114,15 +114,6 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m arbiter") -> i
                 return code
         raise
     raise AssertionError("serve() returned")  # pragma: no cover
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside (possibly nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 def _address(text: str) -> Address:

@@ -15,6 +15,8 @@ from typing import Any
 
 from support import EXAMPLES, FTPROXY, ROOT, free_port, read_line_until
 
+from ftproxy.tools.resp import encode_command
+
 KV = EXAMPLES / "kv.py"
 
 
@@ -268,9 +270,7 @@ class KvClient:
         if self.sock is None:
             self.sock = self._connect()
             self.buffer = b""
-        frame = b"*%d\r\n" % len(parts) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(p), p.encode()) for p in parts
-        )
+        frame = encode_command(*parts)
         try:
             self.sock.sendall(frame)
             while b"\r\n" not in self.buffer:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ftproxy.core.records import Output
 from ftproxy.log.file import read_log
 from ftproxy.shell.replay import ReplayResult, replay
+from ftproxy.tools.resp import ErrorReply, RespClient
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -169,43 +170,20 @@ def recv_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> byte
     return data
 
 
-class Resp:
-    """A tiny RESP client: enough to check replies exactly."""
+class Resp(RespClient):
+    """The project's RESP client, replies checked exactly: an error reply comes back
+    as a RuntimeError value instead of being raised."""
 
     def __init__(self, port: int) -> None:
-        self.sock = connect(port)
-        self.file = self.sock.makefile("rb")
+        super().__init__(port, timeout=10.0)
 
     def command(self, *parts: str | bytes) -> object:
-        encoded = [p.encode() if isinstance(p, str) else p for p in parts]
-        frame = b"*%d\r\n" % len(encoded) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded
-        )
-        self.sock.sendall(frame)
+        self.send(parts)
         return self.read()
 
     def read(self) -> object:
-        line = self.file.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            return RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            data = self.file.read(size + 2)[:-2]
-            return data
-        if kind == b"*":
-            return [self.read() for _ in range(int(rest))]
-        raise AssertionError(f"bad RESP line {line!r}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+        reply = self.read_reply()
+        return RuntimeError(reply.message) if isinstance(reply, ErrorReply) else reply
 
 
 def signal_name(code: int) -> str:

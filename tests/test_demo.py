@@ -154,13 +154,12 @@ def test_bad_options_get_one_line_and_exit_2(args: tuple[str, ...], message: str
 
 
 def test_a_guest_that_fails_gives_one_line_with_the_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit('the service refuses to start')\n")
-    monkeypatch.setattr(demo, "KV_SCRIPT", broken)
     args = demo_parser().parse_args(["--json", "--start-timeout", "10"])
-    assert demo.run_demo(args) == demo.EXIT_FAILED
+    assert demo.run_demo(args, guest=broken) == demo.EXIT_FAILED
     out, err = capsys.readouterr()
     assert '"acked"' not in out  # no verdict (structlog, unconfigured here, logs to stdout)
     message = [line for line in err.splitlines() if line.startswith("ftproxy demo:")]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from ftproxy.tools.resp import encode_command
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STARTUP_TIMEOUT = 10.0
 IO_TIMEOUT = 5.0
@@ -170,15 +172,6 @@ class RespError(str):
 RespValue = str | RespError | int | bytes | None | list["RespValue"]
 
 
-def encode(*args: str | bytes) -> bytes:
-    """Encode a command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
 class RespClient:
     """A minimal blocking Redis client over a raw socket."""
 
@@ -195,7 +188,7 @@ class RespClient:
 
     def __call__(self, *args: str | bytes) -> RespValue:
         """Send one command and return its reply."""
-        self.send(encode(*args))
+        self.send(encode_command(*args))
         return self.read_reply()
 
     def read_reply(self) -> RespValue:
@@ -288,14 +281,17 @@ def test_kv_errors(kv: tuple[Service, RespClient]) -> None:
 def test_kv_pipelined_commands(kv: tuple[Service, RespClient]) -> None:
     _, r = kv
     count = 500
-    r.send(b"".join(encode("INCR", "hits") for _ in range(count)) + encode("GET", "hits"))
+    r.send(
+        b"".join(encode_command("INCR", "hits") for _ in range(count))
+        + encode_command("GET", "hits")
+    )
     assert [r.read_reply() for _ in range(count)] == list(range(1, count + 1))
     assert r.read_reply() == str(count).encode()
 
 
 def test_kv_command_split_across_sends(kv: tuple[Service, RespClient]) -> None:
     _, r = kv
-    command = encode("SET", "split", "value spanning two sends")
+    command = encode_command("SET", "split", "value spanning two sends")
     r.send(command[:17])
     r.sock.settimeout(0.2)
     with pytest.raises(TimeoutError):
@@ -305,7 +301,7 @@ def test_kv_command_split_across_sends(kv: tuple[Service, RespClient]) -> None:
     assert r.read_reply() == "OK"
 
     r.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for byte in encode("GET", "split"):
+    for byte in encode_command("GET", "split"):
         r.send(bytes([byte]))
     assert r.read_reply() == b"value spanning two sends"
 
@@ -330,7 +326,7 @@ def test_kv_protocol_error_closes_connection(kv: tuple[Service, RespClient]) -> 
 
 def test_kv_quit(kv: tuple[Service, RespClient]) -> None:
     _, r = kv
-    r.send(encode("QUIT") + encode("SET", "after", "quit"))
+    r.send(encode_command("QUIT") + encode_command("SET", "after", "quit"))
     assert r.read_reply() == "OK"
     assert r.replies.read() == b""
 
@@ -338,7 +334,7 @@ def test_kv_quit(kv: tuple[Service, RespClient]) -> None:
 def test_kv_answers_before_closing_on_eof(kv: tuple[Service, RespClient]) -> None:
     service, _ = kv
     with connect(service.port) as sock:
-        sock.sendall(encode("SET", "k", "v") + b"GET k\r\n")
+        sock.sendall(encode_command("SET", "k", "v") + b"GET k\r\n")
         sock.shutdown(socket.SHUT_WR)
         assert recv_until_eof(sock) == b"+OK\r\n$1\r\nv\r\n"
 
@@ -346,7 +342,7 @@ def test_kv_answers_before_closing_on_eof(kv: tuple[Service, RespClient]) -> Non
 def test_kv_reset_connection_is_harmless(kv: tuple[Service, RespClient]) -> None:
     service, r = kv
     rude = RespClient(service.port)
-    rude.send(encode("SET", "x", "1") + encode("GET"))  # replies left unread
+    rude.send(encode_command("SET", "x", "1") + encode_command("GET"))  # replies left unread
     rude.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     rude.close()  # sends RST
     assert r("PING") == "PONG"
@@ -357,7 +353,7 @@ def test_kv_large_reply_with_slow_reader(kv: tuple[Service, RespClient]) -> None
     _, r = kv
     value = b"v" * 1_000_000
     assert r("SET", "big", value) == "OK"
-    r.send(encode("GET", "big") * 8)
+    r.send(encode_command("GET", "big") * 8)
     time.sleep(0.2)  # let the server fill its send buffer before reading starts
     for _ in range(8):
         assert r.read_reply() == value

@@ -28,6 +28,8 @@ import pytest
 from cluster import Cluster, status, wait_until
 from support import EXAMPLES, GUESTS, connect, free_port
 
+from ftproxy.tools.resp import encode_command
+
 NEW_CLIENTS = 20
 BIG = 16 * 1024 * 1024  # a reply far larger than every socket buffer on the way
 OLD_CLIENT_TIMEOUT_S = 20.0
@@ -126,19 +128,13 @@ def _no_head(client: Client) -> None:
 # -- examples/kv.py (selectors, RESP) --------------------------------------------------
 
 
-def _resp(*parts: str) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(part.encode()), part.encode()) for part in parts
-    )
-
-
 def _kv_write(client: Client, key: str, value: str) -> None:
-    client.send(_resp("SET", key, value))
+    client.send(encode_command("SET", key, value))
     assert client.read_until(b"\r\n") == b"+OK\r\n"
 
 
 def _kv_read(client: Client, key: str) -> str | None:
-    client.send(_resp("GET", key))
+    client.send(encode_command("GET", key))
     head = client.read_until(b"\r\n")
     if head == b"$-1\r\n":
         return None
@@ -148,7 +144,7 @@ def _kv_read(client: Client, key: str) -> str | None:
 
 def _kv_big(client: Client, key: str) -> None:
     _kv_write(client, key, _body(key, BIG).decode())
-    client.send(_resp("GET", key))
+    client.send(encode_command("GET", key))
 
 
 def _kv_big_head(client: Client) -> None:
@@ -408,7 +404,7 @@ def test_connection_ids_continue_after_failover(cluster) -> None:
         assert client.rest_until_closed() == b""
         client.close()
     with socket.create_connection(("127.0.0.1", c.service_port), timeout=10) as sock:
-        sock.sendall(_resp("GET", "k1"))
+        sock.sendall(encode_command("GET", "k1"))
         assert sock.recv(100) == b"$1\r\nv\r\n"
 
 

@@ -32,6 +32,7 @@ from ftproxy.shell.record import RecordMode
 from ftproxy.shell.replay import replay
 from ftproxy.shell.supervisor import Supervisor
 from ftproxy.shell.world import WorldAnswers, guest_environment, new_header
+from ftproxy.tools.resp import encode_command as resp
 
 VIP = "10.200.0.100"
 NETWORK = Network(mac=mac_for_ip(VIP), ip=VIP, prefix_len=24)
@@ -110,11 +111,6 @@ def replay_matches(log_path: Path) -> None:
     assert result.entries == contents.entries
     assert result.outputs == len(outputs)
     assert result.output_bytes == sum(len(o.data) for o in outputs)
-
-
-def resp(*parts: str) -> bytes:
-    encoded = [part.encode() for part in parts]
-    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(e), e) for e in encoded)
 
 
 async def run_and_replay(
