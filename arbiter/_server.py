@@ -94,7 +94,7 @@ async def _handle_connection(
     rejected: RejectionLog,
     peer: str | None = None,
 ) -> None:
-    """One client's conversation; any ``trio.abc.Stream`` (``peer``: its name, else the socket's)."""
+    """One client's conversation on any ``trio.abc.Stream`` (``peer``: its name)."""
     if peer is None:
         peer = "unknown"
         if isinstance(stream, trio.SocketStream):
