@@ -186,7 +186,6 @@ async def _exchange(
     address: Address, request: Request, secret: bytes | None, connect_timeout: float
 ) -> Decision | Undecided:
     where = format_address(address)
-    conn = Connection(Role.CLIENT, secret)
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(*address)
@@ -197,33 +196,42 @@ async def _exchange(
     except OSError as exc:
         raise ArbiterUnavailable(f"cannot connect to the arbiter at {where}: {exc}") from None
     async with stream:
-        try:
-            while True:
-                event = conn.next_event()
-                if outgoing := conn.data_to_send():  # the handshake's own messages
-                    await stream.send_all(outgoing)
-                if event is NEED_DATA:
-                    conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
-                elif isinstance(event, Authenticated):
-                    await stream.send_all(conn.send(request))
-                elif isinstance(event, Decision | Undecided):
-                    return event
-                elif isinstance(event, ConnectionClosed):
-                    raise ArbiterUnavailable(
-                        f"the arbiter at {where} closed the connection before answering"
-                    )
-                else:  # pragma: no cover - the protocol refuses requests sent to a client
-                    raise AssertionError(f"unexpected event {event!r}")
-        except RemoteProtocolError as exc:
-            if conn.state is State.ERROR:
-                # Tell the arbiter why, so that its log says more than "disconnected".
-                with contextlib.suppress(trio.BrokenResourceError, OSError):
-                    await stream.send_all(conn.send(Error(str(exc)[:MAX_REASON_LENGTH])))
-            raise RemoteProtocolError(f"arbiter at {where}: {exc}") from None
-        except (trio.BrokenResourceError, OSError) as exc:
-            raise ArbiterUnavailable(
-                f"lost the connection to the arbiter at {where}: {exc}"
-            ) from None
+        return await converse(stream, request, secret, where)
+
+
+async def converse(
+    stream: trio.abc.Stream, request: Request, secret: bytes | None, where: str
+) -> Decision | Undecided:
+    """One question on an open ``stream`` to the arbiter (``where``: its name in errors).
+
+    Any ``trio.abc.Stream``: the built-in client's TCP connection, or a test's
+    memory stream to an in-process server."""
+    conn = Connection(Role.CLIENT, secret)
+    try:
+        while True:
+            event = conn.next_event()
+            if outgoing := conn.data_to_send():  # the handshake's own messages
+                await stream.send_all(outgoing)
+            if event is NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
+            elif isinstance(event, Authenticated):
+                await stream.send_all(conn.send(request))
+            elif isinstance(event, Decision | Undecided):
+                return event
+            elif isinstance(event, ConnectionClosed):
+                raise ArbiterUnavailable(
+                    f"the arbiter at {where} closed the connection before answering"
+                )
+            else:  # pragma: no cover - the protocol refuses requests sent to a client
+                raise AssertionError(f"unexpected event {event!r}")
+    except RemoteProtocolError as exc:
+        if conn.state is State.ERROR:
+            # Tell the arbiter why, so that its log says more than "disconnected".
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.send_all(conn.send(Error(str(exc)[:MAX_REASON_LENGTH])))
+        raise RemoteProtocolError(f"arbiter at {where}: {exc}") from None
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise ArbiterUnavailable(f"lost the connection to the arbiter at {where}: {exc}") from None
 
 
 def format_address(address: Address) -> str:

@@ -86,17 +86,20 @@ async def serve(
 
 
 async def _handle_connection(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     gate: Gate,
     *,
     store: Store,
     secret: bytes | None,
     rejected: RejectionLog,
+    peer: str | None = None,
 ) -> None:
-    try:
-        peer = _format_address(stream.socket.getpeername())
-    except OSError:  # already gone
+    """One client's conversation on any ``trio.abc.Stream`` (``peer``: its name)."""
+    if peer is None:
         peer = "unknown"
+        if isinstance(stream, trio.SocketStream):
+            with contextlib.suppress(OSError):  # already gone
+                peer = _format_address(stream.socket.getpeername())
     log = logger.bind(peer=peer)
     conn = Connection(Role.SERVER, secret)
     async with stream:
@@ -114,7 +117,7 @@ async def _handle_connection(
 
 
 async def _converse(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     conn: Connection,
     store: Store,
     log: FilteringBoundLogger,
@@ -128,7 +131,7 @@ async def _converse(
         if event is NEED_DATA:
             with trio.fail_after(IDLE_TIMEOUT):
                 data = await stream.receive_some(_RECEIVE_SIZE)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
         elif isinstance(event, Authenticated):
             gate.proved()
             log.debug("peer_authenticated", secure=event.secure)
@@ -166,7 +169,7 @@ def _decide(store: Store, request: TestAndSet, log: FilteringBoundLogger) -> Dec
     return Decision(key, winner, won)
 
 
-async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
     """Best-effort last words before closing; the peer may already be gone."""
     with (
         trio.move_on_after(1.0),

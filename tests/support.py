@@ -17,6 +17,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+# The one free-port helper of tests/ and bench/: below the kernel's ephemeral range
+# and never the same port twice in a run, so that no bind(0) or outgoing connection
+# (another test's, another helper's) takes it between our pick and the process's bind.
+from bench.procs import free_port as free_port
 from ftproxy.core.records import Output
 from ftproxy.log.file import read_log
 from ftproxy.shell.replay import ReplayResult, replay
@@ -41,12 +45,6 @@ needs_lab = [
     pytest.mark.skipif(not _netns_usable(), reason="`ip netns` is unavailable"),
 ]
 needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="partitions need nft")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def read_line_until(stream, marker: str, timeout: float = 20.0) -> list[str]:

@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -24,6 +23,7 @@ import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
+from support import free_port
 
 from arbiter import (
     ArbiterUnavailable,
@@ -320,16 +320,9 @@ async def test_an_authenticated_idle_peer_is_disconnected(
 # --- The client when the arbiter is away ---------------------------------------------
 
 
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOCAL, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_unreachable_arbiter() -> None:
     with pytest.raises(ArbiterUnavailable, match="cannot connect"):
-        await test_and_set((LOCAL, unused_port()), "gen-1", "backup", SECRET)
+        await test_and_set((LOCAL, free_port()), "gen-1", "backup", SECRET)
 
 
 async def test_silent_arbiter_times_out(autojump_clock: trio.testing.MockClock) -> None:
@@ -359,7 +352,7 @@ async def test_arbiter_hanging_up_is_unavailable() -> None:
 async def test_retrying_client_wins_once_the_arbiter_comes_up(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    port = unused_port()
+    port = free_port()
     decisions: list[tuple[float, Decision]] = []
     answered = trio.Event()
 
@@ -391,7 +384,7 @@ async def test_retrying_client_wins_once_the_arbiter_comes_up(
 
 async def test_retrying_client_stops_when_cancelled(autojump_clock: trio.testing.MockClock) -> None:
     with trio.move_on_after(60) as scope:
-        await test_and_set_retrying((LOCAL, unused_port()), "gen-1", "backup", SECRET)
+        await test_and_set_retrying((LOCAL, free_port()), "gen-1", "backup", SECRET)
     assert scope.cancelled_caught
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from ftproxy.tools.resp import encode_command
 
@@ -67,20 +68,13 @@ def wait_for_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 @pytest.fixture
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def start_example(free_port: int) -> Iterator[Callable[..., Service]]:
+def start_example() -> Iterator[Callable[..., Service]]:
     """Start ``examples/NAME.py`` on a free port; kill it after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, *args: str) -> Service:
-        command = [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", str(free_port)]
+        port = free_port()
+        command = [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", str(port)]
         proc = subprocess.Popen(
             [*command, *args],
             stdout=subprocess.PIPE,
@@ -89,8 +83,8 @@ def start_example(free_port: int) -> Iterator[Callable[..., Service]]:
         )
         procs.append(proc)
         line = wait_for_line(proc, STARTUP_TIMEOUT)
-        assert line == f"{name} listening on 127.0.0.1:{free_port}\n"
-        return Service(proc, free_port)
+        assert line == f"{name} listening on 127.0.0.1:{port}\n"
+        return Service(proc, port)
 
     yield start
     for proc in procs:

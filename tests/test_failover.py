@@ -13,24 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, KvClient, Load, Process, status, wait_until
+from cluster import KvClient, Load, Process, status, wait_until
 from support import FTPROXY, free_port
 
 EXIT_HALTED = 4
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    made: list[Cluster] = []
-
-    def make(**kwargs) -> Cluster:
-        c = Cluster(tmp_path, **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def role(admin_port: int) -> str:

@@ -14,12 +14,11 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from cluster import Cluster, KvClient, Load, Process, status, wait_until
+from cluster import KvClient, Load, Process, status, wait_until
 from support import GUESTS, Recording, free_port, run_ftproxy
 
 from ftproxy.core.channel import CHANNEL_VERSION, Ack, Entries, Hello, encode_message
@@ -27,20 +26,6 @@ from ftproxy.core.records import Entry
 
 EXIT_HALTED = 4
 HOST = "127.0.0.1"
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[type[Cluster]]:
-    made: list[Cluster] = []
-
-    def make(**kwargs) -> Cluster:
-        c = Cluster(tmp_path, **kwargs)
-        made.append(c)
-        return c
-
-    yield make  # type: ignore[misc]
-    for c in made:
-        c.stop()
 
 
 def role(admin_port: int) -> str:

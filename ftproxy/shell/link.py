@@ -86,23 +86,33 @@ class LogLink:
     switch) per message, and on the 1-client path every entry and every ack is
     such a message. What the socket does not take at once waits in
     ``_pending`` and goes out, in order, before anything sent after it.
+
+    Any ``trio.abc.Stream`` works (tests drive links on memory streams): the
+    fast path and the kernel's count of unread bytes are for a
+    ``trio.SocketStream``; another stream gets the plain ``send_all`` and
+    ``receive_some``, and ``send_now`` leaves the whole message pending.
+    ``peer``: the peer's name, derived from the socket when not given.
     """
 
-    def __init__(self, stream: trio.SocketStream, channel: Channel) -> None:
+    def __init__(self, stream: trio.abc.Stream, channel: Channel, peer: str | None = None) -> None:
         self.stream = stream
         self.channel = channel
         self._send_lock = trio.StrictFIFOLock()
-        self.peer = peer_name(stream.socket)
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        if peer is None:
+            peer = peer_name(self._socket) if self._socket is not None else "?"
+        self.peer = peer
         self._pending = b""
         self._unyielded = 0
 
     def unread(self) -> int:
         """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
         waiting = 0
-        with contextlib.suppress(OSError, ValueError):
-            waiting = int.from_bytes(
-                fcntl.ioctl(self.stream.socket.fileno(), termios.FIONREAD, b"\0" * 4), "little"
-            )
+        if self._socket is not None:
+            with contextlib.suppress(OSError, ValueError):
+                waiting = int.from_bytes(
+                    fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0" * 4), "little"
+                )
         return waiting + self.channel.buffered
 
     @property
@@ -124,9 +134,12 @@ class LogLink:
         return True
 
     def _write_now(self, data: bytes) -> None:
+        if self._socket is None:
+            self._pending = data  # no write without an await: flush puts it out
+            return
         try:
             # -1 once closed (never a stale number that a new socket may have taken).
-            written = os.write(self.stream.socket.fileno(), data)
+            written = os.write(self._socket.fileno(), data)
         except (BlockingIOError, InterruptedError):
             written = 0
         except OSError:
@@ -174,9 +187,14 @@ class LogLink:
 
     async def _receive_some(self) -> bytes:
         """What the peer sent since the last read; b"" once the connection is closed."""
+        if self._socket is None:
+            try:
+                return bytes(await self.stream.receive_some(_READ_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
         try:
             while True:
-                fd = self.stream.socket.fileno()  # -1 once closed: EBADF, the end
+                fd = self._socket.fileno()  # -1 once closed: EBADF, the end
                 try:
                     data = os.read(fd, _READ_SIZE)
                 except (BlockingIOError, InterruptedError):
@@ -222,13 +240,14 @@ async def _handshake(link: LogLink) -> None:
 
 
 async def accept_backup(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     secret: bytes | None,
     argv: list[str],
     welcome: Welcome | Callable[[], Welcome],
     gate: Gate | None = None,
     *,
     claim: Callable[[str], str] | None = None,
+    peer: str | None = None,
 ) -> LogLink:
     """The primary's side of a new connection: authenticate, check, welcome.
 
@@ -236,8 +255,9 @@ async def accept_backup(
     backup has proved the secret. ``claim``: called with the peer's name once it
     proved itself and runs the same program, with no await before its Welcome
     (so the next backup sees what it did); it returns why to refuse this backup,
-    or "" to take it. ``welcome``: the Welcome, or what makes it once claimed."""
-    link = LogLink(stream, Channel(PRIMARY, secret))
+    or "" to take it. ``welcome``: the Welcome, or what makes it once claimed.
+    ``peer``: the peer's name (derived from a socket stream when not given)."""
+    link = LogLink(stream, Channel(PRIMARY, secret), peer)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             await _handshake(link)
@@ -267,10 +287,10 @@ async def accept_backup(
 
 
 async def join_primary(
-    stream: trio.SocketStream, secret: bytes | None, argv: list[str]
+    stream: trio.abc.Stream, secret: bytes | None, argv: list[str], *, peer: str | None = None
 ) -> tuple[LogLink, Welcome]:
     """The backup's side: authenticate, ask to join, get the pair and the log header."""
-    link = LogLink(stream, Channel(BACKUP, secret))
+    link = LogLink(stream, Channel(BACKUP, secret), peer)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             await _handshake(link)

@@ -1,0 +1,176 @@
+"""The log channel's trio shell (ftproxy.shell.link) on in-memory streams, in-process.
+
+``LogLink`` takes any ``trio.abc.Stream``; these drive it on
+``trio.testing.memory_stream_pair`` (no socket, so no fast path: the plain
+``send_all``/``receive_some`` path) and, where the fast path is the point, on a
+socketpair.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from ftproxy.core.channel import (
+    BACKUP,
+    Ack,
+    Channel,
+    ConnectionClosed,
+    Entries,
+    Heartbeat,
+    Welcome,
+)
+from ftproxy.core.records import Entry, Header, Policy
+from ftproxy.shell.link import (
+    HANDSHAKE_TIMEOUT_S,
+    LinkRefused,
+    LogLink,
+    accept_backup,
+    join_primary,
+)
+
+ARGV = ["kv.py"]
+SECRET = b"s" * 32
+HEADER = Header(2, ARGV, {}, "/", "3.11", Policy(200, 1000), 0)
+WELCOME = Welcome("pair", 1, HEADER)
+
+
+async def linked(
+    stream_pair: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
+    backup_argv: list[str] = ARGV,
+) -> tuple[LogLink, LogLink, Welcome]:
+    """A primary's and a backup's LogLink after the real handshake on a memory stream pair."""
+    primary_end, backup_end = stream_pair or trio.testing.memory_stream_pair()
+    links: dict[str, LogLink] = {}
+    welcomes: list[Welcome] = []
+
+    async def primary() -> None:
+        links["primary"] = await accept_backup(
+            primary_end, SECRET, ARGV, WELCOME, peer="backup-end"
+        )
+
+    async def backup() -> None:
+        link, welcome = await join_primary(backup_end, SECRET, backup_argv, peer="primary-end")
+        links["backup"] = link
+        welcomes.append(welcome)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary)
+        nursery.start_soon(backup)
+    return links["primary"], links["backup"], welcomes[0]
+
+
+async def test_the_handshake_runs_on_memory_streams_with_the_peer_names_given() -> None:
+    primary, backup, welcome = await linked()
+    assert welcome == WELCOME
+    assert (primary.peer, backup.peer) == ("backup-end", "primary-end")
+
+
+async def test_entries_and_acks_cross_a_memory_stream_in_order() -> None:
+    primary, backup, _ = await linked()
+    batches = [[Entry(seq, 100 + seq, 1, seq, b"r%d" % seq)] for seq in range(1, 6)]
+    for batch in batches:
+        await primary.send(Entries(batch))
+    for batch in batches:
+        assert await backup.next_event() == Entries(batch)
+        await backup.send(Ack(batch[-1].seq, 0))
+    for seq in range(1, 6):
+        assert await primary.next_event() == Ack(seq, 0)
+
+
+async def test_send_now_without_a_socket_leaves_the_message_pending_until_flushed() -> None:
+    primary, backup, _ = await linked()
+    assert primary.send_now(Heartbeat())
+    assert primary.pending  # a memory stream cannot be written without an await
+    assert not primary.send_now(Heartbeat())  # one message waits: nothing changes
+    await primary.flush()
+    assert not primary.pending
+    assert await backup.next_event() == Heartbeat()
+
+
+async def test_unread_counts_the_channels_buffer_on_a_memory_stream() -> None:
+    primary, backup, _ = await linked()
+    await primary.send(Heartbeat())
+    await primary.send(Heartbeat())
+    assert backup.unread() == 0  # still in the stream: only a socket can say how much
+    assert await backup.next_event() == Heartbeat()  # one read took both frames
+    assert backup.unread() > 0
+    assert await backup.next_event() == Heartbeat()
+    assert backup.unread() == 0
+
+
+async def test_on_a_socket_stream_the_peer_is_named_and_unread_bytes_counted_in_the_kernel() -> (
+    None
+):
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        client = await trio.testing.open_stream_to_socket_listener(listener)
+        server = await listener.accept()
+        async with client, server:
+            assert isinstance(server, trio.SocketStream)
+            link = LogLink(server, Channel(BACKUP, None))
+            assert link.peer == f"127.0.0.1:{client.socket.getsockname()[1]}"
+            await client.send_all(b"x" * 10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.unread() == 10
+
+
+async def test_a_backup_running_another_program_is_refused_on_both_sides() -> None:
+    primary_end, backup_end = trio.testing.memory_stream_pair()
+    reasons: dict[str, str] = {}
+
+    async def primary() -> None:
+        with pytest.raises(LinkRefused) as refused:
+            await accept_backup(primary_end, SECRET, ARGV, WELCOME, peer="b")
+        reasons["primary"] = str(refused.value)
+
+    async def backup() -> None:
+        with pytest.raises(LinkRefused) as refused:
+            await join_primary(backup_end, SECRET, ["other.py"], peer="p")
+        reasons["backup"] = str(refused.value)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary)
+        nursery.start_soon(backup)
+    assert "both must run the same guest command line" in reasons["primary"]
+    assert "both must run the same guest command line" in reasons["backup"]
+
+
+async def test_a_wrong_secret_fails_the_handshake_with_a_reason() -> None:
+    primary_end, backup_end = trio.testing.memory_stream_pair()
+    refused: list[LinkRefused] = []
+
+    async def primary() -> None:
+        try:
+            await accept_backup(primary_end, SECRET, ARGV, WELCOME, peer="b")
+        except LinkRefused as exc:
+            refused.append(exc)
+
+    async def backup() -> None:
+        try:
+            await join_primary(backup_end, b"w" * 32, ARGV, peer="p")
+        except LinkRefused as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary)
+        nursery.start_soon(backup)
+    assert len(refused) == 2
+    assert all(str(exc) for exc in refused)
+
+
+async def test_a_silent_peer_times_the_handshake_out(autojump_clock: trio.abc.Clock) -> None:
+    primary_end, _silent = trio.testing.memory_stream_pair()
+    started = trio.current_time()
+    with pytest.raises(LinkRefused, match="did not finish the handshake in time"):
+        await accept_backup(primary_end, SECRET, ARGV, WELCOME, peer="b")
+    assert trio.current_time() - started == pytest.approx(HANDSHAKE_TIMEOUT_S)
+
+
+async def test_a_closed_peer_is_a_connection_closed_event() -> None:
+    primary, backup, _ = await linked()
+    await backup.aclose()
+    assert isinstance(await primary.next_event(), ConnectionClosed)
+    with pytest.raises(trio.ClosedResourceError):
+        await primary.send(Heartbeat())

@@ -1,0 +1,227 @@
+"""The shells' timing, in-process under trio's autojump clock.
+
+Heartbeats, the peer timeout, the output rule and the arbiter's retry pacing,
+driven through what ``Primary``, ``Backup`` and ``ReplicaShell`` expose, on
+links over ``trio.testing.memory_stream_pair`` (the real handshake, channel and
+replication core). Virtual time makes the intervals exact, so the assertions
+are on the configured numbers themselves, and nothing here waits in real time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from support import free_port
+from test_link import ARGV, HEADER, linked
+
+import arbiter
+from ftproxy.core.channel import Ack, Entries, Heartbeat
+from ftproxy.core.records import Entry
+from ftproxy.core.replication import Role, Timing
+from ftproxy.guest.protocol import OP_SEND
+from ftproxy.shell.backup import Backup
+from ftproxy.shell.link import LogLink
+from ftproxy.shell.logstore import LogStore
+from ftproxy.shell.primary import Primary
+from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, ReplicaShell
+
+TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5)
+
+
+def options(arbiter_port: int = 9) -> ReplicaOptions:
+    return ReplicaOptions(
+        argv=ARGV,
+        arbiter=arbiter.BuiltinArbiter(("127.0.0.1", arbiter_port), None),
+        secret=None,
+        timing=TIMING,
+    )
+
+
+async def arrivals(link: LogLink, kind: type, until: float) -> list[float]:
+    """When each message of ``kind`` arrived on ``link``, until virtual time ``until``."""
+    times: list[float] = []
+    with trio.move_on_at(until):
+        while True:
+            if isinstance(await link.next_event(), kind):
+                times.append(trio.current_time())
+    return times
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+async def test_an_idle_primary_heartbeats_at_the_configured_interval(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary_link, backup_link, _ = await linked()
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary.ship, primary_link)
+        times = await arrivals(backup_link, Heartbeat, start + 20 * TIMING.heartbeat_s + 0.001)
+        nursery.cancel_scope.cancel()
+    assert len(times) == 20
+    assert gaps(times) == pytest.approx([TIMING.heartbeat_s] * 19)
+
+
+async def test_an_idle_backup_heartbeats_at_the_configured_interval(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary_link, backup_link, welcome = await linked()
+    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backup.send_acks)
+        times = await arrivals(primary_link, Heartbeat, start + 20 * TIMING.heartbeat_s + 0.001)
+        nursery.cancel_scope.cancel()
+    assert len(times) == 20
+    assert gaps(times) == pytest.approx([TIMING.heartbeat_s] * 19)
+
+
+async def heard_from(shell: ReplicaShell, link: LogLink) -> None:
+    """The receiving task's part in liveness: whatever arrives is word from the peer."""
+    while True:
+        await link.next_event()
+        shell.replica.heard(trio.current_time())
+
+
+async def test_a_heartbeating_peer_stays_alive_and_a_silent_one_dies_after_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary_link, backup_link, welcome = await linked()
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary.ship, primary_link)  # its own heartbeats: the watch's
+        nursery.start_soon(primary.watch)  # other deadline
+        nursery.start_soon(heard_from, primary, primary_link)
+        nursery.start_soon(heard_from, backup, backup_link)
+        async with trio.open_nursery() as heartbeats:
+            heartbeats.start_soon(backup.send_acks)
+            await trio.sleep(20 * TIMING.peer_timeout_s)
+            assert not primary.peer_gone.is_set(), primary.board.peer_lost_reason
+            heartbeats.cancel_scope.cancel()  # the backup falls silent (its link stays open)
+        last_heard = primary.replica.last_heard
+        await primary.peer_gone.wait()
+        nursery.cancel_scope.cancel()
+    assert primary.replica.role is Role.PRIMARY  # the shell reports; arbitrating is run()'s
+    assert primary.peer_lost_at == pytest.approx(last_heard + TIMING.peer_timeout_s)
+    assert primary.board.peer_lost_reason == f"no word from the backup for {TIMING.peer_timeout_s}s"
+
+
+async def test_frames_waiting_unread_at_the_deadline_are_read_before_the_silence_is_judged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The stopped-replica case of tests/test_watch.py, with virtual time: the clock
+    jumps past the deadline while a heartbeat waits unread in the socket."""
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        client = await trio.testing.open_stream_to_socket_listener(listener)
+        server = await listener.accept()
+        primary_link, backup_link, _ = await linked((server, client))
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    read = trio.Event()
+    dead_before_read: list[bool] = []
+
+    async def receive() -> None:
+        await primary_link.next_event()
+        dead_before_read.append(primary.peer_gone.is_set())
+        primary.replica.heard(trio.current_time())
+        read.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        nursery.start_soon(primary.watch)
+        await trio.testing.wait_all_tasks_blocked()
+        # Put the frame in the kernel's buffer without a checkpoint, then jump past
+        # the deadline: both tasks wake in the same pass, the watcher perhaps first.
+        assert backup_link.send_now(Heartbeat()) and not backup_link.pending
+        autojump_clock.jump(TIMING.peer_timeout_s * 1.5)
+        await read.wait()
+        assert not primary.peer_gone.is_set()
+        nursery.cancel_scope.cancel()
+    await primary_link.aclose()
+    await backup_link.aclose()
+    assert dead_before_read == [False]
+
+
+class ReleasedOutputs:
+    """What the primary's world is told to send, and when (the world itself runs a guest's
+    front: here only its output side is recorded)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, tuple[Any, ...]]] = []
+
+    def output_later(self, message: tuple[Any, ...]) -> None:
+        self.sent.append((trio.current_time(), message))
+
+    apply_output = output_later
+
+    def flush_outputs(self) -> None:
+        pass
+
+
+async def test_a_primary_releases_an_output_only_after_the_ack_for_its_entry(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary_link, backup_link, _ = await linked()
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    world = ReleasedOutputs()
+    primary.world = world  # type: ignore[assignment]
+    entry = Entry(1, 1000, 1, 7, b"reply")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary.ship, primary_link)
+        nursery.start_soon(primary.receive, primary_link)
+        nursery.start_soon(primary.watch)
+        primary._logged(entry)  # the supervisor logs the exit's entry (then ships it) ...
+        primary.output(1, (OP_SEND, 3, b"after entry 1"))  # ... and the guest writes
+        assert world.sent == []
+        event = await backup_link.next_event()
+        while not isinstance(event, Entries):
+            event = await backup_link.next_event()
+        assert event.entries == [entry]
+        await trio.sleep(TIMING.peer_timeout_s / 2)  # the backup holds it, says nothing
+        assert world.sent == []
+        acked_at = trio.current_time()
+        await backup_link.send(Ack(1, 0))
+        with trio.fail_after(TIMING.heartbeat_s):
+            while not world.sent:
+                await trio.sleep(0)
+        primary.output(1, (OP_SEND, 3, b"also after entry 1"))  # its entry is acked: at once
+        nursery.cancel_scope.cancel()
+    assert world.sent == [
+        (acked_at, (OP_SEND, 3, b"after entry 1")),
+        (acked_at, (OP_SEND, 3, b"also after entry 1")),
+    ]
+
+
+async def test_arbiter_questions_to_a_stopped_arbiter_are_paced_by_the_timing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A real connection refused by a port nobody listens on, asked again and again."""
+    client = ArbiterClient(options(free_port()), "backup")
+    timing = client.timing
+    asked: list[float] = []
+    real = client.address
+
+    class Counting:
+        kind, describe = real.kind, real.describe
+
+        async def test_and_set(self, key: str, candidate: str) -> arbiter.Decision:
+            asked.append(trio.current_time())
+            return await real.test_and_set(key, candidate)
+
+    client.address = Counting()  # type: ignore[assignment]
+    start = trio.current_time()
+    with trio.move_on_after(10 * timing.max_backoff_s):
+        await client.test_and_set()
+    assert client.state == "unreachable"
+    pauses = gaps([start, *asked])[1:]
+    expected = [min(timing.first_backoff_s * 2**n, timing.max_backoff_s) for n in range(4)]
+    assert pauses[:4] == pytest.approx(expected, abs=1e-3)
+    assert pauses[4:] == pytest.approx([timing.max_backoff_s] * len(pauses[4:]), abs=1e-3)
