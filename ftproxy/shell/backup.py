@@ -45,7 +45,7 @@ from ftproxy.core.replication import Event, Role
 from ftproxy.guest import _trace
 from ftproxy.shell.fence import Fencer
 from ftproxy.shell.front import PacketConfig, format_mac
-from ftproxy.shell.front.socket import Doorbell, SocketFront
+from ftproxy.shell.front.socket import SocketFront
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LinkRefused, LogLink, join_primary
@@ -69,6 +69,7 @@ from ftproxy.shell.replica import (
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.shell.startfiles import start_files_problem
 from ftproxy.shell.supervisor import Divergence, Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.takeover import TakeoverState
 from ftproxy.shell.world import WorldAnswers, open_front, output_record
 

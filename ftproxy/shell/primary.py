@@ -38,7 +38,6 @@ from ftproxy.core.records import Entry, Header, Output
 from ftproxy.core.replication import Event, Role
 from ftproxy.guest import _trace
 from ftproxy.shell.fence import identify_self
-from ftproxy.shell.front.socket import Doorbell
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LogLink, accept_first_backup
@@ -62,6 +61,7 @@ from ftproxy.shell.replica import (
 )
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (
     WorldAnswers,
     guest_environment,

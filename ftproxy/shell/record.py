@@ -20,9 +20,10 @@ from ftproxy.core.records import End, Policy
 from ftproxy.guest import protocol as p
 from ftproxy.log.file import LogWriter
 from ftproxy.shell.front import PacketConfig
-from ftproxy.shell.front.socket import AddressMap, Doorbell
+from ftproxy.shell.front.socket import AddressMap
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (
     WorldAnswers,
     guest_environment,

@@ -43,7 +43,6 @@ from ftproxy.core.records import Header
 from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, Role
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
 from ftproxy.shell.fence import identify_self
-from ftproxy.shell.front.socket import Doorbell
 from ftproxy.shell.link import LinkRefused, LogLink, accept_backup
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.replica import (
@@ -53,6 +52,7 @@ from ftproxy.shell.replica import (
     StatusBoard,
     peer_frames_read,
 )
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 

@@ -30,9 +30,10 @@ from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 from ftproxy.shell.front import PacketConfig
 from ftproxy.shell.front.packet import PacketFront
-from ftproxy.shell.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
+from ftproxy.shell.front.socket import AddressMap, SocketFront, resolve_name
 from ftproxy.shell.startfiles import pinned_paths, start_files
 from ftproxy.shell.supervisor import Exit, GuestFailure
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 

@@ -39,7 +39,7 @@ from ftproxy.netstack.packets import (
     pseudo_header_sum,
 )
 from ftproxy.shell.front import format_mac, mac_for_ip, parse_mac
-from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 

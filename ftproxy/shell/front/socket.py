@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import select
 import socket
 from collections import deque
@@ -30,6 +29,7 @@ import trio
 from ftproxy.guest import _trace
 from ftproxy.guest import protocol as p
 from ftproxy.shell.admission import RESERVED_DESCRIPTORS, RejectionLog, descriptors_left, peer_name
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 _ACCEPT_PAUSE_S = 0.1
@@ -38,39 +38,6 @@ _INPUT_LIMIT = 256 * 1024
 _DATAGRAM_QUEUE = 1024
 _CONNECT_TIMEOUT_S = 30.0
 AddressMap = dict[int, tuple[str, int]]
-
-
-class Doorbell:
-    """Wakes whoever waits for "something changed"; a ring is never lost.
-
-    A waiter checks its condition and then waits with no checkpoint between,
-    so under trio a ring cannot fall between the check and the wait.
-    """
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-        self._scopes: list[trio.CancelScope] = []
-
-    def ring(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-        if self._scopes:
-            scopes, self._scopes = self._scopes, []
-            for scope in scopes:
-                scope.cancel()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-    async def wait_readable(self, fd: int, deadline: float = math.inf) -> None:
-        """Wait for a ring, for ``fd`` to be readable or for ``deadline``, whichever is first."""
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._scopes.append(scope)
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            finally:
-                if scope in self._scopes:
-                    self._scopes.remove(scope)
 
 
 class _Stream:
