@@ -445,7 +445,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
     from ftproxy.core.replication import Timing
     from ftproxy.guest import protocol as p
     from ftproxy.shell.front.socket import parse_address_map
-    from ftproxy.shell.replica import ReplicaOptions
+    from ftproxy.shell.options import ReplicaOptions
 
     _check_guest_command(args.guest, command)
     secret = _secret(args, command)
@@ -529,7 +529,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 def _run_replica(command: str, serve: Any, *args: Any) -> int:
     """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
     from ftproxy.guest import _trace
-    from ftproxy.shell.replica import EXIT_STARTUP, StartupError
+    from ftproxy.shell.exits import EXIT_STARTUP, StartupError
 
     _trace.enable(command)
     try:
@@ -603,7 +603,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.shell.record import RecordOptions, record
 
     argv = args.guest
-    from ftproxy.shell.replica import EXIT_STARTUP, StartupError, check_program
+    from ftproxy.shell.checks import check_program
+    from ftproxy.shell.exits import EXIT_STARTUP, StartupError
 
     try:
         _check_guest_command(argv, "record")

@@ -19,8 +19,9 @@ from ftproxy.core.replication import (
 )
 from ftproxy.guest import protocol as p
 from ftproxy.log.file import read_log
+from ftproxy.shell.arbiter_client import ArbiterClient, generation_key, log_address_of
 from ftproxy.shell.logstore import DataDirError, LogStore, LogStoreError, open_data_dir
-from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, generation_key, log_address_of
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.world import new_header
 
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)

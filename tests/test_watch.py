@@ -18,7 +18,8 @@ from ftproxy.core.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat,
 from ftproxy.core.records import Header, Policy
 from ftproxy.core.replication import Role, Timing
 from ftproxy.shell.link import LogLink
-from ftproxy.shell.replica import ReplicaOptions, ReplicaShell
+from ftproxy.shell.options import ReplicaOptions
+from ftproxy.shell.replica import ReplicaShell
 
 TIMING = Timing(heartbeat_s=0.02, peer_timeout_s=0.1)
 HEADER = Header(2, ["kv.py"], {}, "/", "3.11", Policy(200, 1000), 0)

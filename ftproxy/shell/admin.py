@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
@@ -49,6 +49,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ftproxy.shell.admission import Admission, Gate, serve_with_limits
+from ftproxy.shell.checks import bind_listeners
+from ftproxy.shell.options import ReplicaOptions
+from ftproxy.shell.status import StatusBoard
 
 log = structlog.get_logger()
 
@@ -929,3 +932,30 @@ def _positive_seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+@contextlib.asynccontextmanager
+async def admin_endpoint(options: ReplicaOptions, board: StatusBoard) -> AsyncIterator[None]:
+    """Serve /status, /metrics and /healthz for the life of the block, when asked to.
+
+    The port is bound before the block starts: busy, it is a StartupError.
+    """
+    if options.admin is None:
+        yield
+        return
+    listeners = await bind_listeners("--admin", options.admin)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(
+                serve_admin,
+                options.admin[0],
+                options.admin[1],
+                board.snapshot,
+                metrics=board.metrics.render,
+                health=board.health,
+                listeners=listeners,
+            )
+        )
+        log.info("admin_listening", address=f"{options.admin[0]}:{port}")
+        yield
+        nursery.cancel_scope.cancel()

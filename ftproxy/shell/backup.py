@@ -43,6 +43,10 @@ from ftproxy.core.channel import (
 from ftproxy.core.records import Entry, Header, Output
 from ftproxy.core.replication import Event, Role
 from ftproxy.guest import _trace
+from ftproxy.shell.admin import admin_endpoint
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.checks import check_data_dir, check_program
+from ftproxy.shell.exits import EXIT_DIVERGED, EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted
 from ftproxy.shell.fence import Fencer
 from ftproxy.shell.front import PacketConfig, format_mac
 from ftproxy.shell.front.socket import SocketFront
@@ -50,24 +54,12 @@ from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LinkRefused, LogLink, join_primary
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import check_entry, first_difference
-from ftproxy.shell.replica import (
-    EXIT_DIVERGED,
-    EXIT_FAILED,
-    EXIT_HALTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    ReplicaShell,
-    StatusBoard,
-    admin_endpoint,
-    check_data_dir,
-    check_program,
-)
+from ftproxy.shell.replica import ReplicaShell
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.shell.startfiles import start_files_problem
+from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Divergence, Exit, GuestFailure, Supervisor
 from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.takeover import TakeoverState

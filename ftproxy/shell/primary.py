@@ -37,29 +37,20 @@ from ftproxy.core.channel import (
 from ftproxy.core.records import Entry, Header, Output
 from ftproxy.core.replication import Event, Role
 from ftproxy.guest import _trace
+from ftproxy.shell.admin import admin_endpoint
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.checks import bind_listeners, check_data_dir, check_free, check_program
+from ftproxy.shell.exits import EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted
 from ftproxy.shell.fence import identify_self
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LogLink, accept_first_backup
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import first_difference
-from ftproxy.shell.replica import (
-    EXIT_FAILED,
-    EXIT_HALTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    ReplicaShell,
-    StatusBoard,
-    admin_endpoint,
-    bind_listeners,
-    check_data_dir,
-    check_free,
-    check_program,
-)
+from ftproxy.shell.replica import ReplicaShell
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
+from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (

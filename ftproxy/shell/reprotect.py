@@ -42,16 +42,14 @@ from ftproxy.core.channel import (
 from ftproxy.core.records import Header
 from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, Role
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.exits import Halted
 from ftproxy.shell.fence import identify_self
 from ftproxy.shell.link import LinkRefused, LogLink, accept_backup
 from ftproxy.shell.logstore import LogStore
-from ftproxy.shell.replica import (
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    StatusBoard,
-    peer_frames_read,
-)
+from ftproxy.shell.options import ReplicaOptions
+from ftproxy.shell.replica import peer_frames_read
+from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
