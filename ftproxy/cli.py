@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_arguments(arbiter_cmd)
 
     status = commands.add_parser("status", help="show a replica's status (its --admin address)")
-    from ftproxy.shell.admin import build_status_parser
+    from ftproxy.tools.status import build_status_parser
 
     build_status_parser(status)
 
@@ -581,7 +581,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ftproxy.shell.admin import run_status
+    from ftproxy.tools.status import run_status
 
     return run_status(args)
 

@@ -18,16 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from ftproxy.shell.admin import (
+from ftproxy.shell.admin import escape_label_value, render_metrics, serve_admin
+from ftproxy.tools.status import (
     AdminUnavailable,
     build_status_parser,
-    escape_label_value,
     fetch,
     fetch_status,
     parse_address,
-    render_metrics,
     render_status,
-    serve_admin,
     status_main,
     watch_status,
 )

@@ -63,9 +63,9 @@ from rich.text import Text
 
 import arbiter
 import ftproxy
-from ftproxy.shell.admin import AdminUnavailable, fetch_status
 from ftproxy.tools import etcdlocal
 from ftproxy.tools import lab as netlab
+from ftproxy.tools.status import AdminUnavailable, fetch_status
 
 HOST: Final = "127.0.0.1"
 KV_SCRIPT: Final = Path(ftproxy.__file__).resolve().parent.parent / "examples" / "kv.py"
