@@ -4,8 +4,8 @@ Server side, ``serve_admin`` answers four paths on a small HTTP/1.1 server (h11
 speaks the protocol, trio moves the bytes, one task per connection, keep-alive):
 
 - ``GET /status``: the replica's status mapping as JSON;
-- ``GET /metrics``: the same numbers in the Prometheus text format (a replica's come
-  from ``ftproxy.shell.metrics``; without a metrics source, ``render_metrics`` of the status);
+- ``GET /metrics``: the same numbers in the Prometheus text format (the body comes
+  from a metrics source: a replica's is ``ftproxy.shell.metrics``);
 - ``GET /healthz``: 200 or 503 and a one-line reason, for probes;
 - ``GET /``: a short index.
 
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
@@ -46,20 +44,14 @@ from ftproxy.shell.status import StatusBoard
 log = structlog.get_logger()
 
 StatusSource = Callable[[], Mapping[str, Any]]
-# A replica's /metrics body (ftproxy.shell.metrics); without one, render_metrics(status).
+# A replica's /metrics body (ftproxy.shell.metrics.ReplicaMetrics.render).
 MetricsSource = Callable[[], bytes]
 # /healthz: whether the replica serves, or is ready to take over, and why not.
 HealthSource = Callable[[], tuple[bool, str]]
 
-METRIC_PREFIX: Final = "ftproxy"
 METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE: Final = "application/json"
 TEXT_CONTENT_TYPE: Final = "text/plain; charset=utf-8"
-
-# String leaves that become info-style gauges: ``ftproxy_role{role="primary"} 1``.
-INFO_LEAVES: Final = frozenset(
-    {("role",), ("peer", "state"), ("arbiter", "state"), ("catch_up", "state")}
-)
 
 MAX_RECV: Final = 64 * 1024
 # A client has this long to send a whole request head, waiting on a kept-alive
@@ -83,69 +75,6 @@ _INDEX: Final = (
 )
 
 
-# -- Prometheus text format --------------------------------------------------
-
-
-def render_metrics(status: Mapping[str, Any]) -> str:
-    """The status mapping in the Prometheus text exposition format (version 0.0.4).
-
-    Every numeric leaf becomes one gauge named after its path (nested keys joined
-    by ``_``, characters a metric name cannot hold replaced by ``_``); bools are
-    0/1; a name ending in ``_total`` is a counter. The string leaves in
-    ``INFO_LEAVES`` become info-style gauges; other leaves (strings, lists, None)
-    are left out. Where two paths give the same name, the first one wins.
-    """
-    lines: list[str] = []
-    seen: set[str] = set()
-    for path, value in _leaves(status):
-        name = metric_name(path)
-        if isinstance(value, int | float):  # bool is an int
-            sample = f"{name} {_format_sample_value(value)}"
-        elif isinstance(value, str) and path in INFO_LEAVES:
-            sample = f'{name}{{{path[-1]}="{escape_label_value(value)}"}} 1'
-        else:
-            continue
-        if name in seen:
-            continue
-        seen.add(name)
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines.append(f"# TYPE {name} {kind}\n{sample}\n")
-    return "".join(lines)
-
-
-def metric_name(path: tuple[str, ...]) -> str:
-    """``("lag", "ms")`` -> ``ftproxy_lag_ms``, valid whatever the keys hold."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", "_".join((METRIC_PREFIX, *path)))
-
-
-def escape_label_value(value: str) -> str:
-    """A label value as the text format quotes it: backslash, quote and newline escaped."""
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def _leaves(
-    mapping: Mapping[Any, Any], prefix: tuple[str, ...] = ()
-) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for key, value in mapping.items():
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            yield from _leaves(value, path)
-        else:
-            yield path, value
-
-
-def _format_sample_value(value: int | float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
 # -- server --------------------------------------------------------------------
 
 
@@ -154,7 +83,7 @@ async def serve_admin(
     port: int,
     status: StatusSource,
     *,
-    metrics: MetricsSource | None = None,
+    metrics: MetricsSource,
     health: HealthSource | None = None,
     listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -162,7 +91,7 @@ async def serve_admin(
     """Serve the admin endpoint on ``host:port`` until cancelled.
 
     ``port`` 0 picks a free port; the bound port is reported through
-    ``task_status``, so ``await nursery.start(serve_admin, host, 0, status)``
+    ``task_status``, so ``await nursery.start(partial(serve_admin, host, 0, status, metrics=...))``
     returns it once the endpoint accepts connections. ``listeners``: already bound
     for ``host:port`` by the caller.
     """
@@ -189,7 +118,7 @@ async def serve_admin(
 @dataclass(frozen=True)
 class _Sources:
     status: StatusSource
-    metrics: MetricsSource | None
+    metrics: MetricsSource
     health: HealthSource | None
 
 
@@ -327,15 +256,10 @@ def _route(method: bytes, target: bytes, sources: _Sources) -> _Reply:
         if path == b"/healthz":
             healthy, why = sources.health() if sources.health else (True, "up")
             return _text_reply(200 if healthy else 503, why)
-        if path == b"/metrics" and sources.metrics is not None:
+        if path == b"/metrics":
             return _Reply(200, METRICS_CONTENT_TYPE, sources.metrics())
-        snapshot = sources.status()
-        if path == b"/status":
-            body = json.dumps(snapshot, indent=2, default=_json_default) + "\n"
-            return _Reply(200, JSON_CONTENT_TYPE, body.encode())
-        return _Reply(
-            200, METRICS_CONTENT_TYPE, render_metrics(snapshot).encode("utf-8", "replace")
-        )
+        body = json.dumps(sources.status(), indent=2, default=_json_default) + "\n"
+        return _Reply(200, JSON_CONTENT_TYPE, body.encode())
     except Exception as exc:
         log.exception("admin_status_failed", path=path.decode("ascii"))
         return _text_reply(500, f"status unavailable: {_one_line(exc)}")
