@@ -45,7 +45,7 @@ from arbiter._protocol import (
     Query,
     RemoteProtocolError,
     Request,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
@@ -186,7 +186,7 @@ async def _exchange(
     address: Address, request: Request, secret: bytes | None, connect_timeout: float
 ) -> Decision | Undecided:
     where = format_address(address)
-    conn = Connection(Role.CLIENT, secret)
+    conn = Connection(Side.CLIENT, secret)
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(*address)

@@ -30,7 +30,7 @@ from arbiter._protocol import (
     Error,
     Query,
     RemoteProtocolError,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
@@ -98,7 +98,7 @@ async def _handle_connection(
     except OSError:  # already gone
         peer = "unknown"
     log = logger.bind(peer=peer)
-    conn = Connection(Role.SERVER, secret)
+    conn = Connection(Side.SERVER, secret)
     async with stream:
         try:
             await _converse(stream, conn, store, log, gate)

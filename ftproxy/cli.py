@@ -443,7 +443,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
     import arbiter
     from ftproxy.core.records import Policy
     from ftproxy.core.replication import Timing
-    from ftproxy.guest import protocol as p
+    from ftproxy.guest import protocol
     from ftproxy.shell.front.socket import parse_address_map
     from ftproxy.shell.options import ReplicaOptions
 
@@ -462,7 +462,9 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         timing=timing,
         address_map=parse_address_map(args.map),
         admin=arbiter.parse_address(args.admin) if args.admin else None,
-        policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+        policy=Policy(
+            args.exit_every or protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS
+        ),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
         on_role_change=_hook_command(args),
@@ -598,7 +600,7 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 
 def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.core.records import Policy
-    from ftproxy.guest import protocol as p
+    from ftproxy.guest import protocol
     from ftproxy.shell.front.socket import parse_address_map
     from ftproxy.shell.record import RecordOptions, record
 
@@ -619,7 +621,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
             log_path=args.log,
             argv=argv,
             address_map=parse_address_map(args.map),
-            policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+            policy=Policy(
+                args.exit_every or protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS
+            ),
             extra_env=_parse_env(args.env),
             packet=_packet_config(args),
             pins=args.pin,

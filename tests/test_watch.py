@@ -16,7 +16,7 @@ import trio.testing
 
 from ftproxy.core.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat, Join, Welcome
 from ftproxy.core.records import Header, Policy
-from ftproxy.core.replication import Role, Timing
+from ftproxy.core.replication import ReplicaRole, Timing
 from ftproxy.shell.link import LogLink
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replica import ReplicaShell
@@ -46,7 +46,7 @@ async def one_stall() -> bool:
     backup, primary = streaming_pair()
     link = LogLink(trio.SocketStream(ours), primary)
     options = ReplicaOptions(argv=["kv.py"], arbiter=("127.0.0.1", 9), secret=None, timing=TIMING)
-    shell = ReplicaShell(options, Role.PRIMARY, link)
+    shell = ReplicaShell(options, ReplicaRole.PRIMARY, link)
     read = trio.Event()
     dead_before_read: list[bool] = []
 

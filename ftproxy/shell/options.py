@@ -8,7 +8,7 @@ from pathlib import Path
 import arbiter
 from ftproxy.core.records import Policy
 from ftproxy.core.replication import Timing
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.shell.fence import FenceMode
 from ftproxy.shell.front import PacketConfig
 from ftproxy.shell.front.socket import AddressMap
@@ -28,7 +28,7 @@ class ReplicaOptions:
     pair: str = "ftproxy"
     generation: int = 1
     policy: Policy = field(
-        default_factory=lambda: Policy(p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS)
+        default_factory=lambda: Policy(protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS)
     )
     extra_env: dict[str, str] = field(default_factory=dict)
     output_rule: bool = True

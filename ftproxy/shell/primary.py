@@ -35,7 +35,7 @@ from ftproxy.core.channel import (
     Welcome,
 )
 from ftproxy.core.records import Entry, Header, Output
-from ftproxy.core.replication import Event, Role
+from ftproxy.core.replication import Event, ReplicaRole
 from ftproxy.guest import _trace
 from ftproxy.shell.admin import admin_endpoint
 from ftproxy.shell.arbiter_client import ArbiterClient
@@ -78,13 +78,13 @@ class Primary(ReplicaShell):
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
-        role = Role.PRIMARY if link is not None else Role.LIVE
+        role = ReplicaRole.PRIMARY if link is not None else ReplicaRole.LIVE
         super().__init__(options, role, link, board, hooks)
         self.header = header
         self.store = store
         self.board.log_store = store.status
         self.board.protection = lambda: (
-            self.replica.role is Role.PRIMARY and self.link is not None and store.on_disk
+            self.replica.role is ReplicaRole.PRIMARY and self.link is not None and store.on_disk
         )
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
@@ -124,7 +124,7 @@ class Primary(ReplicaShell):
             link is None
             or self._in_flight
             or self.options.ship_delay_s
-            or self.replica.role is not Role.PRIMARY
+            or self.replica.role is not ReplicaRole.PRIMARY
         ):
             return False
         batch = self._outbox
@@ -167,7 +167,7 @@ class Primary(ReplicaShell):
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
         self.store.append_entry(entry)
-        if self.replica.role is Role.PRIMARY and self.link is not None:
+        if self.replica.role is ReplicaRole.PRIMARY and self.link is not None:
             # Entries exist only while an exit is answered: answer() ships them
             # at its end, or rings the ship task when the channel is busy.
             self._outbox.append(entry)
@@ -241,7 +241,7 @@ class Primary(ReplicaShell):
                 while unchecked and unchecked[0].seq < event.replayed:
                     unchecked.popleft()
                 self._measure(event, now, lag_s)
-                if self.replica.role is not Role.PRIMARY:
+                if self.replica.role is not ReplicaRole.PRIMARY:
                     self.lose_peer("the backup's ack came after the peer timeout")
                     return
                 self._acked.ring()
@@ -292,7 +292,7 @@ class Primary(ReplicaShell):
         await link.aclose()
         self.link = None
         self._unchecked.clear()
-        if self.replica.role is Role.PRIMARY:
+        if self.replica.role is ReplicaRole.PRIMARY:
             self.replica.handle(Event.PEER_LOST)
         self._outbox.clear()
         await self.arbitrate()
@@ -336,7 +336,7 @@ class Primary(ReplicaShell):
 
     async def finish(self) -> None:
         """The guest exited: let the backup acknowledge the last entries, then release."""
-        if self.replica.role is not Role.PRIMARY or self.link is None:
+        if self.replica.role is not ReplicaRole.PRIMARY or self.link is None:
             return
         with trio.move_on_after(FINAL_ACK_WAIT_S):
             while self.replica.received < self.replica.logged and not self.peer_gone.is_set():

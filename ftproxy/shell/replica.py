@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.core.replication import Replica, Role
+from ftproxy.core.replication import Replica, ReplicaRole
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.hooks import RoleHooks
 from ftproxy.shell.link import LogLink
@@ -41,7 +41,7 @@ class ReplicaShell:
     def __init__(
         self,
         options: ReplicaOptions,
-        role: Role,
+        role: ReplicaRole,
         link: LogLink | None,
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
@@ -49,7 +49,7 @@ class ReplicaShell:
         self.options = options
         self.link: LogLink | None = link
         self.replica: Replica[tuple[Any, ...]] = Replica(role, trio.current_time(), options.timing)
-        self.peer_role = "primary" if role is Role.BACKUP else "backup"
+        self.peer_role = "primary" if role is ReplicaRole.BACKUP else "backup"
         self.arbiter = ArbiterClient(options, role.value)
         # The board the admin endpoint has served since start-up, if any: from here
         # on it shows this replica's core.
