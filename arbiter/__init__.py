@@ -42,13 +42,16 @@ from arbiter._protocol import (
     ProtocolError,
     Query,
     RemoteProtocolError,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
 )
 from arbiter._server import serve
 from arbiter._store import Store, StoreCorruptError, StoreError
+
+# The earlier name of Side (which end of a connection), kept for callers that use it.
+Role = Side
 
 __all__ = [
     "ARBITER_FORMS",
@@ -74,6 +77,7 @@ __all__ = [
     "Query",
     "RemoteProtocolError",
     "Role",
+    "Side",
     "State",
     "Store",
     "StoreCorruptError",

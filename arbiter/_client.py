@@ -45,7 +45,7 @@ from arbiter._protocol import (
     Query,
     RemoteProtocolError,
     Request,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
@@ -206,7 +206,7 @@ async def converse(
 
     Any ``trio.abc.Stream``: the built-in client's TCP connection, or a test's
     memory stream to an in-process server."""
-    conn = Connection(Role.CLIENT, secret)
+    conn = Connection(Side.CLIENT, secret)
     try:
         while True:
             event = conn.next_event()

@@ -27,7 +27,7 @@ writes out :meth:`Connection.data_to_send`. The caller's own events go through
 :meth:`Connection.send`, which returns their bytes (preceded by any handshake
 bytes still queued, so order on the wire is always right). A client, say::
 
-    conn = Connection(Role.CLIENT, secret)
+    conn = Connection(Side.CLIENT, secret)
     while True:
         event = conn.next_event()
         await stream.send_all(conn.data_to_send())
@@ -61,7 +61,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from ftproxy.core.auth import Role
+from ftproxy.core.auth import Side
 from ftproxy.core.session import (
     NEED_DATA,
     Authenticated,
@@ -96,7 +96,7 @@ __all__ = [
     "ProtocolError",
     "Query",
     "RemoteProtocolError",
-    "Role",
+    "Side",
     "State",
     "TestAndSet",
     "Undecided",
@@ -171,10 +171,10 @@ class State(enum.Enum):
     ERROR = enum.auto()  # the peer broke the protocol; we may only send an Error
 
 
-_CLIENT: Final = Role.CLIENT
-_SERVER: Final = Role.SERVER
+_CLIENT: Final = Side.CLIENT
+_SERVER: Final = Side.SERVER
 
-_TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
+_TRANSITIONS: Final[dict[tuple[State, Side, type[Any]], State]] = {
     **common_rows(State, authenticated=State.IDLE),
     (State.IDLE, _CLIENT, TestAndSet): State.AWAIT_DECISION,
     (State.IDLE, _CLIENT, Query): State.AWAIT_ANSWER,
@@ -205,7 +205,7 @@ class Connection(Session):
 
     def __init__(
         self,
-        role: Role,
+        role: Side,
         secret: bytes | None,
         *,
         max_frame_size: int = MAX_FRAME_SIZE,

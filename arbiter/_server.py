@@ -30,7 +30,7 @@ from arbiter._protocol import (
     Error,
     Query,
     RemoteProtocolError,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
@@ -101,7 +101,7 @@ async def _handle_connection(
             with contextlib.suppress(OSError):  # already gone
                 peer = _format_address(stream.socket.getpeername())
     log = logger.bind(peer=peer)
-    conn = Connection(Role.SERVER, secret)
+    conn = Connection(Side.SERVER, secret)
     async with stream:
         try:
             await _converse(stream, conn, store, log, gate)

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_arguments(arbiter_cmd)
 
     status = commands.add_parser("status", help="show a replica's status (its --admin address)")
-    from ftproxy.shell.admin import build_status_parser
+    from ftproxy.tools.status import build_status_parser
 
     build_status_parser(status)
 
@@ -443,9 +443,9 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
     import arbiter
     from ftproxy.core.records import Policy
     from ftproxy.core.replication import Timing
-    from ftproxy.guest import protocol as p
+    from ftproxy.guest import protocol
     from ftproxy.shell.front.socket import parse_address_map
-    from ftproxy.shell.replica import ReplicaOptions
+    from ftproxy.shell.options import ReplicaOptions
 
     _check_guest_command(args.guest, command)
     secret = _secret(args, command)
@@ -462,7 +462,9 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         timing=timing,
         address_map=parse_address_map(args.map),
         admin=arbiter.parse_address(args.admin) if args.admin else None,
-        policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+        policy=Policy(
+            args.exit_every or protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS
+        ),
         extra_env=_parse_env(args.env),
         packet=_packet_config(args, vip_required=command == "primary"),
         on_role_change=_hook_command(args),
@@ -529,7 +531,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 def _run_replica(command: str, serve: Any, *args: Any) -> int:
     """``trio.run(serve, *args)``; what the flags name unusable at start: one line, exit 5."""
     from ftproxy.guest import _trace
-    from ftproxy.shell.replica import EXIT_STARTUP, StartupError
+    from ftproxy.shell.exits import EXIT_STARTUP, StartupError
 
     _trace.enable(command)
     try:
@@ -581,7 +583,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ftproxy.shell.admin import run_status
+    from ftproxy.tools.status import run_status
 
     return run_status(args)
 
@@ -598,12 +600,13 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 
 def _cmd_record(args: argparse.Namespace) -> int:
     from ftproxy.core.records import Policy
-    from ftproxy.guest import protocol as p
+    from ftproxy.guest import protocol
     from ftproxy.shell.front.socket import parse_address_map
     from ftproxy.shell.record import RecordOptions, record
 
     argv = args.guest
-    from ftproxy.shell.replica import EXIT_STARTUP, StartupError, check_program
+    from ftproxy.shell.checks import check_program
+    from ftproxy.shell.exits import EXIT_STARTUP, StartupError
 
     try:
         _check_guest_command(argv, "record")
@@ -618,7 +621,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
             log_path=args.log,
             argv=argv,
             address_map=parse_address_map(args.map),
-            policy=Policy(args.exit_every or p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS),
+            policy=Policy(
+                args.exit_every or protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS
+            ),
             extra_env=_parse_env(args.env),
             packet=_packet_config(args),
             pins=args.pin,

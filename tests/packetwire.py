@@ -17,7 +17,7 @@ import trio
 
 from ftproxy.guest import protocol as p
 from ftproxy.netstack import NetStack
-from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.sync import Doorbell
 
 CLIENT_MAC = b"\x02\x00\x0a\xc8\x00\x0a"
 CLIENT_IP = "10.200.0.10"

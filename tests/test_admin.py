@@ -1,11 +1,10 @@
-"""The admin endpoint: render_metrics, the h11 server, fetch_status and ``ftproxy status``."""
+"""The admin endpoint: its h11 server (shell.admin); ``ftproxy status`` (tools.status)."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import re
 from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
 from functools import partial
 from typing import Any
@@ -16,18 +15,18 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from ftproxy.shell.admin import (
+from ftproxy.shell.admin import serve_admin
+from ftproxy.shell.metrics import ReplicaMetrics
+from ftproxy.tools.status import (
     AdminUnavailable,
     build_status_parser,
-    escape_label_value,
     fetch,
     fetch_status,
     parse_address,
-    render_metrics,
     render_status,
-    serve_admin,
     status_main,
     watch_status,
 )
@@ -51,13 +50,6 @@ EXAMPLE: dict[str, Any] = {
     "outputs_total": 4100,
     "log_bytes_total": 123456,
 }
-
-# The Prometheus text format, line by line (no HELP lines, no timestamps here).
-METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
-VALUE = r"(?:[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|NaN|[+-]Inf)"
-TYPE_LINE = re.compile(rf"# TYPE ({METRIC_NAME}) (?:counter|gauge)")
-SAMPLE_LINE = re.compile(rf"({METRIC_NAME})(?:\{{{LABEL}(?:,{LABEL})*\}})? {VALUE}")
 
 
 class StatusSource:
@@ -90,8 +82,16 @@ def source() -> StatusSource:
 
 
 @pytest.fixture
-async def admin(nursery: trio.Nursery, source: StatusSource) -> str:
-    port = await nursery.start(serve_admin, "127.0.0.1", 0, source)
+def metrics(source: StatusSource) -> ReplicaMetrics:
+    """A replica's metrics, read from the same status source."""
+    metrics = ReplicaMetrics()
+    metrics.serve_status(source)
+    return metrics
+
+
+@pytest.fixture
+async def admin(nursery: trio.Nursery, source: StatusSource, metrics: ReplicaMetrics) -> str:
+    port = await nursery.start(partial(serve_admin, "127.0.0.1", 0, source, metrics=metrics.render))
     return f"127.0.0.1:{port}"
 
 
@@ -152,89 +152,7 @@ def get(path: str, *extra: str) -> bytes:
     return "\r\n".join(lines).encode()
 
 
-# -- render_metrics ---------------------------------------------------------------
-
-
-def test_render_metrics_flattens_nested_numbers_and_info_leaves() -> None:
-    status = {
-        "role": "backup",
-        "pair": "ftproxy",
-        "generation": 2,
-        "lag": {"entries": 10, "ms": 3.5},
-        "output_rule": True,
-        "peer": {"state": "connected", "address": "127.0.0.1:7100", "silent_ms": 12.0},
-        "requests_total": 4000,
-    }
-    assert render_metrics(status) == (
-        "# TYPE ftproxy_role gauge\n"
-        'ftproxy_role{role="backup"} 1\n'
-        "# TYPE ftproxy_generation gauge\n"
-        "ftproxy_generation 2\n"
-        "# TYPE ftproxy_lag_entries gauge\n"
-        "ftproxy_lag_entries 10\n"
-        "# TYPE ftproxy_lag_ms gauge\n"
-        "ftproxy_lag_ms 3.5\n"
-        "# TYPE ftproxy_output_rule gauge\n"
-        "ftproxy_output_rule 1\n"
-        "# TYPE ftproxy_peer_state gauge\n"
-        'ftproxy_peer_state{state="connected"} 1\n'
-        "# TYPE ftproxy_peer_silent_ms gauge\n"
-        "ftproxy_peer_silent_ms 12.0\n"
-        "# TYPE ftproxy_requests_total counter\n"
-        "ftproxy_requests_total 4000\n"
-    )
-
-
-def test_render_metrics_escapes_label_values() -> None:
-    status = {"role": 'a "b" \\c\nd', "arbiter": {"state": "\\n"}}
-    assert render_metrics(status) == (
-        "# TYPE ftproxy_role gauge\n"
-        'ftproxy_role{role="a \\"b\\" \\\\c\\nd"} 1\n'
-        "# TYPE ftproxy_arbiter_state gauge\n"
-        'ftproxy_arbiter_state{state="\\\\n"} 1\n'
-    )
-    assert escape_label_value('\\"\n') == '\\\\\\"\\n'
-
-
-def test_render_metrics_bools_counters_and_what_it_leaves_out() -> None:
-    status = {
-        "output_rule": False,
-        "healthy": True,
-        "lag": {"bytes_total": 7, "note": "slow"},
-        "pair": "ftproxy",
-        "peers": [1, 2],
-        "guest_pid": None,
-        "peer": {"address": "127.0.0.1:7100", "state": 3},
-    }
-    assert render_metrics(status) == (
-        "# TYPE ftproxy_output_rule gauge\n"
-        "ftproxy_output_rule 0\n"
-        "# TYPE ftproxy_healthy gauge\n"
-        "ftproxy_healthy 1\n"
-        "# TYPE ftproxy_lag_bytes_total counter\n"
-        "ftproxy_lag_bytes_total 7\n"
-        "# TYPE ftproxy_peer_state gauge\n"
-        "ftproxy_peer_state 3\n"
-    )
-
-
-def test_render_metrics_special_floats_names_and_duplicates() -> None:
-    status = {
-        "a": float("nan"),
-        "b": float("inf"),
-        "c": -float("inf"),
-        "lag.ms": 1e-7,
-        "lag": {"ms": 2},  # sanitises to the same name: the first one wins
-        "é": 1,
-    }
-    assert render_metrics(status) == (
-        "# TYPE ftproxy_a gauge\nftproxy_a NaN\n"
-        "# TYPE ftproxy_b gauge\nftproxy_b +Inf\n"
-        "# TYPE ftproxy_c gauge\nftproxy_c -Inf\n"
-        "# TYPE ftproxy_lag_ms gauge\nftproxy_lag_ms 1e-07\n"
-        "# TYPE ftproxy__ gauge\nftproxy__ 1\n"
-    )
-    assert render_metrics({}) == ""
+# -- /metrics of any status ------------------------------------------------------
 
 
 JSON_KEYS = st.sampled_from(["role", "state", "peer", "arbiter", "lag", "x_total"]) | st.text()
@@ -249,19 +167,15 @@ STATUS_MAPPINGS = st.dictionaries(JSON_KEYS, JSON_VALUES, max_size=8)
 
 
 @given(STATUS_MAPPINGS)
-def test_render_metrics_always_speaks_the_text_format(status: dict[str, Any]) -> None:
-    text = render_metrics(status)
-    *lines, last = text.split("\n")
-    assert last == ""
-    declared: set[str] = set()
-    for type_line, sample_line in zip(lines[::2], lines[1::2], strict=True):
-        declaration = TYPE_LINE.fullmatch(type_line)
-        sample = SAMPLE_LINE.fullmatch(sample_line)
-        assert declaration, type_line
-        assert sample, sample_line
-        assert sample[1] == declaration[1]
-        assert declaration[1] not in declared
-        declared.add(declaration[1])
+def test_replica_metrics_always_speak_the_text_format(status: dict[str, Any]) -> None:
+    metrics = ReplicaMetrics()
+    metrics.serve_status(lambda: status)
+    text = metrics.render().decode()
+    names = [family.name for family in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))
+    assert "ftproxy_build_info" in names
+    # A state family is there exactly when the status holds that state as a string.
+    assert ("ftproxy_role" in names) == isinstance(status.get("role"), str)
 
 
 @settings(deadline=None)
@@ -304,12 +218,12 @@ def test_parse_address() -> None:
 # -- the server, through fetch and raw sockets -------------------------------------
 
 
-async def test_status_and_metrics_over_http(admin: str) -> None:
+async def test_status_and_metrics_over_http(admin: str, metrics: ReplicaMetrics) -> None:
     assert await fetch_status(admin) == EXAMPLE
-    metrics = await fetch(admin, "/metrics")
-    assert metrics.status_code == 200
-    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert metrics.body.decode() == render_metrics(EXAMPLE)
+    scraped = await fetch(admin, "/metrics")
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert scraped.body == metrics.render()
     index = await fetch(admin, "/")
     assert index.status_code == 200
     assert b"/status" in index.body
@@ -317,10 +231,19 @@ async def test_status_and_metrics_over_http(admin: str) -> None:
     assert (await fetch(admin, "/status?pretty=1")).status_code == 200
 
 
-async def test_healthz_answers_what_the_health_source_says(nursery: trio.Nursery) -> None:
+async def test_healthz_answers_what_the_health_source_says(
+    nursery: trio.Nursery, metrics: ReplicaMetrics
+) -> None:
     health = [(False, "backup: neither serving nor ready to take over")]
     port = await nursery.start(
-        partial(serve_admin, "127.0.0.1", 0, StatusSource(EXAMPLE), health=lambda: health[-1])
+        partial(
+            serve_admin,
+            "127.0.0.1",
+            0,
+            StatusSource(EXAMPLE),
+            metrics=metrics.render,
+            health=lambda: health[-1],
+        )
     )
     reply = await fetch(f"127.0.0.1:{port}", "/healthz")
     assert (reply.status_code, reply.body) == (
@@ -332,7 +255,9 @@ async def test_healthz_answers_what_the_health_source_says(nursery: trio.Nursery
     assert (reply.status_code, reply.body) == (200, b"live: serving alone\n")
 
 
-async def test_keep_alive_and_pipelining_on_one_connection(admin: str) -> None:
+async def test_keep_alive_and_pipelining_on_one_connection(
+    admin: str, metrics: ReplicaMetrics
+) -> None:
     buffer = bytearray()
     async with await connect(admin) as stream:
         await stream.send_all(get("/status"))
@@ -345,7 +270,7 @@ async def test_keep_alive_and_pipelining_on_one_connection(admin: str) -> None:
     assert first.headers[b"content-type"] == b"application/json"
     assert json.loads(first.body) == EXAMPLE
     assert second.status_line == b"HTTP/1.1 200 OK"
-    assert second.body.decode() == render_metrics(EXAMPLE)
+    assert second.body == metrics.render()
     assert [r.status_line.split()[1] for r in pipelined] == [b"200", b"404", b"200"]
     assert buffer == b""
 

@@ -26,7 +26,7 @@ from arbiter._protocol import (
     Proof,
     Query,
     RemoteProtocolError,
-    Role,
+    Side,
     State,
     TestAndSet,
     Undecided,
@@ -42,11 +42,11 @@ Request = TestAndSet | Query
 
 
 def client(secret: bytes | None = SECRET) -> Connection:
-    return Connection(Role.CLIENT, secret, nonce=NONCE_C if secret else None)
+    return Connection(Side.CLIENT, secret, nonce=NONCE_C if secret else None)
 
 
 def server(secret: bytes | None = SECRET) -> Connection:
-    return Connection(Role.SERVER, secret, nonce=NONCE_S if secret else None)
+    return Connection(Side.SERVER, secret, nonce=NONCE_S if secret else None)
 
 
 def events(conn: Connection, data: bytes = b"") -> list[Event]:

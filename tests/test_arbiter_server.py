@@ -31,7 +31,7 @@ from arbiter import (
     Decision,
     Query,
     RemoteProtocolError,
-    Role,
+    Side,
     StoreCorruptError,
     StoreError,
     TestAndSet,
@@ -86,7 +86,7 @@ class Session:
 
     @classmethod
     async def open(cls, port: int, secret: bytes | None = SECRET) -> Session:
-        session = cls(await trio.open_tcp_stream(LOCAL, port), Connection(Role.CLIENT, secret))
+        session = cls(await trio.open_tcp_stream(LOCAL, port), Connection(Side.CLIENT, secret))
         assert isinstance(await session.next_event(), Authenticated)
         return session
 

@@ -16,8 +16,8 @@ from ftproxy.core.auth import (
     PROOF_SIZE,
     AuthenticationError,
     Handshake,
-    Role,
     SecretFileError,
+    Side,
     load_secret,
 )
 
@@ -34,8 +34,8 @@ def exchange_challenges(client: Handshake, server: Handshake) -> None:
 def pair(
     client_secret: bytes | None = SECRET, server_secret: bytes | None = SECRET
 ) -> tuple[Handshake, Handshake]:
-    client = Handshake(Role.CLIENT, client_secret, context=CONTEXT)
-    server = Handshake(Role.SERVER, server_secret, context=CONTEXT)
+    client = Handshake(Side.CLIENT, client_secret, context=CONTEXT)
+    server = Handshake(Side.SERVER, server_secret, context=CONTEXT)
     return client, server
 
 
@@ -83,8 +83,8 @@ def test_proof_is_bound_to_both_nonces() -> None:
 
 def test_context_separates_protocols() -> None:
     nonce_c, nonce_s = b"c" * NONCE_SIZE, b"s" * NONCE_SIZE
-    client = Handshake(Role.CLIENT, SECRET, context=b"log-channel", nonce=nonce_c)
-    server = Handshake(Role.SERVER, SECRET, context=b"arbiter", nonce=nonce_s)
+    client = Handshake(Side.CLIENT, SECRET, context=b"log-channel", nonce=nonce_c)
+    server = Handshake(Side.SERVER, SECRET, context=b"arbiter", nonce=nonce_s)
     exchange_challenges(client, server)
     with pytest.raises(AuthenticationError):
         server.verify(client.proof())
@@ -94,7 +94,7 @@ def test_fixed_nonces_make_proofs_reproducible() -> None:
     nonce_c, nonce_s = b"c" * NONCE_SIZE, b"s" * NONCE_SIZE
     proofs = []
     for _ in range(2):
-        client = Handshake(Role.CLIENT, SECRET, context=CONTEXT, nonce=nonce_c)
+        client = Handshake(Side.CLIENT, SECRET, context=CONTEXT, nonce=nonce_c)
         client.receive_challenge(nonce_s, True)
         proofs.append(client.proof())
     assert proofs[0] == proofs[1]
@@ -130,7 +130,7 @@ def test_misuse_is_a_runtime_error() -> None:
     with pytest.raises(RuntimeError, match="peer's challenge first"):
         client.proof()
     with pytest.raises(ValueError, match="secret=None"):
-        Handshake(Role.CLIENT, b"", context=CONTEXT)
+        Handshake(Side.CLIENT, b"", context=CONTEXT)
 
 
 @given(st.binary(max_size=64))

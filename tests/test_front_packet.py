@@ -35,7 +35,7 @@ from ftproxy.shell.front.packet import (
     parse_mac,
     wanted,
 )
-from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.sync import Doorbell
 
 VIP = "10.203.0.100"
 VIP_INT = int(ipaddress.IPv4Address(VIP))

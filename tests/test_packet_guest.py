@@ -26,11 +26,11 @@ from ftproxy.core.records import End, Network, Output, Policy
 from ftproxy.log.file import LogWriter, read_log
 from ftproxy.netstack import TcpConnection
 from ftproxy.shell.front import mac_for_ip
-from ftproxy.shell.front.socket import Doorbell
 from ftproxy.shell.guestproc import start_guest
 from ftproxy.shell.record import RecordMode
 from ftproxy.shell.replay import replay
 from ftproxy.shell.supervisor import Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import WorldAnswers, guest_environment, new_header
 from ftproxy.tools.resp import encode_command as resp
 

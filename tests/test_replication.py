@@ -13,7 +13,7 @@ from ftproxy.core.replication import (
     LocalProtocolError,
     OutputGate,
     Replica,
-    Role,
+    ReplicaRole,
     Timing,
 )
 
@@ -21,7 +21,7 @@ TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_byt
 
 
 def primary(now: float = 0.0) -> Replica[str]:
-    return Replica(Role.PRIMARY, now, TIMING)
+    return Replica(ReplicaRole.PRIMARY, now, TIMING)
 
 
 def test_an_output_waits_for_the_ack_of_the_entry_it_follows() -> None:
@@ -57,9 +57,9 @@ def test_winning_releases_every_held_output_and_losing_releases_none() -> None:
         r.handle(Event.PEER_LOST)
         assert r.output(1, "while arbitrating") == []
     assert won.won() == ["held", "while arbitrating"]
-    assert won.role is Role.LIVE and won.output(1, "live") == ["live"]
+    assert won.role is ReplicaRole.LIVE and won.output(1, "live") == ["live"]
     assert lost.lost() == 2
-    assert lost.role is Role.HALTED and lost.output(1, "halted") == []
+    assert lost.role is ReplicaRole.HALTED and lost.output(1, "halted") == []
 
 
 def test_an_ack_after_a_long_silence_releases_nothing() -> None:
@@ -68,7 +68,7 @@ def test_an_ack_after_a_long_silence_releases_nothing() -> None:
     assert r.output(1, "held") == []
     # The primary was stopped for longer than the timeout; the backup may be live.
     assert r.ack_received(1, 1, 0.9) == []
-    assert r.role is Role.ARBITRATING
+    assert r.role is ReplicaRole.ARBITRATING
     assert r.lost() == 1
 
 
@@ -97,7 +97,7 @@ def test_lag_past_the_bound_stops_input_until_the_backup_replays() -> None:
 
 
 def test_transitions_not_in_the_table_are_refused() -> None:
-    for role in Role:
+    for role in ReplicaRole:
         for event in Event:
             r = primary()
             r.role = role
@@ -140,7 +140,7 @@ class PrimaryMachine(RuleBasedStateMachine):
         self.halted_at: int | None = None
 
     def _send(self, outputs: list[int]) -> None:
-        if self.replica.role is Role.HALTED:
+        if self.replica.role is ReplicaRole.HALTED:
             assert outputs == []
         self.sent.extend(outputs)
 
@@ -148,19 +148,19 @@ class PrimaryMachine(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.now += dt
 
-    @precondition(lambda self: self.replica.role is Role.PRIMARY)
+    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY)
     @rule(size=st.integers(1, 400))
     def log_an_entry(self, size: int) -> None:
         self.replica.entry_logged(self.replica.logged + 1, size, self.now)
 
-    @precondition(lambda self: self.replica.role is not Role.HALTED)
+    @precondition(lambda self: self.replica.role is not ReplicaRole.HALTED)
     @rule()
     def emit_an_output(self) -> None:
         ident = len(self.emitted)
         self.emitted.append((self.replica.logged, ident))
         self._send(self.replica.output(self.replica.logged, ident))
 
-    @precondition(lambda self: self.replica.role is Role.PRIMARY and self.replica.logged)
+    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY and self.replica.logged)
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         received = data.draw(st.integers(self.acked, self.replica.logged))
@@ -168,12 +168,12 @@ class PrimaryMachine(RuleBasedStateMachine):
         self.acked = received
         self._send(self.replica.ack_received(received, replayed, self.now))
 
-    @precondition(lambda self: self.replica.role is Role.PRIMARY)
+    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY)
     @rule()
     def lose_the_peer(self) -> None:
         self.replica.handle(Event.PEER_LOST)
 
-    @precondition(lambda self: self.replica.role is Role.ARBITRATING)
+    @precondition(lambda self: self.replica.role is ReplicaRole.ARBITRATING)
     @rule(won=st.booleans())
     def arbiter_answers(self, won: bool) -> None:
         if won:
@@ -186,7 +186,7 @@ class PrimaryMachine(RuleBasedStateMachine):
     def only_acknowledged_or_solo_outputs_left(self) -> None:
         for ident in self.sent:
             seq, _ = self.emitted[ident]
-            assert seq <= self.acked or self.replica.role is Role.LIVE
+            assert seq <= self.acked or self.replica.role is ReplicaRole.LIVE
 
     @invariant()
     def outputs_leave_in_order_and_once(self) -> None:

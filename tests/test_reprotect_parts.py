@@ -14,20 +14,21 @@ from ftproxy.core.replication import (
     CATCH_UP_SLACK_ENTRIES,
     LocalProtocolError,
     Replica,
-    Role,
+    ReplicaRole,
     Timing,
 )
 from ftproxy.guest import protocol as p
 from ftproxy.log.file import read_log
+from ftproxy.shell.arbiter_client import ArbiterClient, generation_key, log_address_of
 from ftproxy.shell.logstore import DataDirError, LogStore, LogStoreError, open_data_dir
-from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, generation_key, log_address_of
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.world import new_header
 
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)
 
 
 def live_with(entries: int) -> Replica[str]:
-    r: Replica[str] = Replica(Role.LIVE, 0.0, TIMING)
+    r: Replica[str] = Replica(ReplicaRole.LIVE, 0.0, TIMING)
     for seq in range(1, entries + 1):
         r.entry_logged(seq, 10, 0.0)
     return r
@@ -62,7 +63,7 @@ def test_once_protected_outputs_wait_for_the_new_backup_again() -> None:
     r.joiner_attached(0.0)
     r.ack_received(3, 1, 0.1)
     r.protect(0.1, [(2, 10), (3, 10)])
-    assert r.role is Role.PRIMARY
+    assert r.role is ReplicaRole.PRIMARY
     assert r.lag(0.1)[:2] == (2, 20)  # the joiner's replay lag, counted from now
     r.entry_logged(4, 10, 0.2)
     assert r.output(4, "held") == []
@@ -83,12 +84,12 @@ def test_a_silent_joiner_is_noticed_and_dropped_the_replica_stays_live() -> None
     r.joiner_attached(1.0)
     assert not r.peer_dead(1.4) and r.peer_dead(1.5)
     r.joiner_detached()
-    assert r.role is Role.LIVE and not r.peer_dead(10.0)
+    assert r.role is ReplicaRole.LIVE and not r.peer_dead(10.0)
     assert r.output(3, "still released") == ["still released"]
 
 
 def test_only_a_live_replica_takes_a_joiner_and_one_at_a_time() -> None:
-    backup: Replica[str] = Replica(Role.BACKUP, 0.0, TIMING)
+    backup: Replica[str] = Replica(ReplicaRole.BACKUP, 0.0, TIMING)
     with pytest.raises(LocalProtocolError):
         backup.joiner_attached(0.0)
     r = live_with(1)

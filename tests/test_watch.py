@@ -16,9 +16,10 @@ import trio.testing
 
 from ftproxy.core.channel import BACKUP, NEED_DATA, PRIMARY, Channel, Heartbeat, Join, Welcome
 from ftproxy.core.records import Header, Policy
-from ftproxy.core.replication import Role, Timing
+from ftproxy.core.replication import ReplicaRole, Timing
 from ftproxy.shell.link import LogLink
-from ftproxy.shell.replica import ReplicaOptions, ReplicaShell
+from ftproxy.shell.options import ReplicaOptions
+from ftproxy.shell.replica import ReplicaShell
 
 TIMING = Timing(heartbeat_s=0.02, peer_timeout_s=0.1)
 HEADER = Header(2, ["kv.py"], {}, "/", "3.11", Policy(200, 1000), 0)
@@ -45,7 +46,7 @@ async def one_stall() -> bool:
     backup, primary = streaming_pair()
     link = LogLink(trio.SocketStream(ours), primary)
     options = ReplicaOptions(argv=["kv.py"], arbiter=("127.0.0.1", 9), secret=None, timing=TIMING)
-    shell = ReplicaShell(options, Role.PRIMARY, link)
+    shell = ReplicaShell(options, ReplicaRole.PRIMARY, link)
     read = trio.Event()
     dead_before_read: list[bool] = []
 

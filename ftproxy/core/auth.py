@@ -57,8 +57,8 @@ __all__ = [
     "PROOF_SIZE",
     "AuthenticationError",
     "Handshake",
-    "Role",
     "SecretFileError",
+    "Side",
     "load_secret",
 ]
 
@@ -72,16 +72,16 @@ FRAME_KEY_SIZE: Final = 32
 _CONTEXT_LENGTH: Final = struct.Struct("!H")
 
 
-class Role(enum.Enum):
+class Side(enum.Enum):
     """Which end of a connection this is: the side that opened it, or the side that accepted it."""
 
     CLIENT = "client"
     SERVER = "server"
 
     @property
-    def peer(self) -> Role:
+    def peer(self) -> Side:
         """The role of the other end."""
-        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
+        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
 
 
 class AuthenticationError(Exception):
@@ -107,7 +107,7 @@ class Handshake:
 
     def __init__(
         self,
-        role: Role,
+        role: Side,
         secret: bytes | None,
         *,
         context: bytes,
@@ -191,7 +191,7 @@ class Handshake:
             info=_KEY_DOMAIN + _CONTEXT_LENGTH.pack(len(self._context)) + self._context,
         ).derive(self._secret)
         client_to_server, server_to_client = material[:FRAME_KEY_SIZE], material[FRAME_KEY_SIZE:]
-        if self.role is Role.CLIENT:
+        if self.role is Side.CLIENT:
             return client_to_server, server_to_client
         return server_to_client, client_to_server
 
@@ -199,11 +199,11 @@ class Handshake:
         """(client nonce, server nonce)."""
         if self._peer_nonce is None:
             raise RuntimeError("a proof needs the peer's challenge first")
-        if self.role is Role.CLIENT:
+        if self.role is Side.CLIENT:
             return self._nonce, self._peer_nonce
         return self._peer_nonce, self._nonce
 
-    def _mac(self, role: Role) -> bytes:
+    def _mac(self, role: Side) -> bytes:
         client_nonce, server_nonce = self._nonces()
         if self._secret is None:
             return b""

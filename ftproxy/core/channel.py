@@ -36,7 +36,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from ftproxy.core.auth import Role
+from ftproxy.core.auth import Side
 from ftproxy.core.records import Entry, Header, Output
 from ftproxy.core.session import (
     NEED_DATA,
@@ -219,10 +219,10 @@ class State(enum.Enum):
     ERROR = enum.auto()
 
 
-BACKUP: Final = Role.CLIENT
-PRIMARY: Final = Role.SERVER
+BACKUP: Final = Side.CLIENT
+PRIMARY: Final = Side.SERVER
 
-_TRANSITIONS: Final[dict[tuple[State, Role, type[Any]], State]] = {
+_TRANSITIONS: Final[dict[tuple[State, Side, type[Any]], State]] = {
     **common_rows(State, authenticated=State.AWAIT_JOIN),
     (State.AWAIT_JOIN, BACKUP, Join): State.AWAIT_WELCOME,
     (State.AWAIT_WELCOME, PRIMARY, Welcome): State.STREAMING,
@@ -254,7 +254,7 @@ class Channel(Session):
 
     def __init__(
         self,
-        role: Role,
+        role: Side,
         secret: bytes | None,
         *,
         max_frame_size: int = MAX_FRAME_SIZE,
@@ -283,5 +283,5 @@ class Channel(Session):
         """The bytes that send ``message``, after any queued opening bytes."""
         return super().send(message)
 
-    def _side(self, role: Role) -> str:
+    def _side(self, role: Side) -> str:
         return "backup" if role is BACKUP else "primary"

@@ -41,7 +41,9 @@ CATCH_UP_SLACK_ENTRIES: Final = 256
 CATCH_UP_THROTTLE_S: Final = 0.005
 
 
-class Role(enum.Enum):
+class ReplicaRole(enum.Enum):
+    """Where a replica stands in the pair (not which end of a connection: that is auth.Side)."""
+
     PRIMARY = "primary"
     BACKUP = "backup"
     ARBITRATING = "arbitrating"
@@ -57,16 +59,16 @@ class Event(enum.Enum):
     PROTECTED = "protected"
 
 
-TRANSITIONS: Final[dict[tuple[Role, Event], Role]] = {
-    (Role.PRIMARY, Event.PEER_LOST): Role.ARBITRATING,
-    (Role.BACKUP, Event.PEER_LOST): Role.ARBITRATING,
-    (Role.ARBITRATING, Event.WON): Role.LIVE,
-    (Role.ARBITRATING, Event.LOST): Role.HALTED,
-    (Role.PRIMARY, Event.HALT): Role.HALTED,
-    (Role.BACKUP, Event.HALT): Role.HALTED,
-    (Role.ARBITRATING, Event.HALT): Role.HALTED,
-    (Role.LIVE, Event.HALT): Role.HALTED,
-    (Role.LIVE, Event.PROTECTED): Role.PRIMARY,
+TRANSITIONS: Final[dict[tuple[ReplicaRole, Event], ReplicaRole]] = {
+    (ReplicaRole.PRIMARY, Event.PEER_LOST): ReplicaRole.ARBITRATING,
+    (ReplicaRole.BACKUP, Event.PEER_LOST): ReplicaRole.ARBITRATING,
+    (ReplicaRole.ARBITRATING, Event.WON): ReplicaRole.LIVE,
+    (ReplicaRole.ARBITRATING, Event.LOST): ReplicaRole.HALTED,
+    (ReplicaRole.PRIMARY, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.BACKUP, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.ARBITRATING, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.LIVE, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.LIVE, Event.PROTECTED): ReplicaRole.PRIMARY,
 }
 
 
@@ -129,13 +131,13 @@ class OutputGate(Generic[T]):
 class Replica(Generic[T]):
     """One replica's replication state; the trio shell feeds it and obeys it."""
 
-    def __init__(self, role: Role, now: float, timing: Timing = Timing()) -> None:
-        if role not in (Role.PRIMARY, Role.BACKUP, Role.LIVE):
+    def __init__(self, role: ReplicaRole, now: float, timing: Timing = Timing()) -> None:
+        if role not in (ReplicaRole.PRIMARY, ReplicaRole.BACKUP, ReplicaRole.LIVE):
             raise LocalProtocolError(
                 f"a replica starts as primary, backup or live, not {role.value}"
             )
-        self.role: Role = role
-        self.was: Role = role
+        self.role: ReplicaRole = role
+        self.was: ReplicaRole = role
         self.timing = timing
         self.gate: OutputGate[T] = OutputGate()
         self.last_heard = now
@@ -151,7 +153,7 @@ class Replica(Generic[T]):
 
     # -- roles ---------------------------------------------------------------
 
-    def handle(self, event: Event) -> Role:
+    def handle(self, event: Event) -> ReplicaRole:
         """Apply ``event`` by the transition table; return the new role."""
         new = TRANSITIONS.get((self.role, event))
         if new is None:
@@ -161,7 +163,7 @@ class Replica(Generic[T]):
 
     @property
     def live(self) -> bool:
-        return self.role is Role.LIVE
+        return self.role is ReplicaRole.LIVE
 
     # -- the primary's side: entries out, acks in, outputs gated -------------
 
@@ -169,18 +171,18 @@ class Replica(Generic[T]):
         if seq != self.logged + 1:
             raise LocalProtocolError(f"entry {seq} logged after {self.logged}")
         self.logged = seq
-        if self.role is Role.PRIMARY:
+        if self.role is ReplicaRole.PRIMARY:
             self._unreplayed.append((seq, now, size))
             self._unreplayed_bytes += size
 
     def output(self, seq: int, output: T) -> list[T]:
         """An output after entry ``seq``: what to send now (it or nothing)."""
-        if self.role is Role.LIVE:
+        if self.role is ReplicaRole.LIVE:
             return [output]
-        if self.role is Role.HALTED:
+        if self.role is ReplicaRole.HALTED:
             return []
         self.gate.hold(seq, output)
-        if self.role is Role.PRIMARY:
+        if self.role is ReplicaRole.PRIMARY:
             return self.gate.ack(self.received)
         return []
 
@@ -191,7 +193,7 @@ class Replica(Generic[T]):
         replica was stopped, or the network was cut) releases nothing: the
         backup may have gone live meanwhile, so the primary must arbitrate first.
         """
-        if self.role is Role.PRIMARY and self.peer_dead(now):
+        if self.role is ReplicaRole.PRIMARY and self.peer_dead(now):
             self.handle(Event.PEER_LOST)
             return []
         self.last_heard = now
@@ -201,7 +203,7 @@ class Replica(Generic[T]):
         self.replayed = max(self.replayed, min(replayed, self.received))
         while self._unreplayed and self._unreplayed[0][0] <= self.replayed:
             self._unreplayed_bytes -= self._unreplayed.popleft()[2]
-        if self.role is Role.PRIMARY:
+        if self.role is ReplicaRole.PRIMARY:
             return self.gate.ack(self.received)
         return []
 
@@ -213,7 +215,7 @@ class Replica(Generic[T]):
 
     def lag_exceeded(self, now: float) -> bool:
         """Past the bound, the primary stops feeding its guest new input."""
-        if self.role is not Role.PRIMARY:
+        if self.role is not ReplicaRole.PRIMARY:
             return False
         _, size, seconds = self.lag(now)
         return seconds > self.timing.max_lag_s or size > self.timing.max_lag_bytes
@@ -255,15 +257,15 @@ class Replica(Generic[T]):
 
     @property
     def _watching(self) -> bool:
-        return self.role in (Role.PRIMARY, Role.BACKUP) or (
-            self.role is Role.LIVE and self.catching_up
+        return self.role in (ReplicaRole.PRIMARY, ReplicaRole.BACKUP) or (
+            self.role is ReplicaRole.LIVE and self.catching_up
         )
 
     # -- re-protection: a live replica takes a new backup -----------------------
 
     def joiner_attached(self, now: float) -> None:
         """A new backup joined: it holds nothing yet; watch its silence from now."""
-        if self.role is not Role.LIVE or self.catching_up:
+        if self.role is not ReplicaRole.LIVE or self.catching_up:
             raise LocalProtocolError(f"a backup cannot join a replica that is {self.role.value}")
         self.catching_up = True
         self.received = 0
@@ -279,7 +281,7 @@ class Replica(Generic[T]):
         """The joiner holds every entry logged so far, and has replayed nearly all of them:
         the pair can be protected."""
         return (
-            self.role is Role.LIVE
+            self.role is ReplicaRole.LIVE
             and self.catching_up
             and self.received >= self.logged
             and self.logged - self.replayed <= CATCH_UP_SLACK_ENTRIES
@@ -288,7 +290,7 @@ class Replica(Generic[T]):
     def catch_up_behind(self) -> bool:
         """A joiner is catching up and its replay is more than the slack behind."""
         return (
-            self.role is Role.LIVE
+            self.role is ReplicaRole.LIVE
             and self.catching_up
             and self.logged - self.replayed > CATCH_UP_SLACK_ENTRIES
         )

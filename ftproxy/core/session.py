@@ -37,7 +37,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
 
 import msgspec
 
-from ftproxy.core.auth import AuthenticationError, Handshake, Role
+from ftproxy.core.auth import AuthenticationError, Handshake, Side
 from ftproxy.core.framing import FrameBuffer, FrameError, frame
 from ftproxy.core.sealing import TAG_SIZE, Opener, Sealer, SealError
 
@@ -104,15 +104,15 @@ class RemoteProtocolError(ProtocolError):
 Kind: TypeAlias = type[Any]
 
 
-def common_rows(state: Any, authenticated: Any) -> dict[tuple[Any, Role, Kind], Any]:
+def common_rows(state: Any, authenticated: Any) -> dict[tuple[Any, Side, Kind], Any]:
     """The rows every table has.
 
     The opening (the client's Hello, the server's Hello and Proof, the client's
     Proof, ending in ``authenticated``); either side may give up (Error) or hang
     up in any live state; after the peer broke the protocol we may still tell it why.
     """
-    client, server = Role.CLIENT, Role.SERVER
-    rows: dict[tuple[Any, Role, Kind], Any] = {
+    client, server = Side.CLIENT, Side.SERVER
+    rows: dict[tuple[Any, Side, Kind], Any] = {
         (state.AWAIT_CLIENT_HELLO, client, Hello): state.AWAIT_SERVER_HELLO,
         (state.AWAIT_SERVER_HELLO, server, Hello): state.AWAIT_SERVER_PROOF,
         (state.AWAIT_SERVER_PROOF, server, Proof): state.AWAIT_CLIENT_PROOF,
@@ -120,10 +120,10 @@ def common_rows(state: Any, authenticated: Any) -> dict[tuple[Any, Role, Kind], 
     }
     live = [s for s in state if s.name not in ("CLOSED", "ERROR")]
     for s in live:
-        for role in Role:
+        for role in Side:
             rows[s, role, Error] = state.CLOSED
             rows[s, role, ConnectionClosed] = state.CLOSED
-    rows.update({(state.ERROR, role, Error): state.CLOSED for role in Role})
+    rows.update({(state.ERROR, role, Error): state.CLOSED for role in Side})
     return rows
 
 
@@ -134,13 +134,13 @@ class Session:
     AUTH_CONTEXT: ClassVar[bytes]
     NAME: ClassVar[str]  # for messages: "log channel", "arbiter protocol"
     State: ClassVar[Any]
-    TRANSITIONS: ClassVar[dict[tuple[Any, Role, Kind], Any]]
+    TRANSITIONS: ClassVar[dict[tuple[Any, Side, Kind], Any]]
     DECODER: ClassVar[msgspec.msgpack.Decoder[Any]]
     _encoder: ClassVar[msgspec.msgpack.Encoder] = msgspec.msgpack.Encoder()
 
     def __init__(
         self,
-        role: Role,
+        role: Side,
         secret: bytes | None,
         *,
         max_frame_size: int,
@@ -155,7 +155,7 @@ class Session:
         self._state = self.State.AWAIT_CLIENT_HELLO
         self._outgoing = bytearray()
         self._error: RemoteProtocolError | None = None
-        if role is Role.CLIENT:
+        if role is Side.CLIENT:
             self._emit(self._hello())
 
     @property
@@ -242,7 +242,7 @@ class Session:
             except AuthenticationError as exc:
                 raise self._fail(f"authentication failed: {exc}") from None
             self._transition(sender, Hello)
-            if self.role is Role.SERVER:
+            if self.role is Side.SERVER:
                 self._emit(self._hello())
                 self._emit(Proof(self._handshake.proof()))
             return None
@@ -252,7 +252,7 @@ class Session:
             except AuthenticationError as exc:
                 raise self._fail(f"authentication failed: {exc}") from None
             self._transition(sender, Proof)
-            if self.role is Role.CLIENT:
+            if self.role is Side.CLIENT:
                 self._emit(Proof(self._handshake.proof()))
             self._opened()
             return Authenticated(secure=self._handshake.secure)
@@ -317,7 +317,7 @@ class Session:
 
     # -- internals -----------------------------------------------------------
 
-    def _side(self, role: Role) -> str:
+    def _side(self, role: Side) -> str:
         return role.value
 
     def _hello(self) -> Hello:
@@ -349,7 +349,7 @@ class Session:
                         return sealed
             raise self._fail(str(exc)) from None
 
-    def _transition(self, sender: Role, kind: Kind) -> None:
+    def _transition(self, sender: Side, kind: Kind) -> None:
         self._state = self.TRANSITIONS[self._state, sender, kind]
 
     def _encode_checked(self, message: Any) -> bytes:

@@ -21,8 +21,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
-from ftproxy.guest import _trace
-from ftproxy.guest import protocol as p
+from ftproxy.guest import _trace, protocol
 
 EXIT_UNSUPPORTED = 3
 
@@ -114,7 +113,7 @@ class GuestSocket(Protocol):
 
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
-_iter_data_index = p.DATA_INDEX.iter_unpack
+_iter_data_index = protocol.DATA_INDEX.iter_unpack
 # Taken before the devices are installed: os._exit becomes a flushing wrapper,
 # os.write one that knows virtual sockets.
 _real_exit = os._exit
@@ -124,14 +123,16 @@ _os_write = os.write
 class Runtime:
     """Instruction counter, virtual clock and the guest end of the pipe."""
 
-    def __init__(self, reply_fd: int = p.REPLY_FD, request_fd: int = p.REQUEST_FD) -> None:
+    def __init__(
+        self, reply_fd: int = protocol.REPLY_FD, request_fd: int = protocol.REQUEST_FD
+    ) -> None:
         self._replies = io.FileIO(reply_fd, "rb", closefd=False)
         self._request_fd = request_fd
         self._frame = bytearray(64 * 1024)
         self.icount = 0
         self._since_exit = 0
-        self.exit_every: int = p.DEFAULT_EXIT_EVERY
-        self.clock_step_ns: int = p.DEFAULT_CLOCK_STEP_NS
+        self.exit_every: int = protocol.DEFAULT_EXIT_EVERY
+        self.clock_step_ns: int = protocol.DEFAULT_CLOCK_STEP_NS
         # The virtual clock (protocol.GuestClock's arithmetic, inline: time.*
         # calls it often): monotonic at the last reply, wall minus monotonic.
         self._mono_base = 0
@@ -146,7 +147,7 @@ class Runtime:
         self.by_fd: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         # Sockets whose unacknowledged output passed half their send buffer.
         self.pressured: set[int] = set()
-        self._next_fd = p.FIRST_GUEST_SOCK
+        self._next_fd = protocol.FIRST_GUEST_SOCK
         self.signal_sink: Callable[[int], None] = _no_signal_sink
         self._pending_signals: list[int] = []
         self._in_exit = False
@@ -188,7 +189,7 @@ class Runtime:
 
     def flush(self) -> None:
         if self._outbox:
-            self._write(p.encode(self._outbox))
+            self._write(protocol.encode(self._outbox))
             self._outbox = []
             self._outbox_bytes = 0
 
@@ -222,14 +223,14 @@ class Runtime:
         """Leave for the supervisor; return the result of its reply."""
         self._in_exit = True
         try:
-            self._outbox.append((p.OP_EXIT, self.icount, kind, args, self.digest))
-            frame = p.encode(self._outbox)
+            self._outbox.append((protocol.OP_EXIT, self.icount, kind, args, self.digest))
+            frame = protocol.encode(self._outbox)
             self._outbox = []
             self._outbox_bytes = 0
             if _trace.stamp is not None:
                 _trace.stamp(_trace.GUEST_WROTE, -1)
             self._write(frame)
-            reply = p.decode_body(self._read_frame())
+            reply = protocol.decode_body(self._read_frame())
             if _trace.stamp is not None:
                 _trace.stamp(_trace.GUEST_WOKE, -1)
         finally:
@@ -245,7 +246,7 @@ class Runtime:
 
     def boot(self) -> tuple[bytes, int, str, Any]:
         """The first exit: learn the pinned policy; return (seed, pid, hostname, network)."""
-        seed, pid, exit_every, clock_step_ns, hostname, network = self.exit(p.KIND_BOOT, ())
+        seed, pid, exit_every, clock_step_ns, hostname, network = self.exit(protocol.KIND_BOOT, ())
         self.exit_every = exit_every
         self.clock_step_ns = clock_step_ns
         return seed, pid, hostname, network
@@ -276,14 +277,14 @@ class Runtime:
 
     def _exit_wait(self, timeout: int, want_in: list[int], want_out: list[int]) -> None:
         index, blob, events = self.exit(
-            p.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured))
+            protocol.KIND_WAIT, (timeout, want_in, want_out, sorted(self.pressured))
         )
         sockets = self.sockets
         offset = 0
         for sid, length in _iter_data_index(index):
             sock = sockets.get(sid)
             if sock is not None:
-                sock._on_event((p.EV_DATA, sid, blob[offset : offset + length]))
+                sock._on_event((protocol.EV_DATA, sid, blob[offset : offset + length]))
             offset += length
         if not events:
             if self.network is not None:
@@ -293,10 +294,10 @@ class Runtime:
         frames: list[bytes] = []
         for event in events:
             tag = event[0]
-            if tag == p.EV_SIGNAL:
+            if tag == protocol.EV_SIGNAL:
                 signals.append(event[1])
                 continue
-            if tag == p.EV_FRAME:
+            if tag == protocol.EV_FRAME:
                 frames.append(event[1])
                 continue
             sock = sockets.get(event[1])
@@ -320,8 +321,8 @@ class Runtime:
         return bool(events)
 
     def _read_frame(self) -> memoryview:
-        header = self._read_exact(p.LENGTH.size)
-        length = p.frame_length(header)
+        header = self._read_exact(protocol.LENGTH.size)
+        length = protocol.frame_length(header)
         return self._read_exact(length)
 
     def _read_exact(self, n: int) -> memoryview:
@@ -365,7 +366,7 @@ class Runtime:
             if "/ftproxy/guest/" not in frame.filename and "runpy" not in frame.filename
         ]
         stack = "".join(traceback.format_list(frames))
-        self._write(p.encode([(p.OP_STACK, stack)]))
+        self._write(protocol.encode([(protocol.OP_STACK, stack)]))
         _real_exit(70)
 
 

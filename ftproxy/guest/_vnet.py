@@ -29,7 +29,7 @@ import socket as _socket
 from collections import deque
 from typing import Any
 
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.guest._runtime import Runtime
 from ftproxy.netstack import NetStack, TcpConnection, TcpListener, TcpState, UdpSocket
 
@@ -97,16 +97,16 @@ class PacketNetwork:
         self._listeners: dict[int, TcpListener] = {}
         self._inert: set[int] = set()  # IPv6 sockets: bound, never connected
         self._udp: dict[int, UdpSocket] = {}
-        self._next_accepted = p.FIRST_ACCEPTED_SOCK
+        self._next_accepted = protocol.FIRST_ACCEPTED_SOCK
 
     # -- requests --------------------------------------------------------------
 
     def request(self, kind: int, args: tuple[Any, ...]) -> Any:
-        if kind == p.KIND_BIND:
+        if kind == protocol.KIND_BIND:
             return self._bind(*args)
-        if kind == p.KIND_LISTEN:
+        if kind == protocol.KIND_LISTEN:
             return self._listen(*args)
-        if kind == p.KIND_CONNECT:
+        if kind == protocol.KIND_CONNECT:
             return self._connect(*args)
         return self._runtime.exit(kind, args)
 
@@ -178,17 +178,17 @@ class PacketNetwork:
     def output(self, message: tuple[Any, ...]) -> None:
         op, sock = message[0], message[1]
         stream = self._streams.get(sock)
-        if op == p.OP_SEND:
+        if op == protocol.OP_SEND:
             if stream is not None and not stream.closing:
                 stream.outbox.append(message[2])
                 self._flush(stream)
-        elif op == p.OP_SENDTO:
+        elif op == protocol.OP_SENDTO:
             udp = self._udp.get(sock)
             if udp is not None:
                 # A datagram that cannot go is dropped, as on a real network.
                 with contextlib.suppress(OSError):
                     udp.sendto(message[2], tuple(message[3]))
-        elif op == p.OP_SHUTDOWN:
+        elif op == protocol.OP_SHUTDOWN:
             if stream is not None and message[2] != _socket.SHUT_RD:
                 stream.shutdown_pending = True
                 self._flush(stream)
@@ -241,7 +241,7 @@ class PacketNetwork:
     def _transmit(self) -> None:
         runtime = self._runtime
         for frame in self.stack.take_frames():
-            runtime.emit((p.OP_FRAME, 0, frame), frame)
+            runtime.emit((protocol.OP_FRAME, 0, frame), frame)
 
     # -- input -----------------------------------------------------------------
 
@@ -270,13 +270,15 @@ class PacketNetwork:
                 conn_id = self._next_accepted
                 self._next_accepted += 1
                 self._streams[conn_id] = _Stream(conn)
-                events.append((p.EV_ACCEPT, sock, conn_id, conn.remote_address, conn.local_address))
+                events.append(
+                    (protocol.EV_ACCEPT, sock, conn_id, conn.remote_address, conn.local_address)
+                )
         for sock, stream in self._streams.items():
             if not stream.closing:
                 self._stream_events(sock, stream, sockets.get(sock), events)
         for sock, udp in self._udp.items():
             while (datagram := udp.recvfrom()) is not None:
-                events.append((p.EV_DGRAM, sock, datagram[0], datagram[1]))
+                events.append((protocol.EV_DGRAM, sock, datagram[0], datagram[1]))
         self._transmit()
         return events
 
@@ -286,7 +288,7 @@ class PacketNetwork:
         conn = stream.conn
         if stream.written > stream.written_reported:
             stream.written_reported = stream.written
-            events.append((p.EV_SENT, sock, stream.written))
+            events.append((protocol.EV_SENT, sock, stream.written))
         # Input stays in the stack until the socket's own buffer is empty, so a
         # slow reader closes the TCP window instead of growing the guest's memory.
         if vsock is None or not vsock._wants_input():
@@ -294,17 +296,17 @@ class PacketNetwork:
             blocked = vsock is not None and vsock._write_blocked()
             if conn.error and blocked and not stream.reset_reported:
                 stream.reset_reported = True
-                events.append((p.EV_RESET, sock, conn.error))
+                events.append((protocol.EV_RESET, sock, conn.error))
             return
         try:
-            data = conn.recv(p.RECV_CHUNK)
+            data = conn.recv(protocol.RECV_CHUNK)
         except OSError as exc:
             if not stream.reset_reported:
                 stream.reset_reported = True
-                events.append((p.EV_RESET, sock, exc.errno or errno.ECONNRESET))
+                events.append((protocol.EV_RESET, sock, exc.errno or errno.ECONNRESET))
             return
         if data:
-            events.append((p.EV_DATA, sock, data))
+            events.append((protocol.EV_DATA, sock, data))
         elif data is not None and not stream.eof_reported:
             stream.eof_reported = True
-            events.append((p.EV_EOF, sock))
+            events.append((protocol.EV_EOF, sock))

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.guest._runtime import Runtime, UnsupportedInGuest
 
 _real_socket_class = _socket.socket
@@ -199,25 +199,25 @@ class VirtualSocket:
             self._state == "connected"
             and self._pair is None
             and not self._reset
-            and self._sent - self._written >= p.SEND_BUFFER
+            and self._sent - self._written >= protocol.SEND_BUFFER
         )
 
     def _on_event(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
-        if kind == p.EV_DATA:
+        if kind == protocol.EV_DATA:
             self._rbuf += event[2]
-        elif kind == p.EV_ACCEPT:
+        elif kind == protocol.EV_ACCEPT:
             self._accepts.append((event[2], event[3], event[4]))
-        elif kind == p.EV_SENT:
+        elif kind == protocol.EV_SENT:
             self._written = event[2]
-            if self._sent - self._written < p.SEND_BUFFER // 2:
+            if self._sent - self._written < protocol.SEND_BUFFER // 2:
                 _runtime.pressured.discard(self.wire_id)
-        elif kind == p.EV_EOF:
+        elif kind == protocol.EV_EOF:
             self._eof = True
-        elif kind == p.EV_RESET:
+        elif kind == protocol.EV_RESET:
             self._reset = event[2]
             _runtime.pressured.discard(self.wire_id)
-        elif kind == p.EV_DGRAM:
+        elif kind == protocol.EV_DGRAM:
             self._dgrams.append((event[2], event[3]))
 
     def _readable_now(self) -> bool:
@@ -235,8 +235,8 @@ class VirtualSocket:
         if self._reset or self._shut_wr:
             return True  # the send fails at once, which is what a writer must learn
         if self._pair is not None:
-            return self._pair._closed or len(self._pair._rbuf) < p.SEND_BUFFER
-        return self._sent - self._written < p.SEND_BUFFER
+            return self._pair._closed or len(self._pair._rbuf) < protocol.SEND_BUFFER
+        return self._sent - self._written < protocol.SEND_BUFFER
 
     def _error_now(self) -> bool:
         return bool(self._reset)
@@ -290,7 +290,9 @@ class VirtualSocket:
         if self._state != "new":
             raise _os_error(_errno.EINVAL)
         addr = self._normalize(address)
-        code, bound = _runtime.request(p.KIND_BIND, (self.wire_id, self._family, self._type, addr))
+        code, bound = _runtime.request(
+            protocol.KIND_BIND, (self.wire_id, self._family, self._type, addr)
+        )
         if code:
             raise _os_error(code)
         self._local = bound
@@ -306,7 +308,7 @@ class VirtualSocket:
             return
         if self._state == "new":
             self.bind(("", 0))
-        code = _runtime.request(p.KIND_LISTEN, (self.wire_id, backlog))
+        code = _runtime.request(protocol.KIND_LISTEN, (self.wire_id, backlog))
         if code:
             raise _os_error(code)
         self._state = "listening"
@@ -354,7 +356,7 @@ class VirtualSocket:
             return _errno.EINVAL
         timeout = -1 if self._timeout is None or self._timeout == 0 else int(self._timeout * 1e9)
         code, local, peer = _runtime.request(
-            p.KIND_CONNECT, (self.wire_id, self._family, addr, timeout)
+            protocol.KIND_CONNECT, (self.wire_id, self._family, addr, timeout)
         )
         if code:
             return int(code)
@@ -449,16 +451,16 @@ class VirtualSocket:
         if pair is not None:
             if pair._closed:
                 raise _os_error(_errno.EPIPE)
-            room = p.SEND_BUFFER - len(pair._rbuf)
+            room = protocol.SEND_BUFFER - len(pair._rbuf)
             chunk = payload[:room]
             pair._rbuf += chunk
             return len(chunk)
-        room = p.SEND_BUFFER - (self._sent - self._written)
+        room = protocol.SEND_BUFFER - (self._sent - self._written)
         chunk = payload if len(payload) <= room else payload[:room]
         if chunk:
             self._sent += len(chunk)
-            _runtime.socket_output((p.OP_SEND, self.wire_id, chunk), chunk)
-            if self._sent - self._written >= p.SEND_BUFFER // 2:
+            _runtime.socket_output((protocol.OP_SEND, self.wire_id, chunk), chunk)
+            if self._sent - self._written >= protocol.SEND_BUFFER // 2:
                 _runtime.pressured.add(self.wire_id)
         return len(chunk)
 
@@ -488,7 +490,7 @@ class VirtualSocket:
         if self._state == "new":
             self.bind(("", 0))
         payload = bytes(data)
-        _runtime.socket_output((p.OP_SENDTO, self.wire_id, payload, address), payload)
+        _runtime.socket_output((protocol.OP_SENDTO, self.wire_id, payload, address), payload)
         return len(payload)
 
     # -- ending ------------------------------------------------------------
@@ -506,7 +508,7 @@ class VirtualSocket:
                 self._pair._eof = True
                 return
         if self._pair is None:
-            _runtime.socket_output((p.OP_SHUTDOWN, self.wire_id, how))
+            _runtime.socket_output((protocol.OP_SHUTDOWN, self.wire_id, how))
 
     def close(self) -> None:
         _runtime.tick()
@@ -531,10 +533,10 @@ class VirtualSocket:
         # Connections queued for accept() that the program never took go with
         # their listener, as in a kernel (else their clients would wait forever).
         while self._accepts:
-            _runtime.socket_output((p.OP_CLOSE, self._accepts.popleft()[0]))
+            _runtime.socket_output((protocol.OP_CLOSE, self._accepts.popleft()[0]))
         if _runtime.sockets.pop(self.wire_id, None) is not None:
             _runtime.pressured.discard(self.wire_id)
-            _runtime.socket_output((p.OP_CLOSE, self.wire_id))
+            _runtime.socket_output((protocol.OP_CLOSE, self.wire_id))
 
     def detach(self) -> int:
         raise UnsupportedInGuest(
@@ -633,7 +635,7 @@ class VirtualSocket:
         if level == _socket.SOL_SOCKET and optname == _socket.SO_TYPE:
             return self._type
         if level == _socket.SOL_SOCKET and optname == _socket.SO_SNDBUF:
-            return p.SEND_BUFFER
+            return protocol.SEND_BUFFER
         value = self._options.get((level, optname), 0)
         if buflen is not None:
             return value if isinstance(value, bytes) else bytes(buflen)
@@ -798,7 +800,7 @@ def getaddrinfo(
     if hosts and isinstance(port, int):
         return _addrinfo_list(hosts, port, family, type, proto)
     code, result = _runtime.exit(
-        p.KIND_RESOLVE, ("getaddrinfo", (host, port, family, type, proto, flags))
+        protocol.KIND_RESOLVE, ("getaddrinfo", (host, port, family, type, proto, flags))
     )
     if code:
         raise _socket.gaierror(code, result)
@@ -831,7 +833,7 @@ def gethostbyname(host: str) -> str:
 
 def gethostbyaddr(address: str) -> tuple[str, list[str], list[str]]:
     _runtime.tick()
-    code, result = _runtime.exit(p.KIND_RESOLVE, ("gethostbyaddr", (address,)))
+    code, result = _runtime.exit(protocol.KIND_RESOLVE, ("gethostbyaddr", (address,)))
     if code:
         raise _socket.herror(code, result)
     name, aliases, addresses = result

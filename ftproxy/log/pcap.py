@@ -35,7 +35,7 @@ from scapy.packet import Raw
 from scapy.utils import PcapWriter
 
 from ftproxy.core.records import Entry, Output, Record
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.log.file import LogContents
 from ftproxy.log.view import (
     ROLE_BOUND,
@@ -226,7 +226,7 @@ class _PcapBuilder:
         if stream is None:
             guest = _placeholder(4, PLACEHOLDER_GUEST, sock)
             peer = _placeholder(4, PLACEHOLDER_PEER, sock)
-            self._open_stream(sock, guest, peer, guest_connects=sock < p.FIRST_ACCEPTED_SOCK)
+            self._open_stream(sock, guest, peer, guest_connects=sock < protocol.FIRST_ACCEPTED_SOCK)
             stream = self._streams[sock]
         return None if stream.reset else stream
 
@@ -288,9 +288,9 @@ class _PcapBuilder:
         """Packets for one entry whose reply decoded."""
         self._now_ns = reply.wall_ns
         self._wall_by_seq[entry.seq] = reply.wall_ns
-        if entry.kind == p.KIND_CONNECT:
+        if entry.kind == protocol.KIND_CONNECT:
             self._connected(index, reply.result)
-        elif entry.kind == p.KIND_WAIT:
+        elif entry.kind == protocol.KIND_WAIT:
             for event in reply.result:
                 self._event(tuple(event))
 
@@ -305,35 +305,35 @@ class _PcapBuilder:
 
     def _event(self, event: tuple[Any, ...]) -> None:
         code = event[0]
-        if code == p.EV_ACCEPT:
+        if code == protocol.EV_ACCEPT:
             _, _listener, conn, peer_address, local_address = event
             peer, guest = endpoint_from(peer_address), endpoint_from(local_address)
             if peer is not None and guest is not None and conn not in self._streams:
                 self._open_stream(conn, guest, peer, guest_connects=False)
-        elif code == p.EV_DATA:
+        elif code == protocol.EV_DATA:
             self._send_data(event[1], event[2], from_guest=False)
-        elif code == p.EV_EOF:
+        elif code == protocol.EV_EOF:
             self._finish(event[1], from_guest=False)
-        elif code == p.EV_RESET:
+        elif code == protocol.EV_RESET:
             self._reset(event[1])
-        elif code == p.EV_DGRAM:
+        elif code == protocol.EV_DGRAM:
             self._datagram_in(event[1], event[2], event[3])
 
     def output(self, output: Output) -> None:
         """Packets for one output, at the wall clock of the entry it follows."""
         self._now_ns = self._wall_by_seq.get(output.seq, self._now_ns)
-        if output.op == p.OP_SEND:
+        if output.op == protocol.OP_SEND:
             self._send_data(output.sock, output.data, from_guest=True)
-        elif output.op == p.OP_SENDTO:
+        elif output.op == protocol.OP_SENDTO:
             self._datagram_out(output.sock, output.data, output.extra)
         elif self._ends_guest_sending(output):
             self._finish(output.sock, from_guest=True)
 
     def _ends_guest_sending(self, output: Output) -> bool:
         """A shutdown for writing, or the close of a TCP stream."""
-        if output.op == p.OP_SHUTDOWN:
+        if output.op == protocol.OP_SHUTDOWN:
             return output.extra in _SHUTDOWN_STOPS_SENDING
-        return output.op == p.OP_CLOSE and output.sock in self._streams
+        return output.op == protocol.OP_CLOSE and output.sock in self._streams
 
     def stats(self) -> PcapStats:
         return PcapStats(
@@ -397,9 +397,11 @@ def logged_frames(records: Sequence[Record], replies: dict[int, Reply]) -> list[
         if isinstance(record, Entry) and index in replies:
             reply = replies[index]
             wall_by_seq[record.seq] = reply.wall_ns
-            if record.kind == p.KIND_WAIT:
-                frames += [(reply.wall_ns, True, e[1]) for e in reply.result if e[0] == p.EV_FRAME]
-        elif isinstance(record, Output) and record.op == p.OP_FRAME:
+            if record.kind == protocol.KIND_WAIT:
+                frames += [
+                    (reply.wall_ns, True, e[1]) for e in reply.result if e[0] == protocol.EV_FRAME
+                ]
+        elif isinstance(record, Output) and record.op == protocol.OP_FRAME:
             frames.append((wall_by_seq.get(record.seq), False, record.data))
     return frames
 

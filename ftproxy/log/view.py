@@ -31,9 +31,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from ftproxy.core.records import End, Entry, Network, Output, Record, encode_record
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.log.file import MAGIC, LogContents
-from ftproxy.netstack import packets as pk
+from ftproxy.netstack import packets
 
 Address = tuple[Any, ...]
 _Parsed = TypeVar("_Parsed")
@@ -92,14 +92,14 @@ def _is_bytes(value: Any) -> bool:
 
 # Each event's fields after its code, as checks.
 _EVENT_FIELDS: Final[dict[int, tuple[Callable[[Any], bool], ...]]] = {
-    p.EV_ACCEPT: (_is_int, _is_int, _is_address, _is_address),
-    p.EV_DATA: (_is_int, _is_bytes),
-    p.EV_EOF: (_is_int,),
-    p.EV_RESET: (_is_int, _is_int),
-    p.EV_SENT: (_is_int, _is_int),
-    p.EV_DGRAM: (_is_int, _is_bytes, _is_address),
-    p.EV_SIGNAL: (_is_int,),
-    p.EV_FRAME: (_is_bytes,),
+    protocol.EV_ACCEPT: (_is_int, _is_int, _is_address, _is_address),
+    protocol.EV_DATA: (_is_int, _is_bytes),
+    protocol.EV_EOF: (_is_int,),
+    protocol.EV_RESET: (_is_int, _is_int),
+    protocol.EV_SENT: (_is_int, _is_int),
+    protocol.EV_DGRAM: (_is_int, _is_bytes, _is_address),
+    protocol.EV_SIGNAL: (_is_int,),
+    protocol.EV_FRAME: (_is_bytes,),
 }
 
 
@@ -164,12 +164,12 @@ def _is_resolve_result(result: Any) -> bool:
 
 
 _RESULT_CHECKS: Final[dict[int, Callable[[Any], bool]]] = {
-    p.KIND_BOOT: _is_boot_result,
-    p.KIND_WAIT: _is_wait_result,
-    p.KIND_BIND: _is_bind_result,
-    p.KIND_LISTEN: _is_int,
-    p.KIND_CONNECT: _is_connect_result,
-    p.KIND_RESOLVE: _is_resolve_result,
+    protocol.KIND_BOOT: _is_boot_result,
+    protocol.KIND_WAIT: _is_wait_result,
+    protocol.KIND_BIND: _is_bind_result,
+    protocol.KIND_LISTEN: _is_int,
+    protocol.KIND_CONNECT: _is_connect_result,
+    protocol.KIND_RESOLVE: _is_resolve_result,
 }
 
 
@@ -180,10 +180,10 @@ def _short_repr(value: Any) -> str:
 
 def kind_name(kind: int) -> str:
     """The name of an exit kind (``kind7`` for one the protocol does not define)."""
-    return p.KIND_NAMES.get(kind, f"kind{kind}")
+    return protocol.KIND_NAMES.get(kind, f"kind{kind}")
 
 
-def decode_reply(entry: Entry, clock: p.GuestClock) -> Reply:
+def decode_reply(entry: Entry, clock: protocol.GuestClock) -> Reply:
     """Decode ``entry.reply`` and check that its result fits the entry's kind.
 
     ``clock`` is the guest's clock as the replies before this one set it; the
@@ -196,20 +196,20 @@ def decode_reply(entry: Entry, clock: p.GuestClock) -> Reply:
     of what they get (events are tuples of the documented arity and types).
     """
     try:
-        value = p.decode_body(entry.reply)
-    except p.ProtocolError as exc:
+        value = protocol.decode_body(entry.reply)
+    except protocol.ProtocolError as exc:
         raise UndecodableReply(str(exc)) from None
     try:
-        mono_gain, wall_shift, result = p.split_reply(value)
-    except p.ProtocolError:
+        mono_gain, wall_shift, result = protocol.split_reply(value)
+    except protocol.ProtocolError:
         raise UndecodableReply(
             f"not a (mono_gain, result[, wall_shift]) reply: {_short_repr(value)}"
         ) from None
     clock.apply(entry.icount, mono_gain, wall_shift)
-    if entry.kind == p.KIND_WAIT:
+    if entry.kind == protocol.KIND_WAIT:
         try:
-            result = p.wait_events(result)
-        except p.ProtocolError as exc:
+            result = protocol.wait_events(result)
+        except protocol.ProtocolError as exc:
             raise UndecodableReply(f"not a wait result ({exc}): {_short_repr(result)}") from None
     check = _RESULT_CHECKS.get(entry.kind)
     if check is not None and not check(result):
@@ -223,7 +223,7 @@ def decode_replies(records: Sequence[Record], clock_step_ns: int) -> dict[int, R
     Replies carry clock deltas: times are exact from the start of a log, and
     after an undecodable reply they miss what its deltas would have added.
     """
-    clock = p.GuestClock(clock_step_ns)
+    clock = protocol.GuestClock(clock_step_ns)
     replies: dict[int, Reply] = {}
     for index, record in enumerate(records):
         if isinstance(record, Entry):
@@ -272,17 +272,17 @@ _USE_STREAM: Final = "stream"
 _USE_DATAGRAM: Final = "datagram"
 
 _EVENT_USE: Final = {
-    p.EV_DATA: _USE_STREAM,
-    p.EV_EOF: _USE_STREAM,
-    p.EV_RESET: _USE_STREAM,
-    p.EV_SENT: _USE_STREAM,
-    p.EV_DGRAM: _USE_DATAGRAM,
+    protocol.EV_DATA: _USE_STREAM,
+    protocol.EV_EOF: _USE_STREAM,
+    protocol.EV_RESET: _USE_STREAM,
+    protocol.EV_SENT: _USE_STREAM,
+    protocol.EV_DGRAM: _USE_DATAGRAM,
 }
 _OUTPUT_USE: Final = {
-    p.OP_SEND: _USE_STREAM,
-    p.OP_SHUTDOWN: _USE_STREAM,
-    p.OP_SENDTO: _USE_DATAGRAM,
-    p.OP_CLOSE: _USE_ANY,
+    protocol.OP_SEND: _USE_STREAM,
+    protocol.OP_SHUTDOWN: _USE_STREAM,
+    protocol.OP_SENDTO: _USE_DATAGRAM,
+    protocol.OP_CLOSE: _USE_ANY,
 }
 _ROLES_FOR_USE: Final = {
     _USE_ANY: {ROLE_BOUND, ROLE_LISTENER, ROLE_STREAM},
@@ -293,16 +293,16 @@ _ROLES_FOR_USE: Final = {
 
 
 def _is_guest_created(sock: int) -> bool:
-    return p.FIRST_GUEST_SOCK <= sock < p.FIRST_ACCEPTED_SOCK
+    return protocol.FIRST_GUEST_SOCK <= sock < protocol.FIRST_ACCEPTED_SOCK
 
 
 def _socket_uses(record: Record, reply: Reply | None) -> Iterator[tuple[int, str]]:
     """The sockets ``record`` names, each with how it uses it."""
     if isinstance(record, Output):
         yield record.sock, _OUTPUT_USE.get(record.op, _USE_ANY)
-    elif isinstance(record, Entry) and record.kind == p.KIND_WAIT and reply is not None:
+    elif isinstance(record, Entry) and record.kind == protocol.KIND_WAIT and reply is not None:
         for event in reply.result:
-            if event[0] == p.EV_ACCEPT:
+            if event[0] == protocol.EV_ACCEPT:
                 yield event[1], _USE_LISTENER
             elif event[0] in _EVENT_USE:
                 yield event[1], _EVENT_USE[event[0]]
@@ -370,11 +370,11 @@ def _set_up_sockets(records: Sequence[Record], replies: dict[int, Reply]) -> lis
         if not isinstance(record, Entry) or index not in replies:
             continue
         result = replies[index].result
-        if record.kind == p.KIND_BIND and result[0] == 0:
+        if record.kind == protocol.KIND_BIND and result[0] == 0:
             set_ups.bind(index, result[1])
-        elif record.kind == p.KIND_LISTEN:
+        elif record.kind == protocol.KIND_LISTEN:
             set_ups.listen(index, ok=result == 0)
-        elif record.kind == p.KIND_CONNECT and result[0] == 0:
+        elif record.kind == protocol.KIND_CONNECT and result[0] == 0:
             set_ups.connect(index, result[1], result[2])
     return set_ups.sockets
 
@@ -504,17 +504,17 @@ _GAI_ERROR_NAMES: Final = {
 _ETHERTYPE_NAMES: Final = {0x86DD: "IPv6", 0x8100: "802.1Q", 0x88CC: "LLDP"}
 # TCP flag letters in scapy's order, as Wireshark users see them in ``[SA]``.
 _TCP_FLAG_LETTERS: Final = (
-    (pk.TCP_FIN, "F"),
-    (pk.TCP_SYN, "S"),
-    (pk.TCP_RST, "R"),
-    (pk.TCP_PSH, "P"),
-    (pk.TCP_ACK, "A"),
-    (pk.TCP_URG, "U"),
+    (packets.TCP_FIN, "F"),
+    (packets.TCP_SYN, "S"),
+    (packets.TCP_RST, "R"),
+    (packets.TCP_PSH, "P"),
+    (packets.TCP_ACK, "A"),
+    (packets.TCP_URG, "U"),
 )
 _ICMP_TYPE_NAMES: Final = {
-    pk.ICMP_ECHO_REPLY: "echo reply",
-    pk.ICMP_ECHO_REQUEST: "echo request",
-    pk.ICMP_DEST_UNREACH: "unreachable",
+    packets.ICMP_ECHO_REPLY: "echo reply",
+    packets.ICMP_ECHO_REQUEST: "echo request",
+    packets.ICMP_DEST_UNREACH: "unreachable",
     11: "time exceeded",
 }
 _ICMP_UNREACHABLE_NAMES: Final = {0: "net", 1: "host", 2: "protocol", 3: "port", 4: "frag-needed"}
@@ -530,12 +530,12 @@ class DecodedFrame:
     """
 
     size: int
-    ethernet: pk.EthernetHeader | None
-    arp: pk.ArpPacket | None = None
-    ipv4: pk.Ipv4Header | None = None
-    tcp: pk.TcpSegment | None = None
-    udp: pk.UdpDatagram | None = None
-    icmp: pk.IcmpEcho | None = None
+    ethernet: packets.EthernetHeader | None
+    arp: packets.ArpPacket | None = None
+    ipv4: packets.Ipv4Header | None = None
+    tcp: packets.TcpSegment | None = None
+    udp: packets.UdpDatagram | None = None
+    icmp: packets.IcmpEcho | None = None
     bad_checksums: tuple[str, ...] = ()
 
     @property
@@ -552,7 +552,7 @@ def _with_checksum(data: bytes, offset: int, initial: int = 0) -> bytes:
     if len(data) < offset + 2:
         return data
     blank = data[:offset] + b"\x00\x00" + data[offset + 2 :]
-    return data[:offset] + pk.checksum(blank, initial).to_bytes(2, "big") + data[offset + 2 :]
+    return data[:offset] + packets.checksum(blank, initial).to_bytes(2, "big") + data[offset + 2 :]
 
 
 def _parse_noting_checksum(
@@ -579,40 +579,40 @@ def _fix_ipv4_checksum(packet: bytes) -> bytes:
 def decode_frame(frame: bytes) -> DecodedFrame:
     """Decode an Ethernet frame's ARP, IPv4, TCP, UDP or ICMP layers; never raises."""
     size = len(frame)
-    ethernet = pk.parse_ethernet(frame)
+    ethernet = packets.parse_ethernet(frame)
     if ethernet is None:
         return DecodedFrame(size, None)
-    body = bytes(frame[pk.ETH_HEADER_LEN :])
-    if ethernet.ethertype == pk.ETHERTYPE_ARP:
-        return DecodedFrame(size, ethernet, arp=pk.parse_arp(body))
-    if ethernet.ethertype != pk.ETHERTYPE_IPV4:
+    body = bytes(frame[packets.ETH_HEADER_LEN :])
+    if ethernet.ethertype == packets.ETHERTYPE_ARP:
+        return DecodedFrame(size, ethernet, arp=packets.parse_arp(body))
+    if ethernet.ethertype != packets.ETHERTYPE_IPV4:
         return DecodedFrame(size, ethernet)
     bad: list[str] = []
-    ip = _parse_noting_checksum(pk.parse_ipv4, body, _fix_ipv4_checksum, "IP", bad)
+    ip = _parse_noting_checksum(packets.parse_ipv4, body, _fix_ipv4_checksum, "IP", bad)
     if ip is None or ip.is_fragment:
         return DecodedFrame(size, ethernet, ipv4=ip, bad_checksums=tuple(bad))
     segment = body[ip.header_len : ip.total_len]
     tcp = udp = icmp = None
-    if ip.proto == pk.IPPROTO_TCP:
-        pseudo = pk.pseudo_header_sum(ip.src, ip.dst, pk.IPPROTO_TCP, len(segment))
+    if ip.proto == packets.IPPROTO_TCP:
+        pseudo = packets.pseudo_header_sum(ip.src, ip.dst, packets.IPPROTO_TCP, len(segment))
         tcp = _parse_noting_checksum(
-            lambda data: pk.parse_tcp(data, ip.src, ip.dst),
+            lambda data: packets.parse_tcp(data, ip.src, ip.dst),
             segment,
             lambda data: _with_checksum(data, 16, pseudo),
             "TCP",
             bad,
         )
-    elif ip.proto == pk.IPPROTO_UDP:
+    elif ip.proto == packets.IPPROTO_UDP:
         udp = _parse_noting_checksum(
-            lambda data: pk.parse_udp(data, ip.src, ip.dst),
+            lambda data: packets.parse_udp(data, ip.src, ip.dst),
             segment,
             lambda data: data[:6] + b"\x00\x00" + data[8:],  # zero: "no checksum"
             "UDP",
             bad,
         )
-    elif ip.proto == pk.IPPROTO_ICMP:
+    elif ip.proto == packets.IPPROTO_ICMP:
         icmp = _parse_noting_checksum(
-            pk.parse_icmp_echo, segment, lambda data: _with_checksum(data, 2), "ICMP", bad
+            packets.parse_icmp_echo, segment, lambda data: _with_checksum(data, 2), "ICMP", bad
         )
     return DecodedFrame(size, ethernet, None, ip, tcp, udp, icmp, tuple(bad))
 
@@ -622,19 +622,19 @@ def _payload_text(data: bytes, data_preview: int) -> str:
     return f"{text} {preview_bytes(data, data_preview)}" if data_preview > 0 and data else text
 
 
-def _describe_arp(arp: pk.ArpPacket | None) -> str:
+def _describe_arp(arp: packets.ArpPacket | None) -> str:
     if arp is None:
         return "ARP <malformed>"
-    sender, target = pk.int_to_ip(arp.sender_ip), pk.int_to_ip(arp.target_ip)
-    if arp.op == pk.ARP_REQUEST:
+    sender, target = packets.int_to_ip(arp.sender_ip), packets.int_to_ip(arp.target_ip)
+    if arp.op == packets.ARP_REQUEST:
         gratuitous = " (gratuitous)" if arp.sender_ip == arp.target_ip else ""
         return f"ARP who-has {target} tell {sender}{gratuitous}"
-    if arp.op == pk.ARP_REPLY:
-        return f"ARP {sender} is-at {pk.mac_to_str(arp.sender_mac)}"
+    if arp.op == packets.ARP_REPLY:
+        return f"ARP {sender} is-at {packets.mac_to_str(arp.sender_mac)}"
     return f"ARP op={arp.op} {sender} > {target}"
 
 
-def _describe_tcp(tcp: pk.TcpSegment, src: str, dst: str, data_preview: int) -> str:
+def _describe_tcp(tcp: packets.TcpSegment, src: str, dst: str, data_preview: int) -> str:
     flags = "".join(letter for bit, letter in _TCP_FLAG_LETTERS if tcp.flags & bit)
     text = f"TCP {src}:{tcp.src_port} > {dst}:{tcp.dst_port} [{flags}] seq={tcp.seq}"
     if tcp.has_ack:
@@ -647,11 +647,11 @@ def _describe_tcp(tcp: pk.TcpSegment, src: str, dst: str, data_preview: int) -> 
     return text
 
 
-def _describe_icmp(icmp: pk.IcmpEcho, src: str, dst: str) -> str:
+def _describe_icmp(icmp: packets.IcmpEcho, src: str, dst: str) -> str:
     name = _ICMP_TYPE_NAMES.get(icmp.type, f"type={icmp.type} code={icmp.code}")
-    if icmp.type in (pk.ICMP_ECHO_REQUEST, pk.ICMP_ECHO_REPLY):
+    if icmp.type in (packets.ICMP_ECHO_REQUEST, packets.ICMP_ECHO_REPLY):
         return f"ICMP {src} > {dst} {name} id={icmp.ident} seq={icmp.seq} len={len(icmp.payload)}"
-    if icmp.type == pk.ICMP_DEST_UNREACH:
+    if icmp.type == packets.ICMP_DEST_UNREACH:
         name = f"{_ICMP_UNREACHABLE_NAMES.get(icmp.code, f'code={icmp.code}')} {name}"
     return f"ICMP {src} > {dst} {name}"
 
@@ -660,22 +660,22 @@ def _describe_ipv4(frame: DecodedFrame, data_preview: int) -> str:
     ip = frame.ipv4
     if ip is None:
         return "IPv4 <malformed>"
-    src, dst = pk.int_to_ip(ip.src), pk.int_to_ip(ip.dst)
+    src, dst = packets.int_to_ip(ip.src), packets.int_to_ip(ip.dst)
     if ip.is_fragment:
-        offset = (ip.flags_fragment & pk.IP_OFFSET_MASK) * 8
-        more = " more" if ip.flags_fragment & pk.IP_FLAG_MF else ""
+        offset = (ip.flags_fragment & packets.IP_OFFSET_MASK) * 8
+        more = " more" if ip.flags_fragment & packets.IP_FLAG_MF else ""
         return f"IPv4 {src} > {dst} fragment proto={ip.proto} id={ip.ident} offset={offset}{more}"
-    if ip.proto == pk.IPPROTO_TCP:
+    if ip.proto == packets.IPPROTO_TCP:
         if frame.tcp is None:
             return f"TCP {src} > {dst} <malformed>"
         return _describe_tcp(frame.tcp, src, dst, data_preview)
-    if ip.proto == pk.IPPROTO_UDP:
+    if ip.proto == packets.IPPROTO_UDP:
         if frame.udp is None:
             return f"UDP {src} > {dst} <malformed>"
         udp = frame.udp
         text = _payload_text(udp.payload, data_preview)
         return f"UDP {src}:{udp.src_port} > {dst}:{udp.dst_port} {text}"
-    if ip.proto == pk.IPPROTO_ICMP:
+    if ip.proto == packets.IPPROTO_ICMP:
         if frame.icmp is None:
             return f"ICMP {src} > {dst} <malformed>"
         return _describe_icmp(frame.icmp, src, dst)
@@ -689,9 +689,9 @@ def describe_frame(frame: bytes, data_preview: int = 32) -> str:
     ethernet = decoded.ethernet
     if ethernet is None:
         what = "<runt: no Ethernet header>"
-    elif ethernet.ethertype == pk.ETHERTYPE_ARP:
+    elif ethernet.ethertype == packets.ETHERTYPE_ARP:
         what = _describe_arp(decoded.arp)
-    elif ethernet.ethertype == pk.ETHERTYPE_IPV4:
+    elif ethernet.ethertype == packets.ETHERTYPE_IPV4:
         what = _describe_ipv4(decoded, data_preview)
     else:
         name = _ETHERTYPE_NAMES.get(ethernet.ethertype)
@@ -707,50 +707,52 @@ def describe_frame(frame: bytes, data_preview: int = 32) -> str:
 def describe_event(event: tuple[Any, ...], data_preview: int) -> str:
     """One event of a wait result, e.g. ``data #1073741824 14B "PING"``."""
     code = event[0]
-    name = p.EVENT_NAMES.get(code, f"event{code}")
-    if code == p.EV_ACCEPT:
+    name = protocol.EVENT_NAMES.get(code, f"event{code}")
+    if code == protocol.EV_ACCEPT:
         _, listener, conn, peer, _local = event
         return f"{name} #{conn} {format_address(peer)} on #{listener}"
-    if code == p.EV_DATA:
+    if code == protocol.EV_DATA:
         return f"{name} #{event[1]} {_sized_data(event[2], data_preview)}"
-    if code == p.EV_RESET:
+    if code == protocol.EV_RESET:
         return f"{name} #{event[1]} {_errno_name(event[2])}"
-    if code == p.EV_SENT:
+    if code == protocol.EV_SENT:
         return f"{name} #{event[1]} total={event[2]}B"
-    if code == p.EV_DGRAM:
+    if code == protocol.EV_DGRAM:
         _, sock, data, sender = event
         size, _, text = _sized_data(data, data_preview).partition(" ")
         return f"{name} #{sock} {size} from {format_address(sender)} {text}".rstrip()
-    if code == p.EV_SIGNAL:
+    if code == protocol.EV_SIGNAL:
         return f"{name} {_signal_name(event[1])}"
-    if code == p.EV_FRAME:
+    if code == protocol.EV_FRAME:
         return f"{name} in {describe_frame(event[1], data_preview)}"
     return f"{name} #{event[1]}"
 
 
 def _describe_wait(result: Any, waited: str, data_preview: int) -> str:
     """The wait's line. Frames get lines of their own (``frame_lines``): here, a count."""
-    frames = sum(1 for event in result if event[0] == p.EV_FRAME)
+    frames = sum(1 for event in result if event[0] == protocol.EV_FRAME)
     parts = [f"{frames} frame{'' if frames == 1 else 's'}"] if frames else []
     parts += [
-        describe_event(tuple(event), data_preview) for event in result if event[0] != p.EV_FRAME
+        describe_event(tuple(event), data_preview)
+        for event in result
+        if event[0] != protocol.EV_FRAME
     ]
     return f"wait{waited}: {'; '.join(parts) or 'no events'}"
 
 
 def frame_lines(entry: Entry, reply: Reply, *, data_preview: int = 32) -> Iterator[str]:
     """The indented lines of the frames a wait received, one per frame, in order."""
-    if entry.kind != p.KIND_WAIT:
+    if entry.kind != protocol.KIND_WAIT:
         return
     for event in reply.result:
-        if event[0] == p.EV_FRAME:
+        if event[0] == protocol.EV_FRAME:
             yield f"{OUTPUT_INDENT}{describe_event(tuple(event), data_preview)}"
 
 
 def format_network(network: Network) -> str:
     """``10.200.0.100/24 mac 02:00:0a:c8:00:64``, and the gateway when there is one."""
     gateway = "" if network.gateway is None else f" gateway {network.gateway}"
-    return f"{network.ip}/{network.prefix_len} mac {pk.mac_to_str(network.mac)}{gateway}"
+    return f"{network.ip}/{network.prefix_len} mac {packets.mac_to_str(network.mac)}{gateway}"
 
 
 def _describe_boot(result: Any) -> str:
@@ -759,7 +761,7 @@ def _describe_boot(result: Any) -> str:
     net = ""
     if len(rest) >= 2 and rest[1] is not None:
         mac, ip, prefix_len, gateway = rest[1]
-        net = f" net={ip}/{prefix_len} mac={pk.mac_to_str(mac)}"
+        net = f" net={ip}/{prefix_len} mac={packets.mac_to_str(mac)}"
         net += "" if gateway is None else f" gw={gateway}"
     return f"boot pid={pid} exit_every={exit_every} step={clock_step_ns}ns{host}{net}"
 
@@ -810,38 +812,38 @@ def describe_entry_result(
 ) -> str:
     """The summary column of an entry whose reply decoded."""
     result = reply.result
-    if entry.kind == p.KIND_WAIT:
+    if entry.kind == protocol.KIND_WAIT:
         waited = (
             ""
             if previous_mono_ns is None
             else f" +{format_duration(reply.mono_ns - previous_mono_ns)}"
         )
         return _describe_wait(result, waited, data_preview)
-    if entry.kind == p.KIND_BOOT:
+    if entry.kind == protocol.KIND_BOOT:
         return _describe_boot(result)
-    if entry.kind == p.KIND_BIND:
+    if entry.kind == protocol.KIND_BIND:
         return _describe_bind(result, sock)
-    if entry.kind == p.KIND_LISTEN:
+    if entry.kind == protocol.KIND_LISTEN:
         return _describe_listen(result, sock)
-    if entry.kind == p.KIND_CONNECT:
+    if entry.kind == protocol.KIND_CONNECT:
         return _describe_connect(result, sock)
-    if entry.kind == p.KIND_RESOLVE:
+    if entry.kind == protocol.KIND_RESOLVE:
         return _describe_resolve(result)
     return f"{kind_name(entry.kind)}: {_short_repr(result)}"
 
 
 def describe_output(output: Output, *, data_preview: int = 32) -> str:
     """An output's line: indented, after the seq of the entry it follows."""
-    name = p.OP_NAMES.get(output.op, f"op{output.op}")
+    name = protocol.OP_NAMES.get(output.op, f"op{output.op}")
     what = f"{name} #{output.sock}"
-    if output.op == p.OP_SEND:
+    if output.op == protocol.OP_SEND:
         what += f" {_sized_data(output.data, data_preview)}"
-    elif output.op == p.OP_SENDTO:
+    elif output.op == protocol.OP_SENDTO:
         size, _, text = _sized_data(output.data, data_preview).partition(" ")
         what = f"{what} {size} to {format_address(output.extra)} {text}".rstrip()
-    elif output.op == p.OP_SHUTDOWN:
+    elif output.op == protocol.OP_SHUTDOWN:
         what += f" {_SHUTDOWN_NAMES.get(output.extra, _short_repr(output.extra))}"
-    elif output.op == p.OP_FRAME:
+    elif output.op == protocol.OP_FRAME:
         what = f"{name} {describe_frame(output.data, data_preview)}"
     elif output.data:
         what += f" {_sized_data(output.data, data_preview)}"
@@ -943,7 +945,7 @@ def describe_log(contents: LogContents, *, data_preview: int = 32) -> Iterator[s
 
 def _undecodable_reason(entry: Entry) -> str:
     try:
-        decode_reply(entry, p.GuestClock(0))
+        decode_reply(entry, protocol.GuestClock(0))
     except UndecodableReply as exc:
         return str(exc)
     return "it decodes"  # not reached: only entries that failed to decode get here
@@ -963,13 +965,13 @@ def encoded_size(contents: LogContents) -> int:
 def _count_entry(entry: Entry, reply: Reply | None, totals: Counter[str]) -> Counter[str]:
     """Count one entry's events and input bytes into ``totals``; return the event counts."""
     events: Counter[str] = Counter()
-    if reply is None or entry.kind != p.KIND_WAIT:
+    if reply is None or entry.kind != protocol.KIND_WAIT:
         return events
     for event in reply.result:
-        events[p.EVENT_NAMES.get(event[0], f"event{event[0]}")] += 1
-        if event[0] in (p.EV_DATA, p.EV_DGRAM):
+        events[protocol.EVENT_NAMES.get(event[0], f"event{event[0]}")] += 1
+        if event[0] in (protocol.EV_DATA, protocol.EV_DGRAM):
             totals["bytes_in"] += len(event[2])
-        elif event[0] == p.EV_FRAME:
+        elif event[0] == protocol.EV_FRAME:
             totals["frames_in"] += 1
             totals["frame_bytes_in"] += len(event[1])
     return events
@@ -979,7 +981,7 @@ def _network_summary(network: Network | None) -> dict[str, object] | None:
     if network is None:
         return None
     return {
-        "mac": pk.mac_to_str(network.mac),
+        "mac": packets.mac_to_str(network.mac),
         "ip": network.ip,
         "prefix_len": network.prefix_len,
         "gateway": network.gateway,
@@ -1002,8 +1004,8 @@ def log_summary(contents: LogContents) -> dict[str, object]:
             totals["reply_bytes"] += len(record.reply)
             events += _count_entry(record, replies.get(index), totals)
         elif isinstance(record, Output):
-            ops[p.OP_NAMES.get(record.op, f"op{record.op}")] += 1
-            if record.op == p.OP_FRAME:
+            ops[protocol.OP_NAMES.get(record.op, f"op{record.op}")] += 1
+            if record.op == protocol.OP_FRAME:
                 totals["frames_out"] += 1
                 totals["frame_bytes_out"] += len(record.data)
             else:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ftproxy.netstack import packets as pk
+from ftproxy.netstack import packets
 from ftproxy.netstack.timers import Timer, TimerQueue
 
 _SECOND = 1_000_000_000
@@ -84,7 +84,9 @@ class ArpTable:
             ):
                 entry.refresh_sent_ns = now_ns
                 self._request(next_hop)
-            self._emit(pk.build_ethernet(entry.mac, self.mac, pk.ETHERTYPE_IPV4, ip_packet))
+            self._emit(
+                packets.build_ethernet(entry.mac, self.mac, packets.ETHERTYPE_IPV4, ip_packet)
+            )
             return
         if entry is None:
             self._make_room()
@@ -102,8 +104,13 @@ class ArpTable:
     def _request(self, target_ip: int) -> None:
         self._count("arp_requests_sent")
         self._emit(
-            pk.build_arp_frame(
-                pk.ARP_REQUEST, pk.BROADCAST_MAC, self.mac, self.ip, pk.ZERO_MAC, target_ip
+            packets.build_arp_frame(
+                packets.ARP_REQUEST,
+                packets.BROADCAST_MAC,
+                self.mac,
+                self.ip,
+                packets.ZERO_MAC,
+                target_ip,
             )
         )
 
@@ -137,7 +144,12 @@ class ArpTable:
 
     def learn(self, ip: int, mac: bytes, now_ns: int, create: bool) -> None:
         """Record ``ip`` at ``mac`` (RFC 826 merge) and flush what waited for it."""
-        if ip == 0 or ip == self.ip or mac in (pk.BROADCAST_MAC, pk.ZERO_MAC) or mac[0] & 1:
+        if (
+            ip == 0
+            or ip == self.ip
+            or mac in (packets.BROADCAST_MAC, packets.ZERO_MAC)
+            or mac[0] & 1
+        ):
             return
         entry = self._entries.get(ip)
         if entry is None:
@@ -154,17 +166,22 @@ class ArpTable:
             entry.timer = None
         while entry.pending:
             packet = entry.pending.popleft()
-            self._emit(pk.build_ethernet(mac, self.mac, pk.ETHERTYPE_IPV4, packet))
+            self._emit(packets.build_ethernet(mac, self.mac, packets.ETHERTYPE_IPV4, packet))
 
-    def receive(self, arp: pk.ArpPacket, now_ns: int) -> None:
+    def receive(self, arp: packets.ArpPacket, now_ns: int) -> None:
         if arp.sender_ip == self.ip and arp.sender_mac != self.mac:
             self._count("arp_address_conflict")
         for_us = arp.target_ip == self.ip
         self.learn(arp.sender_ip, arp.sender_mac, now_ns, create=for_us)
-        if arp.op == pk.ARP_REQUEST and for_us and arp.sender_ip != self.ip:
+        if arp.op == packets.ARP_REQUEST and for_us and arp.sender_ip != self.ip:
             self._count("arp_replies_sent")
             self._emit(
-                pk.build_arp_frame(
-                    pk.ARP_REPLY, arp.sender_mac, self.mac, self.ip, arp.sender_mac, arp.sender_ip
+                packets.build_arp_frame(
+                    packets.ARP_REPLY,
+                    arp.sender_mac,
+                    self.mac,
+                    self.ip,
+                    arp.sender_mac,
+                    arp.sender_ip,
                 )
             )

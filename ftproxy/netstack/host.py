@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ftproxy.netstack import packets as pk
+    from ftproxy.netstack import packets
     from ftproxy.netstack.stack import Endpoint
     from ftproxy.netstack.tcp import TcpConfig, TcpConnection, TcpListener
     from ftproxy.netstack.timers import Timer
@@ -53,7 +53,7 @@ class EndpointHost(Protocol):
         """Queue one segment of ``conn`` for transmission."""
         ...
 
-    def send_reset_reply(self, src_ip: int, seg: pk.TcpSegment) -> None:
+    def send_reset_reply(self, src_ip: int, seg: packets.TcpSegment) -> None:
         """Answer a segment that belongs to no connection with RFC 793's reset."""
         ...
 

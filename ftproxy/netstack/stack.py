@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-from ftproxy.netstack import packets as pk
+from ftproxy.netstack import packets
 from ftproxy.netstack.arp import ArpConfig, ArpTable
 from ftproxy.netstack.tcp import TcpConfig, TcpConnection, TcpListener, TcpState
 from ftproxy.netstack.timers import Timer, TimerQueue
@@ -57,12 +57,12 @@ class NetStack:
             raise ValueError("mtu out of range (68..9000)")
         self.mac = bytes(mac)
         self.ip = ip
-        self.ip_int = pk.ip_to_int(ip)
+        self.ip_int = packets.ip_to_int(ip)
         self.prefix_len = prefix_len
-        self.netmask = pk.prefix_mask(prefix_len)
+        self.netmask = packets.prefix_mask(prefix_len)
         self.network = self.ip_int & self.netmask
         self.broadcast = self.network | (~self.netmask & _M32)
-        self.gateway_int = pk.ip_to_int(gateway) if gateway is not None else None
+        self.gateway_int = packets.ip_to_int(gateway) if gateway is not None else None
         if self.gateway_int is not None and not self._on_link(self.gateway_int):
             raise ValueError("the gateway must be on the interface's subnet")
         self.mtu = mtu
@@ -101,21 +101,21 @@ class NetStack:
         """Process one received Ethernet frame."""
         self._advance(now_ns)
         self.count("rx_frames")
-        eth = pk.parse_ethernet(frame)
+        eth = packets.parse_ethernet(frame)
         if eth is None:
             self.count("rx_runt")
             return
-        if eth.dst != self.mac and eth.dst != pk.BROADCAST_MAC:
+        if eth.dst != self.mac and eth.dst != packets.BROADCAST_MAC:
             self.count("rx_not_for_us")
             return
-        payload = frame[pk.ETH_HEADER_LEN :]
-        if eth.ethertype == pk.ETHERTYPE_ARP:
-            arp = pk.parse_arp(payload)
+        payload = frame[packets.ETH_HEADER_LEN :]
+        if eth.ethertype == packets.ETHERTYPE_ARP:
+            arp = packets.parse_arp(payload)
             if arp is None:
                 self.count("rx_bad_arp")
                 return
             self._arp.receive(arp, self._now)
-        elif eth.ethertype == pk.ETHERTYPE_IPV4:
+        elif eth.ethertype == packets.ETHERTYPE_IPV4:
             self._receive_ipv4(payload)
         else:
             self.count("rx_unknown_ethertype")
@@ -145,10 +145,13 @@ class NetStack:
 
     def gratuitous_arp(self) -> None:
         """Queue a gratuitous ARP announcing our address (for a takeover)."""
-        self._out.append(pk.build_gratuitous_arp(self.mac, self.ip_int))
+        self._out.append(packets.build_gratuitous_arp(self.mac, self.ip_int))
 
     def arp_entries(self) -> dict[str, str]:
-        return {pk.int_to_ip(ip): pk.mac_to_str(mac) for ip, mac in self._arp.entries().items()}
+        return {
+            packets.int_to_ip(ip): packets.mac_to_str(mac)
+            for ip, mac in self._arp.entries().items()
+        }
 
     @property
     def connections(self) -> list[TcpConnection]:
@@ -170,7 +173,7 @@ class NetStack:
 
     def tcp_connect(self, ip: str, port: int, local_port: int = 0) -> TcpConnection:
         """Start an active open to ``(ip, port)``; the connection starts in SYN_SENT."""
-        remote = pk.ip_to_int(ip)
+        remote = packets.ip_to_int(ip)
         self._check_port(port)
         self._check_destination(remote)
         if local_port == 0:
@@ -255,12 +258,14 @@ class NetStack:
             raise _os_error(errno.ENETUNREACH)
 
     def _ip_send(self, dst: int, proto: int, payload: bytes) -> None:
-        packet = pk.build_ipv4(self.ip_int, dst, proto, payload, self._ip_ident)
+        packet = packets.build_ipv4(self.ip_int, dst, proto, payload, self._ip_ident)
         self._ip_ident = (self._ip_ident + 1) & 0xFFFF
         self.count("tx_ip_packets")
         if dst in (0xFFFFFFFF, self.broadcast):
             self._out.append(
-                pk.build_ethernet(pk.BROADCAST_MAC, self.mac, pk.ETHERTYPE_IPV4, packet)
+                packets.build_ethernet(
+                    packets.BROADCAST_MAC, self.mac, packets.ETHERTYPE_IPV4, packet
+                )
             )
             return
         if self._on_link(dst):
@@ -282,7 +287,7 @@ class NetStack:
         data: bytes,
         mss: int | None,
     ) -> None:
-        segment = pk.build_tcp(
+        segment = packets.build_tcp(
             self.ip_int,
             conn.remote_ip,
             conn.local_port,
@@ -295,19 +300,21 @@ class NetStack:
             mss,
         )
         self.count("tcp_segments_sent")
-        self._ip_send(conn.remote_ip, pk.IPPROTO_TCP, segment)
+        self._ip_send(conn.remote_ip, packets.IPPROTO_TCP, segment)
 
-    def send_reset_reply(self, src_ip: int, seg: pk.TcpSegment) -> None:
+    def send_reset_reply(self, src_ip: int, seg: packets.TcpSegment) -> None:
         """RFC 793's reset for a segment that belongs to no connection."""
         if seg.rst:
             return
         if seg.has_ack:
-            seq, ack, flags = seg.ack, 0, pk.TCP_RST
+            seq, ack, flags = seg.ack, 0, packets.TCP_RST
         else:
-            seq, ack, flags = 0, (seg.seq + seg.seg_len) & _M32, pk.TCP_RST | pk.TCP_ACK
-        segment = pk.build_tcp(self.ip_int, src_ip, seg.dst_port, seg.src_port, seq, ack, flags, 0)
+            seq, ack, flags = 0, (seg.seq + seg.seg_len) & _M32, packets.TCP_RST | packets.TCP_ACK
+        segment = packets.build_tcp(
+            self.ip_int, src_ip, seg.dst_port, seg.src_port, seq, ack, flags, 0
+        )
         self.count("tcp_rst_sent")
-        self._ip_send(src_ip, pk.IPPROTO_TCP, segment)
+        self._ip_send(src_ip, packets.IPPROTO_TCP, segment)
 
     def remove_connection(self, conn: TcpConnection) -> None:
         if self._conns.get(conn.key) is conn:
@@ -322,17 +329,19 @@ class NetStack:
             del self._udp[sock.port]
 
     def send_udp_datagram(self, sport: int, dst: int, dport: int, data: bytes) -> None:
-        if len(data) + pk.UDP_HEADER_LEN + pk.IPV4_HEADER_LEN > self.mtu:
+        if len(data) + packets.UDP_HEADER_LEN + packets.IPV4_HEADER_LEN > self.mtu:
             raise _os_error(errno.EMSGSIZE)
         if dst not in (0xFFFFFFFF, self.broadcast):
             self._check_destination(dst)
         self.count("udp_sent")
-        self._ip_send(dst, pk.IPPROTO_UDP, pk.build_udp(self.ip_int, dst, sport, dport, data))
+        self._ip_send(
+            dst, packets.IPPROTO_UDP, packets.build_udp(self.ip_int, dst, sport, dport, data)
+        )
 
     # -- receive path ------------------------------------------------------------------
 
     def _receive_ipv4(self, packet: bytes) -> None:
-        ip = pk.parse_ipv4(packet)
+        ip = packets.parse_ipv4(packet)
         if ip is None:
             self.count("rx_bad_ip")
             return
@@ -344,33 +353,35 @@ class NetStack:
             self.count("rx_ip_fragments")
             return
         body = packet[ip.header_len : ip.total_len]
-        if ip.proto == pk.IPPROTO_TCP:
+        if ip.proto == packets.IPPROTO_TCP:
             if to_us:
                 self._receive_tcp(ip, body)
             else:
                 self.count("rx_tcp_broadcast")
-        elif ip.proto == pk.IPPROTO_UDP:
+        elif ip.proto == packets.IPPROTO_UDP:
             self._receive_udp(ip, body, packet[: ip.total_len], to_us)
-        elif ip.proto == pk.IPPROTO_ICMP:
+        elif ip.proto == packets.IPPROTO_ICMP:
             if to_us:
                 self._receive_icmp(ip, body)
         else:
             self.count("rx_unknown_protocol")
 
-    def _receive_icmp(self, ip: pk.Ipv4Header, body: bytes) -> None:
-        echo = pk.parse_icmp_echo(body)
+    def _receive_icmp(self, ip: packets.Ipv4Header, body: bytes) -> None:
+        echo = packets.parse_icmp_echo(body)
         if echo is None:
             self.count("rx_bad_icmp")
             return
-        if echo.type == pk.ICMP_ECHO_REQUEST and echo.code == 0:
+        if echo.type == packets.ICMP_ECHO_REQUEST and echo.code == 0:
             self.count("icmp_echo_replies")
-            reply = pk.build_icmp_echo(pk.ICMP_ECHO_REPLY, echo.ident, echo.seq, echo.payload)
-            self._ip_send(ip.src, pk.IPPROTO_ICMP, reply)
+            reply = packets.build_icmp_echo(
+                packets.ICMP_ECHO_REPLY, echo.ident, echo.seq, echo.payload
+            )
+            self._ip_send(ip.src, packets.IPPROTO_ICMP, reply)
         else:
             self.count("rx_icmp_other")
 
-    def _receive_udp(self, ip: pk.Ipv4Header, body: bytes, packet: bytes, to_us: bool) -> None:
-        dgram = pk.parse_udp(body, ip.src, ip.dst)
+    def _receive_udp(self, ip: packets.Ipv4Header, body: bytes, packet: bytes, to_us: bool) -> None:
+        dgram = packets.parse_udp(body, ip.src, ip.dst)
         if dgram is None:
             self.count("rx_bad_udp")
             return
@@ -379,13 +390,15 @@ class NetStack:
             self.count("rx_udp_no_port")
             if to_us and self.icmp_port_unreachable:
                 self._ip_send(
-                    ip.src, pk.IPPROTO_ICMP, pk.build_icmp_unreachable(pk.ICMP_PORT_UNREACH, packet)
+                    ip.src,
+                    packets.IPPROTO_ICMP,
+                    packets.build_icmp_unreachable(packets.ICMP_PORT_UNREACH, packet),
                 )
             return
         sock._deliver(dgram.payload, ip.src, dgram.src_port)
 
-    def _receive_tcp(self, ip: pk.Ipv4Header, body: bytes) -> None:
-        seg = pk.parse_tcp(body, ip.src, ip.dst)
+    def _receive_tcp(self, ip: packets.Ipv4Header, body: bytes) -> None:
+        seg = packets.parse_tcp(body, ip.src, ip.dst)
         if seg is None:
             self.count("rx_bad_tcp")
             return

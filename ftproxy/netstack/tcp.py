@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from ftproxy.netstack import packets as pk
+from ftproxy.netstack import packets
 
 if TYPE_CHECKING:
     from ftproxy.netstack.host import EndpointHost
@@ -103,43 +103,50 @@ class TcpEvent(enum.Enum):
     ENDED = "ended"  # reset, timeout, abort, LAST-ACK or TIME-WAIT over: out of the stack
 
 
-S = TcpState
 E = TcpEvent
 
 # Every state change of a connection, in one place. Events not listed for a
 # state are a bug of this module (RuntimeError), not the peer's doing: segments
 # the peer may send in any state are filtered before they become events.
 _TRANSITIONS: Final[dict[tuple[TcpState, TcpEvent], TcpState]] = {
-    (S.CLOSED, E.ACTIVE_OPEN): S.SYN_SENT,
-    (S.CLOSED, E.PASSIVE_OPEN): S.SYN_RECEIVED,
-    (S.SYN_SENT, E.SIMULTANEOUS_OPEN): S.SYN_RECEIVED,
-    (S.SYN_SENT, E.HANDSHAKE_DONE): S.ESTABLISHED,
-    (S.SYN_RECEIVED, E.HANDSHAKE_DONE): S.ESTABLISHED,
-    (S.ESTABLISHED, E.FIN_SENT): S.FIN_WAIT_1,
-    (S.CLOSE_WAIT, E.FIN_SENT): S.LAST_ACK,
-    (S.ESTABLISHED, E.FIN_RECEIVED): S.CLOSE_WAIT,
-    (S.FIN_WAIT_1, E.FIN_RECEIVED): S.CLOSING,
-    (S.FIN_WAIT_1, E.FIN_RECEIVED_OURS_ACKED): S.TIME_WAIT,
-    (S.FIN_WAIT_2, E.FIN_RECEIVED): S.TIME_WAIT,
-    (S.FIN_WAIT_1, E.FIN_ACKED): S.FIN_WAIT_2,
-    (S.CLOSING, E.FIN_ACKED): S.TIME_WAIT,
-    **{(state, E.ENDED): S.CLOSED for state in TcpState},
+    (TcpState.CLOSED, E.ACTIVE_OPEN): TcpState.SYN_SENT,
+    (TcpState.CLOSED, E.PASSIVE_OPEN): TcpState.SYN_RECEIVED,
+    (TcpState.SYN_SENT, E.SIMULTANEOUS_OPEN): TcpState.SYN_RECEIVED,
+    (TcpState.SYN_SENT, E.HANDSHAKE_DONE): TcpState.ESTABLISHED,
+    (TcpState.SYN_RECEIVED, E.HANDSHAKE_DONE): TcpState.ESTABLISHED,
+    (TcpState.ESTABLISHED, E.FIN_SENT): TcpState.FIN_WAIT_1,
+    (TcpState.CLOSE_WAIT, E.FIN_SENT): TcpState.LAST_ACK,
+    (TcpState.ESTABLISHED, E.FIN_RECEIVED): TcpState.CLOSE_WAIT,
+    (TcpState.FIN_WAIT_1, E.FIN_RECEIVED): TcpState.CLOSING,
+    (TcpState.FIN_WAIT_1, E.FIN_RECEIVED_OURS_ACKED): TcpState.TIME_WAIT,
+    (TcpState.FIN_WAIT_2, E.FIN_RECEIVED): TcpState.TIME_WAIT,
+    (TcpState.FIN_WAIT_1, E.FIN_ACKED): TcpState.FIN_WAIT_2,
+    (TcpState.CLOSING, E.FIN_ACKED): TcpState.TIME_WAIT,
+    **{(state, E.ENDED): TcpState.CLOSED for state in TcpState},
 }
 
 _SENDING_STATES: Final = frozenset(
-    {S.ESTABLISHED, S.CLOSE_WAIT, S.FIN_WAIT_1, S.CLOSING, S.LAST_ACK}
+    {
+        TcpState.ESTABLISHED,
+        TcpState.CLOSE_WAIT,
+        TcpState.FIN_WAIT_1,
+        TcpState.CLOSING,
+        TcpState.LAST_ACK,
+    }
 )
-_RECEIVING_STATES: Final = frozenset({S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2})
+_RECEIVING_STATES: Final = frozenset(
+    {TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2}
+)
 _SYNCHRONIZED: Final = frozenset(
     {
-        S.SYN_RECEIVED,
-        S.ESTABLISHED,
-        S.FIN_WAIT_1,
-        S.FIN_WAIT_2,
-        S.CLOSE_WAIT,
-        S.CLOSING,
-        S.LAST_ACK,
-        S.TIME_WAIT,
+        TcpState.SYN_RECEIVED,
+        TcpState.ESTABLISHED,
+        TcpState.FIN_WAIT_1,
+        TcpState.FIN_WAIT_2,
+        TcpState.CLOSE_WAIT,
+        TcpState.CLOSING,
+        TcpState.LAST_ACK,
+        TcpState.TIME_WAIT,
     }
 )
 
@@ -184,7 +191,7 @@ class TcpConnection:
         self.remote_ip = remote_ip
         self.remote_port = remote_port
         self.listener = listener
-        self.state = S.CLOSED
+        self.state = TcpState.CLOSED
         self.error = 0
         # send side (offsets from iss)
         self.iss = iss
@@ -234,11 +241,11 @@ class TcpConnection:
 
     @property
     def local_address(self) -> tuple[str, int]:
-        return (pk.int_to_ip(self.local_ip), self.local_port)
+        return (packets.int_to_ip(self.local_ip), self.local_port)
 
     @property
     def remote_address(self) -> tuple[str, int]:
-        return (pk.int_to_ip(self.remote_ip), self.remote_port)
+        return (packets.int_to_ip(self.remote_ip), self.remote_port)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -266,22 +273,22 @@ class TcpConnection:
     @property
     def connected(self) -> bool:
         """The handshake has completed (whatever happened since)."""
-        return self.snd_una >= 1 or self.state in (S.ESTABLISHED, S.CLOSE_WAIT)
+        return self.snd_una >= 1 or self.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 
     def readable(self) -> bool:
         """``recv`` would not return ``None``."""
         if self._rcvbuf or self.error or self._eof:
             return True
-        return self.state is S.CLOSED
+        return self.state is TcpState.CLOSED
 
     def writable(self) -> bool:
         """``send`` would accept bytes or raise (it would not return 0)."""
         if self.error:
             return True
         st = self.state
-        if st in (S.SYN_SENT, S.SYN_RECEIVED):
+        if st in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED):
             return False
-        if st in (S.ESTABLISHED, S.CLOSE_WAIT) and not self._fin_queued:
+        if st in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT) and not self._fin_queued:
             return self.send_space > 0
         return True
 
@@ -300,7 +307,7 @@ class TcpConnection:
             return data
         if self.error:
             raise _os_error(self.error)
-        if self._eof or self.state is S.CLOSED:
+        if self._eof or self.state is TcpState.CLOSED:
             return b""
         return None
 
@@ -315,9 +322,9 @@ class TcpConnection:
         if self.error:
             raise _os_error(self.error)
         st = self.state
-        if st in (S.SYN_SENT, S.SYN_RECEIVED) and not self._fin_queued:
+        if st in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED) and not self._fin_queued:
             return 0
-        if self._fin_queued or st not in (S.ESTABLISHED, S.CLOSE_WAIT):
+        if self._fin_queued or st not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
             raise _os_error(errno.EPIPE)
         n = min(len(data), self.send_space)
         if n <= 0:
@@ -331,9 +338,9 @@ class TcpConnection:
         if self._fin_queued:
             return
         st = self.state
-        if st in (S.SYN_SENT, S.SYN_RECEIVED):
+        if st in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED):
             self._fin_queued = True
-        elif st in (S.ESTABLISHED, S.CLOSE_WAIT):
+        elif st in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
             self._fin_queued = True
             self._transition(E.FIN_SENT)
             self._output()
@@ -347,9 +354,9 @@ class TcpConnection:
             return
         self._app_closed = True
         st = self.state
-        if st is S.CLOSED:
+        if st is TcpState.CLOSED:
             return
-        if st in (S.SYN_SENT, S.SYN_RECEIVED):
+        if st in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED):
             self.abort()
             return
         if self._rcvbuf or self._ooo:
@@ -357,13 +364,13 @@ class TcpConnection:
             self.abort()
             return
         self.shutdown_write()
-        if self.state is S.FIN_WAIT_2:
+        if self.state is TcpState.FIN_WAIT_2:
             self._close_timer.arm(self._stack.now_ns + self._cfg.fin_wait2_timeout_ns)
 
     def abort(self) -> None:
         """Drop the connection at once, telling the peer with a RST if it knows us."""
         self._app_closed = True
-        if self.state in _SYNCHRONIZED and self.state is not S.TIME_WAIT:
+        if self.state in _SYNCHRONIZED and self.state is not TcpState.TIME_WAIT:
             self._send_rst()
         self._finish()
 
@@ -381,7 +388,7 @@ class TcpConnection:
     def _xmit(self, seq_off: int, flags: int, data: bytes = b"", mss: int | None = None) -> None:
         wnd = self._rcv_window()
         ack = 0
-        if flags & pk.TCP_ACK:
+        if flags & packets.TCP_ACK:
             ack = (self.irs + self.rcv_nxt) & _M32
             if wnd == 0:
                 self._stack.count("tcp_zero_windows_sent")
@@ -390,19 +397,19 @@ class TcpConnection:
         self._stack.send_tcp_segment(self, (self.iss + seq_off) & _M32, ack, flags, wnd, data, mss)
 
     def _send_syn(self) -> None:
-        flags = pk.TCP_SYN
-        if self.state is S.SYN_RECEIVED:
-            flags |= pk.TCP_ACK
+        flags = packets.TCP_SYN
+        if self.state is TcpState.SYN_RECEIVED:
+            flags |= packets.TCP_ACK
         self._xmit(0, flags, mss=self.our_mss)
         self.snd_nxt = max(self.snd_nxt, 1)
         self.snd_max = max(self.snd_max, 1)
 
     def _send_ack(self) -> None:
-        self._xmit(self.snd_nxt, pk.TCP_ACK)
+        self._xmit(self.snd_nxt, packets.TCP_ACK)
 
     def _send_rst(self) -> None:
         self._stack.count("tcp_rst_sent")
-        self._xmit(self.snd_nxt, pk.TCP_RST | pk.TCP_ACK)
+        self._xmit(self.snd_nxt, packets.TCP_RST | packets.TCP_ACK)
 
     def _transition(self, event: TcpEvent, *, touch: bool = True) -> None:
         """Take the table's transition for ``event``; ``touch``: tell the stack."""
@@ -422,7 +429,7 @@ class TcpConnection:
         self._send_syn()
         self._rtx_timer.arm(now_ns + self.rto)
 
-    def _accept_syn(self, seg: pk.TcpSegment, now_ns: int) -> None:
+    def _accept_syn(self, seg: packets.TcpSegment, now_ns: int) -> None:
         """Passive open: a listener's SYN arrived; answer with SYN-ACK."""
         self.irs = seg.seq
         self.rcv_nxt = 1
@@ -484,7 +491,7 @@ class TcpConnection:
             self._on_persist(now_ns)
             return
         st = self.state
-        if st in (S.SYN_SENT, S.SYN_RECEIVED):
+        if st in (TcpState.SYN_SENT, TcpState.SYN_RECEIVED):
             self._retries += 1
             if self._retries > self._cfg.syn_retries:
                 if self.listener is None:
@@ -534,12 +541,12 @@ class TcpConnection:
         # A zero-length segment below the window: the peer answers with an ACK
         # carrying its current window (Linux's probe).
         self._stack.count("tcp_window_probes")
-        self._xmit(self.snd_una - 1, pk.TCP_ACK)
+        self._xmit(self.snd_una - 1, packets.TCP_ACK)
         self._persist_interval = min(self._persist_interval * 2, self._cfg.rto_max_ns)
         self._rtx_timer.arm(now_ns + self._persist_interval)
 
     def _on_close_timer(self, now_ns: int) -> None:
-        if self.state in (S.TIME_WAIT, S.FIN_WAIT_2):
+        if self.state in (TcpState.TIME_WAIT, TcpState.FIN_WAIT_2):
             self._finish()
 
     def _enter_time_wait(self, event: TcpEvent) -> None:
@@ -584,19 +591,19 @@ class TcpConnection:
                 start = seq - self._snd_base
                 data = bytes(self._sndbuf[start : start + n])
                 end = seq + n
-                flags = pk.TCP_ACK
+                flags = packets.TCP_ACK
                 if end == data_end:
-                    flags |= pk.TCP_PSH
+                    flags |= packets.TCP_PSH
                     if self._fin_queued and end + 1 <= snd_wnd_end:
-                        flags |= pk.TCP_FIN
+                        flags |= packets.TCP_FIN
                 self._note_send(seq, end)
                 self._xmit(seq, flags, data)
-                self.snd_nxt = end + (1 if flags & pk.TCP_FIN else 0)
+                self.snd_nxt = end + (1 if flags & packets.TCP_FIN else 0)
             elif self._fin_queued and seq == data_end:
                 if seq + 1 > snd_wnd_end:
                     break
                 self._note_send(seq, seq + 1)
-                self._xmit(seq, pk.TCP_FIN | pk.TCP_ACK)
+                self._xmit(seq, packets.TCP_FIN | packets.TCP_ACK)
                 self.snd_nxt = seq + 1
             else:
                 break
@@ -629,27 +636,27 @@ class TcpConnection:
         if seq < data_end:
             n = min(data_end - seq, self.snd_mss)
             start = seq - self._snd_base
-            flags = pk.TCP_ACK
+            flags = packets.TCP_ACK
             end = seq + n
             if end == data_end:
-                flags |= pk.TCP_PSH
+                flags |= packets.TCP_PSH
                 if self._fin_queued and self.snd_max > data_end:
-                    flags |= pk.TCP_FIN
+                    flags |= packets.TCP_FIN
             self._note_send(seq, end)
             self._xmit(seq, flags, bytes(self._sndbuf[start : start + n]))
         elif self._fin_queued and seq == data_end and self.snd_max > data_end:
             self._note_send(seq, seq + 1)
-            self._xmit(seq, pk.TCP_FIN | pk.TCP_ACK)
+            self._xmit(seq, packets.TCP_FIN | packets.TCP_ACK)
         self._arm_rtx()
 
     # -- receiving -----------------------------------------------------------------
 
-    def _on_segment(self, seg: pk.TcpSegment) -> None:
+    def _on_segment(self, seg: packets.TcpSegment) -> None:
         st = self.state
-        if st is S.SYN_SENT:
+        if st is TcpState.SYN_SENT:
             self._on_segment_syn_sent(seg)
             return
-        if st is S.CLOSED or st is S.LISTEN:
+        if st is TcpState.CLOSED or st is TcpState.LISTEN:
             return
         seq = _unwrap(seg.seq, self.irs, self.rcv_nxt)
         seg_len = seg.seg_len
@@ -664,12 +671,12 @@ class TcpConnection:
                 self._on_rst()
             return
         if seg.syn:
-            if st is S.SYN_RECEIVED and seq == 0 and seg.has_ack:
+            if st is TcpState.SYN_RECEIVED and seq == 0 and seg.has_ack:
                 # Simultaneous open: the peer's SYN-ACK completes our handshake.
                 if self._process_ack(seg, seq):
                     self._ack_now = True
                     self._output()
-            elif st is S.SYN_RECEIVED and seq == 0:
+            elif st is TcpState.SYN_RECEIVED and seq == 0:
                 self._send_syn()  # our SYN-ACK was lost: the peer retransmitted its SYN
             else:
                 self._ack_now = True  # RFC 5961 challenge ACK
@@ -680,10 +687,10 @@ class TcpConnection:
         if not self._process_ack(seg, seq):
             return
         self._process_data(seg, seq)
-        if self.state is not S.CLOSED:
+        if self.state is not TcpState.CLOSED:
             self._output()
 
-    def _on_segment_syn_sent(self, seg: pk.TcpSegment) -> None:
+    def _on_segment_syn_sent(self, seg: packets.TcpSegment) -> None:
         ack_ok = False
         ack = 0
         if seg.has_ack:
@@ -728,18 +735,23 @@ class TcpConnection:
     def _on_rst(self) -> None:
         st = self.state
         self._stack.count("tcp_rst_received")
-        if st is S.SYN_RECEIVED:
+        if st is TcpState.SYN_RECEIVED:
             if self.listener is None:
                 self.error = errno.ECONNREFUSED
-        elif st in (S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSE_WAIT):
+        elif st in (
+            TcpState.ESTABLISHED,
+            TcpState.FIN_WAIT_1,
+            TcpState.FIN_WAIT_2,
+            TcpState.CLOSE_WAIT,
+        ):
             self.error = errno.ECONNRESET
         self._finish()
 
-    def _process_ack(self, seg: pk.TcpSegment, seq: int) -> bool:
+    def _process_ack(self, seg: packets.TcpSegment, seq: int) -> bool:
         """RFC 793's ACK processing; False if the segment is to be dropped."""
         ack = _unwrap(seg.ack, self.iss, self.snd_una)
         st = self.state
-        if st is S.SYN_RECEIVED:
+        if st is TcpState.SYN_RECEIVED:
             if not self.snd_una < ack <= self.snd_max:
                 self._stack.send_reset_reply(self.remote_ip, seg)
                 return False
@@ -783,7 +795,7 @@ class TcpConnection:
         ):
             self._dup_ack()
         self._after_ack()
-        return self.state is not S.CLOSED
+        return self.state is not TcpState.CLOSED
 
     def _new_ack(self, ack: int) -> None:
         acked = ack - self.snd_una
@@ -838,21 +850,21 @@ class TcpConnection:
 
     def _after_ack(self) -> None:
         st = self.state
-        if st is S.FIN_WAIT_1 and self._fin_acked():
+        if st is TcpState.FIN_WAIT_1 and self._fin_acked():
             self._transition(E.FIN_ACKED)
             self._rtx_timer.cancel()
             if self._app_closed:
                 self._close_timer.arm(self._stack.now_ns + self._cfg.fin_wait2_timeout_ns)
-        elif st is S.CLOSING and self._fin_acked():
+        elif st is TcpState.CLOSING and self._fin_acked():
             self._enter_time_wait(E.FIN_ACKED)
-        elif st is S.LAST_ACK and self._fin_acked():
+        elif st is TcpState.LAST_ACK and self._fin_acked():
             self._finish()
 
-    def _process_data(self, seg: pk.TcpSegment, seq: int) -> None:
+    def _process_data(self, seg: packets.TcpSegment, seq: int) -> None:
         st = self.state
         data = seg.payload
         fin = seg.fin
-        if st is S.TIME_WAIT:
+        if st is TcpState.TIME_WAIT:
             if fin:
                 self._close_timer.arm(self._stack.now_ns + self._cfg.time_wait_ns)
             if seg.seg_len:
@@ -920,14 +932,14 @@ class TcpConnection:
         self._eof = True
         self._ack_now = True
         st = self.state
-        if st is S.ESTABLISHED:
+        if st is TcpState.ESTABLISHED:
             self._transition(E.FIN_RECEIVED)
-        elif st is S.FIN_WAIT_1:
+        elif st is TcpState.FIN_WAIT_1:
             if self._fin_acked():
                 self._enter_time_wait(E.FIN_RECEIVED_OURS_ACKED)
             else:
                 self._transition(E.FIN_RECEIVED)
-        elif st is S.FIN_WAIT_2:
+        elif st is TcpState.FIN_WAIT_2:
             self._close_timer.cancel()
             self._enter_time_wait(E.FIN_RECEIVED)
         self._stack.touch(self)
@@ -955,7 +967,7 @@ class TcpListener:
 
     @property
     def local_address(self) -> tuple[str, int]:
-        return (pk.int_to_ip(self._stack.ip_int), self.port)
+        return (packets.int_to_ip(self._stack.ip_int), self.port)
 
     def set_backlog(self, backlog: int) -> None:
         self.backlog = max(1, backlog)

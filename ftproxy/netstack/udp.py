@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ftproxy.netstack import packets as pk
+from ftproxy.netstack import packets
 
 if TYPE_CHECKING:
     from ftproxy.netstack.host import EndpointHost
@@ -33,7 +33,7 @@ class UdpSocket:
 
     @property
     def local_address(self) -> tuple[str, int]:
-        return (pk.int_to_ip(self._stack.ip_int), self.port)
+        return (packets.int_to_ip(self._stack.ip_int), self.port)
 
     def sendto(self, data: bytes | bytearray | memoryview, address: tuple[str, int]) -> int:
         """Send one datagram; raises ``OSError`` (EMSGSIZE: bigger than the MTU allows,
@@ -44,7 +44,7 @@ class UdpSocket:
         if not 0 < port <= 0xFFFF:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         payload = bytes(data)
-        self._stack.send_udp_datagram(self.port, pk.ip_to_int(ip), port, payload)
+        self._stack.send_udp_datagram(self.port, packets.ip_to_int(ip), port, payload)
         return len(payload)
 
     def recvfrom(self) -> tuple[bytes, tuple[str, int]] | None:
@@ -78,7 +78,7 @@ class UdpSocket:
         if self._queued_bytes + len(data) > self._cap:
             self._stack.count("rx_udp_queue_full")
             return
-        self._queue.append((data, (pk.int_to_ip(src_ip), src_port)))
+        self._queue.append((data, (packets.int_to_ip(src_ip), src_port)))
         self._queued_bytes += len(data)
         self._stack.count("udp_received")
         self._stack.touch(self)

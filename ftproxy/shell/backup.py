@@ -41,36 +41,28 @@ from ftproxy.core.channel import (
     Welcome,
 )
 from ftproxy.core.records import Entry, Header, Output
-from ftproxy.core.replication import Event, Role
+from ftproxy.core.replication import Event, ReplicaRole
 from ftproxy.guest import _trace
+from ftproxy.shell.admin import admin_endpoint
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.checks import check_data_dir, check_program
+from ftproxy.shell.exits import EXIT_DIVERGED, EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted
 from ftproxy.shell.fence import Fencer
 from ftproxy.shell.front import PacketConfig, format_mac
-from ftproxy.shell.front.socket import Doorbell, SocketFront
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LinkRefused, LogLink, join_primary
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import check_entry, first_difference
-from ftproxy.shell.replica import (
-    EXIT_DIVERGED,
-    EXIT_FAILED,
-    EXIT_HALTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    ReplicaShell,
-    StatusBoard,
-    admin_endpoint,
-    check_data_dir,
-    check_program,
-)
+from ftproxy.shell.replica import ReplicaShell
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
 from ftproxy.shell.startfiles import start_files_problem
+from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Divergence, Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.takeover import TakeoverState
-from ftproxy.shell.world import WorldAnswers, open_front, output_record
+from ftproxy.shell.world import Front, WorldAnswers, open_front, output_record
 
 log = structlog.get_logger()
 
@@ -94,7 +86,7 @@ class Backup(ReplicaShell):
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
-        super().__init__(options, Role.BACKUP, link, board, hooks)
+        super().__init__(options, ReplicaRole.BACKUP, link, board, hooks)
         self.welcome = welcome
         self.store = store
         # Told by the primary that this backup holds its whole log: only then may it go live.
@@ -332,20 +324,20 @@ class Backup(ReplicaShell):
         self.board.front = front.status
         takeover = self._takeover
         world.clock.continue_from(takeover.clock)
-        if isinstance(front, SocketFront):
-            # Before any new connection: ids go on from the log's, and the
-            # connections the old primary's sockets carried read as reset.
-            front.inherit(takeover.held, takeover.next_accepted)
-            if takeover.held:
-                self.log.info(
-                    "connections_reset",
-                    count=sum(not told for told in takeover.held.values()),
-                    next_id=takeover.next_accepted,
-                )
-            for sock, (family, kind, address, backlog) in takeover.bound.items():
-                await _bind_for_takeover(
-                    front, sock, family, kind, address, backlog, self.log, self.fencer
-                )
+        # Before any new connection: ids go on from the log's, and the
+        # connections the old primary's sockets carried read as reset (socket
+        # mode; in packet mode the guest holds no such connection or binding).
+        front.inherit(takeover.held, takeover.next_accepted)
+        if takeover.held:
+            self.log.info(
+                "connections_reset",
+                count=sum(not told for told in takeover.held.values()),
+                next_id=takeover.next_accepted,
+            )
+        for sock, (family, kind, address, backlog) in takeover.bound.items():
+            await _bind_for_takeover(
+                front, sock, family, kind, address, backlog, self.log, self.fencer
+            )
         self.world = world
         self.went_alone()
         self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
@@ -389,7 +381,7 @@ class Backup(ReplicaShell):
 
 
 async def _bind_for_takeover(
-    front: SocketFront,
+    front: Front,
     sock: int,
     family: int,
     kind: int,

@@ -13,8 +13,7 @@ from typing import Any
 
 import trio
 
-from ftproxy.guest import _trace
-from ftproxy.guest import protocol as p
+from ftproxy.guest import _trace, protocol
 
 _READ_SIZE = 256 * 1024
 # The supervisor's loop may find the guest's next frame already there and its
@@ -54,22 +53,22 @@ class GuestProcess:
     async def receive(self) -> list[tuple[Any, ...]] | None:
         """The next frame of messages from the guest; None once the guest closed its end."""
         while True:
-            if len(self._buffer) >= p.LENGTH.size:
-                length = p.frame_length(self._buffer[: p.LENGTH.size])
-                end = p.LENGTH.size + length
+            if len(self._buffer) >= protocol.LENGTH.size:
+                length = protocol.frame_length(self._buffer[: protocol.LENGTH.size])
+                end = protocol.LENGTH.size + length
                 if len(self._buffer) >= end:
-                    body = bytes(self._buffer[p.LENGTH.size : end])
+                    body = bytes(self._buffer[protocol.LENGTH.size : end])
                     del self._buffer[:end]
-                    messages = p.decode_body(body)
+                    messages = protocol.decode_body(body)
                     if not isinstance(messages, list) or not messages:
-                        raise p.ProtocolError(
+                        raise protocol.ProtocolError(
                             f"guest frame is not a list of messages: {messages!r:.80}"
                         )
                     return messages
             chunk = await self._read_some()
             if not chunk:
                 if self._buffer:
-                    raise p.ProtocolError(
+                    raise protocol.ProtocolError(
                         f"guest pipe closed inside a frame ({len(self._buffer)} bytes)"
                     )
                 return None
@@ -106,7 +105,7 @@ class GuestProcess:
         guest reads every reply before it asks again): trio's send_all would
         first yield a pass of its loop.
         """
-        frame = p.LENGTH.pack(len(body)) + body
+        frame = protocol.LENGTH.pack(len(body)) + body
         if _trace.stamp is not None:
             _trace.stamp(_trace.REPLY_WRITTEN, -1)
         try:
@@ -154,8 +153,8 @@ async def start_guest(
         # Move both ends clear of 3 and 4 first: either may be one of them.
         guest_reads = fcntl.fcntl(reply_read, fcntl.F_DUPFD, 10)
         guest_writes = fcntl.fcntl(request_write, fcntl.F_DUPFD, 10)
-        os.dup2(guest_reads, p.REPLY_FD)
-        os.dup2(guest_writes, p.REQUEST_FD)
+        os.dup2(guest_reads, protocol.REPLY_FD)
+        os.dup2(guest_writes, protocol.REQUEST_FD)
         _personality(ADDR_NO_RANDOMIZE)
 
     try:
@@ -166,7 +165,7 @@ async def start_guest(
             stdin=None,
             stdout=stdout,
             stderr=stderr,
-            pass_fds=(p.REPLY_FD, p.REQUEST_FD),
+            pass_fds=(protocol.REPLY_FD, protocol.REQUEST_FD),
             preexec_fn=in_child,
             # Its own session: a Ctrl-C at the terminal reaches the supervisor,
             # which delivers it to the guest at an exit, the same one on the backup.

@@ -25,7 +25,7 @@ import trio
 
 from ftproxy.core.records import Entry, Header, Record
 from ftproxy.log.file import LogWriter
-from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import output_record
 
 log = structlog.get_logger()

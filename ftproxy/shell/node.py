@@ -14,17 +14,13 @@ from __future__ import annotations
 import structlog
 import trio
 
+from ftproxy.shell.arbiter_client import ArbiterClient, LiveReplica
 from ftproxy.shell.backup import connect_to_primary, serve_joined
+from ftproxy.shell.checks import check_data_dir, check_program
+from ftproxy.shell.exits import EXIT_HALTED
 from ftproxy.shell.link import LinkRefused
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.primary import serve_primary
-from ftproxy.shell.replica import (
-    EXIT_HALTED,
-    ArbiterClient,
-    LiveReplica,
-    ReplicaOptions,
-    check_data_dir,
-    check_program,
-)
 from ftproxy.shell.reprotect import ALREADY_ATTACHED
 
 log = structlog.get_logger()

@@ -35,33 +35,24 @@ from ftproxy.core.channel import (
     Welcome,
 )
 from ftproxy.core.records import Entry, Header, Output
-from ftproxy.core.replication import Event, Role
+from ftproxy.core.replication import Event, ReplicaRole
 from ftproxy.guest import _trace
+from ftproxy.shell.admin import admin_endpoint
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.checks import bind_listeners, check_data_dir, check_free, check_program
+from ftproxy.shell.exits import EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted
 from ftproxy.shell.fence import identify_self
-from ftproxy.shell.front.socket import Doorbell
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LogLink, accept_first_backup
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
+from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import first_difference
-from ftproxy.shell.replica import (
-    EXIT_FAILED,
-    EXIT_HALTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    ReplicaShell,
-    StatusBoard,
-    admin_endpoint,
-    bind_listeners,
-    check_data_dir,
-    check_free,
-    check_program,
-)
+from ftproxy.shell.replica import ReplicaShell
 from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
+from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (
     WorldAnswers,
     guest_environment,
@@ -87,13 +78,13 @@ class Primary(ReplicaShell):
         board: StatusBoard | None = None,
         hooks: RoleHooks | None = None,
     ) -> None:
-        role = Role.PRIMARY if link is not None else Role.LIVE
+        role = ReplicaRole.PRIMARY if link is not None else ReplicaRole.LIVE
         super().__init__(options, role, link, board, hooks)
         self.header = header
         self.store = store
         self.board.log_store = store.status
         self.board.protection = lambda: (
-            self.replica.role is Role.PRIMARY and self.link is not None and store.on_disk
+            self.replica.role is ReplicaRole.PRIMARY and self.link is not None and store.on_disk
         )
         self._outbox: list[Entry] = []
         self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
@@ -133,7 +124,7 @@ class Primary(ReplicaShell):
             link is None
             or self._in_flight
             or self.options.ship_delay_s
-            or self.replica.role is not Role.PRIMARY
+            or self.replica.role is not ReplicaRole.PRIMARY
         ):
             return False
         batch = self._outbox
@@ -176,7 +167,7 @@ class Primary(ReplicaShell):
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
         self.store.append_entry(entry)
-        if self.replica.role is Role.PRIMARY and self.link is not None:
+        if self.replica.role is ReplicaRole.PRIMARY and self.link is not None:
             # Entries exist only while an exit is answered: answer() ships them
             # at its end, or rings the ship task when the channel is busy.
             self._outbox.append(entry)
@@ -250,7 +241,7 @@ class Primary(ReplicaShell):
                 while unchecked and unchecked[0].seq < event.replayed:
                     unchecked.popleft()
                 self._measure(event, now, lag_s)
-                if self.replica.role is not Role.PRIMARY:
+                if self.replica.role is not ReplicaRole.PRIMARY:
                     self.lose_peer("the backup's ack came after the peer timeout")
                     return
                 self._acked.ring()
@@ -301,7 +292,7 @@ class Primary(ReplicaShell):
         await link.aclose()
         self.link = None
         self._unchecked.clear()
-        if self.replica.role is Role.PRIMARY:
+        if self.replica.role is ReplicaRole.PRIMARY:
             self.replica.handle(Event.PEER_LOST)
         self._outbox.clear()
         await self.arbitrate()
@@ -345,7 +336,7 @@ class Primary(ReplicaShell):
 
     async def finish(self) -> None:
         """The guest exited: let the backup acknowledge the last entries, then release."""
-        if self.replica.role is not Role.PRIMARY or self.link is None:
+        if self.replica.role is not ReplicaRole.PRIMARY or self.link is None:
             return
         with trio.move_on_after(FINAL_ACK_WAIT_S):
             while self.replica.received < self.replica.logged and not self.peer_gone.is_set():

@@ -17,12 +17,13 @@ import structlog
 import trio
 
 from ftproxy.core.records import End, Policy
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.log.file import LogWriter
 from ftproxy.shell.front import PacketConfig
-from ftproxy.shell.front.socket import AddressMap, Doorbell
+from ftproxy.shell.front.socket import AddressMap
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
+from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (
     WorldAnswers,
     guest_environment,
@@ -71,7 +72,7 @@ class RecordOptions:
     argv: list[str]
     address_map: AddressMap = field(default_factory=dict)
     policy: Policy = field(
-        default_factory=lambda: Policy(p.DEFAULT_EXIT_EVERY, p.DEFAULT_CLOCK_STEP_NS)
+        default_factory=lambda: Policy(protocol.DEFAULT_EXIT_EVERY, protocol.DEFAULT_CLOCK_STEP_NS)
     )
     extra_env: dict[str, str] = field(default_factory=dict)
     stop_grace_s: float = STOP_GRACE_S

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from ftproxy.core.records import End, Entry, Header, Output, Record
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.log.file import LogContents
 from ftproxy.shell.guestproc import start_guest
 from ftproxy.shell.startfiles import start_files_problem
@@ -43,7 +43,7 @@ class _LogEnded(Exception):
 
 
 def describe_output(op: int, sock: int, data: bytes, extra: Any) -> str:
-    name = p.OP_NAMES.get(op, f"op {op}")
+    name = protocol.OP_NAMES.get(op, f"op {op}")
     detail = f" {len(data)}B {data[:24]!r}" if data else ""
     if extra is not None:
         detail += f" {extra!r}"
@@ -87,7 +87,7 @@ def byte_difference(recorded: Output, replaying: bytes, index: int | None = None
         min(len(theirs), len(replaying)),
     )
     start, end = max(0, offset - DIFFERENCE_CONTEXT), offset + DIFFERENCE_CONTEXT
-    name = p.OP_NAMES.get(recorded.op, f"op {recorded.op}")
+    name = protocol.OP_NAMES.get(recorded.op, f"op {recorded.op}")
     return (
         "first difference: "
         + ("" if index is None else f"output {index} ")
@@ -102,7 +102,9 @@ def describe_record(record: Record | None) -> str:
     if record is None:
         return "the log ends here"
     if isinstance(record, Entry):
-        return f"a {p.KIND_NAMES.get(record.kind, record.kind)} exit at icount {record.icount}"
+        return (
+            f"a {protocol.KIND_NAMES.get(record.kind, record.kind)} exit at icount {record.icount}"
+        )
     if isinstance(record, Output):
         return "output " + describe_output(record.op, record.sock, record.data, record.extra)
     if isinstance(record, End):
@@ -154,8 +156,16 @@ class LogAnswers:
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         op, sock = message[0], message[1]
-        data = message[2] if op in (p.OP_SEND, p.OP_SENDTO, p.OP_FRAME) else b""
-        extra = message[3] if op == p.OP_SENDTO else message[2] if op == p.OP_SHUTDOWN else None
+        data = (
+            message[2] if op in (protocol.OP_SEND, protocol.OP_SENDTO, protocol.OP_FRAME) else b""
+        )
+        extra = (
+            message[3]
+            if op == protocol.OP_SENDTO
+            else message[2]
+            if op == protocol.OP_SHUTDOWN
+            else None
+        )
         if isinstance(extra, tuple):
             extra = list(extra)  # the log's msgpack gives tuples back as lists
         if self._past_the_end():

@@ -40,19 +40,17 @@ from ftproxy.core.channel import (
     Welcome,
 )
 from ftproxy.core.records import Header
-from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, Role
+from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, ReplicaRole
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
+from ftproxy.shell.arbiter_client import ArbiterClient
+from ftproxy.shell.exits import Halted
 from ftproxy.shell.fence import identify_self
-from ftproxy.shell.front.socket import Doorbell
 from ftproxy.shell.link import LinkRefused, LogLink, accept_backup
 from ftproxy.shell.logstore import LogStore
-from ftproxy.shell.replica import (
-    ArbiterClient,
-    Halted,
-    ReplicaOptions,
-    StatusBoard,
-    peer_frames_read,
-)
+from ftproxy.shell.options import ReplicaOptions
+from ftproxy.shell.replica import peer_frames_read
+from ftproxy.shell.status import StatusBoard
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 
@@ -146,7 +144,9 @@ class Reprotector:
     def protected(self) -> bool:
         """A backup is attached and caught up, outputs wait for it, and the log is whole."""
         return (
-            self.replica.role is Role.PRIMARY and self.attached is not None and self.store.on_disk
+            self.replica.role is ReplicaRole.PRIMARY
+            and self.attached is not None
+            and self.store.on_disk
         )
 
     async def run(self, listeners: list[trio.SocketListener] | None = None) -> None:
@@ -267,7 +267,7 @@ class Reprotector:
         await link.aclose()
         reason = why[0]
         catch_up = self.catch_up
-        if replica.role is Role.PRIMARY or replica.role is Role.ARBITRATING:
+        if replica.role is ReplicaRole.PRIMARY or replica.role is ReplicaRole.ARBITRATING:
             self.log.warning("backup_lost", peer=link.peer, reason=reason)
             self.board.peer_state = "lost"
             catch_up.state = "lost"
@@ -282,7 +282,7 @@ class Reprotector:
         self.attached = None
 
     async def _arbitrate(self, lost_at: float) -> None:
-        if self.replica.role is Role.PRIMARY:
+        if self.replica.role is ReplicaRole.PRIMARY:
             self.replica.handle(Event.PEER_LOST)
         self.log.info("role_changed", to="arbitrating", key=self.arbiter.key)
         if await self.arbiter.test_and_set():
@@ -351,7 +351,7 @@ class Reprotector:
                 for output in released:
                     self.release(output)
                 catch_up.acked_seq, catch_up.replayed_seq = replica.received, replica.replayed
-                if replica.role is Role.ARBITRATING:
+                if replica.role is ReplicaRole.ARBITRATING:
                     lose("the backup's ack came after the peer timeout")
                     return
                 self.on_ack()

@@ -12,8 +12,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from ftproxy.guest import _trace
-from ftproxy.guest import protocol as p
+from ftproxy.guest import _trace, protocol
 from ftproxy.shell.guestproc import GuestProcess
 
 log = structlog.get_logger()
@@ -30,7 +29,7 @@ class Exit:
 
     @property
     def kind_name(self) -> str:
-        return p.KIND_NAMES.get(self.kind, f"kind {self.kind}")
+        return protocol.KIND_NAMES.get(self.kind, f"kind {self.kind}")
 
 
 class GuestFailure(Exception):
@@ -104,7 +103,7 @@ class Supervisor:
         while True:
             try:
                 frame = await self.guest.receive()
-            except p.ProtocolError as exc:
+            except protocol.ProtocolError as exc:
                 raise GuestFailure(f"the guest pipe carried garbage: {exc}") from None
             if frame is None:
                 return
@@ -116,14 +115,20 @@ class Supervisor:
         if not isinstance(message, tuple) or not message:
             raise GuestFailure(f"malformed guest message {message!r:.80}")
         op = message[0]
-        if op == p.OP_EXIT:
+        if op == protocol.OP_EXIT:
             _, icount, kind, args, digest = message
             exit = Exit(icount, kind, args, digest)
             body = await self.mode.answer(self.seq + 1, exit)
             self.seq += 1
             self.icount = icount
             await self.guest.reply(body)
-        elif op in (p.OP_SEND, p.OP_SENDTO, p.OP_SHUTDOWN, p.OP_CLOSE, p.OP_FRAME):
+        elif op in (
+            protocol.OP_SEND,
+            protocol.OP_SENDTO,
+            protocol.OP_SHUTDOWN,
+            protocol.OP_CLOSE,
+            protocol.OP_FRAME,
+        ):
             self.outputs += 1
             if _trace.stamp is not None:
                 _trace.stamp(_trace.OUTPUT_TAKEN, self.seq)
@@ -134,18 +139,18 @@ class Supervisor:
                 divergence.after_exit = True
                 raise
         else:
-            raise GuestFailure(f"unexpected guest message {p.OP_NAMES.get(op, op)!r}")
+            raise GuestFailure(f"unexpected guest message {protocol.OP_NAMES.get(op, op)!r}")
 
     async def halt_for_stack(self, reason: str) -> str:
         """Ask the guest for its stack (it then exits); empty if it does not say."""
-        await self.guest.reply(p.encode_body((None, reason)))
+        await self.guest.reply(protocol.encode_body((None, reason)))
         try:
             while True:
                 frame = await self.guest.receive()
                 if frame is None:
                     return ""
                 for message in frame:
-                    if isinstance(message, tuple) and message and message[0] == p.OP_STACK:
+                    if isinstance(message, tuple) and message and message[0] == protocol.OP_STACK:
                         return str(message[1])
-        except p.ProtocolError:
+        except protocol.ProtocolError:
             return ""

@@ -26,13 +26,13 @@ import structlog
 import trio
 
 from ftproxy.core.records import FORMAT_VERSION, Entry, Header, Network, Output, Policy
-from ftproxy.guest import _trace
-from ftproxy.guest import protocol as p
+from ftproxy.guest import _trace, protocol
 from ftproxy.shell.front import PacketConfig
 from ftproxy.shell.front.packet import PacketFront
-from ftproxy.shell.front.socket import AddressMap, Doorbell, SocketFront, resolve_name
+from ftproxy.shell.front.socket import AddressMap, SocketFront, resolve_name
 from ftproxy.shell.startfiles import pinned_paths, start_files
 from ftproxy.shell.supervisor import Exit, GuestFailure
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 
@@ -105,6 +105,26 @@ class Front(Protocol):
 
     input_bytes: int
 
+    def inherit(self, held: dict[int, bool], next_accepted: int) -> None:
+        """Take over a guest that already holds connections ``held`` (a backup going
+        live); new connection ids start at ``next_accepted``."""
+        ...
+
+    def bind(self, sock_id: int, family: int, kind: int, addr: tuple[Any, ...]) -> tuple[int, Any]:
+        """Answer a bind exit: (errno, the address the guest sees); GuestFailure if this
+        front does not answer binds."""
+        ...
+
+    def listen(self, sock_id: int, backlog: int) -> int:
+        """Answer a listen exit: errno; GuestFailure if this front does not answer listens."""
+        ...
+
+    async def connect(
+        self, sock_id: int, family: int, addr: tuple[Any, ...], timeout_ns: int
+    ) -> tuple[int, Any, Any]:
+        """Answer a connect exit: (errno, local, peer); GuestFailure if this front does not."""
+        ...
+
     def ready(self, readable: list[int], writable: list[int]) -> bool:
         """Would a wait for these sockets end now?"""
         ...
@@ -156,10 +176,10 @@ class WorldClock:
     """
 
     def __init__(self, policy: Policy) -> None:
-        self.guest = p.GuestClock(policy.clock_step_ns)
+        self.guest = protocol.GuestClock(policy.clock_step_ns)
         self._host_offset = 0
 
-    def continue_from(self, guest: p.GuestClock) -> None:
+    def continue_from(self, guest: protocol.GuestClock) -> None:
         """Take over a guest whose clock the replies so far set to ``guest``."""
         self.guest = guest
         self._host_offset = max(0, guest.mono_ns - time.monotonic_ns())
@@ -196,13 +216,13 @@ def output_record(seq: int, message: tuple[Any, ...]) -> Output:
     """The log record of one guest output message."""
     op = message[0]
     try:
-        if op in (p.OP_SEND, p.OP_FRAME):
+        if op in (protocol.OP_SEND, protocol.OP_FRAME):
             _, sock, data = message
             return Output(seq, op, sock, data)
-        if op == p.OP_SENDTO:
+        if op == protocol.OP_SENDTO:
             _, sock, data, addr = message
             return Output(seq, op, sock, data, addr)
-        if op == p.OP_SHUTDOWN:
+        if op == protocol.OP_SHUTDOWN:
             _, sock, how = message
             return Output(seq, op, sock, b"", how)
         _, sock = message
@@ -249,15 +269,15 @@ class WorldAnswers:
                 f"malformed {exit.kind_name} exit {exit.args!r:.80}: {exc}"
             ) from None
         mono_gain, wall_shift = self.clock.snapshot(exit.icount, floor)
-        body = p.encode_reply(mono_gain, wall_shift, result)
+        body = protocol.encode_reply(mono_gain, wall_shift, result)
         self._on_entry(Entry(seq, exit.icount, exit.kind, exit.digest, body))
         return body
 
     async def _result(self, exit: Exit) -> tuple[Any, int]:
         kind, args = exit.kind, exit.args
-        if kind == p.KIND_WAIT:
+        if kind == protocol.KIND_WAIT:
             return await self._wait(exit)
-        if kind == p.KIND_BOOT:
+        if kind == protocol.KIND_BOOT:
             boot = (
                 os.urandom(32),
                 self._pid,
@@ -267,22 +287,17 @@ class WorldAnswers:
                 None if self._network is None else self._network.boot_value(),
             )
             return boot, 0
-        if kind == p.KIND_RESOLVE:
+        if kind == protocol.KIND_RESOLVE:
             self.flush_outputs()  # it may take a while: nothing waits behind it
             return await resolve_name(*args), 0
         front = self.front
-        if isinstance(front, SocketFront):
-            if kind == p.KIND_BIND:
-                return front.bind(*args), 0
-            if kind == p.KIND_LISTEN:
-                return front.listen(*args), 0
-            if kind == p.KIND_CONNECT:
-                self.flush_outputs()
-                return await front.connect(*args), 0
-        elif kind in (p.KIND_BIND, p.KIND_LISTEN, p.KIND_CONNECT):
-            raise GuestFailure(
-                f"a {exit.kind_name} exit in packet mode: the guest's own stack answers those"
-            )
+        if kind == protocol.KIND_BIND:
+            return front.bind(*args), 0
+        if kind == protocol.KIND_LISTEN:
+            return front.listen(*args), 0
+        if kind == protocol.KIND_CONNECT:
+            self.flush_outputs()
+            return await front.connect(*args), 0
         raise GuestFailure(f"unknown exit kind {kind}")
 
     async def _wait(self, exit: Exit) -> tuple[tuple[bytes, bytes, list[Any] | None], int]:
@@ -315,7 +330,7 @@ class WorldAnswers:
                     _trace.stamp(_trace.SUP_WOKE, -1)
         index, blob, events = self.front.collect(readable, writable, pressured)
         if self._signals:
-            events[:0] = [(p.EV_SIGNAL, s) for s in self._signals]
+            events[:0] = [(protocol.EV_SIGNAL, s) for s in self._signals]
             self._signals.clear()
         return (index, blob, events or None), (started + timeout_ns if timed_out else 0)
 

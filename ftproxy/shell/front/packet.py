@@ -30,7 +30,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from ftproxy.guest import protocol as p
+from ftproxy.guest import protocol
 from ftproxy.netstack.packets import (
     BROADCAST_MAC,
     ETHERTYPE_ARP,
@@ -39,7 +39,8 @@ from ftproxy.netstack.packets import (
     pseudo_header_sum,
 )
 from ftproxy.shell.front import format_mac, mac_for_ip, parse_mac
-from ftproxy.shell.front.socket import Doorbell
+from ftproxy.shell.supervisor import GuestFailure
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 
@@ -311,19 +312,38 @@ class PacketFront:
         queue = self._queue
         for _ in range(min(len(queue), self.max_batch)):
             frame = queue.popleft()
-            events.append((p.EV_FRAME, frame))
+            events.append((protocol.EV_FRAME, frame))
             self.input_bytes += len(frame)
         self.stats["frames_in"] += len(events)
         return b"", b"", events
+
+    # -- what only socket mode answers ---------------------------------------
+
+    def inherit(self, held: dict[int, bool], next_accepted: int) -> None:
+        """Nothing to take over: the guest's connections live in its own stack, and
+        survive a failover."""
+
+    def bind(self, sock_id: int, family: int, kind: int, addr: tuple[Any, ...]) -> tuple[int, Any]:
+        raise _answered_by_the_guest(protocol.KIND_BIND)
+
+    def listen(self, sock_id: int, backlog: int) -> int:
+        raise _answered_by_the_guest(protocol.KIND_LISTEN)
+
+    async def connect(
+        self, sock_id: int, family: int, addr: tuple[Any, ...], timeout_ns: int
+    ) -> tuple[int, Any, Any]:
+        raise _answered_by_the_guest(protocol.KIND_CONNECT)
 
     # -- outputs -----------------------------------------------------------
 
     def apply(self, message: tuple[Any, ...]) -> None:
         """Put one guest output on the network: in packet mode only frames exist."""
-        if message[0] == p.OP_FRAME:
+        if message[0] == protocol.OP_FRAME:
             self.send_frame(message[2])
         else:
-            raise ValueError(f"a {p.OP_NAMES.get(message[0], message[0])} output in packet mode")
+            raise ValueError(
+                f"a {protocol.OP_NAMES.get(message[0], message[0])} output in packet mode"
+            )
 
     def send_frame(self, frame: bytes) -> None:
         """Put a frame on the wire now, or lose it: never blocks, never raises.
@@ -470,3 +490,9 @@ class PacketFront:
         self._sock.close()
         self._queue.clear()
         log.info("packet_front_closed", interface=self.interface, **self.stats)
+
+
+def _answered_by_the_guest(kind: int) -> GuestFailure:
+    """A socket set-up exit in packet mode: the guest's own TCP/IP stack answers those."""
+    name = protocol.KIND_NAMES.get(kind, f"kind {kind}")
+    return GuestFailure(f"a {name} exit in packet mode: the guest's own stack answers those")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import select
 import socket
 from collections import deque
@@ -27,9 +26,9 @@ from typing import Any
 import structlog
 import trio
 
-from ftproxy.guest import _trace
-from ftproxy.guest import protocol as p
+from ftproxy.guest import _trace, protocol
 from ftproxy.shell.admission import RESERVED_DESCRIPTORS, RejectionLog, descriptors_left, peer_name
+from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
 _ACCEPT_PAUSE_S = 0.1
@@ -38,39 +37,6 @@ _INPUT_LIMIT = 256 * 1024
 _DATAGRAM_QUEUE = 1024
 _CONNECT_TIMEOUT_S = 30.0
 AddressMap = dict[int, tuple[str, int]]
-
-
-class Doorbell:
-    """Wakes whoever waits for "something changed"; a ring is never lost.
-
-    A waiter checks its condition and then waits with no checkpoint between,
-    so under trio a ring cannot fall between the check and the wait.
-    """
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-        self._scopes: list[trio.CancelScope] = []
-
-    def ring(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-        if self._scopes:
-            scopes, self._scopes = self._scopes, []
-            for scope in scopes:
-                scope.cancel()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-    async def wait_readable(self, fd: int, deadline: float = math.inf) -> None:
-        """Wait for a ring, for ``fd`` to be readable or for ``deadline``, whichever is first."""
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._scopes.append(scope)
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            finally:
-                if scope in self._scopes:
-                    self._scopes.remove(scope)
 
 
 class _Stream:
@@ -123,7 +89,7 @@ class SocketFront:
         self._streams: dict[int, _Stream] = {}
         self._listeners: dict[int, _Listener] = {}
         self._datagrams: dict[int, _Datagram] = {}
-        self._next_accepted = p.FIRST_ACCEPTED_SOCK
+        self._next_accepted = protocol.FIRST_ACCEPTED_SOCK
         # Connections the guest held before this front existed (a backup gone
         # live): they have no real socket here, and each reads as reset once.
         # id -> whether the guest has been told.
@@ -217,16 +183,16 @@ class SocketFront:
     def apply(self, message: tuple[Any, ...]) -> None:
         """Put one guest output on the network."""
         op = message[0]
-        if op == p.OP_SEND:
+        if op == protocol.OP_SEND:
             self.send(message[1], message[2])
-        elif op == p.OP_SENDTO:
+        elif op == protocol.OP_SENDTO:
             self.sendto(message[1], message[2], message[3])
-        elif op == p.OP_SHUTDOWN:
+        elif op == protocol.OP_SHUTDOWN:
             self.shutdown(message[1], message[2])
-        elif op == p.OP_CLOSE:
+        elif op == protocol.OP_CLOSE:
             self.close(message[1])
         else:
-            raise ValueError(f"a {p.OP_NAMES.get(op, op)} output in socket mode")
+            raise ValueError(f"a {protocol.OP_NAMES.get(op, op)} output in socket mode")
 
     def send(self, sock_id: int, data: bytes) -> None:
         stream = self._streams.get(sock_id)
@@ -380,13 +346,13 @@ class SocketFront:
             if listener is not None:
                 while listener.pending:
                     conn_id, peer, local = listener.pending.popleft()
-                    events.append((p.EV_ACCEPT, sid, conn_id, peer, local))
+                    events.append((protocol.EV_ACCEPT, sid, conn_id, peer, local))
                 continue
             datagram = self._datagrams.get(sid)
             if datagram is not None:
                 while datagram.queue:
                     data, addr = datagram.queue.popleft()
-                    events.append((p.EV_DGRAM, sid, data, addr))
+                    events.append((protocol.EV_DGRAM, sid, data, addr))
                     self.input_bytes += len(data)
                 continue
             self._collect_inherited(sid, events)
@@ -397,34 +363,34 @@ class SocketFront:
                 continue
             if stream.written > stream.written_reported:
                 stream.written_reported = stream.written
-                events.append((p.EV_SENT, sid, stream.written))
+                events.append((protocol.EV_SENT, sid, stream.written))
             if stream.reset and not stream.reset_reported:
                 stream.reset_reported = True
-                events.append((p.EV_RESET, sid, stream.reset))
-        index, blob = p.pack_data(chunks)
+                events.append((protocol.EV_RESET, sid, stream.reset))
+        index, blob = protocol.pack_data(chunks)
         return index, blob, events
 
     def _collect_inherited(self, sid: int, events: list[Any]) -> None:
         if self._inherited.get(sid) is False:
             self._inherited[sid] = True
-            events.append((p.EV_RESET, sid, errno.ECONNRESET))
+            events.append((protocol.EV_RESET, sid, errno.ECONNRESET))
 
     def _collect_stream_input(
         self, sid: int, stream: _Stream, chunks: list[tuple[int, bytes]], events: list[Any]
     ) -> None:
         if stream.inbox:
-            chunk = bytes(stream.inbox[: p.RECV_CHUNK])
-            del stream.inbox[: p.RECV_CHUNK]
+            chunk = bytes(stream.inbox[: protocol.RECV_CHUNK])
+            del stream.inbox[: protocol.RECV_CHUNK]
             chunks.append((sid, chunk))
             self.input_bytes += len(chunk)
             if not stream.polled and not (stream.eof or stream.reset):
                 self._poll(stream)  # there is room again
         elif stream.reset and not stream.reset_reported:
             stream.reset_reported = True
-            events.append((p.EV_RESET, sid, stream.reset))
+            events.append((protocol.EV_RESET, sid, stream.reset))
         elif stream.eof and not stream.eof_reported:
             stream.eof_reported = True
-            events.append((p.EV_EOF, sid))
+            events.append((protocol.EV_EOF, sid))
 
     # -- tasks -------------------------------------------------------------
 

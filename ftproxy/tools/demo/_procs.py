@@ -15,7 +15,6 @@ from typing import Any, Final
 
 import trio
 
-from ftproxy.shell.admin import AdminUnavailable, fetch_status
 from ftproxy.tools.demo._config import (
     ADMIN_TIMEOUT_S,
     HOST,
@@ -27,6 +26,7 @@ from ftproxy.tools.demo._config import (
     STOP_TIMEOUT_S,
     DemoError,
 )
+from ftproxy.tools.status import AdminUnavailable, fetch_status
 
 # --- The replicas ---------------------------------------------------------------------
 
