@@ -21,7 +21,7 @@ from test_link import ARGV, HEADER, linked
 import arbiter
 from ftproxy.core.channel import Ack, Entries, Heartbeat
 from ftproxy.core.records import Entry
-from ftproxy.core.replication import Role, Timing
+from ftproxy.core.replication import ReplicaRole, Timing
 from ftproxy.guest.protocol import OP_SEND
 from ftproxy.shell.backup import Backup
 from ftproxy.shell.link import LogLink
@@ -109,7 +109,7 @@ async def test_a_heartbeating_peer_stays_alive_and_a_silent_one_dies_after_the_t
         last_heard = primary.replica.last_heard
         await primary.peer_gone.wait()
         nursery.cancel_scope.cancel()
-    assert primary.replica.role is Role.PRIMARY  # the shell reports; arbitrating is run()'s
+    assert primary.replica.role is ReplicaRole.PRIMARY  # the shell reports; arbitrating is run()'s
     assert primary.peer_lost_at == pytest.approx(last_heard + TIMING.peer_timeout_s)
     assert primary.board.peer_lost_reason == f"no word from the backup for {TIMING.peer_timeout_s}s"
 
