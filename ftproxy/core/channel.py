@@ -76,6 +76,7 @@ __all__ = [
     "ProtocolError",
     "RecordedOutputs",
     "RemoteProtocolError",
+    "Sendable",
     "State",
     "Waiting",
     "Welcome",
@@ -178,11 +179,9 @@ class Protected(msgspec.Struct, tag=11, array_like=True, frozen=True):
     seq: int
 
 
-Message: TypeAlias = (
-    Hello
-    | Proof
-    | Error
-    | Join
+# What either side may send once the opening is done (``Channel.send``).
+Sendable: TypeAlias = (
+    Join
     | Welcome
     | Entries
     | Ack
@@ -191,7 +190,9 @@ Message: TypeAlias = (
     | Diverged
     | RecordedOutputs
     | Protected
+    | Error
 )
+Message: TypeAlias = Hello | Proof | Sendable
 ChannelEvent: TypeAlias = (
     Authenticated
     | Join
@@ -267,19 +268,7 @@ class Channel(Session):
         event: ChannelEvent | Literal[_NeedData.NEED_DATA] = super().next_event()
         return event
 
-    def send(
-        self,
-        message: Join
-        | Welcome
-        | Entries
-        | Ack
-        | Heartbeat
-        | Waiting
-        | Diverged
-        | RecordedOutputs
-        | Protected
-        | Error,
-    ) -> bytes:
+    def send(self, message: Sendable) -> bytes:
         """The bytes that send ``message``, after any queued opening bytes."""
         return super().send(message)
 

@@ -15,21 +15,15 @@ from ftproxy.core.channel import (
     BACKUP,
     NEED_DATA,
     PRIMARY,
-    Ack,
     Authenticated,
     Channel,
     ChannelEvent,
     ConnectionClosed,
-    Diverged,
-    Entries,
     Error,
-    Heartbeat,
     Join,
     LocalProtocolError,
-    Protected,
-    RecordedOutputs,
     RemoteProtocolError,
-    Waiting,
+    Sendable,
     Welcome,
 )
 from ftproxy.shell.admission import (
@@ -61,20 +55,6 @@ class LinkRefused(Exception):
     def __init__(self, reason: str, *, retry: bool = False) -> None:
         super().__init__(reason)
         self.retry = retry
-
-
-Sendable = (
-    Join
-    | Welcome
-    | Entries
-    | Ack
-    | Heartbeat
-    | Waiting
-    | Diverged
-    | RecordedOutputs
-    | Protected
-    | Error
-)
 
 
 class LogLink:
