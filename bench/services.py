@@ -10,18 +10,24 @@ waits), so that several configurations boot at the same time.
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import FTPROXY, HOST, KV, ROOT, Proc, free_port, wait_until
+from bench.procs import (
+    FTPROXY,
+    HOST,
+    KV,
+    ROOT,
+    Proc,
+    admin_status,
+    free_port,
+    wait_accepting,
+)
 from ftproxy.tools.etcdlocal import EtcdCluster
 
 READY = "listening"
@@ -87,12 +93,6 @@ class Service:
     def stop(self) -> None:
         for proc in self.primary + self.backup + self.others:
             proc.stop()
-
-
-def admin_status(port: int, timeout: float = 5.0) -> dict[str, Any]:
-    """A replica's ``GET /status`` as a mapping."""
-    with urllib.request.urlopen(f"http://{HOST}:{port}/status", timeout=timeout) as reply:
-        return dict(json.loads(reply.read()))
 
 
 def log_channel_bytes_sent(port: int) -> int | None:
@@ -200,11 +200,7 @@ class Arbiter:
         return self
 
     def wait_listening(self) -> None:
-        def accepts() -> bool:
-            socket.create_connection((HOST, self.port), timeout=1).close()
-            return True
-
-        wait_until(accepts, 30, "the arbiter listens")
+        wait_accepting(self.port, 30, "the arbiter listens")
 
     @property
     def address(self) -> str:

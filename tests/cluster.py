@@ -2,85 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from support import EXAMPLES, FTPROXY, ROOT, free_port, read_line_until
+from support import EXAMPLES, FTPROXY, ROOT, free_port
 
+from ftproxy.tools.procs import Proc, wait_accepting, wait_until
+from ftproxy.tools.procs import admin_status as status
 from ftproxy.tools.resp import encode_command
+
+__all__ = ["KV", "Cluster", "KvClient", "Load", "Process", "status", "wait_until"]
 
 KV = EXAMPLES / "kv.py"
 
 
-class Process:
-    """One ftproxy process; its stdout is read for readiness, stderr kept for failures."""
+class Process(Proc):
+    """One ftproxy process of a test (ftproxy.tools.procs' harness), started in the
+    repository as a user's clone would run it."""
 
     def __init__(self, name: str, command: list[str], log_dir: Path, cwd: Path = ROOT) -> None:
-        self.name = name
-        self.command = command
-        self.stderr_path = log_dir / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=cwd
-        )
-
-    def wait_for(self, marker: str, timeout: float = 20.0) -> None:
-        assert self.popen.stdout is not None
-        try:
-            read_line_until(self.popen.stdout, marker, timeout)
-        except AssertionError as exc:
-            raise AssertionError(f"{self.name}: {exc}\nstderr:\n{self.stderr()}") from None
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.stderr().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def signal(self, signum: int) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signum)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        self._stderr.close()
-
-
-def status(admin_port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=5) as reply:
-        return dict(json.loads(reply.read()))
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
+        super().__init__(name, command, log_dir, cwd=cwd)
 
 
 @dataclass
@@ -125,11 +70,7 @@ class Cluster:
         ]
         process = Process("arbiter", command, self.tmp)
         self.processes["arbiter"] = process
-        wait_until(
-            lambda: socket.create_connection(("127.0.0.1", self.arbiter_port)).close() is None,
-            20,
-            "the arbiter listens",
-        )
+        wait_accepting(self.arbiter_port, 20, "the arbiter listens")
         return process
 
     def replica_command(self, role: str, *extra: str, guest: tuple[str, ...] = ()) -> list[str]:
@@ -204,8 +145,8 @@ class Cluster:
         self.start_primary()
         self.start_backup()
         if ready is not None:
-            self.primary.wait_for(ready)
-            self.backup.wait_for(ready)
+            self.primary.wait_for_output(ready, 20)
+            self.backup.wait_for_output(ready, 20)
         return self
 
     def start_primary(self) -> Process:

@@ -17,13 +17,14 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-# The one free-port helper of tests/ and bench/: below the kernel's ephemeral range
-# and never the same port twice in a run, so that no bind(0) or outgoing connection
-# (another test's, another helper's) takes it between our pick and the process's bind.
-from bench.procs import free_port as free_port
 from ftproxy.core.records import Output
 from ftproxy.log.file import read_log
 from ftproxy.shell.replay import ReplayResult, replay
+
+# The one free-port helper of tests/, bench/ and the demo: below the kernel's ephemeral
+# range and never the same port twice in a run, so that no bind(0) or outgoing connection
+# (another test's, another helper's) takes it between our pick and the process's bind.
+from ftproxy.tools.procs import free_port as free_port
 from ftproxy.tools.resp import ErrorReply, RespClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -65,7 +65,7 @@ program = ["{KV}", "--port", "{service}"]
             Process("backup", [*FTPROXY, "--config", str(file), "backup"], tmp_path),
         ]
         try:
-            started[1].wait_for("listening")
+            started[1].wait_for_output("listening")
             assert KvClient(service).call("INCR", "n") == b":1"
             primary = status(primary_admin)
             assert primary["role"] == "primary" and primary["pair"] == "from-the-file"
@@ -95,7 +95,7 @@ program = ["{KV}", "--port", "{c.service_port}"]
     )
     node = Process("node", [*FTPROXY, "--config", str(file), "run"], tmp_path)
     try:
-        node.wait_for("listening")
+        node.wait_for_output("listening")
         assert KvClient(c.service_port).call("INCR", "n") == b":1"
         now = status(admin)
         assert now["role"] == "live" and now["pair"] == "kv-from-file"

@@ -128,7 +128,7 @@ def test_a_backup_running_another_program_is_refused(cluster) -> None:
     assert "both must run the same guest command line" in other.stderr()
     # The primary keeps waiting for a proper backup, and takes it.
     c.processes["backup"] = Process("backup", c.replica_command("backup"), c.tmp)
-    primary.wait_for("listening")
+    primary.wait_for_output("listening")
     assert KvClient(c.service_port).call("PING") == b"+PONG"
 
 
@@ -202,6 +202,6 @@ def test_replicas_authenticate_with_a_shared_secret(cluster, tmp_path: Path) -> 
     c.processes["backup"] = Process(
         "backup", with_secret(c.replica_command("backup"), secret), tmp_path
     )
-    primary.wait_for("listening")
+    primary.wait_for_output("listening")
     assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
     assert "different secrets" in primary.stderr()

@@ -49,8 +49,8 @@ def test_hooks_see_every_role_change_and_a_failing_hook_is_not_fatal(tmp_path: P
         "backup", cluster.replica_command("backup", *hook(recorder, backup_log)), tmp_path
     )
     try:
-        cluster.primary.wait_for("listening")
-        cluster.backup.wait_for("listening")
+        cluster.primary.wait_for_output("listening")
+        cluster.backup.wait_for_output("listening")
         wait_until(lambda: roles(backup_log) == ["backup"], 20, "the backup's hook ran")
         wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
         wait_until(
@@ -89,7 +89,7 @@ def test_a_hook_that_runs_too_long_is_killed_and_logged(tmp_path: Path) -> None:
     )
     cluster.processes["backup"] = Process("backup", cluster.replica_command("backup"), tmp_path)
     try:
-        cluster.primary.wait_for("listening")
+        cluster.primary.wait_for_output("listening")
         wait_until(
             lambda: any(e["event"] == "role_hook_failed" for e in cluster.primary.events()),
             20,
@@ -114,7 +114,7 @@ def test_a_primary_that_halts_runs_its_halted_hook_before_it_exits(tmp_path: Pat
     )
     cluster.processes["backup"] = Process("backup", cluster.replica_command("backup"), tmp_path)
     try:
-        cluster.primary.wait_for("listening")
+        cluster.primary.wait_for_output("listening")
         wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
         cluster.primary.signal(signal.SIGSTOP)  # hung: the backup takes over
         wait_until(lambda: status(cluster.backup_admin)["role"] == "live", 20, "backup live")
@@ -142,7 +142,7 @@ def test_a_primary_that_loses_its_backup_and_goes_on_alone_runs_its_live_hook(
     )
     cluster.processes["backup"] = Process("backup", cluster.replica_command("backup"), tmp_path)
     try:
-        cluster.primary.wait_for("listening")
+        cluster.primary.wait_for_output("listening")
         wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
         cluster.backup.signal(signal.SIGKILL)
         wait_until(lambda: roles(primary_log) == ["primary", "live"], 20, "the live hook ran")
@@ -168,7 +168,7 @@ def test_re_protection_runs_the_primary_hook_of_the_next_generation(tmp_path: Pa
     joining = ("--primary", f"127.0.0.1:{log_port}")
     try:
         first = cluster.replica("b", "backup", *joining, admin=free_port())
-        primary.wait_for("listening")
+        primary.wait_for_output("listening")
         wait_until(lambda: roles(primary_log) == ["primary"], 20, "the primary's hook ran")
         first.signal(signal.SIGKILL)
         wait_until(lambda: roles(primary_log) == ["primary", "live"], 20, "the live hook ran")

@@ -75,8 +75,8 @@ def test_silent_slow_and_oversized_strangers_do_not_stop_the_pair_forming(cluste
     try:
         started = time.monotonic()
         c.start_backup()
-        c.primary.wait_for("listening")
-        c.backup.wait_for("listening")
+        c.primary.wait_for_output("listening")
+        c.backup.wait_for_output("listening")
         joined = time.monotonic() - started
         assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
     finally:
@@ -106,8 +106,8 @@ def test_a_backup_retries_a_primary_that_does_not_finish_the_opening(cluster) ->
     conn.close()
     impostor.close()
     c.start_primary()
-    c.primary.wait_for("listening")
-    c.backup.wait_for("listening")
+    c.primary.wait_for_output("listening")
+    c.backup.wait_for_output("listening")
     assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
 
 
@@ -371,8 +371,8 @@ def test_a_tampered_log_channel_is_refused_and_releases_nothing(
     relay = Relay(c.log_port)
     try:
         c.start_backup(primary=f"{HOST}:{relay.port}")
-        c.primary.wait_for("listening")
-        c.backup.wait_for("listening")
+        c.primary.wait_for_output("listening")
+        c.backup.wait_for_output("listening")
         load = Load(c.service_port, clients=4).start()
         wait_until(lambda: load.acknowledged() > 50, 20, "the load is running")
         relay.arm(way, how)
@@ -445,8 +445,8 @@ def test_bad_input_on_the_log_channel_before_pairing(cluster) -> None:
     wait_until(lambda: listening(c.log_port), 20, "the log channel listens")
     fuzz(c.log_port, lambda: c.primary.popen.poll() is None)
     c.start_backup()
-    c.primary.wait_for("listening")
-    c.backup.wait_for("listening")
+    c.primary.wait_for_output("listening")
+    c.backup.wait_for_output("listening")
     assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
 
 
@@ -487,7 +487,7 @@ def test_strangers_on_a_live_replicas_log_port_do_not_stop_its_next_backup(clust
     primary_admin = free_port()
     primary = c.replica("a", "primary", "--log-listen", f"{HOST}:{log_port}", admin=primary_admin)
     first = c.replica("b", "backup", "--primary", f"{HOST}:{log_port}", admin=free_port())
-    primary.wait_for("listening")
+    primary.wait_for_output("listening")
     wait_until(lambda: events(first, "backup_protected"), 20, "b is protected")
     first.signal(signal.SIGKILL)
     wait_until(lambda: role(primary_admin) == "live", 20, "a goes on alone")

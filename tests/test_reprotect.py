@@ -82,7 +82,7 @@ def events(node: Node, name: str) -> list[dict]:
 def form_pair(c: Cluster) -> tuple[Node, Node]:
     primary = start_primary(c, "a")
     backup = start_backup(c, "b", primary)
-    primary.process.wait_for("listening")
+    primary.process.wait_for_output("listening")
     wait_until(lambda: primary.protected(1), 20, "the first pair is protected")
     return primary, backup
 
@@ -193,7 +193,7 @@ def test_a_stopped_old_primary_thawed_after_generation_2_formed_halts_and_sends_
     mapping = ("--map", f"{c.service_port}=127.0.0.1:{other_port}")
     primary = start_primary(c, "a")
     backup = start_backup(c, "b", primary, *mapping)
-    primary.process.wait_for("listening")
+    primary.process.wait_for_output("listening")
     wait_protected(primary, 1)
     stale = KvClient(c.service_port)
     assert stale.call("INCR", "stale") == b":1"

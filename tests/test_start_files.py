@@ -59,8 +59,8 @@ def test_a_sqlite_service_keeps_every_write_across_failover_each_replica_in_its_
     c.processes["backup"] = Process(
         "backup", c.replica_command("backup", "--workdir", str(backup_dir), guest=guest), tmp_path
     )
-    c.primary.wait_for("listening")
-    c.backup.wait_for("listening")
+    c.primary.wait_for_output("listening")
+    c.backup.wait_for_output("listening")
     with concurrent.futures.ThreadPoolExecutor(4) as clients:
         acks = list(
             clients.map(lambda i: _get(c.service_port, f"/put?k=key{i}&v=value{i}"), range(20))
@@ -126,8 +126,8 @@ def test_a_pair_runs_python_m_http_server_and_fails_over(pair, tmp_path: Path) -
     guest += (str(c.service_port),)
     c.processes["primary"] = Process("primary", c.replica_command("primary", guest=guest), tmp_path)
     c.processes["backup"] = Process("backup", c.replica_command("backup", guest=guest), tmp_path)
-    c.primary.wait_for("Serving HTTP")
-    c.backup.wait_for("Serving HTTP")
+    c.primary.wait_for_output("Serving HTTP")
+    c.backup.wait_for_output("Serving HTTP")
     assert _get(c.service_port, "/page.txt") == "the same page on both replicas\n"
     c.kill_primary()
     wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup goes live")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -24,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
+
+from ftproxy.tools.procs import free_port
 
 HOST: Final = "127.0.0.1"
 PACKAGE: Final = "etcd-server"
@@ -57,12 +58,6 @@ def etcd_binary() -> str:
             f"etcd is not installed: `apt-get install {PACKAGE}` (Debian) puts it on PATH"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -31,11 +31,11 @@ verdict. All I/O is trio's; every process, the temporary directory and the lab
 go on every way out, Ctrl-C included.
 
 One private module per job: ``_config`` (settings, exit codes, ports), ``_load``
-(the clients and what they were told), ``_procs`` (starting and stopping the
-processes), ``_verdict`` (reading back, the verdicts and their ``--json`` fields),
-``_state`` (what the view shows), ``_run`` (the steps both modes share),
-``_socket_mode``, ``_etcd``, ``_rounds`` and ``_packet_mode`` (the runs),
-``_view`` (the rich views) and ``_command`` (the options and ``run_demo``). RESP
+(the clients and what they were told), ``_procs`` (the replicas as trio
+processes, on :mod:`ftproxy.tools.procs`), ``_verdict`` (reading back, the verdicts
+and their ``--json`` fields), ``_state`` (what the view shows), ``_run`` (the steps
+both modes share), ``_socket_mode``, ``_etcd``, ``_rounds`` and ``_packet_mode`` (the
+runs), ``_view`` (the rich views) and ``_command`` (the options and ``run_demo``). RESP
 itself is :mod:`ftproxy.tools.resp`, shared with the benchmark and the tests.
 """
 
@@ -53,8 +53,8 @@ from ftproxy.tools.demo._config import (
     DemoConfig,
     DemoError,
 )
-from ftproxy.tools.demo._procs import summarize_stderr
 from ftproxy.tools.demo._verdict import VERDICT_FIELDS, PacketVerdict, Verdict
+from ftproxy.tools.procs import summarize_stderr
 from ftproxy.tools.resp import ErrorReply, encode_command, parse_reply
 
 __all__ = [

@@ -23,7 +23,7 @@ from ftproxy.tools.demo._config import (
     DemoError,
 )
 from ftproxy.tools.demo._load import ConnectionLoad
-from ftproxy.tools.demo._procs import FTPROXY_COMMAND, Launch, Replica, in_netns, start_process
+from ftproxy.tools.demo._procs import Launch, Replica, in_netns, start_process
 from ftproxy.tools.demo._run import (
     announce_go_live,
     exit_on_signals,
@@ -34,6 +34,7 @@ from ftproxy.tools.demo._run import (
 )
 from ftproxy.tools.demo._state import Demo
 from ftproxy.tools.demo._verdict import Outcome, PacketVerdict, verify_connection
+from ftproxy.tools.procs import FTPROXY_COMMAND
 
 
 async def run_packet(demo: Demo, workdir: Path) -> Outcome:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from ftproxy.tools.demo._config import (
     ADMIN_TIMEOUT_S,
-    HOST,
     KV_SCRIPT,
     READY_MARKER,
     RECEIVE_SIZE,
@@ -26,6 +23,7 @@ from ftproxy.tools.demo._config import (
     STOP_TIMEOUT_S,
     DemoError,
 )
+from ftproxy.tools.procs import FTPROXY_COMMAND, children, free_port, is_guest, summarize_stderr
 from ftproxy.tools.status import AdminUnavailable, fetch_status
 
 # --- The replicas ---------------------------------------------------------------------
@@ -57,7 +55,7 @@ class Replica:
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 if not self.ready.is_set() and any(READY_MARKER.encode() in x for x in lines):
-                    self.guest_pids = await _children(self.process.pid)
+                    self.guest_pids = await trio.to_thread.run_sync(children, self.process.pid)
                     self.ready.set()
         code = await self.process.wait()
         if not self.exit_expected:
@@ -81,7 +79,7 @@ class Replica:
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         for pid in self.guest_pids:
-            if await _is_guest(pid):
+            if is_guest(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -99,47 +97,8 @@ class Replica:
             text = await trio.Path(self.stderr_path).read_text(errors="replace")
         except OSError:
             return ""
-        tail = summarize_stderr(text)
+        tail = summarize_stderr(text, STDERR_TAIL_LINES)
         return "; its stderr ends with: " + " / ".join(tail) if tail else "; no stderr"
-
-
-def summarize_stderr(text: str, lines: int = STDERR_TAIL_LINES) -> list[str]:
-    """The last meaningful lines of a replica's stderr: JSON log lines shortened to
-    their event and reason, traceback decoration (``|``, ``+--``, ``^^^``) dropped."""
-    kept: list[str] = []
-    for raw in text.splitlines():
-        line = raw.strip().lstrip("|+- ").strip()
-        if not line or set(line) <= set("^~ "):
-            continue
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "event" in record:
-                reason = record.get("reason") or record.get("error")
-                line = f"{record['event']}" + (f" ({reason})" if reason else "")
-        kept.append(line)
-    return kept[-lines:]
-
-
-async def _children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (a supervisor's guest), from /proc.
-
-    Every thread of ``pid`` is asked: trio starts processes from a worker thread,
-    and /proc lists a child under the thread that forked it.
-    """
-    children: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in await trio.Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                children += [int(x) for x in (await (task / "children").read_text()).split()]
-    return children
-
-
-async def _is_guest(pid: int) -> bool:
-    """Whether ``pid`` still is a guest process, so that a reused pid is left alone."""
-    try:
-        return b"ftproxy.guest" in await trio.Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -150,9 +109,6 @@ class Launch:
     role_args: list[str]
     admin: str
     netns: str | None = None  # a lab host's network namespace (``--packet``)
-
-
-FTPROXY_COMMAND: Final = (sys.executable, "-m", "ftproxy.cli", "--log-format", "json")
 
 
 def in_netns(netns: str | None, command: Sequence[str]) -> list[str]:
@@ -213,13 +169,6 @@ class Ports:
     backup_log: int = 0  # --rounds: where the backup takes the next backup once live
 
 
-async def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports on HOST, held together while picked."""
-    sockets = [trio.socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            await sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on HOST (the harness's picks: never twice a run)."""
+    return [free_port() for _ in range(count)]

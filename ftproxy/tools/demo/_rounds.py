@@ -43,7 +43,7 @@ async def run_rounds(
         load.stats.first_new_reply = load.stats.last_old_reply = None
         await wait_for(backup, lambda s: s.get("role") == "live", config.start_timeout_s)
         events.emit("backup_live", f"{backup.name} is live, alone", replica=backup.name)
-        joiner_log, joiner_admin = await free_ports(2)
+        joiner_log, joiner_admin = free_ports(2)
         joiner = await start_replica(
             Launch(
                 f"backup {number + 1}",

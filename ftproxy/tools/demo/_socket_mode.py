@@ -29,7 +29,7 @@ async def run(demo: Demo, workdir: Path) -> Outcome:
                 port = await nursery.start(arbiter.serve, HOST, 0, workdir / "arbiter-store", None)
                 arbiter_at = f"{HOST}:{port}"
                 events.emit("arbiter_started", f"arbiter on {arbiter_at}", port=port)
-            service, log_port, primary_admin, backup_admin, backup_log = await free_ports(5)
+            service, log_port, primary_admin, backup_admin, backup_log = free_ports(5)
             ports = Ports(service, log_port, primary_admin, backup_admin, arbiter_at, backup_log)
             primary, backup = await start_pair(
                 demo, workdir, nursery, _socket_launches(demo.config, ports), ports.service

@@ -1,0 +1,327 @@
+"""Starting ftproxy's processes and watching them: the one harness of the demo, bench/
+and tests/.
+
+A :class:`Proc` runs in a session (process group) of its own, so that stopping it also
+stops what it started (a supervisor's guest); its stdout and stderr go to files in a
+scratch directory, never to pipes nobody drains. Readiness is a line on stdout
+(:meth:`Proc.wait_for_output`), a structlog event on stderr (:meth:`Proc.wait_for_event`),
+a port that accepts (:func:`wait_accepting`) or an admin endpoint's ``GET /status``
+(:func:`admin_status`). Ports come from :func:`free_port`. The demo runs its replicas as
+trio processes of its own, and shares the command, the ports and the /proc readers here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+HOST: Final = "127.0.0.1"
+# ``ftproxy`` as this interpreter runs it, logging JSON lines that the harness reads.
+FTPROXY_COMMAND: Final = (sys.executable, "-m", "ftproxy.cli", "--log-format", "json")
+POLL_S: Final = 0.02
+
+# --- Ports ---------------------------------------------------------------------------
+
+_HANDED_OUT: set[int] = set()
+_PICK_LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for bind(0) and connect() (Linux)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process to bind a moment later.
+
+    Chosen below the kernel's ephemeral range, so that no bind(0) or outgoing
+    connection elsewhere on the machine (redis-benchmark's clients, other
+    tests) takes it in the meantime, and never the same one twice in this run,
+    so that two of our services do not race for it either. Where a service can
+    take port 0 and report it, that is better still (bench/services.py).
+    """
+    rng = random.Random()
+    high = _ephemeral_low()
+    for _ in range(500):
+        port = rng.randrange(_PICK_LOW, high) if high > _PICK_LOW + 1000 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def free_port_block(count: int) -> int:
+    """A port B such that B .. B+count-1 were all free, below the ephemeral range.
+
+    (pyraft serves clients on P and Raft on P+1: adjacent ports that an
+    ephemeral pick elsewhere must not take.)
+    """
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(_PICK_LOW, 32000 - count)
+        if _HANDED_OUT & set(range(base, base + count)):
+            continue
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        _HANDED_OUT.update(range(base, base + count))
+        return base
+    raise RuntimeError(f"no {count} adjacent free ports")
+
+
+# --- Waiting -------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` (OSError counts as not yet) until true; TimeoutError after
+    ``timeout`` seconds, naming ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:g}s: {what}")
+        time.sleep(POLL_S)
+
+
+def wait_accepting(port: int, timeout: float, what: str, host: str = HOST) -> None:
+    """Wait until ``host:port`` accepts a TCP connection (a process is listening)."""
+
+    def accepts() -> bool:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+
+    wait_until(accepts, timeout, what)
+
+
+def admin_status(port: int, timeout: float = 5.0, host: str = HOST) -> dict[str, Any]:
+    """A replica's ``GET /status`` (its admin endpoint on ``host:port``) as a mapping."""
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as reply:
+        return dict(json.loads(reply.read()))
+
+
+# --- Processes -----------------------------------------------------------------------
+
+
+class Proc:
+    """One child process, its stdout and stderr kept in files under ``scratch``."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        scratch: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.command = list(command)
+        self.stdout_path = scratch / f"{name}.stdout"
+        self.stderr_path = scratch / f"{name}.stderr"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.popen = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    def wait_for_output(self, marker: str, timeout: float = 60.0) -> None:
+        """Wait until the process printed ``marker`` on stdout."""
+
+        def printed() -> bool:
+            if marker in self.stdout():
+                return True
+            if self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode} before printing "
+                    f"{marker!r}; stderr ends with:\n{self.stderr_tail()}"
+                )
+            return False
+
+        try:
+            wait_until(printed, timeout, f"{self.name} prints {marker!r}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
+
+    def wait_for_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the process logged structlog ``event`` (JSON lines on stderr); return it.
+
+        How a service started on port 0 tells which port it took.
+        """
+        found: dict[str, Any] = {}
+
+        def logged() -> bool:
+            exited = self.popen.poll()
+            for record in self.events():
+                if record.get("event") == event:
+                    found.update(record)
+                    return True
+            if exited is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {exited} before logging {event!r}; "
+                    f"stderr ends with:\n{self.stderr_tail()}"
+                )
+            return False
+
+        try:
+            wait_until(logged, timeout, f"{self.name} logs {event!r}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
+        return found
+
+    def stdout(self) -> str:
+        """Everything the process printed on stdout so far."""
+        try:
+            return self.stdout_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self) -> str:
+        """Everything the process wrote on stderr so far (its log)."""
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The structlog events the process logged so far (its JSON lines on stderr)."""
+        out: list[dict[str, Any]] = []
+        for line in self.stderr().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.stderr().splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of this process and its descendants still alive (Linux /proc)."""
+        return tree_cpu(self.pid)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to this process alone, if it still runs."""
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Its exit code, once it exited (subprocess.TimeoutExpired after ``timeout``)."""
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL this process alone (not its group): what a crash looks like."""
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP this process alone: silent, its sockets still open (a hung host)."""
+        self.signal(signal.SIGSTOP)
+
+    def stop(self) -> None:
+        """SIGKILL the whole process group, and reap the leader; safe to call twice."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+# --- /proc ---------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a supervisor's guest), from /proc.
+
+    Every thread of ``pid`` is asked: trio starts processes from a worker thread,
+    and /proc lists a child under the thread that forked it.
+    """
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(x) for x in (task / "children").read_text().split()]
+    return found
+
+
+def is_guest(pid: int) -> bool:
+    """Whether ``pid`` still is an ftproxy guest process, so that a reused pid is left alone."""
+    try:
+        return b"ftproxy.guest" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user+system) of ``pid`` and its live descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(stat[11]) + int(stat[12])) / ticks
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        pending.extend(children(current))
+    return total
+
+
+# --- Logs ----------------------------------------------------------------------------
+
+
+def summarize_stderr(text: str, lines: int = 3) -> list[str]:
+    """The last meaningful lines of a replica's stderr: JSON log lines shortened to
+    their event and reason, traceback decoration (``|``, ``+--``, ``^^^``) dropped."""
+    kept: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("|+- ").strip()
+        if not line or set(line) <= set("^~ "):
+            continue
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "event" in record:
+                reason = record.get("reason") or record.get("error")
+                line = f"{record['event']}" + (f" ({reason})" if reason else "")
+        kept.append(line)
+    return kept[-lines:]
