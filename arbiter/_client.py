@@ -36,7 +36,6 @@ from arbiter._interface import (
 )
 from arbiter._protocol import (
     MAX_REASON_LENGTH,
-    NEED_DATA,
     Authenticated,
     Connection,
     ConnectionClosed,
@@ -50,6 +49,7 @@ from arbiter._protocol import (
     TestAndSet,
     Undecided,
 )
+from ftproxy.shell.pump import pump_event
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -207,14 +207,14 @@ async def converse(
     Any ``trio.abc.Stream``: the built-in client's TCP connection, or a test's
     memory stream to an in-process server."""
     conn = Connection(Side.CLIENT, secret)
+
+    async def receive() -> bytes:
+        return bytes(await stream.receive_some(_RECEIVE_SIZE))
+
     try:
         while True:
-            event = conn.next_event()
-            if outgoing := conn.data_to_send():  # the handshake's own messages
-                await stream.send_all(outgoing)
-            if event is NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
-            elif isinstance(event, Authenticated):
+            event = await pump_event(conn, receive, stream.send_all)
+            if isinstance(event, Authenticated):
                 await stream.send_all(conn.send(request))
             elif isinstance(event, Decision | Undecided):
                 return event

@@ -22,7 +22,6 @@ from structlog.typing import FilteringBoundLogger
 
 from arbiter._protocol import (
     MAX_REASON_LENGTH,
-    NEED_DATA,
     Authenticated,
     Connection,
     ConnectionClosed,
@@ -37,6 +36,7 @@ from arbiter._protocol import (
 )
 from arbiter._store import Store
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
+from ftproxy.shell.pump import pump_event
 
 __all__ = ["IDLE_TIMEOUT", "serve"]
 
@@ -123,16 +123,18 @@ async def _converse(
     log: FilteringBoundLogger,
     gate: Gate,
 ) -> None:
-    while True:
+    state = conn.state
+
+    async def receive() -> bytes:
+        # The state the peer leaves the conversation in, should this read be its end.
+        nonlocal state
         state = conn.state
-        event = conn.next_event()
-        if outgoing := conn.data_to_send():  # the handshake's own messages
-            await stream.send_all(outgoing)
-        if event is NEED_DATA:
-            with trio.fail_after(IDLE_TIMEOUT):
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            conn.receive_data(bytes(data))
-        elif isinstance(event, Authenticated):
+        with trio.fail_after(IDLE_TIMEOUT):
+            return bytes(await stream.receive_some(_RECEIVE_SIZE))
+
+    while True:
+        event = await pump_event(conn, receive, stream.send_all)
+        if isinstance(event, Authenticated):
             gate.proved()
             log.debug("peer_authenticated", secure=event.secure)
         elif isinstance(event, TestAndSet):

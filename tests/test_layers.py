@@ -18,8 +18,10 @@ ALLOWED: dict[str, set[str]] = {
     "ftproxy.guest": {"ftproxy.netstack"},
     "ftproxy.core": set(),
     "ftproxy.log": {"ftproxy.core", "ftproxy.guest", "ftproxy.netstack"},
-    # The arbiter's server takes strangers as the replicas' ports do (shell.admission).
-    "arbiter": {"ftproxy.core", "ftproxy.shell.admission"},
+    # The arbiter's server takes strangers as the replicas' ports do (shell.admission),
+    # and its client and server move bytes for their session as the log link does
+    # (shell.pump): two shell modules that import only the core.
+    "arbiter": {"ftproxy.core", "ftproxy.shell.admission", "ftproxy.shell.pump"},
     "ftproxy.shell": {
         "ftproxy.core",
         "ftproxy.log",
@@ -104,3 +106,11 @@ def test_the_core_runs_without_trio() -> None:
     loaded = json.loads(out)
     assert not [m for m in loaded if m.split(".")[0] == "trio"]
     assert all(_layer(m) in ("ftproxy.core", None) for m in loaded), loaded
+
+
+@pytest.mark.parametrize("module", ["ftproxy.shell.admission", "ftproxy.shell.pump"])
+def test_the_shell_modules_the_arbiter_imports_import_only_the_core(module: str) -> None:
+    """The arbiter below the shell may use these two, so they must not pull the shell in."""
+    path = ROOT / Path(*module.split(".")).with_suffix(".py")
+    own = [name for _, name in _imports(path) if name.startswith(OWN) and name not in OWN]
+    assert all(_layer(name) == "ftproxy.core" for name in own), own

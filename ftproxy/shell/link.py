@@ -13,7 +13,6 @@ import trio
 
 from ftproxy.core.channel import (
     BACKUP,
-    NEED_DATA,
     PRIMARY,
     Authenticated,
     Channel,
@@ -34,6 +33,7 @@ from ftproxy.shell.admission import (
     peer_name,
     serve_with_limits,
 )
+from ftproxy.shell.pump import pump_event
 
 log = structlog.get_logger()
 HANDSHAKE_TIMEOUT_S = OPENING_TIMEOUT_S
@@ -154,16 +154,12 @@ class LogLink:
 
     async def next_event(self) -> ChannelEvent:
         """The next event; ConnectionClosed when the peer went away, however it did."""
-        while True:
-            event = self.channel.next_event()
-            pending = self.channel.data_to_send()
-            if pending:
-                async with self._send_lock:
-                    await self._flush_pending()
-                    await self.stream.send_all(pending)
-            if event is not NEED_DATA:
-                return event
-            self.channel.receive_data(await self._receive_some())
+        return await pump_event(self.channel, self._receive_some, self._send_after_pending)
+
+    async def _send_after_pending(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._flush_pending()
+            await self.stream.send_all(data)
 
     async def _receive_some(self) -> bytes:
         """What the peer sent since the last read; b"" once the connection is closed."""
