@@ -1,4 +1,5 @@
-"""Log files: a magic line with the format version, then length-prefixed records.
+"""Log files: a magic line with the format version, then length-prefixed records
+(the frames of ``ftproxy.core.framing``, the log channel's own).
 
 A recorder killed mid-write leaves a partial last record; readers report it as
 a truncated tail (the complete records before it are still good) rather than as
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from ftproxy.core.framing import LENGTH, frame
 from ftproxy.core.records import (
     FORMAT_VERSION,
     Entry,
@@ -29,7 +31,7 @@ from ftproxy.core.records import (
 
 MAGIC: Final = b"FTLOG\x00"
 _VERSION: Final = struct.Struct("<H")
-_LENGTH: Final = struct.Struct("<I")
+_LENGTH: Final = LENGTH
 MAX_RECORD: Final = 64 * 1024 * 1024
 
 
@@ -52,9 +54,7 @@ class LogWriter:
         self.append(header)
 
     def append(self, record: Record) -> None:
-        body = encode_record(record)
-        self._buffer += _LENGTH.pack(len(body))
-        self._buffer += body
+        self._buffer += frame(encode_record(record))
 
     def flush(self) -> None:
         if self._buffer:
@@ -90,6 +90,16 @@ class LogContents:
 
     def outputs(self) -> Iterator[Output]:
         return (r for r in self.records if isinstance(r, Output))
+
+
+def encoded_size(contents: LogContents) -> int:
+    """Bytes the complete records take in a log file (a truncated tail not counted)."""
+    records: list[Record] = [contents.header, *contents.records]
+    return (
+        len(MAGIC)
+        + _VERSION.size
+        + sum(_LENGTH.size + len(encode_record(record)) for record in records)
+    )
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Record]]:

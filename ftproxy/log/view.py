@@ -23,25 +23,19 @@ import errno
 import shlex
 import signal
 import socket
-import struct
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from ftproxy.core.records import End, Entry, Network, Output, Record, encode_record
+from ftproxy.core.records import End, Entry, Network, Output, Record
 from ftproxy.guest import protocol
-from ftproxy.log.file import MAGIC, LogContents
+from ftproxy.log.file import LogContents, encoded_size
 from ftproxy.netstack import packets
 
 Address = tuple[Any, ...]
 _Parsed = TypeVar("_Parsed")
-
-# The on-disk layout of ``ftproxy.log.file``: magic, a u16 version, then records
-# each prefixed by a u32 length.
-_FILE_PREFIX_BYTES: Final = len(MAGIC) + struct.calcsize("<H")
-_RECORD_PREFIX_BYTES: Final = struct.calcsize("<I")
 
 OUTPUT_INDENT: Final = "      "
 _REPR_LIMIT: Final = 60
@@ -952,14 +946,6 @@ def _undecodable_reason(entry: Entry) -> str:
 
 
 # -- totals -------------------------------------------------------------------
-
-
-def encoded_size(contents: LogContents) -> int:
-    """Bytes the complete records take in a log file (a truncated tail not counted)."""
-    records: list[Record] = [contents.header, *contents.records]
-    return _FILE_PREFIX_BYTES + sum(
-        _RECORD_PREFIX_BYTES + len(encode_record(record)) for record in records
-    )
 
 
 def _count_entry(entry: Entry, reply: Reply | None, totals: Counter[str]) -> Counter[str]:
