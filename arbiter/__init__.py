@@ -3,6 +3,12 @@
 Two implementations behind one interface (:class:`Arbiter`): the built-in
 server (``ftproxy arbiter``, :func:`serve`) and its client, and an etcd
 cluster. :func:`connect` picks one from an ``--arbiter`` address.
+
+Addresses: ``parse_arbiter`` reads an ``--arbiter`` value (the forms ``ARBITER_FORMS``
+names) into an ``ArbiterAddress`` (a ``BuiltinAddress`` or an ``EtcdAddress``); an
+``Address`` is one endpoint, a ``(host, port)`` pair. ``DEFAULT_TIMEOUT`` is how many
+seconds a question waits for an answer by default; ``PROTOCOL_VERSION`` the version of
+the built-in arbiter's protocol; ``ETCD_KEY_PREFIX`` the prefix of ftproxy's keys in etcd.
 """
 
 from arbiter._address import (

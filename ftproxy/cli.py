@@ -747,6 +747,8 @@ def _usage(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ftproxy`` with ``argv`` (default: the process's own arguments); return
+    its exit code (``ftproxy.EXIT_*``)."""
     from ftproxy import config
 
     parser = build_parser()
