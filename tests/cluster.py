@@ -13,7 +13,7 @@ from support import EXAMPLES, FTPROXY, ROOT, free_port
 
 from ftproxy.tools.procs import Proc, wait_accepting, wait_until
 from ftproxy.tools.procs import admin_status as status
-from ftproxy.tools.resp import encode_command
+from ftproxy.tools.resp import Reply, encode_command, receive_reply
 
 __all__ = ["KV", "Cluster", "KvClient", "Load", "Process", "status", "wait_until"]
 
@@ -186,13 +186,14 @@ class Cluster:
 
 
 class KvClient:
-    """A RESP client that reconnects on failure and records what was acknowledged."""
+    """RESP on a connection made again after a failure (the project's parser,
+    ftproxy.tools.resp): replies as they came, an error reply as an ErrorReply."""
 
     def __init__(self, port: int, timeout: float = 10.0) -> None:
         self.port = port
         self.timeout = timeout
         self.sock: socket.socket | None = None
-        self.buffer = b""
+        self.buffer = bytearray()
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + self.timeout
@@ -206,31 +207,14 @@ class KvClient:
                     raise
                 time.sleep(0.02)
 
-    def call(self, *parts: str) -> bytes:
+    def call(self, *parts: str) -> Reply:
         """One command; raises OSError if the connection broke before the reply."""
         if self.sock is None:
             self.sock = self._connect()
-            self.buffer = b""
-        frame = encode_command(*parts)
+            self.buffer.clear()
         try:
-            self.sock.sendall(frame)
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    raise ConnectionResetError("closed")
-                self.buffer += chunk
-            line, _, rest = self.buffer.partition(b"\r\n")
-            if line.startswith(b"$") and line != b"$-1":
-                size = int(line[1:])
-                while len(rest) < size + 2:
-                    chunk = self.sock.recv(4096)
-                    if not chunk:
-                        raise ConnectionResetError("closed")
-                    rest += chunk
-                self.buffer = rest[size + 2 :]
-                return rest[:size]
-            self.buffer = rest
-            return line
+            self.sock.sendall(encode_command(*parts))
+            return receive_reply(self.sock, self.buffer)
         except OSError:
             self.sock.close()
             self.sock = None
@@ -258,10 +242,11 @@ class Load:
             n += 1
             try:
                 reply = client.call("INCR", counter)
+                assert isinstance(reply, int), reply
                 with self.lock:
-                    self.acked_incr[counter] = int(reply[1:])
+                    self.acked_incr[counter] = reply
                 key = f"key:{index}:{n}"
-                if client.call("SET", key, str(n)) == b"+OK":
+                if client.call("SET", key, str(n)) == "OK":
                     with self.lock:
                         self.acked_set[key] = str(n)
             except OSError:
@@ -288,7 +273,8 @@ class Load:
         """Every acknowledged write is there; an INCR is at most one ahead (unacknowledged)."""
         client = KvClient(port)
         for counter, acked in self.acked_incr.items():
-            value = int(client.call("GET", counter))
+            found = client.call("GET", counter)
+            value = int(found) if isinstance(found, bytes) else -1
             assert acked <= value <= acked + 1, f"{counter}: acknowledged {acked}, found {value}"
-        missing = [k for k, v in self.acked_set.items() if client.call("GET", k).decode() != v]
+        missing = [k for k, v in self.acked_set.items() if client.call("GET", k) != v.encode()]
         assert not missing, f"{len(missing)} acknowledged SETs lost, e.g. {missing[:3]}"

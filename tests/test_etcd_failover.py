@@ -150,7 +150,7 @@ def test_a_frozen_primary_thawed_after_the_backup_won_through_etcd_emits_nothing
     members = etcd(3)
     c = pairs(arbiter_address=members.address, backup_service_port=free_port()).start()
     stale = KvClient(c.service_port)
-    assert stale.call("INCR", "stale") == b":1"
+    assert stale.call("INCR", "stale") == 1
     c.primary.signal(signal.SIGSTOP)
     try:
         assert stale.sock is not None
@@ -177,7 +177,7 @@ def test_tls_and_a_user_carry_a_failover(etcd, pairs, tmp_path: Path) -> None:
     password = enable_auth(members, tmp_path)
     flags = (*tls.flags(), "--etcd-user", "ftproxy", "--etcd-password-file", str(password))
     c = pairs(arbiter_address=members.address, arbiter_args=flags).start()
-    assert KvClient(c.service_port).call("SET", "k", "v") == b"+OK"
+    assert KvClient(c.service_port).call("SET", "k", "v") == "OK"
     c.kill_primary()
     wait_until(lambda: role(c.backup_admin) == "live", 20, "the backup goes live")
     assert KvClient(c.service_port).call("GET", "k") == b"v"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-from ftproxy.tools.resp import encode_command
+from ftproxy.tools.resp import ErrorReply, Reply, RespClient, encode_command
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STARTUP_TIMEOUT = 10.0
@@ -159,62 +159,26 @@ def test_echo_replies_before_eof_and_without_newline(
 # --- kv ----------------------------------------------------------------------------
 
 
-class RespError(str):
-    """An error reply (its text without the leading '-')."""
-
-
-RespValue = str | RespError | int | bytes | None | list["RespValue"]
-
-
-class RespClient:
-    """A minimal blocking Redis client over a raw socket."""
+class Kv(RespClient):
+    """The project's RESP client, ``kv(*args)`` one request whose reply comes back as it
+    came (an error reply as an ErrorReply)."""
 
     def __init__(self, port: int) -> None:
-        self.sock = connect(port)
-        self.replies = self.sock.makefile("rb")
+        super().__init__(port, timeout=IO_TIMEOUT)
 
-    def close(self) -> None:
-        self.replies.close()
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def __call__(self, *args: str | bytes) -> RespValue:
-        """Send one command and return its reply."""
-        self.send(encode_command(*args))
-        return self.read_reply()
-
-    def read_reply(self) -> RespValue:
-        line = self.replies.readline()
-        assert line.endswith(b"\r\n"), f"truncated reply {line!r}"
-        kind, body = line[:1], line[1:-2]
-        if kind == b"+":
-            return body.decode()
-        if kind == b"-":
-            return RespError(body.decode())
-        if kind == b":":
-            return int(body)
-        if kind == b"$":
-            if int(body) < 0:
-                return None
-            data = self.replies.read(int(body) + 2)
-            assert data.endswith(b"\r\n")
-            return data[:-2]
-        if kind == b"*":
-            return [self.read_reply() for _ in range(int(body))]
-        raise AssertionError(f"unexpected reply {line!r}")
+    def __call__(self, *args: str | bytes) -> Reply:
+        return self.request(*args)
 
 
 @pytest.fixture
-def kv(start_example: Callable[..., Service]) -> Iterator[tuple[Service, RespClient]]:
+def kv(start_example: Callable[..., Service]) -> Iterator[tuple[Service, Kv]]:
     service = start_example("kv")
-    client = RespClient(service.port)
+    client = Kv(service.port)
     yield service, client
     client.close()
 
 
-def test_kv_string_commands(kv: tuple[Service, RespClient]) -> None:
+def test_kv_string_commands(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     assert r("PING") == "PONG"
     assert r("PING", "hi") == b"hi"
@@ -240,42 +204,42 @@ def test_kv_string_commands(kv: tuple[Service, RespClient]) -> None:
     assert r("KEYS", "*") == []
 
 
-def test_kv_set_options(kv: tuple[Service, RespClient]) -> None:
+def test_kv_set_options(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     assert r("SET", "k", "v1", "NX") == "OK"
     assert r("SET", "k", "v2", "NX") is None
     assert r("SET", "other", "v", "XX") is None
     assert r("SET", "k", "v3", "XX") == "OK"
     assert r("GET", "k") == b"v3"
-    assert r("SET", "k", "v", "EX", "0") == RespError("ERR invalid expire time in 'set' command")
-    assert r("SET", "k", "v", "PX", "soon") == RespError(
+    assert r("SET", "k", "v", "EX", "0") == ErrorReply("ERR invalid expire time in 'set' command")
+    assert r("SET", "k", "v", "PX", "soon") == ErrorReply(
         "ERR value is not an integer or out of range"
     )
-    assert r("SET", "k", "v", "EX", "10", "PX", "10") == RespError("ERR syntax error")
-    assert r("SET", "k", "v", "BOGUS") == RespError("ERR syntax error")
+    assert r("SET", "k", "v", "EX", "10", "PX", "10") == ErrorReply("ERR syntax error")
+    assert r("SET", "k", "v", "BOGUS") == ErrorReply("ERR syntax error")
 
 
-def test_kv_errors(kv: tuple[Service, RespClient]) -> None:
+def test_kv_errors(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     assert r("SET", "s", "not a number") == "OK"
-    assert r("INCR", "s") == RespError("ERR value is not an integer or out of range")
-    assert r("INCRBY", "n", "1.5") == RespError("ERR value is not an integer or out of range")
+    assert r("INCR", "s") == ErrorReply("ERR value is not an integer or out of range")
+    assert r("INCRBY", "n", "1.5") == ErrorReply("ERR value is not an integer or out of range")
     assert r("SET", "big", str(2**63 - 1)) == "OK"
-    assert r("INCR", "big") == RespError("ERR increment or decrement would overflow")
-    assert r("GET") == RespError("ERR wrong number of arguments for 'get' command")
-    assert r("GET", "a", "b") == RespError("ERR wrong number of arguments for 'get' command")
+    assert r("INCR", "big") == ErrorReply("ERR increment or decrement would overflow")
+    assert r("GET") == ErrorReply("ERR wrong number of arguments for 'get' command")
+    assert r("GET", "a", "b") == ErrorReply("ERR wrong number of arguments for 'get' command")
     reply = r("NOSUCH", "x")
-    assert isinstance(reply, RespError)
-    assert reply.startswith("ERR unknown command 'NOSUCH'")
+    assert isinstance(reply, ErrorReply)
+    assert reply.message.startswith("ERR unknown command 'NOSUCH'")
     assert r("CONFIG", "GET", "save") == []
     assert r("COMMAND", "DOCS") == []
     assert r("GET", "s") == b"not a number"  # the connection survived every error
 
 
-def test_kv_pipelined_commands(kv: tuple[Service, RespClient]) -> None:
+def test_kv_pipelined_commands(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     count = 500
-    r.send(
+    r.send_raw(
         b"".join(encode_command("INCR", "hits") for _ in range(count))
         + encode_command("GET", "hits")
     )
@@ -283,49 +247,49 @@ def test_kv_pipelined_commands(kv: tuple[Service, RespClient]) -> None:
     assert r.read_reply() == str(count).encode()
 
 
-def test_kv_command_split_across_sends(kv: tuple[Service, RespClient]) -> None:
+def test_kv_command_split_across_sends(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     command = encode_command("SET", "split", "value spanning two sends")
-    r.send(command[:17])
+    r.send_raw(command[:17])
     r.sock.settimeout(0.2)
     with pytest.raises(TimeoutError):
         r.sock.recv(1)  # no reply to half a command
     r.sock.settimeout(IO_TIMEOUT)
-    r.send(command[17:])
+    r.send_raw(command[17:])
     assert r.read_reply() == "OK"
 
     r.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for byte in encode_command("GET", "split"):
-        r.send(bytes([byte]))
+        r.send_raw(bytes([byte]))
     assert r.read_reply() == b"value spanning two sends"
 
 
-def test_kv_inline_commands(kv: tuple[Service, RespClient]) -> None:
+def test_kv_inline_commands(kv: tuple[Service, Kv]) -> None:
     _, r = kv
-    r.send(b'PING\r\nSET greeting "hello world"\r\nGET greeting\nINCR n\r\n\r\nGET n\r\n')
+    r.send_raw(b'PING\r\nSET greeting "hello world"\r\nGET greeting\nINCR n\r\n\r\nGET n\r\n')
     assert [r.read_reply() for _ in range(5)] == ["PONG", "OK", b"hello world", 1, b"1"]
 
 
-def test_kv_protocol_error_closes_connection(kv: tuple[Service, RespClient]) -> None:
+def test_kv_protocol_error_closes_connection(kv: tuple[Service, Kv]) -> None:
     service, r = kv
-    r.send(b"*1\r\nGET\r\n")
+    r.send_raw(b"*1\r\nGET\r\n")
     reply = r.read_reply()
-    assert isinstance(reply, RespError)
-    assert reply.startswith("ERR Protocol error")
-    assert r.replies.read() == b""
-    other = RespClient(service.port)  # the server itself is fine
+    assert isinstance(reply, ErrorReply)
+    assert reply.message.startswith("ERR Protocol error")
+    assert r.read_rest() == b""
+    other = Kv(service.port)  # the server itself is fine
     assert other("PING") == "PONG"
     other.close()
 
 
-def test_kv_quit(kv: tuple[Service, RespClient]) -> None:
+def test_kv_quit(kv: tuple[Service, Kv]) -> None:
     _, r = kv
-    r.send(encode_command("QUIT") + encode_command("SET", "after", "quit"))
+    r.send_raw(encode_command("QUIT") + encode_command("SET", "after", "quit"))
     assert r.read_reply() == "OK"
-    assert r.replies.read() == b""
+    assert r.read_rest() == b""
 
 
-def test_kv_answers_before_closing_on_eof(kv: tuple[Service, RespClient]) -> None:
+def test_kv_answers_before_closing_on_eof(kv: tuple[Service, Kv]) -> None:
     service, _ = kv
     with connect(service.port) as sock:
         sock.sendall(encode_command("SET", "k", "v") + b"GET k\r\n")
@@ -333,21 +297,21 @@ def test_kv_answers_before_closing_on_eof(kv: tuple[Service, RespClient]) -> Non
         assert recv_until_eof(sock) == b"+OK\r\n$1\r\nv\r\n"
 
 
-def test_kv_reset_connection_is_harmless(kv: tuple[Service, RespClient]) -> None:
+def test_kv_reset_connection_is_harmless(kv: tuple[Service, Kv]) -> None:
     service, r = kv
-    rude = RespClient(service.port)
-    rude.send(encode_command("SET", "x", "1") + encode_command("GET"))  # replies left unread
+    rude = Kv(service.port)
+    rude.send_raw(encode_command("SET", "x", "1") + encode_command("GET"))  # replies left unread
     rude.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     rude.close()  # sends RST
     assert r("PING") == "PONG"
 
 
-def test_kv_large_reply_with_slow_reader(kv: tuple[Service, RespClient]) -> None:
+def test_kv_large_reply_with_slow_reader(kv: tuple[Service, Kv]) -> None:
     """Replies bigger than the socket buffer are queued and flushed as the client reads."""
     _, r = kv
     value = b"v" * 1_000_000
     assert r("SET", "big", value) == "OK"
-    r.send(encode_command("GET", "big") * 8)
+    r.send_raw(encode_command("GET", "big") * 8)
     time.sleep(0.2)  # let the server fill its send buffer before reading starts
     for _ in range(8):
         assert r.read_reply() == value
@@ -362,7 +326,7 @@ def poll_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def test_kv_expiry(kv: tuple[Service, RespClient]) -> None:
+def test_kv_expiry(kv: tuple[Service, Kv]) -> None:
     _, r = kv
     assert r("SET", "short", "v", "PX", "400") == "OK"
     assert r("SET", "keep", "v") == "OK"
@@ -390,7 +354,7 @@ def run_tool(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
-def test_kv_with_redis_cli(kv: tuple[Service, RespClient]) -> None:
+def test_kv_with_redis_cli(kv: tuple[Service, Kv]) -> None:
     service, _ = kv
 
     def cli(*args: str) -> str:
@@ -411,7 +375,7 @@ def test_kv_with_redis_cli(kv: tuple[Service, RespClient]) -> None:
 @pytest.mark.skipif(
     shutil.which("redis-benchmark") is None, reason="redis-benchmark is not installed"
 )
-def test_kv_with_redis_benchmark(kv: tuple[Service, RespClient]) -> None:
+def test_kv_with_redis_benchmark(kv: tuple[Service, Kv]) -> None:
     service, r = kv
     result = run_tool(
         *("redis-benchmark", "-p", str(service.port), "-t", "ping,set,get,incr"),

@@ -61,7 +61,7 @@ def test_hooks_see_every_role_change_and_a_failing_hook_is_not_fatal(tmp_path: P
         failed = next(e for e in cluster.primary.events() if e["event"] == "role_hook_failed")
         assert failed["reason"] == "exit code 7" and "no floating IP here" in failed["stderr"]
         client = KvClient(cluster.service_port)
-        assert client.call("INCR", "n") == b":1"  # the primary serves on: not fatal
+        assert client.call("INCR", "n") == 1  # the primary serves on: not fatal
 
         cluster.kill_primary()
         wait_until(lambda: roles(backup_log) == ["backup", "live"], 20, "the live hook ran")
@@ -73,7 +73,7 @@ def test_hooks_see_every_role_change_and_a_failing_hook_is_not_fatal(tmp_path: P
         assert live["FTPROXY_PID"] == str(cluster.backup.popen.pid)
         assert joined["FTPROXY_PREVIOUS_ROLE"] == "starting"
         # Socket mode: the old connection reads as reset; a new one finds the write.
-        assert KvClient(cluster.service_port).call("INCR", "n") == b":2"
+        assert KvClient(cluster.service_port).call("INCR", "n") == 2
     finally:
         cluster.stop()
 
@@ -97,7 +97,7 @@ def test_a_hook_that_runs_too_long_is_killed_and_logged(tmp_path: Path) -> None:
         )
         failed = next(e for e in cluster.primary.events() if e["event"] == "role_hook_failed")
         assert failed["reason"] == "still running after 0.5 s"
-        assert KvClient(cluster.service_port).call("INCR", "n") == b":1"
+        assert KvClient(cluster.service_port).call("INCR", "n") == 1
     finally:
         cluster.stop()
 
@@ -149,7 +149,7 @@ def test_a_primary_that_loses_its_backup_and_goes_on_alone_runs_its_live_hook(
         live = recorded(primary_log)[-1]
         assert live["FTPROXY_PREVIOUS_ROLE"] == "primary"
         assert "this primary won the arbiter" in live["FTPROXY_REASON"]
-        assert KvClient(cluster.service_port).call("INCR", "n") == b":1"  # served alone
+        assert KvClient(cluster.service_port).call("INCR", "n") == 1  # served alone
     finally:
         cluster.stop()
 

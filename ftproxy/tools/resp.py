@@ -86,6 +86,19 @@ def parse_reply(buffer: bytes | bytearray, start: int = 0) -> tuple[Reply, int] 
     raise ValueError(f"unexpected RESP reply type {bytes(kind)!r}")
 
 
+def receive_reply(sock: socket.socket, buffer: bytearray) -> Reply:
+    """The next reply on a blocking ``sock``: from ``buffer`` (what was received and not
+    yet parsed, consumed here) and what more arrives; ConnectionLost if it closes first."""
+    while (parsed := parse_reply(buffer)) is None:
+        data = sock.recv(RECEIVE_SIZE)
+        if not data:
+            raise ConnectionLost("the server closed the connection")
+        buffer += data
+    reply, used = parsed
+    del buffer[:used]
+    return reply
+
+
 class RespClient:
     """A blocking client on one TCP connection, one reply per request, in order.
 
@@ -103,21 +116,32 @@ class RespClient:
         """Send several requests in one write (pipelining)."""
         self.sock.sendall(b"".join(encode_command(*c) for c in commands))
 
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are: part of a request, inline commands, a malformed one
+        (how a test probes a server's parser)."""
+        self.sock.sendall(data)
+
     def read_reply(self) -> Reply:
         """The next reply as it came, an error reply included (:class:`ErrorReply`)."""
-        while (parsed := parse_reply(self._buffer)) is None:
-            data = self.sock.recv(RECEIVE_SIZE)
-            if not data:
-                raise ConnectionLost("the server closed the connection")
-            self._buffer += data
-        reply, used = parsed
-        del self._buffer[:used]
-        return reply
+        return receive_reply(self.sock, self._buffer)
+
+    def read_rest(self) -> bytes:
+        """Everything the server still sends until it closes the connection (b"": it
+        closed with nothing more to say)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        while data := self.sock.recv(RECEIVE_SIZE):
+            rest += data
+        return rest
+
+    def request(self, *args: bytes | str) -> Reply:
+        """Send one request and return its reply as it came (:class:`ErrorReply` too)."""
+        self.send(args)
+        return self.read_reply()
 
     def call(self, *args: bytes | str) -> Reply:
         """Send one request and return its reply; ReplyError for an error reply."""
-        self.send(args)
-        reply = self.read_reply()
+        reply = self.request(*args)
         if isinstance(reply, ErrorReply):
             raise ReplyError(reply.message)
         return reply
