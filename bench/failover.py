@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import alternatives
+from bench.clients import start_clients, stop_clients
 from bench.procs import wait_until
 from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, EtcdArbiter, admin_status, start_pair
@@ -54,16 +55,11 @@ class WriteLoad:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> WriteLoad:
-        for index in range(self.writers):
-            thread = threading.Thread(target=self._write, args=(index,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += start_clients(self.writers, self._write)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        stop_clients(self._stop, self._threads)
 
     def acknowledged(self) -> int:
         with self._lock:

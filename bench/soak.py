@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.clients import start_clients, stop_clients
 from bench.linearizability import GET, INCR, SET, Operation, check
 from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
 from bench.resp import Connection, ReplyError
@@ -81,16 +82,11 @@ class HistoryLoad:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> HistoryLoad:
-        for index in range(self.clients):
-            thread = threading.Thread(target=self._run, args=(index,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += start_clients(self.clients, self._run)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        stop_clients(self._stop, self._threads)
 
     def replies_since(self, moment: float) -> int:
         with self._lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from support import EXAMPLES, FTPROXY, ROOT, free_port
 
+from bench.clients import start_clients, stop_clients
 from ftproxy.tools.procs import Proc, wait_accepting, wait_until
 from ftproxy.tools.procs import admin_status as status
 from ftproxy.tools.resp import Reply, encode_command, receive_reply
@@ -254,16 +255,11 @@ class Load:
                     self.errors += 1
 
     def start(self) -> Load:
-        for i in range(self.clients):
-            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        self.threads += start_clients(self.clients, self._run)
         return self
 
     def stop(self) -> None:
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
+        stop_clients(self.stop_event, self.threads)
 
     def acknowledged(self) -> int:
         with self.lock:

@@ -61,7 +61,12 @@ def identify_self() -> ProcessIdentity:
     return ProcessIdentity(host_identity(), pid, start_time(pid) or 0)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a supervisor's guest), from /proc.
+
+    Every thread of ``pid`` is asked: trio starts processes from a worker thread,
+    and /proc lists a child under the thread that forked it.
+    """
     found: list[int] = []
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -97,7 +102,7 @@ class Fencer:
             return None
         if start_time(target.pid) != target.start_time:
             return None  # it is gone (its pid may be another process's now)
-        victims = [*_children(target.pid), target.pid]
+        victims = [*children(target.pid), target.pid]
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -6,8 +6,10 @@ stops what it started (a supervisor's guest); its stdout and stderr go to files 
 scratch directory, never to pipes nobody drains. Readiness is a line on stdout
 (:meth:`Proc.wait_for_output`), a structlog event on stderr (:meth:`Proc.wait_for_event`),
 a port that accepts (:func:`wait_accepting`) or an admin endpoint's ``GET /status``
-(:func:`admin_status`). Ports come from :func:`free_port`. The demo runs its replicas as
-trio processes of its own, and shares the command, the ports and the /proc readers here.
+(:func:`admin_status`). Ports come from :func:`free_port`; a process's children from
+the fencer's /proc reader (``ftproxy.shell.fence.children``). The demo runs its
+replicas as trio processes of its own, and shares the command, the ports and the /proc
+readers here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from ftproxy.shell.fence import children
 
 HOST: Final = "127.0.0.1"
 # ``ftproxy`` as this interpreter runs it, logging JSON lines that the harness reads.
@@ -165,21 +169,7 @@ class Proc:
 
     def wait_for_output(self, marker: str, timeout: float = 60.0) -> None:
         """Wait until the process printed ``marker`` on stdout."""
-
-        def printed() -> bool:
-            if marker in self.stdout():
-                return True
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.popen.returncode} before printing "
-                    f"{marker!r}; stderr ends with:\n{self.stderr_tail()}"
-                )
-            return False
-
-        try:
-            wait_until(printed, timeout, f"{self.name} prints {marker!r}")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
+        self._wait_for(lambda: marker in self.stdout(), timeout, f"printing {marker!r}")
 
     def wait_for_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the process logged structlog ``event`` (JSON lines on stderr); return it.
@@ -189,23 +179,34 @@ class Proc:
         found: dict[str, Any] = {}
 
         def logged() -> bool:
-            exited = self.popen.poll()
             for record in self.events():
                 if record.get("event") == event:
                     found.update(record)
                     return True
+            return False
+
+        self._wait_for(logged, timeout, f"logging {event!r}")
+        return found
+
+    def _wait_for(self, seen: Callable[[], bool], timeout: float, doing: str) -> None:
+        """Poll ``seen`` until true; fail, with the end of stderr, if the process exits
+        first or ``timeout`` passes (``doing``: what it was waited for, in the error)."""
+
+        def check() -> bool:
+            exited = self.popen.poll()  # before looking: what it did before exiting counts
+            if seen():
+                return True
             if exited is not None:
                 raise RuntimeError(
-                    f"{self.name} exited with {exited} before logging {event!r}; "
+                    f"{self.name} exited with {exited} before {doing}; "
                     f"stderr ends with:\n{self.stderr_tail()}"
                 )
             return False
 
         try:
-            wait_until(logged, timeout, f"{self.name} logs {event!r}")
+            wait_until(check, timeout, f"{self.name} {doing}")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; stderr ends with:\n{self.stderr_tail()}") from None
-        return found
 
     def stdout(self) -> str:
         """Everything the process printed on stdout so far."""
@@ -267,20 +268,6 @@ class Proc:
 
 
 # --- /proc ---------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (a supervisor's guest), from /proc.
-
-    Every thread of ``pid`` is asked: trio starts processes from a worker thread,
-    and /proc lists a child under the thread that forked it.
-    """
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found += [int(x) for x in (task / "children").read_text().split()]
-    return found
 
 
 def is_guest(pid: int) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from ftproxy.shell.fence import children
 from ftproxy.tools.demo._config import (
     ADMIN_TIMEOUT_S,
     KV_SCRIPT,
@@ -23,7 +24,7 @@ from ftproxy.tools.demo._config import (
     STOP_TIMEOUT_S,
     DemoError,
 )
-from ftproxy.tools.procs import FTPROXY_COMMAND, children, free_port, is_guest, summarize_stderr
+from ftproxy.tools.procs import FTPROXY_COMMAND, free_port, is_guest, summarize_stderr
 from ftproxy.tools.status import AdminUnavailable, fetch_status
 
 # --- The replicas ---------------------------------------------------------------------
