@@ -212,9 +212,7 @@ class PrimaryMachine(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.now += dt
 
-    @precondition(
-        lambda self: self.replica.role in (ReplicaRole.PRIMARY, ReplicaRole.HANDING_OVER)
-    )
+    @precondition(lambda self: self.replica.role in (ReplicaRole.PRIMARY, ReplicaRole.HANDING_OVER))
     @rule(size=st.integers(1, 400))
     def log_an_entry(self, size: int) -> None:
         self.replica.entry_logged(self.replica.logged + 1, size, self.now)

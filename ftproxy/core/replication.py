@@ -12,10 +12,10 @@ Roles and their transitions live in one table, ``TRANSITIONS``:
 
 A planned switchover (``ftproxy switchover``, SIGUSR1, ``--on-sigterm leave``):
 
-    primary ──handover_asked──▶ handing_over ──handover_sent──▶ retiring ──handed_over──▶ handed_over
-                                 │  ▲                             │
-                                 │  └─handover_aborted (back to primary: nothing was promised)
-                                 └──────peer_lost──▶ arbitrating ◀┘
+    primary ──handover_asked──▶ handing_over ──handover_sent──▶ retiring
+    handing_over ──handover_aborted──▶ primary   (nothing was promised yet)
+    retiring ──handed_over──▶ handed_over      (the backup serves; this one exits)
+    handing_over, retiring ──peer_lost──▶ arbitrating
     backup  ──handover_received──▶ arbitrating  (then won / lost, as at a failover)
 
 Handing over, the primary holds its guest at its next exit and releases the

@@ -1,0 +1,133 @@
+"""Planned switchover with real processes: ``ftproxy switchover``, SIGUSR1 and
+``--on-sigterm leave`` hand the service from the primary to its backup with no
+acknowledged write lost; a switchover that cannot happen changes nothing.
+(Packet mode, where client connections also survive, is not covered here yet.)
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from cluster import Cluster, KvClient, Load, Process, status, wait_until
+from support import FTPROXY, free_port
+
+EXIT_REFUSED = 6
+EXIT_UNAUTHENTICATED = 8
+SECRET = "c3dpdGNob3ZlciB0ZXN0IHNlY3JldCwgbG9uZyBlbm91Z2g=\n"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    c = Cluster(tmp_path, secret_file=secret)
+    c.backup_log_port = free_port()  # type: ignore[attr-defined]
+    c.backup_args = ("--log-listen", f"127.0.0.1:{c.backup_log_port}")  # type: ignore[attr-defined]
+    c.start_arbiter()
+    yield c
+    c.stop()
+
+
+def switchover(c: Cluster, *security: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FTPROXY, "switchover", f"127.0.0.1:{c.primary_admin}", *(security or c.security())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def protected_pair(c: Cluster, *primary_args: str) -> None:
+    c.primary_args = primary_args
+    c.start_replicas()
+    wait_until(lambda: status(c.primary_admin)["protected"] is True, 20, "the pair is protected")
+
+
+def handed_over(c: Cluster) -> None:
+    """The old primary exited 0 having handed over; the backup serves, having switched."""
+    assert c.primary.wait(30) == 0, c.primary.stderr()
+    names = [e.get("event") for e in c.primary.events()]
+    assert "handover_sent" in names and "replica_retired" in names
+    wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
+    live = [e for e in c.backup.events() if e.get("event") == "role_changed"]
+    assert live[-1]["to"] == "live" and live[-1].get("switchover") is True
+    assert status(c.backup_admin)["failovers_total"] == 0
+
+
+def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
+    cluster: Cluster,
+) -> None:
+    protected_pair(cluster)
+    load = Load(cluster.service_port, clients=4).start()
+    wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+    result = switchover(cluster)
+    assert result.returncode == 0, result.stderr + cluster.primary.stderr()
+    assert "switched over" in result.stdout
+    handed_over(cluster)
+    before = load.acknowledged()
+    wait_until(lambda: load.acknowledged() > before + 200, 30, "writes acknowledged after")
+    load.stop()
+    load.verify(cluster.service_port)
+    # The new primary takes a fresh backup and is protected again, under generation 2.
+    fresh_admin = free_port()
+    command = cluster.replica_command("backup")
+    command[command.index("--primary") + 1] = f"127.0.0.1:{cluster.backup_log_port}"  # type: ignore[attr-defined]
+    command[command.index("--admin") + 1] = f"127.0.0.1:{fresh_admin}"
+    cluster.processes["fresh"] = Process("fresh", command, cluster.tmp)
+    wait_until(
+        lambda: (
+            status(cluster.backup_admin)["protected"] is True
+            and status(cluster.backup_admin)["generation"] == 2
+        ),
+        60,
+        "the new primary is protected again",
+    )
+    assert KvClient(cluster.service_port).call("GET", "ctr:0").isdigit()
+
+
+@pytest.mark.parametrize("how", ["sigusr1", "sigterm-leave"])
+def test_a_signal_hands_over_too(cluster: Cluster, how: str) -> None:
+    args = ("--on-sigterm", "leave") if how == "sigterm-leave" else ()
+    protected_pair(cluster, *args)
+    client = KvClient(cluster.service_port)
+    assert client.call("SET", "before", "1") == b"+OK"
+    cluster.primary.signal(signal.SIGUSR1 if how == "sigusr1" else signal.SIGTERM)
+    handed_over(cluster)
+    client = KvClient(cluster.service_port)
+    assert client.call("GET", "before") == b"1"
+    assert client.call("SET", "after", "2") == b"+OK"
+
+
+def test_sigterm_by_default_stops_the_service_on_both(cluster: Cluster) -> None:
+    protected_pair(cluster)
+    cluster.primary.signal(signal.SIGTERM)
+    assert cluster.primary.wait(30) == 0
+    assert cluster.backup.wait(30) == 0
+    names = [e.get("event") for e in cluster.backup.events()]
+    assert "handover_received" not in names
+
+
+def test_a_switchover_without_a_backup_is_refused_and_changes_nothing(cluster: Cluster) -> None:
+    cluster.start_primary()
+    wait_until(
+        lambda: status(cluster.primary_admin)["role"] == "waiting_for_backup", 20, "admin up"
+    )
+    result = switchover(cluster)
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert "no backup has joined" in result.stderr
+    assert cluster.primary.popen.poll() is None
+
+
+def test_a_wrong_secret_is_refused_and_changes_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    protected_pair(cluster)
+    other = tmp_path / "other"
+    other.write_text("YW5vdGhlciBzZWNyZXQsIGp1c3QgYXMgbG9uZyBhcyB0aGF0\n")
+    result = switchover(cluster, "--secret-file", str(other))
+    assert result.returncode == EXIT_UNAUTHENTICATED, result.stderr
+    result = switchover(cluster, "--insecure")
+    assert result.returncode == EXIT_UNAUTHENTICATED, result.stderr
+    assert status(cluster.primary_admin)["role"] == "primary"
+    assert status(cluster.primary_admin)["protected"] is True
