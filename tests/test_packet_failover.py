@@ -442,6 +442,28 @@ def test_one_connection_survives_sigkill_of_the_primary(deploy: Deployment) -> N
     assert backup.popen.poll() is None, backup.describe()
 
 
+def test_one_connection_survives_a_planned_switchover(deploy: Deployment) -> None:
+    """SIGUSR1 hands the service over: the same kernel connection goes on, no reset,
+    every INCR answered exactly once, and the old primary exits 0."""
+    primary, backup = deploy.pair(*_kv())
+    client = deploy.python("client", "client", INCR_CLIENT, VIP, str(KV_PORT), "n", stdin=True)
+    client.wait_count(BEFORE, 30)
+
+    primary.popen.send_signal(signal.SIGUSR1)
+    backup.wait_event("role_changed", 20, to="live", switchover=True)
+    assert primary.wait(20) == 0, primary.describe()
+    assert primary.has_event("handover_sent") and primary.has_event("replica_retired")
+    live_at = len(client.stdout())
+    client.wait_count(live_at + AFTER, 30)
+    _stop_client(client)
+
+    replies, gap = _check_incr_replies(client)
+    assert replies >= BEFORE + AFTER
+    assert gap < 10.0, f"the connection stalled for {gap:.2f}s"
+    assert not backup.has_event("primary_lost"), backup.describe()
+    assert backup.popen.poll() is None, backup.describe()
+
+
 @needs_nft
 def test_one_connection_survives_a_partition_and_the_old_primary_halts(
     deploy: Deployment,
