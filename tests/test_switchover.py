@@ -131,3 +131,57 @@ def test_a_wrong_secret_is_refused_and_changes_nothing(cluster: Cluster, tmp_pat
     assert result.returncode == EXIT_UNAUTHENTICATED, result.stderr
     assert status(cluster.primary_admin)["role"] == "primary"
     assert status(cluster.primary_admin)["protected"] is True
+
+
+# -- real third-party servers across a switchover (socket mode) -----------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["http.server", "aiohttp"])
+def test_a_real_server_switches_over_with_idle_mid_request_and_mid_response_clients(
+    name: str, tmp_path: Path
+) -> None:
+    """The programs of test_real_programs across ``ftproxy switchover`` instead of a kill:
+    old connections end (socket mode), each reply is its request's, no acknowledged
+    write is lost, a half request is not applied, new clients are served."""
+    from test_real_programs import BIG_KEY, BIG_VALUE, PARTIAL_KEY, Held, _tail
+
+    from bench.programs import PROGRAMS, client, wait_serving
+    from bench.programs import Load as ProgramLoad
+
+    matches = [p for p in PROGRAMS if name in p.name]
+    if not matches:
+        pytest.fail(f"no program named like {name!r} in bench/programs.py")
+    program = matches[0]
+    port = free_port()
+    c = Cluster(tmp_path, service_port=port, guest=tuple(program.argv(port)))
+    c.start_arbiter()
+    try:
+        c.start_replicas(ready=None)
+        wait_serving(program, port)
+        wait_until(lambda: status(c.primary_admin)["protected"] is True, 20, "protected")
+        client(program, port, timeout=60).put(BIG_KEY, BIG_VALUE)
+        before = ProgramLoad(program, port, clients=4, tag="before").start()
+        wait_until(lambda: before.acknowledged() >= 30, 30, "the writers are under way")
+        held = Held(program, port).open()
+        result = switchover(c)
+        try:
+            assert result.returncode == 0, result.stderr
+            handed_over(c)
+            held.check_ended()
+            acked = before.acknowledged()
+            wait_until(lambda: before.acknowledged() >= acked + 30, 30, "writes go on after")
+            after = ProgramLoad(program, port, clients=8, tag="after").start(steps=10)
+            after.join(60)
+            before.stop()
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{_tail(c)}") from None
+        wrong = before.wrong() + after.wrong()
+        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
+        assert not after.broken()
+        assert after.acknowledged() == 8 * 10
+        missing = before.verify(port) + after.verify(port)
+        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+    finally:
+        c.stop()
