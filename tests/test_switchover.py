@@ -16,6 +16,7 @@ from support import FTPROXY, free_port
 
 EXIT_REFUSED = 6
 EXIT_UNAUTHENTICATED = 8
+BACKUP_LOG = f"127.0.0.1:{free_port()}"
 SECRET = "c3dpdGNob3ZlciB0ZXN0IHNlY3JldCwgbG9uZyBlbm91Z2g=\n"
 
 
@@ -23,17 +24,19 @@ SECRET = "c3dpdGNob3ZlciB0ZXN0IHNlY3JldCwgbG9uZyBlbm91Z2g=\n"
 def cluster(tmp_path: Path):
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
-    c = Cluster(tmp_path, secret_file=secret)
-    c.backup_log_port = free_port()  # type: ignore[attr-defined]
-    c.backup_args = ("--log-listen", f"127.0.0.1:{c.backup_log_port}")  # type: ignore[attr-defined]
+    # The backup takes the next backup here once live (re-protection).
+    c = Cluster(tmp_path, secret_file=secret, backup_args=("--log-listen", BACKUP_LOG))
     c.start_arbiter()
     yield c
     c.stop()
 
 
-def switchover(c: Cluster, *security: str) -> subprocess.CompletedProcess[str]:
+def switchover(
+    c: Cluster, *security: str, admin: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    admin = admin or c.primary_admin
     return subprocess.run(
-        [*FTPROXY, "switchover", f"127.0.0.1:{c.primary_admin}", *(security or c.security())],
+        [*FTPROXY, "switchover", f"127.0.0.1:{admin}", *(security or c.security())],
         capture_output=True,
         text=True,
         timeout=60,
@@ -74,7 +77,7 @@ def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
     # The new primary takes a fresh backup and is protected again, under generation 2.
     fresh_admin = free_port()
     command = cluster.replica_command("backup")
-    command[command.index("--primary") + 1] = f"127.0.0.1:{cluster.backup_log_port}"  # type: ignore[attr-defined]
+    command[command.index("--primary") + 1] = BACKUP_LOG
     command[command.index("--admin") + 1] = f"127.0.0.1:{fresh_admin}"
     cluster.processes["fresh"] = Process("fresh", command, cluster.tmp)
     wait_until(
@@ -86,6 +89,11 @@ def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
         "the new primary is protected again",
     )
     assert KvClient(cluster.service_port).call("GET", "ctr:0").isdigit()
+    # A re-protected primary does not hand over yet: it says so, and nothing changes.
+    again = switchover(cluster, admin=cluster.backup_admin)
+    assert again.returncode == EXIT_REFUSED, again.stderr
+    assert "not after re-protection" in again.stderr
+    assert status(cluster.backup_admin)["protected"] is True
 
 
 @pytest.mark.parametrize("how", ["sigusr1", "sigterm-leave"])

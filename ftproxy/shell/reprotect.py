@@ -64,8 +64,8 @@ LISTEN_RETRY_S = 0.2
 # (the replica may be on its way out: it handed over).
 SWITCHOVER_ANSWER_S = 1.0
 NO_SWITCHOVER = (
-    "this replica went live after a failover and takes switchover requests only as the "
-    "primary of its first backup for now: stop its backup's replica and this one with SIGTERM"
+    "this replica went live (after a failover or a switchover): a switchover is supported "
+    "only from a primary to its first backup for now, not after re-protection"
 )
 
 
