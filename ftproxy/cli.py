@@ -760,9 +760,11 @@ def _cmd_log(args: argparse.Namespace) -> int:
 
 def _cmd_switchover(args: argparse.Namespace) -> int:
     from ftproxy.core.auth import SecretFileError
+    from ftproxy.tools.status import parse_address
     from ftproxy.tools.switchover import switchover
 
     try:
+        parse_address(args.admin)
         secret = _secret(args, "switchover")
     except (ValueError, SecretFileError) as exc:
         return _usage(str(exc))

@@ -193,3 +193,11 @@ def test_a_real_server_switches_over_with_idle_mid_request_and_mid_response_clie
         assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
     finally:
         c.stop()
+
+
+def test_the_command_says_what_is_wrong_with_its_arguments_or_the_address() -> None:
+    from ftproxy.cli import main
+
+    assert main(["switchover", "nonsense", "--insecure"]) == 2
+    assert main(["switchover", "127.0.0.1:7201"]) == 2  # no secret, no --insecure
+    assert main(["switchover", f"127.0.0.1:{free_port()}", "--insecure"]) == 9  # unreachable
