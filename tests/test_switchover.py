@@ -201,3 +201,28 @@ def test_the_command_says_what_is_wrong_with_its_arguments_or_the_address() -> N
     assert main(["switchover", "nonsense", "--insecure"]) == 2
     assert main(["switchover", "127.0.0.1:7201"]) == 2  # no secret, no --insecure
     assert main(["switchover", f"127.0.0.1:{free_port()}", "--insecure"]) == 9  # unreachable
+
+
+def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
+    cluster: Cluster,
+) -> None:
+    """SIGSTOP the backup, then ask: the primary, having released nothing since it held
+    its guest, loses the backup, wins the arbiter and serves on; nothing acknowledged is
+    lost, and the command says the switchover was not done."""
+    protected_pair(cluster)
+    load = Load(cluster.service_port, clients=2).start()
+    wait_until(lambda: load.acknowledged() > 100, 30, "writes acknowledged before")
+    cluster.backup.signal(signal.SIGSTOP)
+    try:
+        result = switchover(cluster)
+        assert result.returncode == 7, result.stderr + cluster.primary.stderr()
+        assert "the backup was lost during the switchover" in result.stderr
+        assert status(cluster.primary_admin)["role"] == "live"
+        before = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > before + 100, 30, "the primary serves on")
+    finally:
+        cluster.backup.signal(signal.SIGKILL)
+    load.stop()
+    load.verify(cluster.service_port)
+    names = [e.get("event") for e in cluster.primary.events()]
+    assert "switchover_started" in names and "handover_sent" not in names
