@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
         "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
     )
+    primary.add_argument(
+        "--on-sigterm",
+        choices=("stop", "leave"),
+        default="stop",
+        help="what SIGTERM (systemctl stop) means: stop (the default) delivers it to the guest "
+        "as a logged signal, so the service stops on both replicas; leave hands the service "
+        "to the backup first (as ftproxy switchover does), then this replica exits 0. "
+        "SIGUSR1 always means a switchover",
+    )
     primary.add_argument("--pair", default="ftproxy", help="the pair's name at the arbiter")
     primary.add_argument(
         "--generation", type=int, default=1, help="the pair's generation at the arbiter"
@@ -195,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     arbiter_cmd.add_argument("--listen", required=True, metavar="HOST:PORT")
     arbiter_cmd.add_argument("--data-dir", required=True, metavar="DIR")
     _add_secret_arguments(arbiter_cmd)
+
+    switchover = commands.add_parser(
+        "switchover",
+        usage="ftproxy switchover ADMIN (--secret-file PATH | --insecure) [--timeout-s S]",
+        help="hand the service from the primary to its backup (a planned switchover)",
+        description="Read the primary's log channel address from ADMIN (its --admin "
+        "HOST:PORT, read-only), ask it over the authenticated log channel (the pair's "
+        "secret) to hand the service to its backup, and wait for the outcome. No "
+        "acknowledged write is lost; in packet mode no client connection is reset.",
+    )
+    switchover.add_argument("admin", metavar="ADMIN", help="the primary's --admin HOST:PORT")
+    _add_secret_arguments(switchover)
+    switchover.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="give up waiting for the outcome after S seconds (default 30)",
+    )
 
     status = commands.add_parser("status", help="show a replica's status (its --admin address)")
     from ftproxy.tools.status import build_status_parser
@@ -501,6 +529,7 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     options.pair = args.pair
     options.generation = args.generation
     options.pins = args.pin
+    options.on_sigterm = args.on_sigterm
     if not options.output_rule:
         structlog.get_logger().warning(
             "output_rule_disabled",
@@ -729,6 +758,23 @@ def _cmd_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_switchover(args: argparse.Namespace) -> int:
+    from ftproxy.core.auth import SecretFileError
+    from ftproxy.tools.status import parse_address
+    from ftproxy.tools.switchover import switchover
+
+    try:
+        parse_address(args.admin)
+        secret = _secret(args, "switchover")
+    except (ValueError, SecretFileError) as exc:
+        return _usage(str(exc))
+    if not args.timeout_s > 0:
+        return _usage("--timeout-s must be a number > 0")
+    code, line = trio.run(switchover, args.admin, secret, args.timeout_s)
+    print(f"ftproxy {line}", file=sys.stdout if code == EXIT_OK else sys.stderr)
+    return int(code)
+
+
 def _check_guest_command(argv: list[str], command: str) -> None:
     """Refuse, before anything starts, a guest command line the guest could not run."""
     from ftproxy.guest.command import USAGE, CommandError, parse_command
@@ -773,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         "lab": _cmd_lab,
         "demo": _cmd_demo,
         "run": _cmd_run,
+        "switchover": _cmd_switchover,
     }
     try:
         return handlers[args.command](args)

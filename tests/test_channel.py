@@ -18,6 +18,8 @@ from ftproxy.core.channel import (
     Diverged,
     Entries,
     Error,
+    HandedOver,
+    Handover,
     Heartbeat,
     Hello,
     Join,
@@ -25,6 +27,8 @@ from ftproxy.core.channel import (
     RecordedOutputs,
     RemoteProtocolError,
     State,
+    Switchover,
+    SwitchoverOutcome,
     Waiting,
     Welcome,
     encode_message,
@@ -266,3 +270,38 @@ def test_garbage_after_the_opening_is_only_ever_a_remote_protocol_error(data: by
     with pytest.raises(RemoteProtocolError):
         while not isinstance(backup.next_event(), ConnectionClosed):
             pass
+
+
+def test_a_handover_and_its_answer_stream_like_any_message() -> None:
+    backup, primary = connected()
+    handover = Handover(7, 120, 1, 0xABC)
+    assert pump(primary, backup, primary.send(handover)) == [handover]
+    assert pump(backup, primary, backup.send(HandedOver(2, 7))) == [HandedOver(2, 7)]
+    # Only the primary hands over, only the backup answers.
+    with pytest.raises(LocalProtocolError):
+        backup.send(Handover(7, 120, 1, 0))
+    with pytest.raises(LocalProtocolError):
+        primary.send(HandedOver(2, 7))
+
+
+def test_a_control_client_asks_for_a_switchover_instead_of_joining() -> None:
+    client, primary = Channel(BACKUP, SECRET), Channel(PRIMARY, SECRET)
+    pump(client, primary)
+    pump(primary, client)
+    pump(client, primary)
+    assert pump(client, primary, client.send(Switchover())) == [Switchover()]
+    assert client.state is primary.state is State.AWAIT_OUTCOME
+    outcome = SwitchoverOutcome(done=False, refused=True, reason="no backup is attached")
+    client.receive_data(primary.send(outcome))
+    assert client.next_event() == outcome
+    assert client.next_event() == ConnectionClosed()  # the conversation is over
+    assert client.state is primary.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        client.send(Join(["kv.py"]))
+
+
+def test_a_switchover_request_before_authenticating_is_refused() -> None:
+    client, primary = Channel(BACKUP, SECRET), Channel(PRIMARY, SECRET)
+    pump(client, primary)
+    with pytest.raises(RemoteProtocolError):
+        pump(client, primary, encode_message(Switchover()))

@@ -303,7 +303,11 @@ class Deployment:
         return "etcd://" + ",".join(member.endpoint for member in members)
 
     def pair(
-        self, *guest: str, marker: str = "listening", arbiter: str | None = None
+        self,
+        *guest: str,
+        marker: str = "listening",
+        arbiter: str | None = None,
+        primary_args: tuple[str, ...] = (),
     ) -> tuple[LabProcess, LabProcess]:
         """Arbiter (the built-in one unless ``arbiter`` names another), primary and backup
         in packet mode for ``guest``, both guests up."""
@@ -327,6 +331,7 @@ class Deployment:
             *common,
             "--vip",
             VIP_NET,
+            *primary_args,
             "--",
             *guest,
         )
@@ -439,6 +444,30 @@ def test_one_connection_survives_sigkill_of_the_primary(deploy: Deployment) -> N
     replies, gap = _check_incr_replies(client)
     assert replies >= BEFORE + AFTER
     assert gap < 10.0, f"the connection stalled for {gap:.2f}s"
+    assert backup.popen.poll() is None, backup.describe()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["sigusr1", "leave"])
+def test_one_connection_survives_a_planned_switchover(deploy: Deployment, signum: int) -> None:
+    """SIGUSR1 (or SIGTERM with --on-sigterm leave) hands the service over: the same
+    kernel connection goes on, no reset, every INCR answered exactly once, and the old
+    primary exits 0."""
+    primary, backup = deploy.pair(*_kv(), primary_args=("--on-sigterm", "leave"))
+    client = deploy.python("client", "client", INCR_CLIENT, VIP, str(KV_PORT), "n", stdin=True)
+    client.wait_count(BEFORE, 30)
+
+    primary.popen.send_signal(signum)
+    backup.wait_event("role_changed", 20, to="live", switchover=True)
+    assert primary.wait(20) == 0, primary.describe()
+    assert primary.has_event("handover_sent") and primary.has_event("replica_retired")
+    live_at = len(client.stdout())
+    client.wait_count(live_at + AFTER, 30)
+    _stop_client(client)
+
+    replies, gap = _check_incr_replies(client)
+    assert replies >= BEFORE + AFTER
+    assert gap < 10.0, f"the connection stalled for {gap:.2f}s"
+    assert not backup.has_event("primary_lost"), backup.describe()
     assert backup.popen.poll() is None, backup.describe()
 
 

@@ -17,6 +17,7 @@ from ftproxy.core.replication import (
     Timing,
 )
 
+PRIMARY_SIDE = (ReplicaRole.PRIMARY, ReplicaRole.HANDING_OVER, ReplicaRole.RETIRING)
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)
 
 
@@ -127,6 +128,68 @@ def test_the_gate_releases_exactly_the_acknowledged_prefix(items: list[tuple[int
     assert gate.release_all() == [h for h in held if h[0] > seq // 2]
 
 
+def drained_handover() -> Replica[str]:
+    r = primary()
+    r.entry_logged(1, 10, 0.0)
+    assert r.output(1, "before") == []
+    r.ask_handover()
+    assert r.role is ReplicaRole.HANDING_OVER
+    # The exit answered as the handover began may still log its entry.
+    r.entry_logged(2, 10, 0.01)
+    assert r.output(2, "made before the hold") == []
+    assert not r.drained()
+    with pytest.raises(LocalProtocolError):
+        r.handover_sent()
+    assert r.ack_received(2, 1, 0.02) == ["before", "made before the hold"]
+    assert not r.drained()  # received, not yet replayed
+    r.ack_received(2, 2, 0.03)
+    assert r.drained()
+    return r
+
+
+def test_a_handover_waits_for_every_entry_acked_and_replayed_then_releases_nothing() -> None:
+    r = drained_handover()
+    r.handover_sent()
+    assert r.role is ReplicaRole.RETIRING
+    assert r.output(2, "after the handover") == []
+    with pytest.raises(LocalProtocolError):
+        r.entry_logged(3, 1, 0.04)
+    assert r.heartbeat_due(0.1) and not r.peer_dead(0.1)
+    r.handed_over()
+    assert r.role is ReplicaRole.HANDED_OVER and r.output(2, "gone") == []
+    assert r.next_deadline() == float("inf")
+
+
+def test_a_handover_that_does_not_drain_is_aborted_and_the_primary_goes_on() -> None:
+    r = primary()
+    r.entry_logged(1, 10, 0.0)
+    r.ask_handover()
+    r.abort_handover()
+    assert r.role is ReplicaRole.PRIMARY
+    assert r.output(1, "held") == [] and r.ack_received(1, 0, 0.01) == ["held"]
+
+
+def test_a_backup_lost_during_a_handover_is_arbitrated_as_at_a_failover() -> None:
+    for sent in (False, True):
+        r = drained_handover()
+        if sent:
+            r.handover_sent()
+        assert r.peer_dead(0.6)
+        assert r.ack_received(2, 2, 0.6) == []  # after the timeout: arbitrate first
+        assert r.role is ReplicaRole.ARBITRATING
+        assert r.won() == [] and r.role is ReplicaRole.LIVE
+
+
+def test_only_a_primary_hands_over_and_a_backup_claims_through_the_arbiter() -> None:
+    for role in (ReplicaRole.BACKUP, ReplicaRole.LIVE):
+        with pytest.raises(LocalProtocolError):
+            Replica(role, 0.0, TIMING).ask_handover()
+    b: Replica[str] = Replica(ReplicaRole.BACKUP, 0.0, TIMING)
+    b.handover_received()
+    assert b.role is ReplicaRole.ARBITRATING
+    assert b.won() == [] and b.output(0, "live") == ["live"]
+
+
 class PrimaryMachine(RuleBasedStateMachine):
     """Random histories of a primary: the output rule and the halting rule always hold."""
 
@@ -138,6 +201,7 @@ class PrimaryMachine(RuleBasedStateMachine):
         self.sent: list[int] = []
         self.acked = 0
         self.halted_at: int | None = None
+        self.retired_at: int | None = None  # outputs sent when Handover went
 
     def _send(self, outputs: list[int]) -> None:
         if self.replica.role is ReplicaRole.HALTED:
@@ -148,7 +212,7 @@ class PrimaryMachine(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.now += dt
 
-    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY)
+    @precondition(lambda self: self.replica.role in (ReplicaRole.PRIMARY, ReplicaRole.HANDING_OVER))
     @rule(size=st.integers(1, 400))
     def log_an_entry(self, size: int) -> None:
         self.replica.entry_logged(self.replica.logged + 1, size, self.now)
@@ -160,7 +224,7 @@ class PrimaryMachine(RuleBasedStateMachine):
         self.emitted.append((self.replica.logged, ident))
         self._send(self.replica.output(self.replica.logged, ident))
 
-    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY and self.replica.logged)
+    @precondition(lambda self: self.replica.role in PRIMARY_SIDE and self.replica.logged)
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         received = data.draw(st.integers(self.acked, self.replica.logged))
@@ -168,10 +232,33 @@ class PrimaryMachine(RuleBasedStateMachine):
         self.acked = received
         self._send(self.replica.ack_received(received, replayed, self.now))
 
-    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY)
+    @precondition(lambda self: self.replica.role in PRIMARY_SIDE)
     @rule()
     def lose_the_peer(self) -> None:
         self.replica.handle(Event.PEER_LOST)
+
+    @precondition(lambda self: self.replica.role is ReplicaRole.PRIMARY)
+    @rule()
+    def ask_for_a_handover(self) -> None:
+        self.replica.ask_handover()
+
+    @precondition(lambda self: self.replica.role is ReplicaRole.HANDING_OVER)
+    @rule()
+    def abort_the_handover(self) -> None:
+        self.replica.abort_handover()
+
+    @precondition(lambda self: self.replica.drained())
+    @rule()
+    def send_the_handover(self) -> None:
+        self.replica.handover_sent()
+        self.retired_at = len(self.sent)
+        with pytest.raises(LocalProtocolError):
+            self.replica.entry_logged(self.replica.logged + 1, 1, self.now)
+
+    @precondition(lambda self: self.replica.role is ReplicaRole.RETIRING)
+    @rule()
+    def the_backup_took_over(self) -> None:
+        self.replica.handed_over()
 
     @precondition(lambda self: self.replica.role is ReplicaRole.ARBITRATING)
     @rule(won=st.booleans())
@@ -196,6 +283,11 @@ class PrimaryMachine(RuleBasedStateMachine):
     def a_halted_replica_sends_nothing_more(self) -> None:
         if self.halted_at is not None:
             assert len(self.sent) == self.halted_at
+
+    @invariant()
+    def nothing_leaves_after_the_handover_unless_this_replica_won(self) -> None:
+        if self.retired_at is not None and self.replica.role is not ReplicaRole.LIVE:
+            assert len(self.sent) == self.retired_at
 
 
 TestPrimaryMachine = PrimaryMachine.TestCase

@@ -18,7 +18,15 @@ accepts (the server). One line per frame, backup on the left::
                                      ◀─  Waiting(seq, icount, kind, digest)  (a heartbeat too)
     Diverged(seq, icount, report, outputs) ─▶  the backup's guest did not do what
                                      ◀─  RecordedOutputs(seq, outputs)   the primary's did
+                                     ◀─  Handover(seq, icount, kind, digest)  (switchover)
+    HandedOver(generation, seq)      ─▶  (the backup won the arbiter and serves now)
     Error(reason)                    ◀▶  either side, any time, then it closes
+
+A control client (``ftproxy switchover``) opens the channel as a backup does,
+with the pair's secret, and asks instead of joining::
+
+    Switchover()                     ─▶
+                                     ◀─  SwitchoverOutcome(done, reason)   then it closes
 
 ``Join`` carries the backup's guest command line: the primary refuses (with an
 Error that says why) a backup that would run another program. A backup may
@@ -67,6 +75,8 @@ __all__ = [
     "Diverged",
     "Entries",
     "Error",
+    "HandedOver",
+    "Handover",
     "Heartbeat",
     "Hello",
     "Join",
@@ -78,6 +88,8 @@ __all__ = [
     "RemoteProtocolError",
     "Sendable",
     "State",
+    "Switchover",
+    "SwitchoverOutcome",
     "Waiting",
     "Welcome",
     "encode_message",
@@ -88,7 +100,9 @@ __all__ = [
 #    the primary is, for fencing (``ftproxy.shell.fence``); Waiting, Diverged and
 #    RecordedOutputs (a running pair checks its outputs); Protected (a backup may
 #    go live only once it was told so).
-CHANNEL_VERSION: Final = 3
+# 4: Handover and HandedOver (a planned switchover); Switchover and
+#    SwitchoverOutcome (the authenticated control request that asks for one).
+CHANNEL_VERSION: Final = 4
 MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
 AUTH_CONTEXT: Final = b"ftproxy-log-channel"
 
@@ -179,6 +193,40 @@ class Protected(msgspec.Struct, tag=11, array_like=True, frozen=True):
     seq: int
 
 
+class Handover(msgspec.Struct, tag=12, array_like=True, frozen=True):
+    """A planned switchover: the backup holds and has replayed every entry up to
+    ``seq``; no more will come. The primary's guest is held at the exit that would
+    have been entry ``seq + 1`` (``icount``, ``kind``, ``digest`` of its outputs, as
+    in Waiting), and the primary releases nothing from now on: the backup claims
+    the pair through the arbiter, goes live at that exit, and says HandedOver."""
+
+    seq: int
+    icount: int
+    kind: int
+    digest: int
+
+
+class HandedOver(msgspec.Struct, tag=13, array_like=True, frozen=True):
+    """The backup won the arbiter for ``generation`` and serves from entry ``seq + 1``."""
+
+    generation: int
+    seq: int
+
+
+class Switchover(msgspec.Struct, tag=14, array_like=True, frozen=True):
+    """A control client (not a backup) asks the primary to hand the service to its backup."""
+
+
+class SwitchoverOutcome(msgspec.Struct, tag=15, array_like=True, frozen=True):
+    """The answer to Switchover: ``done`` (the backup serves now) or not, and why.
+    ``refused``: nothing changed (no backup, or not caught up); otherwise the
+    handover was tried and did not end in time."""
+
+    done: bool
+    refused: bool
+    reason: str
+
+
 # What either side may send once the opening is done (``Channel.send``).
 Sendable: TypeAlias = (
     Join
@@ -190,6 +238,10 @@ Sendable: TypeAlias = (
     | Diverged
     | RecordedOutputs
     | Protected
+    | Handover
+    | HandedOver
+    | Switchover
+    | SwitchoverOutcome
     | Error
 )
 Message: TypeAlias = Hello | Proof | Sendable
@@ -204,6 +256,10 @@ ChannelEvent: TypeAlias = (
     | Diverged
     | RecordedOutputs
     | Protected
+    | Handover
+    | HandedOver
+    | Switchover
+    | SwitchoverOutcome
     | ConnectionClosed
 )
 
@@ -215,6 +271,7 @@ class State(enum.Enum):
     AWAIT_CLIENT_PROOF = enum.auto()
     AWAIT_JOIN = enum.auto()
     AWAIT_WELCOME = enum.auto()
+    AWAIT_OUTCOME = enum.auto()  # a control client asked for a switchover
     STREAMING = enum.auto()
     CLOSED = enum.auto()
     ERROR = enum.auto()
@@ -235,6 +292,10 @@ _TRANSITIONS: Final[dict[tuple[State, Side, type[Any]], State]] = {
     (State.STREAMING, BACKUP, Diverged): State.STREAMING,
     (State.STREAMING, PRIMARY, RecordedOutputs): State.STREAMING,
     (State.STREAMING, PRIMARY, Protected): State.STREAMING,
+    (State.STREAMING, PRIMARY, Handover): State.STREAMING,
+    (State.STREAMING, BACKUP, HandedOver): State.STREAMING,
+    (State.AWAIT_JOIN, BACKUP, Switchover): State.AWAIT_OUTCOME,
+    (State.AWAIT_OUTCOME, PRIMARY, SwitchoverOutcome): State.CLOSED,
 }
 
 

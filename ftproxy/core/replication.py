@@ -10,6 +10,22 @@ Roles and their transitions live in one table, ``TRANSITIONS``:
     backup  ──peer_lost──▶ arbitrating ──lost─▶ halted     (release nothing)
     live    ──protected──▶ primary     (a new backup caught up: generation N+1)
 
+A planned switchover (``ftproxy switchover``, SIGUSR1, ``--on-sigterm leave``):
+
+    primary ──handover_asked──▶ handing_over ──handover_sent──▶ retiring
+    handing_over ──handover_aborted──▶ primary   (nothing was promised yet)
+    retiring ──handed_over──▶ handed_over      (the backup serves; this one exits)
+    handing_over, retiring ──peer_lost──▶ arbitrating
+    backup  ──handover_received──▶ arbitrating  (then won / lost, as at a failover)
+
+Handing over, the primary holds its guest at its next exit and releases the
+outputs already made as acks come (the backup's guest makes the same ones);
+once the backup holds and has replayed every entry it sends ``Handover``, and
+from then on releases nothing, ever: a retiring replica is one the backup may
+already have replaced. The backup claims the pair through the arbiter exactly
+as at a failover (same key), so a fault during the handover can never give
+two winners: a primary whose backup dies meanwhile arbitrates as usual.
+
 A live replica may take a new backup (re-protection): while the backup catches
 up, the live replica still releases at once and watches the joiner's silence;
 once the joiner has received every entry logged, the replica is the primary of
@@ -49,6 +65,9 @@ class ReplicaRole(enum.Enum):
     ARBITRATING = "arbitrating"
     LIVE = "live"
     HALTED = "halted"
+    HANDING_OVER = "handing_over"  # guest held, waiting for the backup to replay all
+    RETIRING = "retiring"  # Handover sent: releases nothing, waits for HandedOver
+    HANDED_OVER = "handed_over"  # the backup serves now; this one exits
 
 
 class Event(enum.Enum):
@@ -57,6 +76,11 @@ class Event(enum.Enum):
     LOST = "lost"
     HALT = "halt"
     PROTECTED = "protected"
+    HANDOVER_ASKED = "handover_asked"
+    HANDOVER_ABORTED = "handover_aborted"
+    HANDOVER_SENT = "handover_sent"
+    HANDED_OVER = "handed_over"
+    HANDOVER_RECEIVED = "handover_received"
 
 
 TRANSITIONS: Final[dict[tuple[ReplicaRole, Event], ReplicaRole]] = {
@@ -69,7 +93,25 @@ TRANSITIONS: Final[dict[tuple[ReplicaRole, Event], ReplicaRole]] = {
     (ReplicaRole.ARBITRATING, Event.HALT): ReplicaRole.HALTED,
     (ReplicaRole.LIVE, Event.HALT): ReplicaRole.HALTED,
     (ReplicaRole.LIVE, Event.PROTECTED): ReplicaRole.PRIMARY,
+    (ReplicaRole.PRIMARY, Event.HANDOVER_ASKED): ReplicaRole.HANDING_OVER,
+    (ReplicaRole.HANDING_OVER, Event.HANDOVER_ABORTED): ReplicaRole.PRIMARY,
+    (ReplicaRole.HANDING_OVER, Event.HANDOVER_SENT): ReplicaRole.RETIRING,
+    (ReplicaRole.HANDING_OVER, Event.PEER_LOST): ReplicaRole.ARBITRATING,
+    (ReplicaRole.HANDING_OVER, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.RETIRING, Event.HANDED_OVER): ReplicaRole.HANDED_OVER,
+    (ReplicaRole.RETIRING, Event.PEER_LOST): ReplicaRole.ARBITRATING,
+    (ReplicaRole.RETIRING, Event.HALT): ReplicaRole.HALTED,
+    (ReplicaRole.BACKUP, Event.HANDOVER_RECEIVED): ReplicaRole.ARBITRATING,
 }
+
+# Roles whose outputs wait for the backup's acks (the output rule applies).
+_GATED: Final = frozenset({ReplicaRole.PRIMARY, ReplicaRole.HANDING_OVER})
+# The primary's roles: it ships the log and takes acks.
+_PRIMARY_SIDE: Final = _GATED | {ReplicaRole.RETIRING}
+# Roles that watch the peer's silence and heartbeat to it.
+_WATCHING: Final = frozenset(
+    {ReplicaRole.PRIMARY, ReplicaRole.BACKUP, ReplicaRole.HANDING_OVER, ReplicaRole.RETIRING}
+)
 
 
 class LocalProtocolError(Exception):
@@ -170,8 +212,10 @@ class Replica(Generic[T]):
     def entry_logged(self, seq: int, size: int, now: float) -> None:
         if seq != self.logged + 1:
             raise LocalProtocolError(f"entry {seq} logged after {self.logged}")
+        if self.role is ReplicaRole.RETIRING or self.role is ReplicaRole.HANDED_OVER:
+            raise LocalProtocolError(f"entry {seq} logged after the Handover")
         self.logged = seq
-        if self.role is ReplicaRole.PRIMARY:
+        if self.role in _GATED:
             self._unreplayed.append((seq, now, size))
             self._unreplayed_bytes += size
 
@@ -179,10 +223,10 @@ class Replica(Generic[T]):
         """An output after entry ``seq``: what to send now (it or nothing)."""
         if self.role is ReplicaRole.LIVE:
             return [output]
-        if self.role is ReplicaRole.HALTED:
+        if self.role in (ReplicaRole.HALTED, ReplicaRole.RETIRING, ReplicaRole.HANDED_OVER):
             return []
         self.gate.hold(seq, output)
-        if self.role is ReplicaRole.PRIMARY:
+        if self.role in _GATED:
             return self.gate.ack(self.received)
         return []
 
@@ -193,7 +237,7 @@ class Replica(Generic[T]):
         replica was stopped, or the network was cut) releases nothing: the
         backup may have gone live meanwhile, so the primary must arbitrate first.
         """
-        if self.role is ReplicaRole.PRIMARY and self.peer_dead(now):
+        if self.role in _PRIMARY_SIDE and self.peer_dead(now):
             self.handle(Event.PEER_LOST)
             return []
         self.last_heard = now
@@ -203,7 +247,7 @@ class Replica(Generic[T]):
         self.replayed = max(self.replayed, min(replayed, self.received))
         while self._unreplayed and self._unreplayed[0][0] <= self.replayed:
             self._unreplayed_bytes -= self._unreplayed.popleft()[2]
-        if self.role is ReplicaRole.PRIMARY:
+        if self.role in _GATED:
             return self.gate.ack(self.received)
         return []
 
@@ -257,9 +301,7 @@ class Replica(Generic[T]):
 
     @property
     def _watching(self) -> bool:
-        return self.role in (ReplicaRole.PRIMARY, ReplicaRole.BACKUP) or (
-            self.role is ReplicaRole.LIVE and self.catching_up
-        )
+        return self.role in _WATCHING or (self.role is ReplicaRole.LIVE and self.catching_up)
 
     # -- re-protection: a live replica takes a new backup -----------------------
 
@@ -312,6 +354,44 @@ class Replica(Generic[T]):
             if seq > self.replayed:
                 self._unreplayed.append((seq, now, size))
                 self._unreplayed_bytes += size
+
+    # -- a planned switchover ----------------------------------------------------
+
+    def ask_handover(self) -> None:
+        """Begin handing the service to the backup: the shell holds its guest from now on."""
+        if self.role is not ReplicaRole.PRIMARY:
+            raise LocalProtocolError(f"only a primary can hand over, not a {self.role.value} one")
+        self.handle(Event.HANDOVER_ASKED)
+
+    def drained(self) -> bool:
+        """Handing over, the backup holds and has replayed every entry, and no output
+        waits for it: ``Handover`` may go (once the guest is held at an exit)."""
+        return (
+            self.role is ReplicaRole.HANDING_OVER
+            and self.received >= self.logged
+            and self.replayed >= self.logged
+            and not self.gate
+        )
+
+    def abort_handover(self) -> None:
+        """The backup did not drain in time: be the primary again (nothing was promised)."""
+        self.handle(Event.HANDOVER_ABORTED)
+
+    def handover_sent(self) -> None:
+        """``Handover`` is on its way: from here on this replica releases nothing, ever
+        (it may be replaced by the time the next output exists)."""
+        if not self.drained():
+            raise LocalProtocolError("Handover before the backup replayed every entry")
+        self.handle(Event.HANDOVER_SENT)
+
+    def handed_over(self) -> None:
+        """The backup serves now: this replica is done."""
+        self.handle(Event.HANDED_OVER)
+        self.gate.drop_all()
+
+    def handover_received(self) -> None:
+        """The backup was handed the service: it claims the pair through the arbiter."""
+        self.handle(Event.HANDOVER_RECEIVED)
 
     # -- after arbitration -----------------------------------------------------
 

@@ -13,6 +13,12 @@ A backup may go live only once its primary said ``Protected``: a backup that
 joined a live replica (re-protection) and loses it while still catching up
 halts, since it lacks what that replica released alone. Once live, it takes
 the next backup on its ``--log-listen`` (``ftproxy.shell.reprotect``).
+
+A planned switchover ends the same way: the primary, its guest held, sends
+``Handover`` once this backup holds and has replayed every entry; the guest
+reaches the exit the primary's waits at (checked like ``Waiting``), the backup
+claims the pair through the arbiter as at a failover, says ``HandedOver``, and
+goes live there. The old primary then exits and frees the service address.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from ftproxy.core.channel import (
     ConnectionClosed,
     Diverged,
     Entries,
+    HandedOver,
+    Handover,
     Heartbeat,
     Protected,
     RecordedOutputs,
@@ -108,6 +116,9 @@ class Backup(ReplicaShell):
         self._recorded: RecordedOutputs | None = None
         self._recorded_arrived = trio.Event()
         self._primary_waiting: Waiting | None = None
+        # A planned switchover: the primary said no entry comes after this one.
+        self._handover: Handover | None = None
+        self._handed_over = False  # HandedOver said: the old primary goes away by itself
         self.world: WorldAnswers | None = None
         self.nursery: trio.Nursery | None = None
         self.guest_pid = 0
@@ -119,7 +130,7 @@ class Backup(ReplicaShell):
     async def answer(self, seq: int, exit: Exit) -> bytes:
         self.board.counters["exits_total"] += 1
         if self.world is None:
-            while not self._entries and not self.peer_gone.is_set():
+            while not self._entries and not self.peer_gone.is_set() and self._handover is None:
                 waiting = self._primary_waiting
                 if waiting is not None and waiting.seq == seq:
                     # Where the primary's guest waits: check it before the entry comes.
@@ -141,6 +152,8 @@ class Backup(ReplicaShell):
                 self.replica.entry_replayed(entry.seq)
                 self._ack_due.ring()
                 return entry.reply
+            if self._handover is not None:
+                self._check_handover_point(seq, exit)
             await self.take_over()
         assert self.world is not None
         return await self.world.answer(seq, exit)
@@ -192,6 +205,8 @@ class Backup(ReplicaShell):
             elif isinstance(event, RecordedOutputs):
                 self._recorded = event
                 self._recorded_arrived.set()
+            elif isinstance(event, Handover):
+                self._handover_received(event, now)
             elif isinstance(event, Protected):
                 self.replica.heard(now)
                 self.protected = True
@@ -297,7 +312,10 @@ class Backup(ReplicaShell):
         """Everything received is replayed: ask the arbiter, then serve or halt."""
         if not self.protected:
             raise Halted(self._unprotected())
-        self.replica.handle(Event.PEER_LOST)
+        if self._handover is not None and not self.peer_gone.is_set():
+            self.replica.handover_received()
+        else:
+            self.replica.handle(Event.PEER_LOST)
         self.log.info("role_changed", to="arbitrating", replayed=self.replica.replayed)
         if not await self.arbiter.test_and_set():
             self.replica.lost()
@@ -334,15 +352,71 @@ class Backup(ReplicaShell):
                 count=sum(not told for told in takeover.held.values()),
                 next_id=takeover.next_accepted,
             )
+        handed = self._handover is not None and await self._say_handed_over()
         for sock, (family, kind, address, backlog) in takeover.bound.items():
             await _bind_for_takeover(
-                front, sock, family, kind, address, backlog, self.log, self.fencer
+                front,
+                sock,
+                family,
+                kind,
+                address,
+                backlog,
+                self.log,
+                # Handed over, the old primary frees the address as it exits: no fencing.
+                None if handed else self.fencer,
             )
         self.world = world
-        self.went_alone()
-        self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
-        self.role_changed("live", "the primary was lost; this backup won the arbiter")
+        if handed:
+            self.log.info(
+                "role_changed", to="live", entries_replayed=self.replica.replayed, switchover=True
+            )
+            self.role_changed("live", "the primary handed the service over (switchover)")
+        else:
+            self.went_alone()
+            self.log.info("role_changed", to="live", entries_replayed=self.replica.replayed)
+            self.role_changed("live", "the primary was lost; this backup won the arbiter")
         self.went_live.set()
+
+    # -- a planned switchover -----------------------------------------------------
+
+    def _handover_received(self, handover: Handover, now: float) -> None:
+        self.replica.heard(now)
+        if handover.seq != self.replica.received:
+            self.lose_peer(
+                f"the primary handed over at entry {handover.seq}, but this backup holds "
+                f"{self.replica.received}"
+            )
+            return
+        self.log.info("handover_received", seq=handover.seq, icount=handover.icount)
+        self._handover = handover
+        self._arrived.ring()
+
+    def _check_handover_point(self, seq: int, exit: Exit) -> None:
+        """Our guest waits where the primary's was held: the same exit, the same outputs."""
+        handover = self._handover
+        assert handover is not None
+        check_entry(seq, Entry(seq, handover.icount, handover.kind, handover.digest, b""), exit)
+
+    async def _say_handed_over(self) -> bool:
+        """Won the pair at a switchover: tell the old primary, which then exits (False
+        if it is gone already: then it is a failover like any other)."""
+        assert self._handover is not None
+        try:
+            await self.joined.send(HandedOver(self.options.generation, self._handover.seq))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._handed_over = True
+        self.log.info("handed_over_said", seq=self._handover.seq)
+        return True
+
+    def lose_peer(self, reason: str) -> None:
+        if self._handed_over and not self.peer_gone.is_set():
+            # The old primary leaves once told HandedOver: not a loss.
+            self.board.peer_state = "handed_over"
+            self.peer_gone.set()
+            self.peer_lost()
+            return
+        super().lose_peer(reason)
 
     def _logged_live(self, entry: Entry) -> None:
         """Live, this replica logs what its guest gets, for the next backup to catch up."""

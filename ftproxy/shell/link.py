@@ -23,6 +23,8 @@ from ftproxy.core.channel import (
     LocalProtocolError,
     RemoteProtocolError,
     Sendable,
+    Switchover,
+    SwitchoverOutcome,
     Welcome,
 )
 from ftproxy.shell.admission import (
@@ -55,6 +57,20 @@ class LinkRefused(Exception):
     def __init__(self, reason: str, *, retry: bool = False) -> None:
         super().__init__(reason)
         self.retry = retry
+
+
+NOT_YET_PAIRED = SwitchoverOutcome(
+    done=False, refused=True, reason="no backup has joined this primary yet: nothing to hand over"
+)
+
+
+class SwitchoverRequested(Exception):
+    """Not a backup: a control client that proved the secret asks for a switchover on
+    ``link`` (the replica answers it with a SwitchoverOutcome)."""
+
+    def __init__(self, link: LogLink) -> None:
+        super().__init__(f"{link.peer} asks for a switchover")
+        self.link = link
 
 
 class LogLink:
@@ -227,6 +243,9 @@ async def accept_backup(
 ) -> LogLink:
     """The primary's side of a new connection: authenticate, check, welcome.
 
+    SwitchoverRequested (with the link) when the peer proved the secret and asks
+    for a switchover instead of joining.
+
     ``gate``: the connection's admission (``ftproxy.shell.admission``), told once the
     backup has proved the secret. ``claim``: called with the peer's name once it
     proved itself and runs the same program, with no await before its Welcome
@@ -240,6 +259,8 @@ async def accept_backup(
             if gate is not None:
                 gate.proved()
             join = await link.next_event()
+        if isinstance(join, Switchover):
+            raise SwitchoverRequested(link)
         if not isinstance(join, Join):
             raise LinkRefused(f"{link.peer} sent {type(join).__name__} instead of Join")
         reason = argv_mismatch(join.argv, argv) or (claim(link.peer) if claim else "")
@@ -316,6 +337,11 @@ async def accept_first_backup(
         async def attempt(stream: trio.SocketStream, gate: Gate) -> None:
             try:
                 link = await accept_backup(stream, secret, argv, welcome, gate)
+            except SwitchoverRequested as request:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await request.link.send(NOT_YET_PAIRED)
+                await request.link.aclose()
+                return
             except LinkRefused as exc:
                 admission.reject(gate.peer, str(exc))
                 return

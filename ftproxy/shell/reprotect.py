@@ -19,9 +19,10 @@ primary does: it goes on live (and takes the next backup) or halts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from ftproxy.core.channel import (
     LocalProtocolError,
     Protected,
     RemoteProtocolError,
+    SwitchoverOutcome,
     Welcome,
 )
 from ftproxy.core.records import Header
@@ -45,7 +47,7 @@ from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_li
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.exits import Halted
 from ftproxy.shell.fence import identify_self
-from ftproxy.shell.link import LinkRefused, LogLink, accept_backup
+from ftproxy.shell.link import LinkRefused, LogLink, SwitchoverRequested, accept_backup
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replica import peer_frames_read
@@ -58,6 +60,13 @@ MAX_BATCH_ENTRIES = 4096
 MAX_BATCH_BYTES = 1024 * 1024
 ALREADY_ATTACHED = "a backup is already attached"
 LISTEN_RETRY_S = 0.2
+# How long the answer to a switchover request may take to go out once known
+# (the replica may be on its way out: it handed over).
+SWITCHOVER_ANSWER_S = 1.0
+NO_SWITCHOVER = (
+    "this replica went live (after a failover or a switchover): a switchover is supported "
+    "only from a primary to its first backup for now, not after re-protection"
+)
 
 
 async def throttle_for_catch_up(replica: Replica[Any], acked: Doorbell) -> None:
@@ -123,6 +132,7 @@ class Reprotector:
         on_ack: Callable[[], None],
         bound_log: Any,
         role_changed: Callable[[str, str], None] = lambda role, reason: None,
+        switchover: Callable[[], Awaitable[SwitchoverOutcome]] | None = None,
     ) -> None:
         assert options.log_listen is not None
         self.options = options
@@ -135,6 +145,8 @@ class Reprotector:
         self.on_ack = on_ack
         self.log = bound_log
         self.role_changed = role_changed  # the --on-role-change hooks (``ftproxy.shell.hooks``)
+        # What answers an authenticated switchover request (None: refuse it, saying why).
+        self.switchover = switchover
         self.attached: str | None = None
         self.catch_up: CatchUp | None = None
         self._joiners_in, self._joiners = trio.open_memory_channel[LogLink](0)
@@ -222,6 +234,9 @@ class Reprotector:
                 gate,
                 claim=self._claim,
             )
+        except SwitchoverRequested as request:
+            await self._answer_switchover(request.link)
+            return
         except LinkRefused as exc:
             if self.attached == gate.peer:
                 self.attached = None
@@ -232,6 +247,23 @@ class Reprotector:
         except trio.Cancelled:
             await link.aclose()  # a refusing primary went live meanwhile: start afresh
             raise
+
+    async def _answer_switchover(self, link: LogLink) -> None:
+        """An authenticated control client asked for a switchover: try it, say how it went."""
+        self.log.info("switchover_asked", peer=link.peer)
+        outcome = SwitchoverOutcome(done=False, refused=True, reason=NO_SWITCHOVER)
+        try:
+            if self.switchover is not None:
+                outcome = await self.switchover()
+        except trio.Cancelled:
+            outcome = SwitchoverOutcome(False, False, "the replica stopped before the outcome")
+            raise
+        finally:
+            # Said even as the replica stops (it may stop because it handed over).
+            with trio.CancelScope(shield=True), trio.move_on_after(SWITCHOVER_ANSWER_S):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await link.send(outcome)
+                await link.aclose()
 
     # -- one joiner ------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class StatusBoard:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "icount": self.icount(),
             "output_rule": self.options.output_rule,
+            # Where backups join, and where ``ftproxy switchover`` asks (authenticated).
+            "log_listen": _address(self.options.log_listen),
             "arbiter": {"state": self.arbiter.state, "address": self.options.arbiter.describe()},
         }
         if self.replica is not None:
@@ -172,3 +174,10 @@ class StatusBoard:
         if self.front is not None:
             status["front"] = self.front()
         return status
+
+
+def _address(address: tuple[str, int] | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,228 @@
+"""Planned switchover with real processes: ``ftproxy switchover``, SIGUSR1 and
+``--on-sigterm leave`` hand the service from the primary to its backup with no
+acknowledged write lost; a switchover that cannot happen changes nothing.
+(Packet mode, where client connections also survive, is not covered here yet.)
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from cluster import Cluster, KvClient, Load, Process, status, wait_until
+from support import FTPROXY, free_port
+
+EXIT_REFUSED = 6
+EXIT_UNAUTHENTICATED = 8
+BACKUP_LOG = f"127.0.0.1:{free_port()}"
+SECRET = "c3dpdGNob3ZlciB0ZXN0IHNlY3JldCwgbG9uZyBlbm91Z2g=\n"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    # The backup takes the next backup here once live (re-protection).
+    c = Cluster(tmp_path, secret_file=secret, backup_args=("--log-listen", BACKUP_LOG))
+    c.start_arbiter()
+    yield c
+    c.stop()
+
+
+def switchover(
+    c: Cluster, *security: str, admin: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    admin = admin or c.primary_admin
+    return subprocess.run(
+        [*FTPROXY, "switchover", f"127.0.0.1:{admin}", *(security or c.security())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def protected_pair(c: Cluster, *primary_args: str) -> None:
+    c.primary_args = primary_args
+    c.start_replicas()
+    wait_until(lambda: status(c.primary_admin)["protected"] is True, 20, "the pair is protected")
+
+
+def handed_over(c: Cluster) -> None:
+    """The old primary exited 0 having handed over; the backup serves, having switched."""
+    assert c.primary.wait(30) == 0, c.primary.stderr()
+    names = [e.get("event") for e in c.primary.events()]
+    assert "handover_sent" in names and "replica_retired" in names
+    wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
+    live = [e for e in c.backup.events() if e.get("event") == "role_changed"]
+    assert live[-1]["to"] == "live" and live[-1].get("switchover") is True
+    assert status(c.backup_admin)["failovers_total"] == 0
+
+
+def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
+    cluster: Cluster,
+) -> None:
+    protected_pair(cluster)
+    load = Load(cluster.service_port, clients=4).start()
+    wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+    result = switchover(cluster)
+    assert result.returncode == 0, result.stderr + cluster.primary.stderr()
+    assert "switched over" in result.stdout
+    handed_over(cluster)
+    before = load.acknowledged()
+    wait_until(lambda: load.acknowledged() > before + 200, 30, "writes acknowledged after")
+    load.stop()
+    load.verify(cluster.service_port)
+    # The new primary takes a fresh backup and is protected again, under generation 2.
+    fresh_admin = free_port()
+    command = cluster.replica_command("backup")
+    command[command.index("--primary") + 1] = BACKUP_LOG
+    command[command.index("--admin") + 1] = f"127.0.0.1:{fresh_admin}"
+    cluster.processes["fresh"] = Process("fresh", command, cluster.tmp)
+    wait_until(
+        lambda: (
+            status(cluster.backup_admin)["protected"] is True
+            and status(cluster.backup_admin)["generation"] == 2
+        ),
+        60,
+        "the new primary is protected again",
+    )
+    assert KvClient(cluster.service_port).call("GET", "ctr:0").isdigit()
+    # A re-protected primary does not hand over yet: it says so, and nothing changes.
+    again = switchover(cluster, admin=cluster.backup_admin)
+    assert again.returncode == EXIT_REFUSED, again.stderr
+    assert "not after re-protection" in again.stderr
+    assert status(cluster.backup_admin)["protected"] is True
+
+
+@pytest.mark.parametrize("how", ["sigusr1", "sigterm-leave"])
+def test_a_signal_hands_over_too(cluster: Cluster, how: str) -> None:
+    args = ("--on-sigterm", "leave") if how == "sigterm-leave" else ()
+    protected_pair(cluster, *args)
+    client = KvClient(cluster.service_port)
+    assert client.call("SET", "before", "1") == b"+OK"
+    cluster.primary.signal(signal.SIGUSR1 if how == "sigusr1" else signal.SIGTERM)
+    handed_over(cluster)
+    client = KvClient(cluster.service_port)
+    assert client.call("GET", "before") == b"1"
+    assert client.call("SET", "after", "2") == b"+OK"
+
+
+def test_sigterm_by_default_stops_the_service_on_both(cluster: Cluster) -> None:
+    protected_pair(cluster)
+    cluster.primary.signal(signal.SIGTERM)
+    assert cluster.primary.wait(30) == 0
+    assert cluster.backup.wait(30) == 0
+    names = [e.get("event") for e in cluster.backup.events()]
+    assert "handover_received" not in names
+
+
+def test_a_switchover_without_a_backup_is_refused_and_changes_nothing(cluster: Cluster) -> None:
+    cluster.start_primary()
+    wait_until(
+        lambda: status(cluster.primary_admin)["role"] == "waiting_for_backup", 20, "admin up"
+    )
+    result = switchover(cluster)
+    assert result.returncode == EXIT_REFUSED, result.stderr
+    assert "no backup has joined" in result.stderr
+    assert cluster.primary.popen.poll() is None
+
+
+def test_a_wrong_secret_is_refused_and_changes_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    protected_pair(cluster)
+    other = tmp_path / "other"
+    other.write_text("YW5vdGhlciBzZWNyZXQsIGp1c3QgYXMgbG9uZyBhcyB0aGF0\n")
+    result = switchover(cluster, "--secret-file", str(other))
+    assert result.returncode == EXIT_UNAUTHENTICATED, result.stderr
+    result = switchover(cluster, "--insecure")
+    assert result.returncode == EXIT_UNAUTHENTICATED, result.stderr
+    assert status(cluster.primary_admin)["role"] == "primary"
+    assert status(cluster.primary_admin)["protected"] is True
+
+
+# -- real third-party servers across a switchover (socket mode) -----------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["http.server", "aiohttp"])
+def test_a_real_server_switches_over_with_idle_mid_request_and_mid_response_clients(
+    name: str, tmp_path: Path
+) -> None:
+    """The programs of test_real_programs across ``ftproxy switchover`` instead of a kill:
+    old connections end (socket mode), each reply is its request's, no acknowledged
+    write is lost, a half request is not applied, new clients are served."""
+    from test_real_programs import BIG_KEY, BIG_VALUE, PARTIAL_KEY, Held, _tail
+
+    from bench.programs import PROGRAMS, client, wait_serving
+    from bench.programs import Load as ProgramLoad
+
+    matches = [p for p in PROGRAMS if name in p.name]
+    if not matches:
+        pytest.fail(f"no program named like {name!r} in bench/programs.py")
+    program = matches[0]
+    port = free_port()
+    c = Cluster(tmp_path, service_port=port, guest=tuple(program.argv(port)))
+    c.start_arbiter()
+    try:
+        c.start_replicas(ready=None)
+        wait_serving(program, port)
+        wait_until(lambda: status(c.primary_admin)["protected"] is True, 20, "protected")
+        client(program, port, timeout=60).put(BIG_KEY, BIG_VALUE)
+        before = ProgramLoad(program, port, clients=4, tag="before").start()
+        wait_until(lambda: before.acknowledged() >= 30, 30, "the writers are under way")
+        held = Held(program, port).open()
+        result = switchover(c)
+        try:
+            assert result.returncode == 0, result.stderr
+            handed_over(c)
+            held.check_ended()
+            acked = before.acknowledged()
+            wait_until(lambda: before.acknowledged() >= acked + 30, 30, "writes go on after")
+            after = ProgramLoad(program, port, clients=8, tag="after").start(steps=10)
+            after.join(60)
+            before.stop()
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{_tail(c)}") from None
+        wrong = before.wrong() + after.wrong()
+        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
+        assert not after.broken()
+        assert after.acknowledged() == 8 * 10
+        missing = before.verify(port) + after.verify(port)
+        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+    finally:
+        c.stop()
+
+
+def test_the_command_says_what_is_wrong_with_its_arguments_or_the_address() -> None:
+    from ftproxy.cli import main
+
+    assert main(["switchover", "nonsense", "--insecure"]) == 2
+    assert main(["switchover", "127.0.0.1:7201"]) == 2  # no secret, no --insecure
+    assert main(["switchover", f"127.0.0.1:{free_port()}", "--insecure"]) == 9  # unreachable
+
+
+def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
+    cluster: Cluster,
+) -> None:
+    """SIGSTOP the backup, then ask: the primary, having released nothing since it held
+    its guest, loses the backup, wins the arbiter and serves on; nothing acknowledged is
+    lost, and the command says the switchover was not done."""
+    protected_pair(cluster)
+    load = Load(cluster.service_port, clients=2).start()
+    wait_until(lambda: load.acknowledged() > 100, 30, "writes acknowledged before")
+    cluster.backup.signal(signal.SIGSTOP)
+    try:
+        result = switchover(cluster)
+        assert result.returncode == 7, result.stderr + cluster.primary.stderr()
+        assert "the backup was lost during the switchover" in result.stderr
+        assert status(cluster.primary_admin)["role"] == "live"
+        before = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > before + 100, 30, "the primary serves on")
+    finally:
+        cluster.backup.signal(signal.SIGKILL)
+    load.stop()
+    load.verify(cluster.service_port)
+    names = [e.get("event") for e in cluster.primary.events()]
+    assert "switchover_started" in names and "handover_sent" not in names
