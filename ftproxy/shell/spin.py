@@ -29,6 +29,10 @@ import trio
 
 ENV = "FTPROXY_SPIN_US"
 DEFAULT_SPIN_US = 40
+# A spin that got less than this share of a CPU saw the machine busy...
+CONTENDED_SHARE = 0.9
+# ... and spinning stays off this long.
+OFF_WHEN_CONTENDED_NS = 100_000_000
 
 
 def _budget_from_env() -> int:
@@ -45,6 +49,7 @@ class Spinner:
         self.budget_ns = budget_ns
         self._poller = select.epoll()
         self._watched: set[int] = set()
+        self._off_until = 0
 
     def watch(self, fd: int) -> None:
         """Poll ``fd`` in every spin from now on (until ``unwatch`` or it is closed)."""
@@ -66,7 +71,11 @@ class Spinner:
         if not self.budget_ns or fd not in self._watched:
             return False
         now = time.monotonic_ns
-        end = now() + self.budget_ns
+        start = now()
+        if start < self._off_until:
+            return False
+        cpu_start = time.thread_time_ns()
+        end = start + self.budget_ns
         poll = self._poller.poll
         while now() < end:
             ready = poll(0)
@@ -78,7 +87,16 @@ class Spinner:
             await trio.lowlevel.checkpoint()
             if stop is not None and stop.is_set():
                 return True
+        self._check_contention(start, cpu_start)
         return False
+
+    def _check_contention(self, start: int, cpu_start: int) -> None:
+        """A spin that ran out while the CPU was taken from us (other processes want
+        it: the machine is busy) turns spinning off for a while: polling then only
+        delays whoever would have run."""
+        wall = time.monotonic_ns() - start
+        if time.thread_time_ns() - cpu_start < wall * CONTENDED_SHARE:
+            self._off_until = time.monotonic_ns() + OFF_WHEN_CONTENDED_NS
 
     async def wait_readable(self, fd: int, deadline: float = math.inf) -> None:
         """Return once ``fd`` is readable (or may be), spinning first."""
