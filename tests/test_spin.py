@@ -5,39 +5,55 @@ descriptor is readable, lets a task whose descriptor is ready run meanwhile, and
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
+import pytest
 import trio
 import trio.testing
 
 from ftproxy.shell.spin import Spinner
 
 
-def _pipe() -> tuple[int, int]:
-    read, write = os.pipe()
-    os.set_blocking(read, False)
-    return read, write
+@pytest.fixture
+def pipes() -> Iterator[Callable[[], tuple[int, int]]]:
+    """Make non-blocking-read pipes; all closed after the test."""
+    opened: list[int] = []
+
+    def make() -> tuple[int, int]:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        opened.extend((read, write))
+        return read, write
+
+    yield make
+    for fd in opened:
+        os.close(fd)
 
 
-async def test_spin_ends_when_its_descriptor_is_readable() -> None:
+async def test_spin_ends_when_its_descriptor_is_readable(
+    pipes: Callable[[], tuple[int, int]],
+) -> None:
     spinner = Spinner(budget_ns=5_000_000_000)  # far longer than the test may take
-    read, write = _pipe()
+    read, write = pipes()
     spinner.watch(read)
     os.write(write, b"x")
     assert await spinner.spin(read)
     assert os.read(read, 1) == b"x"
 
 
-async def test_spin_gives_up_when_nothing_comes() -> None:
+async def test_spin_gives_up_when_nothing_comes(pipes: Callable[[], tuple[int, int]]) -> None:
     spinner = Spinner(budget_ns=1_000_000)
-    read, _write = _pipe()
+    read, _write = pipes()
     spinner.watch(read)
     assert not await spinner.spin(read)
 
 
-async def test_another_tasks_descriptor_runs_that_task_during_a_spin() -> None:
+async def test_another_tasks_descriptor_runs_that_task_during_a_spin(
+    pipes: Callable[[], tuple[int, int]],
+) -> None:
     spinner = Spinner(budget_ns=5_000_000_000)
-    mine, my_write = _pipe()
-    theirs, their_write = _pipe()
+    mine, my_write = pipes()
+    theirs, their_write = pipes()
     spinner.watch(mine)
     spinner.watch(theirs)
     got: list[bytes] = []
@@ -55,10 +71,10 @@ async def test_another_tasks_descriptor_runs_that_task_during_a_spin() -> None:
     assert got == [b"t"]
 
 
-async def test_a_set_stop_event_ends_the_spin() -> None:
+async def test_a_set_stop_event_ends_the_spin(pipes: Callable[[], tuple[int, int]]) -> None:
     spinner = Spinner(budget_ns=5_000_000_000)
-    mine, _my_write = _pipe()
-    theirs, their_write = _pipe()
+    mine, _my_write = pipes()
+    theirs, their_write = pipes()
     spinner.watch(mine)
     spinner.watch(theirs)
     stop = trio.Event()
@@ -75,9 +91,9 @@ async def test_a_set_stop_event_ends_the_spin() -> None:
     assert stop.is_set()
 
 
-async def test_no_budget_never_spins() -> None:
+async def test_no_budget_never_spins(pipes: Callable[[], tuple[int, int]]) -> None:
     spinner = Spinner(budget_ns=0)
-    read, write = _pipe()
+    read, write = pipes()
     spinner.watch(read)
     os.write(write, b"x")
     assert not await spinner.spin(read)  # the caller sleeps on it (and wakes at once)
