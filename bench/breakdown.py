@@ -102,10 +102,11 @@ class Build:
 
     name: str
     tree: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, trace_dir: Path) -> dict[str, str]:
         # Run from the tree (cwd), so that ``python -m`` imports its ftproxy, guests too.
-        return {t.ENV: str(trace_dir)}
+        return {**self.extra_env, t.ENV: str(trace_dir)}
 
 
 @dataclass
@@ -280,9 +281,13 @@ def redis_rate(port: int, requests: int, clients: int = 1) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    builds = [Build("this", ROOT)]
+    extra = dict(item.partition("=")[::2] for item in args.env)
+    builds = [Build("this", ROOT, extra)]
     if args.baseline is not None:
         builds.insert(0, Build("baseline", args.baseline.resolve()))
+    if args.baseline_env is not None:
+        baseline_extra = dict(item.partition("=")[::2] for item in args.baseline_env)
+        builds.insert(0, Build("baseline", ROOT, baseline_extra))
     with tempfile.TemporaryDirectory(prefix="ftproxy-breakdown-") as tmp:
         scratch = args.keep or Path(tmp)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -295,8 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     subjects.append(start(build, config, scratch, arbiter))
             with started(subjects):
                 for subject in subjects:
-                    if subject.build.tree == ROOT and args.pin:
-                        _pin(subject)
+                    if subject.build.name == "this" and args.pin:
+                        _pin(subject, args.pin)
                 for subject in subjects:  # warm-up, not measured
                     client_load(subject.service.port, args.warmup)
                 for round_no in range(args.rounds):
@@ -338,12 +343,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _pin(subject: Subject) -> None:
-    """Experiment: the primary side (supervisor and its guest) on CPU 0, the rest free."""
-    for proc in subject.service.primary:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        for pid in [proc.pid, *map(int, children)]:
-            os.sched_setaffinity(pid, {0})
+def _pin(subject: Subject, layout: str) -> None:
+    """Experiment: "primary": the primary side (supervisor and its guest) on CPU 0, the
+    rest free; "split": that, and the backup side on CPU 1."""
+    sides = [(subject.service.primary, 0)]
+    if layout == "split":
+        sides.append((subject.service.backup, 1))
+    for procs, cpu in sides:
+        for proc in procs:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in [proc.pid, *map(int, children)]:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(task), {cpu})
 
 
 def _summary(subject: Subject) -> dict[str, Any]:
@@ -443,9 +454,23 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, metavar="TREE", help="another ftproxy checkout to compare with"
     )
     parser.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for this build's supervisors (e.g. FTPROXY_SPIN_US=100)",
+    )
+    parser.add_argument(
+        "--baseline-env",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help="run this tree a second time as the baseline, with this environment instead",
+    )
+    parser.add_argument(
         "--pin",
-        action="store_true",
-        help="pin this build's primary side (supervisor and guest) to CPU 0",
+        choices=("primary", "split"),
+        help="pin this build's primary side (supervisor and guest) to CPU 0; "
+        "split: and its backup side to CPU 1",
     )
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="keep the trace files and logs in DIR"

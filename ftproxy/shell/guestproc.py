@@ -14,6 +14,8 @@ from typing import Any
 import trio
 
 from ftproxy.guest import _trace, protocol
+from ftproxy.guest._runtime import SPIN_ENV as GUEST_SPIN_ENV
+from ftproxy.shell.spin import spinner
 
 _READ_SIZE = 256 * 1024
 # The supervisor's loop may find the guest's next frame already there and its
@@ -88,7 +90,7 @@ class GuestProcess:
                     chunk = os.read(fd, _READ_SIZE)
                 except BlockingIOError:
                     self._unyielded = 0
-                    await trio.lowlevel.wait_readable(fd)
+                    await spinner.wait_readable(fd)
                     continue
                 self._unyielded += 1
                 if self._unyielded >= _FRAMES_BETWEEN_YIELDS:
@@ -146,6 +148,9 @@ async def start_guest(
     traced = _trace.directory()
     if traced is not None:
         env = {**env, _trace.ENV: traced}  # the guest takes it out before the program runs
+    guest_spin = os.environ.get(GUEST_SPIN_ENV, "0")  # off unless asked: see _runtime
+    if guest_spin != "0":
+        env = {**env, GUEST_SPIN_ENV: guest_spin}  # taken out, too
     reply_read, reply_write = os.pipe()
     request_read, request_write = os.pipe()
 
@@ -174,6 +179,7 @@ async def start_guest(
     finally:
         os.close(reply_read)
         os.close(request_write)
+    spinner.watch(request_read)
     return GuestProcess(
         process,
         trio.lowlevel.FdStream(reply_write),

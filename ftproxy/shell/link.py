@@ -36,6 +36,7 @@ from ftproxy.shell.admission import (
     serve_with_limits,
 )
 from ftproxy.shell.pump import pump_event
+from ftproxy.shell.spin import spinner
 
 log = structlog.get_logger()
 HANDSHAKE_TIMEOUT_S = OPENING_TIMEOUT_S
@@ -100,6 +101,8 @@ class LogLink:
         self.peer = peer
         self._pending = b""
         self._unyielded = 0
+        if self._socket is not None:
+            spinner.watch(self._socket.fileno())
 
     def unread(self) -> int:
         """Bytes from the peer that nobody has turned into events yet (socket and buffer)."""
@@ -191,7 +194,7 @@ class LogLink:
                     data = os.read(fd, _READ_SIZE)
                 except (BlockingIOError, InterruptedError):
                     self._unyielded = 0
-                    await trio.lowlevel.wait_readable(fd)
+                    await spinner.wait_readable(fd)
                     continue
                 self._unyielded += 1
                 if self._unyielded >= _READS_BETWEEN_YIELDS:
@@ -209,6 +212,9 @@ class LogLink:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                spinner.unwatch(self._socket.fileno())
         with contextlib.suppress(Exception):
             await self.stream.aclose()
 

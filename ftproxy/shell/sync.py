@@ -26,6 +26,11 @@ class Doorbell:
             for scope in scopes:
                 scope.cancel()
 
+    @property
+    def next_ring(self) -> trio.Event:
+        """Set by the next ring (for a waiter that polls instead of awaiting ``wait``)."""
+        return self._event
+
     async def wait(self) -> None:
         await self._event.wait()
 

@@ -30,6 +30,7 @@ from ftproxy.guest import _trace, protocol
 from ftproxy.shell.front import PacketConfig
 from ftproxy.shell.front.packet import PacketFront
 from ftproxy.shell.front.socket import AddressMap, SocketFront, resolve_name
+from ftproxy.shell.spin import spinner
 from ftproxy.shell.startfiles import pinned_paths, start_files
 from ftproxy.shell.supervisor import Exit, GuestFailure
 from ftproxy.shell.sync import Doorbell
@@ -325,7 +326,8 @@ class WorldAnswers:
                 with trio.move_on_at(deadline):
                     await self._doorbell.wait()
             else:
-                await self._doorbell.wait_readable(fd, deadline)
+                if not await spinner.spin(fd, self._doorbell.next_ring):
+                    await self._doorbell.wait_readable(fd, deadline)
                 if _trace.stamp is not None:
                     _trace.stamp(_trace.SUP_WOKE, -1)
         index, blob, events = self.front.collect(readable, writable, pressured)

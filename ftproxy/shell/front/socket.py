@@ -28,6 +28,7 @@ import trio
 
 from ftproxy.guest import _trace, protocol
 from ftproxy.shell.admission import RESERVED_DESCRIPTORS, RejectionLog, descriptors_left, peer_name
+from ftproxy.shell.spin import spinner
 from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
@@ -98,6 +99,7 @@ class SocketFront:
         # Streams whose input is wanted (open, buffer not full), by fd.
         self._poller = select.epoll()
         self._polled: dict[int, _Stream] = {}
+        spinner.watch(self._poller.fileno())
         self._rejections = RejectionLog("connection_rejected", port="service")
 
     def inherit(self, held: dict[int, bool], next_accepted: int) -> None:
@@ -508,6 +510,7 @@ class SocketFront:
         for sock in self._bound.values():
             sock.close()
         self._bound.clear()
+        spinner.unwatch(self._poller.fileno())
         self._poller.close()
 
 

@@ -1,0 +1,99 @@
+"""The data path's spin-before-sleep (ftproxy.shell.spin) on real pipes: it ends when its own
+descriptor is readable, lets a task whose descriptor is ready run meanwhile, and gives up
+(the caller sleeps) when nothing comes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from ftproxy.shell.spin import Spinner
+
+
+@pytest.fixture
+def pipes() -> Iterator[Callable[[], tuple[int, int]]]:
+    """Make non-blocking-read pipes; all closed after the test."""
+    opened: list[int] = []
+
+    def make() -> tuple[int, int]:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        opened.extend((read, write))
+        return read, write
+
+    yield make
+    for fd in opened:
+        os.close(fd)
+
+
+async def test_spin_ends_when_its_descriptor_is_readable(
+    pipes: Callable[[], tuple[int, int]],
+) -> None:
+    spinner = Spinner(budget_ns=5_000_000_000)  # far longer than the test may take
+    read, write = pipes()
+    spinner.watch(read)
+    os.write(write, b"x")
+    assert await spinner.spin(read)
+    assert os.read(read, 1) == b"x"
+
+
+async def test_spin_gives_up_when_nothing_comes(pipes: Callable[[], tuple[int, int]]) -> None:
+    spinner = Spinner(budget_ns=1_000_000)
+    read, _write = pipes()
+    spinner.watch(read)
+    assert not await spinner.spin(read)
+
+
+async def test_another_tasks_descriptor_runs_that_task_during_a_spin(
+    pipes: Callable[[], tuple[int, int]],
+) -> None:
+    spinner = Spinner(budget_ns=5_000_000_000)
+    mine, my_write = pipes()
+    theirs, their_write = pipes()
+    spinner.watch(mine)
+    spinner.watch(theirs)
+    got: list[bytes] = []
+
+    async def other_task() -> None:
+        await trio.lowlevel.wait_readable(theirs)
+        got.append(os.read(theirs, 1))
+        os.write(my_write, b"m")  # only that task's run ends the spin
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.testing.wait_all_tasks_blocked()
+        os.write(their_write, b"t")
+        assert await spinner.spin(mine)
+    assert got == [b"t"]
+
+
+async def test_a_set_stop_event_ends_the_spin(pipes: Callable[[], tuple[int, int]]) -> None:
+    spinner = Spinner(budget_ns=5_000_000_000)
+    mine, _my_write = pipes()
+    theirs, their_write = pipes()
+    spinner.watch(mine)
+    spinner.watch(theirs)
+    stop = trio.Event()
+
+    async def ringer() -> None:
+        await trio.lowlevel.wait_readable(theirs)
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ringer)
+        await trio.testing.wait_all_tasks_blocked()
+        os.write(their_write, b"t")
+        assert await spinner.spin(mine, stop)
+    assert stop.is_set()
+
+
+async def test_no_budget_never_spins(pipes: Callable[[], tuple[int, int]]) -> None:
+    spinner = Spinner(budget_ns=0)
+    read, write = pipes()
+    spinner.watch(read)
+    os.write(write, b"x")
+    assert not await spinner.spin(read)  # the caller sleeps on it (and wakes at once)
