@@ -389,3 +389,33 @@ def test_a_second_ctrl_c_kills_a_guest_that_ignores_the_first(tmp_path: Path) ->
     end = read_log(log).records[-1]
     assert isinstance(end, End) and end.reason == "killed" and end.returncode == -9
     replay_log(log)
+
+
+def test_a_diverged_guest_stops_where_it_diverged_though_replies_were_written_ahead(
+    tmp_path: Path,
+) -> None:
+    # Several clients recorded: when the first answer diverges, the log holds the
+    # replies for the exits after it, and replay writes replies ahead. The guest
+    # must not run on with them: each reply names its exit (icount, kind, digest),
+    # and the first whose digest is not the guest's stops it there.
+    port = free_port()
+    log = tmp_path / "uptime.ftlog"
+    with Recording(log, GUESTS / "uptime.py", str(port)) as rec:
+        for _ in range(5):
+            with connect(port) as sock:
+                sock.sendall(b"?")
+                recv_until(sock, b"\n")
+        rec.stop()
+    contents = read_log(log)
+    entries = [r for r in contents.records if isinstance(r, Entry)]
+    with pytest.raises(Divergence) as caught:
+        trio.run(lambda: replay(contents, stdout=subprocess.DEVNULL))
+    divergence = caught.value
+    assert divergence.seq < len(entries) - 3  # replies for later exits were there to run on
+    assert divergence.stack_exits_later == 0
+    # The exit after the diverging output: the accept of the next client, as a
+    # supervisor answering one exit at a time would have found it.
+    assert re.search(
+        r'uptime\.py", line 13, in <module>\n +conn, _ = server.accept\(\)', divergence.stack
+    ), divergence.stack
+    assert "at that point" in divergence.report()

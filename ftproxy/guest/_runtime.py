@@ -113,6 +113,7 @@ class GuestSocket(Protocol):
 
 
 _OUTPUT_FLUSH_BYTES = 64 * 1024
+_READ_SIZE = 64 * 1024
 _iter_data_index = protocol.DATA_INDEX.iter_unpack
 # Taken before the devices are installed: os._exit becomes a flushing wrapper,
 # os.write one that knows virtual sockets.
@@ -128,7 +129,10 @@ class Runtime:
     ) -> None:
         self._replies = io.FileIO(reply_fd, "rb", closefd=False)
         self._request_fd = request_fd
-        self._frame = bytearray(64 * 1024)
+        # What was read from the reply pipe and not yet used: a replaying
+        # supervisor writes replies ahead, and one read takes several.
+        self._inbox = bytearray()
+        self._inbox_at = 0
         self.icount = 0
         self._since_exit = 0
         self.exit_every: int = protocol.DEFAULT_EXIT_EVERY
@@ -230,7 +234,12 @@ class Runtime:
             if _trace.stamp is not None:
                 _trace.stamp(_trace.GUEST_WROTE, -1)
             self._write(frame)
-            reply = protocol.decode_body(self._read_frame())
+            icount, answers_kind, digest, body = self._read_reply()
+            if (icount, answers_kind, digest) != (self.icount, kind, self.digest) and (
+                icount != protocol.ANY_EXIT
+            ):
+                self._halt("the reply answers another exit")  # diverged: stop here
+            reply = protocol.decode_body(body)
             if _trace.stamp is not None:
                 _trace.stamp(_trace.GUEST_WOKE, -1)
         finally:
@@ -320,22 +329,29 @@ class Runtime:
                 sock._on_event(event)
         return bool(events)
 
-    def _read_frame(self) -> memoryview:
-        header = self._read_exact(protocol.LENGTH.size)
-        length = protocol.frame_length(header)
-        return self._read_exact(length)
+    def _read_reply(self) -> tuple[int, int, int, bytearray]:
+        """The next reply: the exit it answers (icount, kind, digest) and its body."""
+        head = protocol.REPLY_HEAD
+        self._fill(head.size)
+        length, icount, kind, digest = head.unpack_from(self._inbox, self._inbox_at)
+        if length > protocol.MAX_FRAME:
+            _lost_supervisor()
+        start = self._inbox_at + head.size
+        self._fill(head.size + length)
+        self._inbox_at = start + length
+        return icount, kind, digest, self._inbox[start : start + length]
 
-    def _read_exact(self, n: int) -> memoryview:
-        if len(self._frame) < n:
-            self._frame = bytearray(n)
-        view = memoryview(self._frame)[:n]
-        got = 0
-        while got < n:
-            chunk = self._replies.readinto(view[got:])
+    def _fill(self, n: int) -> None:
+        """Read until the inbox holds ``n`` unused bytes (one read takes all there is)."""
+        inbox = self._inbox
+        while len(inbox) - self._inbox_at < n:
+            if self._inbox_at:
+                del inbox[: self._inbox_at]
+                self._inbox_at = 0
+            chunk = self._replies.read(max(_READ_SIZE, n - len(inbox)))
             if not chunk:
                 _lost_supervisor()
-            got += chunk
-        return view
+            inbox += chunk
 
     def stop_on_refusal(self) -> None:
         """From now on, a refusal stops the guest where the call was made."""

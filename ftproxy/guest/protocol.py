@@ -20,7 +20,13 @@ reply the guest consumed, so outputs carry no seq themselves.
     (OP_EXIT, icount, kind, args, digest)   # always the last message of a frame
     (OP_STACK, text)                        # the guest's answer to a halt
 
-Supervisor -> guest: one frame per exit request, the reply
+Supervisor -> guest: one frame per exit request, the reply. Its head
+(``REPLY_HEAD``) is the length and the exit the reply answers: the icount,
+kind and digest of the request (a halt's icount is ``ANY_EXIT``). A guest
+given a reply for another exit stops there with its stack (OP_STACK), as at a
+halt: a replaying supervisor writes replies ahead of the requests, from the
+log, so the guest never waits for them, and a diverged guest must stop where
+it diverged. The body:
 
     (mono_gain, result)                     # result depends on the exit kind
     (mono_gain, result, wall_shift)         # the same, and the wall clock moves
@@ -93,6 +99,14 @@ if TYPE_CHECKING:
 MARSHAL_VERSION: Final = 2
 LENGTH: Final = struct.Struct("<I")
 MAX_FRAME: Final = 64 * 1024 * 1024
+# A reply's frame starts with its length and the exit it answers (icount, kind
+# and the digest of the outputs before it). The guest uses a reply only when it
+# names the exit the guest is at: a replaying supervisor may write replies
+# ahead of the requests, and a guest that diverged must stop where it diverged,
+# not run on with replies meant for another execution. ANY_EXIT answers
+# whichever exit the guest is at (a halt).
+REPLY_HEAD: Final = struct.Struct("<IqiI")  # length, icount, kind, digest
+ANY_EXIT: Final = -1
 
 # The pipe's fds in the guest process: fixed, so that nothing about them
 # differs between a primary and a backup guest.
@@ -193,6 +207,11 @@ def decode_body(body: bytes | bytearray | memoryview) -> Any:
         return marshal.loads(body)
     except (EOFError, ValueError, TypeError) as exc:
         raise ProtocolError(f"undecodable frame body ({len(body)} bytes): {exc}") from None
+
+
+def reply_frame(icount: int, kind: int, digest: int, body: bytes) -> bytes:
+    """A reply's frame: its head (length, the exit it answers) and its body."""
+    return REPLY_HEAD.pack(len(body), icount, kind, digest) + body
 
 
 def frame_length(header: bytes | bytearray | memoryview) -> int:

@@ -158,6 +158,15 @@ class Backup(ReplicaShell):
         assert self.world is not None
         return await self.world.answer(seq, exit)
 
+    def reply_ahead(self, seq: int) -> Entry | None:
+        """The entry that will answer exit ``seq``, if it is here already (the
+        supervisor writes its reply ahead of the guest's request)."""
+        entries = self._entries
+        if self.world is not None or not entries:
+            return None
+        index = seq - entries[0].seq
+        return entries[index] if 0 <= index < len(entries) else None
+
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
         self.store.append_output(seq, message)
@@ -623,7 +632,7 @@ async def serve_joined_backup(
             guest = await start_guest(header.argv, header.env, workdir)
             backup.guest_pid = guest.pid
             backup.board.guest_pid = guest.pid
-            supervisor = Supervisor(guest, backup)
+            supervisor = Supervisor(guest, backup, known=backup.reply_ahead)
             backup.board.icount = lambda: supervisor.icount
             backup.board.seq = lambda: supervisor.seq
             nursery.start_soon(store.flush_periodically)
@@ -694,7 +703,7 @@ async def _run_guest(
             with serving:
                 await supervisor.run()
         except Divergence as divergence:
-            divergence.stack = await supervisor.halt_for_stack("divergence")
+            divergence.stack = await supervisor.halt_for_stack("divergence", divergence)
             await backup.compare_with_primary(divergence)
             backup.log.error("replay_diverged", report=divergence.report())
             outcome.append(EXIT_DIVERGED)

@@ -20,6 +20,8 @@ _READ_SIZE = 256 * 1024
 # answer ready, over and over: after this many frames read without waiting it
 # yields once, so that its other tasks (log shipping, heartbeats) still run.
 _FRAMES_BETWEEN_YIELDS = 32
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_MIN_PIPE_SIZE = 4096  # POSIX's PIPE_BUF: every pipe holds at least this much
 
 # personality(2) flag that turns address-space randomisation off: with it, a
 # program that orders things by id() allocates, and so orders, identically on
@@ -98,14 +100,14 @@ class GuestProcess:
         except (OSError, trio.ClosedResourceError):
             return b""  # EBADF after aclose(), or the pipe broke: the guest is gone
 
-    async def reply(self, body: bytes) -> None:
-        """Send one reply body (the framing is added here).
+    async def reply(self, frame: bytes) -> None:
+        """Send reply frames (``protocol.reply_frame``), one or several end to end.
 
         Written at once when the pipe has room, which it nearly always has (the
-        guest reads every reply before it asks again): trio's send_all would
-        first yield a pass of its loop.
+        guest reads every reply before it asks again, and replies written ahead
+        stay well under the pipe's buffer): trio's send_all would first yield a
+        pass of its loop.
         """
-        frame = protocol.LENGTH.pack(len(body)) + body
         if _trace.stamp is not None:
             _trace.stamp(_trace.REPLY_WRITTEN, -1)
         try:
@@ -117,6 +119,13 @@ class GuestProcess:
         if written < len(frame):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._replies.send_all(frame[written:])
+
+    def pipe_size(self) -> int:
+        """How many bytes the reply pipe holds before a write would block."""
+        try:
+            return int(fcntl.fcntl(self._replies.fileno(), _F_GETPIPE_SZ))
+        except OSError:
+            return _MIN_PIPE_SIZE
 
     def kill(self) -> None:
         if self.process.returncode is None:

@@ -135,6 +135,12 @@ class LogAnswers:
         self._records = contents.records
         self._next = 0
         self.output_bytes = 0
+        # The entries in order: entry seq k is _entries[k - 1] (replies written ahead).
+        self._entries = [record for record in contents.records if isinstance(record, Entry)]
+
+    def reply_ahead(self, seq: int) -> Entry | None:
+        """The entry the log holds for exit ``seq`` (None past its last)."""
+        return self._entries[seq - 1] if 0 < seq <= len(self._entries) else None
 
     def _peek(self) -> Record | None:
         return self._records[self._next] if self._next < len(self._records) else None
@@ -258,7 +264,7 @@ async def replay(
     bound = log.bind(role="replayer")
     guest = await start_guest(header.argv, header.env, cwd, stdout=stdout, stderr=stderr)
     mode = LogAnswers(contents)
-    supervisor = Supervisor(guest, mode)
+    supervisor = Supervisor(guest, mode, known=mode.reply_ahead)
     ended_early = False
     ended_at: int | None = None
     try:
@@ -268,7 +274,7 @@ async def replay(
             ended_early = True
             ended_at = end_of_log.seq
         except Divergence as divergence:
-            divergence.stack = await supervisor.halt_for_stack("divergence")
+            divergence.stack = await supervisor.halt_for_stack("divergence", divergence)
             raise
         except GuestFailure:
             raise

@@ -3,19 +3,36 @@
 Who answers an exit is the *mode*: the world (record mode, ``ftproxy.shell.record``)
 or the log (replay mode, ``ftproxy.shell.replay``). The loop is the same for both,
 which is how the guest cannot tell them apart.
+
+In replay, the log already holds the replies to the guest's next exits: the
+supervisor writes them into the guest's pipe ahead of its requests (the
+``ReplyWindow``), so the guest finds each reply there and never sleeps for one,
+where a round trip per exit (a cross-CPU wake-up each way) was most of what
+replay cost. Each request is still checked against its entry when it arrives,
+in order, and each reply names the exit it answers: a guest that diverged
+stops at the exit where it did (see ``ftproxy.guest.protocol``).
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
+from ftproxy.core.records import Entry
 from ftproxy.guest import _trace, protocol
 from ftproxy.shell.guestproc import GuestProcess
 
 log = structlog.get_logger()
+
+# At most this many bytes of replies wait in the guest's pipe ahead of its
+# requests (and at most half the pipe's buffer): writing them never blocks, so
+# the supervisor always goes back to reading the guest, which may be writing
+# outputs to it. A bigger reply is written when its request comes.
+AHEAD_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,9 @@ class Divergence(Exception):
         # Where the two sides' outputs first differ, when they were compared.
         self.difference = ""
         self.after_exit = False
+        # How many exits past this one the guest was when it gave its stack (it
+        # used replies written ahead that named its exits: its outputs told apart).
+        self.stack_exits_later = 0
         super().__init__(f"divergence at log entry {seq}")
 
     def report(self) -> str:
@@ -65,7 +85,13 @@ class Divergence(Exception):
         ]
         if self.difference:
             lines.extend("  " + line for line in self.difference.splitlines())
-        if self.stack:
+        if self.stack and self.stack_exits_later:
+            lines.append(
+                f"  replaying guest's stack {self.stack_exits_later} exit(s) later (it had "
+                "been given the replies the log holds for those exits ahead of its requests):"
+            )
+            lines.extend("    " + line for line in self.stack.rstrip().splitlines())
+        elif self.stack:
             lines.append("  replaying guest's stack at that point:")
             lines.extend("    " + line for line in self.stack.rstrip().splitlines())
         return "\n".join(lines)
@@ -88,18 +114,88 @@ class Mode(Protocol):
         ...
 
 
+KnownReplies = Callable[[int], Entry | None]
+"""The log entry that will answer exit ``seq``, if the mode holds it already (replay)."""
+
+
+class ReplyWindow:
+    """Which replies are in the guest's pipe ahead of its requests (sans I/O).
+
+    ``fill`` says what to write ahead now; ``requested`` is told each exit the
+    guest makes, in order, with the reply its mode answered, and says whether
+    that reply is in the pipe already. A reply stays counted until the guest
+    asks for the next exit (only then has it surely read it).
+    """
+
+    def __init__(self, known: KnownReplies | None, limit_bytes: int) -> None:
+        self._known = known
+        self.limit_bytes = limit_bytes if known is not None else 0
+        self.written = 0  # the last exit whose reply is in the pipe (or was read)
+        self._ahead: deque[tuple[int, bytes, int]] = deque()  # seq, body, frame bytes
+        self.bytes = 0
+        self.stopped = False
+
+    def fill(self) -> bytes:
+        """The reply frames to write ahead now, end to end (b"" for none)."""
+        if self._known is None or self.stopped:
+            return b""
+        frames: list[bytes] = []
+        while True:
+            seq = self.written + 1
+            entry = self._known(seq)
+            if entry is None:
+                break
+            if entry.seq != seq:
+                raise GuestFailure(f"the log's entry {entry.seq} was offered for exit {seq}")
+            size = protocol.REPLY_HEAD.size + len(entry.reply)
+            if self.bytes + size > self.limit_bytes:
+                break
+            frames.append(protocol.reply_frame(entry.icount, entry.kind, entry.digest, entry.reply))
+            self._ahead.append((seq, entry.reply, size))
+            self.bytes += size
+            self.written = seq
+        return b"".join(frames)
+
+    def requested(self, seq: int, body: bytes) -> bool:
+        """The guest asked for exit ``seq``, answered with ``body``: whether its reply
+        was written ahead (and must not be written again)."""
+        ahead = self._ahead
+        while ahead and ahead[0][0] < seq:
+            self.bytes -= ahead.popleft()[2]  # the guest asked again: it read that one
+        if seq > self.written:
+            self.written = seq
+            return False
+        if not ahead or ahead[0][0] != seq or ahead[0][1] is not body:
+            raise GuestFailure(f"exit {seq} was answered other than the reply written ahead")
+        return True
+
+    def stop(self) -> None:
+        """Write nothing more ahead (the guest diverged, or is being halted)."""
+        self.stopped = True
+
+
 class Supervisor:
     """Runs the exit/reply loop until the guest closes its pipe."""
 
-    def __init__(self, guest: GuestProcess, mode: Mode) -> None:
+    def __init__(self, guest: GuestProcess, mode: Mode, known: KnownReplies | None = None) -> None:
         self.guest = guest
         self.mode = mode
         self.seq = 0
         self.icount = 0
         self.outputs = 0
+        limit = min(AHEAD_BYTES, guest.pipe_size() // 2) if known is not None else 0
+        self.window = ReplyWindow(known, limit)
 
     async def run(self) -> None:
         """Serve the guest until it exits; Divergence and GuestFailure propagate."""
+        try:
+            await self._serve()
+        except Divergence:
+            self.window.stop()
+            raise
+
+    async def _serve(self) -> None:
+        window = self.window
         while True:
             try:
                 frame = await self.guest.receive()
@@ -110,6 +206,9 @@ class Supervisor:
             for message in frame:
                 await self._handle(message)
             self.mode.flush()
+            ahead = window.fill()
+            if ahead:
+                await self.guest.reply(ahead)
 
     async def _handle(self, message: Any) -> None:
         if not isinstance(message, tuple) or not message:
@@ -118,10 +217,12 @@ class Supervisor:
         if op == protocol.OP_EXIT:
             _, icount, kind, args, digest = message
             exit = Exit(icount, kind, args, digest)
-            body = await self.mode.answer(self.seq + 1, exit)
-            self.seq += 1
+            seq = self.seq + 1
+            body = await self.mode.answer(seq, exit)
+            self.seq = seq
             self.icount = icount
-            await self.guest.reply(body)
+            if not self.window.requested(seq, body):
+                await self.guest.reply(protocol.reply_frame(icount, kind, digest, body))
         elif op in (
             protocol.OP_SEND,
             protocol.OP_SENDTO,
@@ -141,16 +242,31 @@ class Supervisor:
         else:
             raise GuestFailure(f"unexpected guest message {protocol.OP_NAMES.get(op, op)!r}")
 
-    async def halt_for_stack(self, reason: str) -> str:
-        """Ask the guest for its stack (it then exits); empty if it does not say."""
-        await self.guest.reply(protocol.encode_body((None, reason)))
+    async def halt_for_stack(self, reason: str, divergence: Divergence | None = None) -> str:
+        """Ask the guest for its stack (it then exits); empty if it does not say.
+
+        A guest that was given replies ahead stops at the first exit whose
+        reply is not its own, or else reads the halt after them: the exits it
+        asks for meanwhile say how far past ``divergence`` it got.
+        """
+        self.window.stop()
+        await self.guest.reply(
+            protocol.reply_frame(protocol.ANY_EXIT, 0, 0, protocol.encode_body((None, reason)))
+        )
+        later = 0
         try:
             while True:
                 frame = await self.guest.receive()
                 if frame is None:
                     return ""
                 for message in frame:
-                    if isinstance(message, tuple) and message and message[0] == protocol.OP_STACK:
+                    if not isinstance(message, tuple) or not message:
+                        continue
+                    if message[0] == protocol.OP_EXIT:
+                        later += 1
+                    elif message[0] == protocol.OP_STACK:
+                        if divergence is not None:
+                            divergence.stack_exits_later = later
                         return str(message[1])
         except protocol.ProtocolError:
             return ""
