@@ -1,7 +1,8 @@
 """Planned switchover with real processes: ``ftproxy switchover``, SIGUSR1 and
 ``--on-sigterm leave`` hand the service from the primary to its backup with no
-acknowledged write lost; a switchover that cannot happen changes nothing.
-(Packet mode, where client connections also survive, is not covered here yet.)
+acknowledged write lost, from a first pair and from a re-protected one (a live
+replica that took a new backup, as every ``ftproxy run`` pair is); a switchover
+that cannot happen changes nothing. (Packet mode: tests/test_packet_failover.py.)
 """
 
 from __future__ import annotations
@@ -51,13 +52,42 @@ def protected_pair(c: Cluster, *primary_args: str) -> None:
 
 def handed_over(c: Cluster) -> None:
     """The old primary exited 0 having handed over; the backup serves, having switched."""
-    assert c.primary.wait(30) == 0, c.primary.stderr()
-    names = [e.get("event") for e in c.primary.events()]
+    retired_and_took_over(c.primary, c.backup, c.backup_admin)
+
+
+def retired_and_took_over(old: Process, new: Process, new_admin: int) -> None:
+    """``old`` exited 0 having handed over; ``new`` serves, having switched (no failover)."""
+    assert old.wait(30) == 0, old.stderr()
+    names = [e.get("event") for e in old.events()]
     assert "handover_sent" in names and "replica_retired" in names
-    wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
-    live = [e for e in c.backup.events() if e.get("event") == "role_changed"]
-    assert live[-1]["to"] == "live" and live[-1].get("switchover") is True
-    assert status(c.backup_admin)["failovers_total"] == 0
+    wait_until(lambda: status(new_admin)["role"] == "live", 20, f"{new.name} is live")
+
+    def changes() -> list[dict]:
+        return [e for e in new.events() if e.get("event") == "role_changed"]
+
+    # /status says live once the arbiter said so; the line once the address is bound.
+    wait_until(lambda: changes()[-1]["to"] == "live", 20, f"{new.name} says it is live")
+    assert changes()[-1].get("switchover") is True
+    assert status(new_admin)["failovers_total"] == 0
+
+
+def join_as_backup(c: Cluster, name: str, of: str, admin: int) -> tuple[Process, str]:
+    """A fresh backup of the replica whose log address is ``of``, taking backups of its
+    own (once live) at a new log address, which is returned with it."""
+    log_listen = f"127.0.0.1:{free_port()}"
+    command = c.replica_command("backup", "--log-listen", log_listen)
+    command[command.index("--primary") + 1] = of
+    command[command.index("--admin") + 1] = f"127.0.0.1:{admin}"
+    c.processes[name] = Process(name, command, c.tmp)
+    return c.processes[name], log_listen
+
+
+def protected_under(admin: int, generation: int, timeout: float = 60) -> None:
+    wait_until(
+        lambda: status(admin)["protected"] is True and status(admin)["generation"] == generation,
+        timeout,
+        f"protected again under generation {generation}",
+    )
 
 
 def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
@@ -76,24 +106,27 @@ def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
     load.verify(cluster.service_port)
     # The new primary takes a fresh backup and is protected again, under generation 2.
     fresh_admin = free_port()
-    command = cluster.replica_command("backup")
-    command[command.index("--primary") + 1] = BACKUP_LOG
-    command[command.index("--admin") + 1] = f"127.0.0.1:{fresh_admin}"
-    cluster.processes["fresh"] = Process("fresh", command, cluster.tmp)
-    wait_until(
-        lambda: (
-            status(cluster.backup_admin)["protected"] is True
-            and status(cluster.backup_admin)["generation"] == 2
-        ),
-        60,
-        "the new primary is protected again",
-    )
+    fresh, fresh_log = join_as_backup(cluster, "fresh", BACKUP_LOG, fresh_admin)
+    protected_under(cluster.backup_admin, 2)
     assert KvClient(cluster.service_port).call("GET", "ctr:0").isdigit()
-    # A re-protected primary does not hand over yet: it says so, and nothing changes.
-    again = switchover(cluster, admin=cluster.backup_admin)
-    assert again.returncode == EXIT_REFUSED, again.stderr
-    assert "not after re-protection" in again.stderr
-    assert status(cluster.backup_admin)["protected"] is True
+    # A re-protected primary (the backup that went live) hands over too, under load.
+    load = Load(cluster.service_port, clients=4).start()
+    try:
+        wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+        again = switchover(cluster, admin=cluster.backup_admin)
+        assert again.returncode == 0, again.stderr + cluster.backup.stderr()
+        assert "switched over" in again.stdout
+        retired_and_took_over(cluster.backup, fresh, fresh_admin)
+        assert status(fresh_admin)["generation"] == 2  # it won generation 2's key
+        before = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > before + 200, 30, "writes acknowledged after")
+        # And the replica switched to is protected again in turn, under generation 3.
+        third, _ = join_as_backup(cluster, "third", fresh_log, free_port())
+        protected_under(fresh_admin, 3, timeout=120)
+    finally:
+        load.stop()
+    load.verify(cluster.service_port)
+    assert third.popen.poll() is None
 
 
 @pytest.mark.parametrize("how", ["sigusr1", "sigterm-leave"])
@@ -209,7 +242,9 @@ def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
     """SIGSTOP the backup, then ask: the primary, having released nothing since it held
     its guest, loses the backup, wins the arbiter and serves on; nothing acknowledged is
     lost, and the command says the switchover was not done."""
-    protected_pair(cluster)
+    # The command starts a Python process after the SIGSTOP: the primary's patience with
+    # a silent backup must outlast that start, so the request meets a backup not yet lost.
+    protected_pair(cluster, "--peer-timeout-ms", "3000")
     load = Load(cluster.service_port, clients=2).start()
     wait_until(lambda: load.acknowledged() > 100, 30, "writes acknowledged before")
     cluster.backup.signal(signal.SIGSTOP)
