@@ -261,3 +261,85 @@ def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
     load.verify(cluster.service_port)
     names = [e.get("event") for e in cluster.primary.events()]
     assert "switchover_started" in names and "handover_sent" not in names
+
+
+# -- ftproxy run nodes: every pair there is a re-protected one -------------------------
+
+
+@pytest.mark.timeout(300)
+def test_run_nodes_switch_over_by_command_and_by_sigterm_and_the_retired_node_rejoins(
+    tmp_path: Path,
+) -> None:
+    """Two ``ftproxy run`` nodes of one pair, under load: ``ftproxy switchover`` to the
+    primary node hands over (the node that booted the service), the other serves, and
+    the retired node's command started again rejoins as its backup; then SIGTERM with
+    --on-sigterm leave (systemctl stop) hands over from that node (a backup gone live),
+    and again the retired node rejoins. Every acknowledged write is found."""
+    from test_real_programs import _tail
+    from test_reprotect import Node
+
+    c = Cluster(tmp_path)
+    c.start_arbiter()
+    ports = {name: (free_port(), free_port()) for name in ("x", "y")}
+    runs = dict.fromkeys(ports, 0)
+
+    def start(name: str) -> Node:
+        """The node's command, the same each time (systemd's Restart=always)."""
+        log_port, admin = ports[name]
+        process = c.replica(
+            f"{name}-{runs[name]}",
+            "run",
+            "--pair",
+            "kv",
+            "--log-listen",
+            f"127.0.0.1:{log_port}",
+            "--on-sigterm",
+            "leave",
+            admin=admin,
+            data=name,
+        )
+        runs[name] += 1
+        return Node(name, log_port, admin, process)
+
+    nodes = {name: start(name) for name in ports}
+
+    def by_role() -> tuple[Node, Node]:
+        first, second = nodes.values()
+        return (first, second) if first.status()["role"] == "primary" else (second, first)
+
+    def healed(generation: int) -> tuple[Node, Node]:
+        wait_until(
+            lambda: any(n.protected(generation) for n in nodes.values()),
+            90,
+            f"the nodes form a pair of generation {generation}",
+        )
+        return by_role()
+
+    load = Load(c.service_port, clients=4)
+    try:
+        primary, backup = healed(1)
+        load.start()
+        wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+        result = switchover(c, "--insecure", admin=primary.admin)
+        assert result.returncode == 0, result.stderr + primary.process.stderr()
+        retired_and_took_over(primary.process, backup.process, backup.admin)
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
+        nodes[primary.name] = start(primary.name)
+        new_primary, new_backup = healed(2)
+        assert (new_primary.name, new_backup.name) == (backup.name, primary.name)
+        # systemctl stop on the primary's host: SIGTERM, --on-sigterm leave.
+        new_primary.process.signal(signal.SIGTERM)
+        retired_and_took_over(new_primary.process, new_backup.process, new_backup.admin)
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
+        nodes[new_primary.name] = start(new_primary.name)
+        last_primary, _ = healed(3)
+        assert last_primary.name == new_backup.name
+        load.stop()
+        load.verify(c.service_port)
+    except (AssertionError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{_tail(c)}") from None
+    finally:
+        load.stop()
+        c.stop()

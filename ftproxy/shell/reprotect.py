@@ -318,7 +318,6 @@ class Reprotector:
             nursery.cancel_scope.cancel()
         await link.aclose()
         self.switchover.detach()
-        self.attached = None
         reason = why[0]
         catch_up = self.catch_up
         if replica.role is ReplicaRole.HANDED_OVER:
@@ -335,6 +334,7 @@ class Reprotector:
             self.log.warning(
                 "backup_dropped", peer=link.peer, reason=reason, acked_seq=catch_up.acked_seq
             )
+        self.attached = None
 
     async def _arbitrate(self, lost_at: float) -> None:
         if self.replica.role is not ReplicaRole.ARBITRATING:
