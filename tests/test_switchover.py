@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
@@ -266,6 +267,41 @@ def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
 # -- ftproxy run nodes: every pair there is a re-protected one -------------------------
 
 
+class RunNodes:
+    """Two ``ftproxy run`` nodes of one pair, each started by the same command every time."""
+
+    def __init__(self, c: Cluster, *extra: str) -> None:
+        from test_reprotect import Node, start_node
+
+        self.c, self.extra = c, extra
+        self.ports = {name: (free_port(), free_port()) for name in ("x", "y")}
+        self.runs = dict.fromkeys(self.ports, 0)
+        self._start_node = start_node
+        self.nodes: dict[str, Node] = {}
+        for name in self.ports:  # both at once: the arbiter lets exactly one boot
+            self.start(name)
+
+    def start(self, name: str) -> None:
+        log_port, admin = self.ports[name]
+        self.nodes[name] = self._start_node(
+            self.c, name, log_port, admin, self.runs[name], *self.extra
+        )
+        self.runs[name] += 1
+
+    def by_role(self) -> tuple[Any, Any]:
+        """(the serving node, the other)."""
+        first, second = self.nodes.values()
+        return (first, second) if first.status()["role"] == "primary" else (second, first)
+
+    def healed(self, generation: int) -> tuple[Any, Any]:
+        wait_until(
+            lambda: any(n.protected(generation) for n in self.nodes.values()),
+            90,
+            f"the nodes form a pair of generation {generation}",
+        )
+        return self.by_role()
+
+
 @pytest.mark.timeout(300)
 def test_run_nodes_switch_over_by_command_and_by_sigterm_and_the_retired_node_rejoins(
     tmp_path: Path,
@@ -276,48 +312,13 @@ def test_run_nodes_switch_over_by_command_and_by_sigterm_and_the_retired_node_re
     --on-sigterm leave (systemctl stop) hands over from that node (a backup gone live),
     and again the retired node rejoins. Every acknowledged write is found."""
     from test_real_programs import _tail
-    from test_reprotect import Node
 
     c = Cluster(tmp_path)
     c.start_arbiter()
-    ports = {name: (free_port(), free_port()) for name in ("x", "y")}
-    runs = dict.fromkeys(ports, 0)
-
-    def start(name: str) -> Node:
-        """The node's command, the same each time (systemd's Restart=always)."""
-        log_port, admin = ports[name]
-        process = c.replica(
-            f"{name}-{runs[name]}",
-            "run",
-            "--pair",
-            "kv",
-            "--log-listen",
-            f"127.0.0.1:{log_port}",
-            "--on-sigterm",
-            "leave",
-            admin=admin,
-            data=name,
-        )
-        runs[name] += 1
-        return Node(name, log_port, admin, process)
-
-    nodes = {name: start(name) for name in ports}
-
-    def by_role() -> tuple[Node, Node]:
-        first, second = nodes.values()
-        return (first, second) if first.status()["role"] == "primary" else (second, first)
-
-    def healed(generation: int) -> tuple[Node, Node]:
-        wait_until(
-            lambda: any(n.protected(generation) for n in nodes.values()),
-            90,
-            f"the nodes form a pair of generation {generation}",
-        )
-        return by_role()
-
     load = Load(c.service_port, clients=4)
     try:
-        primary, backup = healed(1)
+        pair = RunNodes(c, "--on-sigterm", "leave")
+        primary, backup = pair.healed(1)
         load.start()
         wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
         result = switchover(c, "--insecure", admin=primary.admin)
@@ -325,21 +326,51 @@ def test_run_nodes_switch_over_by_command_and_by_sigterm_and_the_retired_node_re
         retired_and_took_over(primary.process, backup.process, backup.admin)
         floor = load.acknowledged()
         wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
-        nodes[primary.name] = start(primary.name)
-        new_primary, new_backup = healed(2)
+        pair.start(primary.name)
+        new_primary, new_backup = pair.healed(2)
         assert (new_primary.name, new_backup.name) == (backup.name, primary.name)
         # systemctl stop on the primary's host: SIGTERM, --on-sigterm leave.
         new_primary.process.signal(signal.SIGTERM)
         retired_and_took_over(new_primary.process, new_backup.process, new_backup.admin)
         floor = load.acknowledged()
         wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
-        nodes[new_primary.name] = start(new_primary.name)
-        last_primary, _ = healed(3)
+        pair.start(new_primary.name)
+        last_primary, _ = pair.healed(3)
         assert last_primary.name == new_backup.name
         load.stop()
         load.verify(c.service_port)
     except (AssertionError, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n{_tail(c)}") from None
+    finally:
+        load.stop()
+        c.stop()
+
+
+def test_a_run_node_whose_backup_stalls_during_the_switchover_serves_on(tmp_path: Path) -> None:
+    """The re-protected primary's side of a stalled handover: the primary node, having
+    released nothing since it held its guest, loses the backup node, wins the arbiter
+    and serves on; nothing acknowledged is lost, and the command says it was not done."""
+    c = Cluster(tmp_path)
+    c.start_arbiter()
+    load = Load(c.service_port, clients=2)
+    try:
+        # As in the first pair's test: patience longer than the command's start-up.
+        pair = RunNodes(c, "--peer-timeout-ms", "3000")
+        primary, backup = pair.healed(1)
+        load.start()
+        wait_until(lambda: load.acknowledged() > 100, 30, "writes acknowledged before")
+        backup.process.signal(signal.SIGSTOP)
+        result = switchover(c, "--insecure", admin=primary.admin)
+        assert result.returncode == 7, result.stderr + primary.process.stderr()
+        assert "the backup was lost during the switchover" in result.stderr
+        assert primary.status()["role"] == "live"
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 100, 30, "the primary node serves on")
+        backup.process.signal(signal.SIGKILL)
+        load.stop()
+        load.verify(c.service_port)
+        names = [e.get("event") for e in primary.process.events()]
+        assert "switchover_started" in names and "handover_sent" not in names
     finally:
         load.stop()
         c.stop()
