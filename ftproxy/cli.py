@@ -129,15 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin PATH's SHA-256 (a file, or every file in a directory and its listing) in the "
         "log header, so that a backup or a replay whose copy differs refuses (repeatable)",
     )
-    primary.add_argument(
-        "--on-sigterm",
-        choices=("stop", "leave"),
-        default="stop",
-        help="what SIGTERM (systemctl stop) means: stop (the default) delivers it to the guest "
-        "as a logged signal, so the service stops on both replicas; leave hands the service "
-        "to the backup first (as ftproxy switchover does), then this replica exits 0. "
-        "SIGUSR1 always means a switchover",
-    )
     primary.add_argument("--pair", default="ftproxy", help="the pair's name at the arbiter")
     primary.add_argument(
         "--generation", type=int, default=1, help="the pair's generation at the arbiter"
@@ -369,6 +360,16 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     _add_etcd_arguments(parser)
     parser.add_argument("--admin", metavar="HOST:PORT", help="serve GET /status and /metrics here")
     parser.add_argument(
+        "--on-sigterm",
+        choices=("stop", "leave"),
+        default="stop",
+        help="what SIGTERM (systemctl stop) means while this replica serves: stop (the "
+        "default) delivers it to the guest as a logged signal, so the service stops on both "
+        "replicas; leave hands the service to the backup first (as ftproxy switchover does), "
+        "then this replica exits 0. SIGUSR1 always means a switchover. A replica that is "
+        "still a backup just stops (exit 0): its primary goes on",
+    )
+    parser.add_argument(
         "--data-dir",
         metavar="DIR",
         help="keep the log this replica holds in DIR/log.ftlog (readable by ftproxy log "
@@ -499,6 +500,7 @@ def _replica_options(args: argparse.Namespace, command: str) -> Any:
         hook_timeout_s=args.on_role_change_timeout_s,
         fence=getattr(args, "fence", "kill"),
         data_dir=Path(args.data_dir) if args.data_dir else None,
+        on_sigterm=args.on_sigterm,
     )
 
 
@@ -529,7 +531,6 @@ def _cmd_primary(args: argparse.Namespace) -> int:
     options.pair = args.pair
     options.generation = args.generation
     options.pins = args.pin
-    options.on_sigterm = args.on_sigterm
     if not options.output_rule:
         structlog.get_logger().warning(
             "output_rule_disabled",

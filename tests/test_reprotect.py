@@ -338,7 +338,7 @@ def test_a_full_disk_is_reported_and_the_replica_keeps_serving_unprotected(clust
         subprocess.run(["umount", str(data)], check=True)
 
 
-def start_node(c: Cluster, name: str, log_port: int, admin: int, run: int) -> Node:
+def start_node(c: Cluster, name: str, log_port: int, admin: int, run: int, *extra: str) -> Node:
     """``ftproxy run`` as an operator puts it under systemd: the same command every time."""
     process = c.replica(
         f"{name}-{run}",
@@ -347,6 +347,7 @@ def start_node(c: Cluster, name: str, log_port: int, admin: int, run: int) -> No
         "kv",
         "--log-listen",
         f"127.0.0.1:{log_port}",
+        *extra,
         admin=admin,
         data=name,
     )

@@ -1,7 +1,8 @@
 """Planned switchover with real processes: ``ftproxy switchover``, SIGUSR1 and
 ``--on-sigterm leave`` hand the service from the primary to its backup with no
-acknowledged write lost; a switchover that cannot happen changes nothing.
-(Packet mode, where client connections also survive, is not covered here yet.)
+acknowledged write lost, from a first pair and from a re-protected one (a live
+replica that took a new backup, as every ``ftproxy run`` pair is); a switchover
+that cannot happen changes nothing. (Packet mode: tests/test_packet_failover.py.)
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
@@ -51,13 +53,42 @@ def protected_pair(c: Cluster, *primary_args: str) -> None:
 
 def handed_over(c: Cluster) -> None:
     """The old primary exited 0 having handed over; the backup serves, having switched."""
-    assert c.primary.wait(30) == 0, c.primary.stderr()
-    names = [e.get("event") for e in c.primary.events()]
+    retired_and_took_over(c.primary, c.backup, c.backup_admin)
+
+
+def retired_and_took_over(old: Process, new: Process, new_admin: int) -> None:
+    """``old`` exited 0 having handed over; ``new`` serves, having switched (no failover)."""
+    assert old.wait(30) == 0, old.stderr()
+    names = [e.get("event") for e in old.events()]
     assert "handover_sent" in names and "replica_retired" in names
-    wait_until(lambda: status(c.backup_admin)["role"] == "live", 20, "the backup is live")
-    live = [e for e in c.backup.events() if e.get("event") == "role_changed"]
-    assert live[-1]["to"] == "live" and live[-1].get("switchover") is True
-    assert status(c.backup_admin)["failovers_total"] == 0
+    wait_until(lambda: status(new_admin)["role"] == "live", 20, f"{new.name} is live")
+
+    def changes() -> list[dict]:
+        return [e for e in new.events() if e.get("event") == "role_changed"]
+
+    # /status says live once the arbiter said so; the line once the address is bound.
+    wait_until(lambda: changes()[-1]["to"] == "live", 20, f"{new.name} says it is live")
+    assert changes()[-1].get("switchover") is True
+    assert status(new_admin)["failovers_total"] == 0
+
+
+def join_as_backup(c: Cluster, name: str, of: str, admin: int) -> tuple[Process, str]:
+    """A fresh backup of the replica whose log address is ``of``, taking backups of its
+    own (once live) at a new log address, which is returned with it."""
+    log_listen = f"127.0.0.1:{free_port()}"
+    command = c.replica_command("backup", "--log-listen", log_listen)
+    command[command.index("--primary") + 1] = of
+    command[command.index("--admin") + 1] = f"127.0.0.1:{admin}"
+    c.processes[name] = Process(name, command, c.tmp)
+    return c.processes[name], log_listen
+
+
+def protected_under(admin: int, generation: int, timeout: float = 60) -> None:
+    wait_until(
+        lambda: status(admin)["protected"] is True and status(admin)["generation"] == generation,
+        timeout,
+        f"protected again under generation {generation}",
+    )
 
 
 def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
@@ -76,24 +107,27 @@ def test_switchover_under_load_loses_no_acknowledged_write_and_the_pair_heals(
     load.verify(cluster.service_port)
     # The new primary takes a fresh backup and is protected again, under generation 2.
     fresh_admin = free_port()
-    command = cluster.replica_command("backup")
-    command[command.index("--primary") + 1] = BACKUP_LOG
-    command[command.index("--admin") + 1] = f"127.0.0.1:{fresh_admin}"
-    cluster.processes["fresh"] = Process("fresh", command, cluster.tmp)
-    wait_until(
-        lambda: (
-            status(cluster.backup_admin)["protected"] is True
-            and status(cluster.backup_admin)["generation"] == 2
-        ),
-        60,
-        "the new primary is protected again",
-    )
+    fresh, fresh_log = join_as_backup(cluster, "fresh", BACKUP_LOG, fresh_admin)
+    protected_under(cluster.backup_admin, 2)
     assert KvClient(cluster.service_port).call("GET", "ctr:0").isdigit()
-    # A re-protected primary does not hand over yet: it says so, and nothing changes.
-    again = switchover(cluster, admin=cluster.backup_admin)
-    assert again.returncode == EXIT_REFUSED, again.stderr
-    assert "not after re-protection" in again.stderr
-    assert status(cluster.backup_admin)["protected"] is True
+    # A re-protected primary (the backup that went live) hands over too, under load.
+    load = Load(cluster.service_port, clients=4).start()
+    try:
+        wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+        again = switchover(cluster, admin=cluster.backup_admin)
+        assert again.returncode == 0, again.stderr + cluster.backup.stderr()
+        assert "switched over" in again.stdout
+        retired_and_took_over(cluster.backup, fresh, fresh_admin)
+        assert status(fresh_admin)["generation"] == 2  # it won generation 2's key
+        before = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > before + 200, 30, "writes acknowledged after")
+        # And the replica switched to is protected again in turn, under generation 3.
+        third, _ = join_as_backup(cluster, "third", fresh_log, free_port())
+        protected_under(fresh_admin, 3, timeout=120)
+    finally:
+        load.stop()
+    load.verify(cluster.service_port)
+    assert third.popen.poll() is None
 
 
 @pytest.mark.parametrize("how", ["sigusr1", "sigterm-leave"])
@@ -229,3 +263,115 @@ def test_a_backup_that_stalls_during_the_switchover_leaves_the_primary_serving(
     load.verify(cluster.service_port)
     names = [e.get("event") for e in cluster.primary.events()]
     assert "switchover_started" in names and "handover_sent" not in names
+
+
+# -- ftproxy run nodes: every pair there is a re-protected one -------------------------
+
+
+class RunNodes:
+    """Two ``ftproxy run`` nodes of one pair, each started by the same command every time."""
+
+    def __init__(self, c: Cluster, *extra: str) -> None:
+        from test_reprotect import Node, start_node
+
+        self.c, self.extra = c, extra
+        self.ports = {name: (free_port(), free_port()) for name in ("x", "y")}
+        self.runs = dict.fromkeys(self.ports, 0)
+        self._start_node = start_node
+        self.nodes: dict[str, Node] = {}
+        for name in self.ports:  # both at once: the arbiter lets exactly one boot
+            self.start(name)
+
+    def start(self, name: str) -> None:
+        log_port, admin = self.ports[name]
+        self.nodes[name] = self._start_node(
+            self.c, name, log_port, admin, self.runs[name], *self.extra
+        )
+        self.runs[name] += 1
+
+    def by_role(self) -> tuple[Any, Any]:
+        """(the serving node, the other)."""
+        first, second = self.nodes.values()
+        return (first, second) if first.status()["role"] == "primary" else (second, first)
+
+    def healed(self, generation: int) -> tuple[Any, Any]:
+        wait_until(
+            lambda: any(n.protected(generation) for n in self.nodes.values()),
+            90,
+            f"the nodes form a pair of generation {generation}",
+        )
+        return self.by_role()
+
+
+@pytest.mark.timeout(300)
+def test_run_nodes_switch_over_by_command_and_by_sigterm_and_the_retired_node_rejoins(
+    tmp_path: Path,
+) -> None:
+    """Two ``ftproxy run`` nodes of one pair, under load: ``ftproxy switchover`` to the
+    primary node hands over (the node that booted the service), the other serves, and
+    the retired node's command started again rejoins as its backup; then SIGTERM with
+    --on-sigterm leave (systemctl stop) hands over from that node (a backup gone live),
+    and again the retired node rejoins. Every acknowledged write is found."""
+    from test_real_programs import _tail
+
+    c = Cluster(tmp_path)
+    c.start_arbiter()
+    load = Load(c.service_port, clients=4)
+    try:
+        pair = RunNodes(c, "--on-sigterm", "leave")
+        primary, backup = pair.healed(1)
+        load.start()
+        wait_until(lambda: load.acknowledged() > 200, 30, "writes acknowledged before")
+        result = switchover(c, "--insecure", admin=primary.admin)
+        assert result.returncode == 0, result.stderr + primary.process.stderr()
+        retired_and_took_over(primary.process, backup.process, backup.admin)
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
+        pair.start(primary.name)
+        new_primary, new_backup = pair.healed(2)
+        assert (new_primary.name, new_backup.name) == (backup.name, primary.name)
+        # systemctl stop on the primary's host: SIGTERM, --on-sigterm leave.
+        new_primary.process.signal(signal.SIGTERM)
+        retired_and_took_over(new_primary.process, new_backup.process, new_backup.admin)
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 200, 30, "writes go on after")
+        pair.start(new_primary.name)
+        last_primary, _ = pair.healed(3)
+        assert last_primary.name == new_backup.name
+        load.stop()
+        load.verify(c.service_port)
+    except (AssertionError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n{_tail(c)}") from None
+    finally:
+        load.stop()
+        c.stop()
+
+
+def test_a_run_node_whose_backup_stalls_during_the_switchover_serves_on(tmp_path: Path) -> None:
+    """The re-protected primary's side of a stalled handover: the primary node, having
+    released nothing since it held its guest, loses the backup node, wins the arbiter
+    and serves on; nothing acknowledged is lost, and the command says it was not done."""
+    c = Cluster(tmp_path)
+    c.start_arbiter()
+    load = Load(c.service_port, clients=2)
+    try:
+        # As in the first pair's test: patience longer than the command's start-up.
+        pair = RunNodes(c, "--peer-timeout-ms", "3000")
+        primary, backup = pair.healed(1)
+        load.start()
+        wait_until(lambda: load.acknowledged() > 100, 30, "writes acknowledged before")
+        backup.process.signal(signal.SIGSTOP)
+        result = switchover(c, "--insecure", admin=primary.admin)
+        assert result.returncode == 7, result.stderr + primary.process.stderr()
+        assert "the backup was lost during the switchover" in result.stderr
+        assert primary.status()["role"] == "live"
+        floor = load.acknowledged()
+        wait_until(lambda: load.acknowledged() > floor + 100, 30, "the primary node serves on")
+        backup.process.signal(signal.SIGKILL)
+        load.stop()
+        load.verify(c.service_port)
+        names = [e.get("event") for e in primary.process.events()]
+        assert "switchover_started" in names and "handover_sent" not in names
+    finally:
+        load.stop()
+        c.stop()

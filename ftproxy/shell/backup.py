@@ -19,6 +19,8 @@ A planned switchover ends the same way: the primary, its guest held, sends
 reaches the exit the primary's waits at (checked like ``Waiting``), the backup
 claims the pair through the arbiter as at a failover, says ``HandedOver``, and
 goes live there. The old primary then exits and frees the service address.
+Once live and protected again by a backup of its own, this replica hands over
+the same way, as any primary does (``ftproxy.shell.handover``), and retires.
 """
 
 from __future__ import annotations
@@ -54,10 +56,19 @@ from ftproxy.guest import _trace
 from ftproxy.shell.admin import admin_endpoint
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.checks import check_data_dir, check_program
-from ftproxy.shell.exits import EXIT_DIVERGED, EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted
+from ftproxy.shell.exits import (
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_HALTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Halted,
+    Retired,
+)
 from ftproxy.shell.fence import Fencer
 from ftproxy.shell.front import PacketConfig, format_mac
 from ftproxy.shell.guestproc import GuestProcess, start_guest
+from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LinkRefused, LogLink, join_primary
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
@@ -101,6 +112,14 @@ class Backup(ReplicaShell):
         self.protected = False
         self.went_live = trio.Event()
         self._flow = Doorbell()  # acks of our own backup, once live: input flow control
+        # Once live and protected again: planned switchovers, as any primary's.
+        self.switchover = PlannedSwitchover(
+            replica=self.replica,
+            acked=self._flow,
+            board=self.board,
+            role_changed=self.role_changed,
+            bound_log=self.log,
+        )
         self.board.log_store = store.status
         self.board.protection = lambda: (
             self.protected and not self.peer_gone.is_set() and store.on_disk
@@ -156,7 +175,7 @@ class Backup(ReplicaShell):
                 self._check_handover_point(seq, exit)
             await self.take_over()
         assert self.world is not None
-        return await self.world.answer(seq, exit)
+        return await self.switchover.answer(seq, exit, self.world)
 
     def reply_ahead(self, seq: int) -> Entry | None:
         """The entry that will answer exit ``seq``, if it is here already (the
@@ -459,6 +478,7 @@ class Backup(ReplicaShell):
             on_ack=self._flow.ring,
             bound_log=self.log,
             role_changed=self.role_changed,
+            switchover=self.switchover,
         )
         await reprotector.run()
 
@@ -626,7 +646,7 @@ async def serve_joined_backup(
             consequence="if the primary runs on this host, both guests write the same files; "
             "give the backup its own directory with --workdir",
         )
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             backup.nursery = nursery
             guest = await start_guest(header.argv, header.env, workdir)
@@ -677,9 +697,16 @@ async def _run_guest(
 
     async def forward_signals() -> None:
         async for signum in signals:
-            if backup.world is not None:
-                backup.log.info("signal_forwarded", signal=signal.Signals(signum).name)
-                backup.world.deliver_signal(signum)
+            world = backup.world
+            if world is not None:  # live: as a primary does (``PlannedSwitchover.signalled``)
+                backup.switchover.signalled(
+                    signum, backup.options.on_sigterm, world.deliver_signal, guest.kill
+                )
+            elif signum == signal.SIGUSR1:
+                backup.log.warning(
+                    "switchover_refused",
+                    reason="this replica is a backup: a switchover is asked of its primary",
+                )
             else:
                 backup.log.info("backup_stopped", signal=signal.Signals(signum).name)
                 outcome.append(EXIT_OK)
@@ -689,6 +716,13 @@ async def _run_guest(
     async def reprotect() -> None:
         try:
             await backup.reprotect()
+        except Retired as exc:
+            outcome.append(EXIT_OK)
+            if backup.world is not None:
+                backup.world.flush_outputs()  # what was released before the Handover goes out
+            serving.cancel()
+            guest.kill()
+            backup.log.info("replica_retired", reason=str(exc))
         except Halted as exc:
             backup.log.error("replica_halted", reason=str(exc))
             outcome.append(EXIT_HALTED)
@@ -696,6 +730,7 @@ async def _run_guest(
             guest.kill()
 
     async with trio.open_nursery() as inner:
+        backup.switchover.nursery = inner
         inner.start_soon(backup.run_channel)
         inner.start_soon(forward_signals)
         inner.start_soon(reprotect)

@@ -5,8 +5,10 @@ decided generation, which recorded its log address with its win). Nobody: the
 node claims generation 0 by test-and-set; the winner boots the guest alone and
 live, any other node that asked at the same time lost and joins it. Somebody:
 the node joins that replica as its backup and catches up from its log. A node
-that systemd restarts after a failure goes through the same steps, so it
-rejoins by itself.
+that systemd restarts after a failure, or after it handed the service to the
+other node (a planned switchover: ``ftproxy switchover``, SIGUSR1, or SIGTERM
+with ``--on-sigterm leave``, which every pair here supports since each forms by
+re-protection), goes through the same steps, so it rejoins by itself.
 """
 
 from __future__ import annotations

@@ -53,6 +53,6 @@ class ReplicaOptions:
     # Where this replica takes the next backup once it is live (a primary's is
     # its --log-listen); the arbiter records it with each win, for ``ftproxy run``.
     log_listen: tuple[str, int] | None = None
-    # What SIGTERM means to a primary: "stop" (the guest gets it, as a logged signal:
+    # What SIGTERM means to a serving replica: "stop" (the guest gets it, as a logged signal:
     # the service stops on both replicas) or "leave" (hand the service to the backup).
     on_sigterm: str = "stop"

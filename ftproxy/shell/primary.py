@@ -36,24 +36,23 @@ from ftproxy.core.channel import (
     Diverged,
     Entries,
     HandedOver,
-    Handover,
     Heartbeat,
     Protected,
     RecordedOutputs,
     RemoteProtocolError,
-    SwitchoverOutcome,
     Waiting,
     Welcome,
 )
 from ftproxy.core.records import Entry, Header, Output
 from ftproxy.core.replication import Event, ReplicaRole
-from ftproxy.guest import _trace, protocol
+from ftproxy.guest import _trace
 from ftproxy.shell.admin import admin_endpoint
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.checks import bind_listeners, check_data_dir, check_free, check_program
 from ftproxy.shell.exits import EXIT_FAILED, EXIT_HALTED, EXIT_OK, EXIT_USAGE, Halted, Retired
 from ftproxy.shell.fence import identify_self
 from ftproxy.shell.guestproc import GuestProcess, start_guest
+from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.link import LogLink, accept_first_backup
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
@@ -75,9 +74,6 @@ from ftproxy.shell.world import (
 log = structlog.get_logger()
 
 FINAL_ACK_WAIT_S = 2.0
-# How long a switchover waits for the backup to hold and replay every entry before
-# it gives up and the primary goes on (the guest is held meanwhile: keep it short).
-HANDOVER_DRAIN_TIMEOUT_S = 5.0
 
 
 class Primary(ReplicaShell):
@@ -109,64 +105,28 @@ class Primary(ReplicaShell):
         # Outputs the backup's replay has not checked yet (those after the entry it
         # last said it replayed): what its report of a divergence is compared with.
         self._unchecked: deque[Output] = deque()
-        # The exit the guest waits at (announced to the backup when it waits long).
-        self._waiting: Waiting | None = None
+        # The exit last announced to the backup (the guest waited long there).
         self._announced: Waiting | None = None
-        # A switchover: the guest is held at its next exit while ``_hold`` is set.
-        self._hold = False
-        self._hold_lifted = trio.Event()
-        self._parked = False  # the guest waits at an exit that will not be answered
-        self._answering: trio.CancelScope | None = None  # a wait for input, to interrupt
-        self._switchover: trio.Event | None = None  # set once the outcome is known
-        self._switchover_result: list[SwitchoverOutcome] = []
-        self._handed_over = trio.Event()
-        self.nursery: trio.Nursery | None = None
+        # Planned switchovers: holds the guest's exits (``answer``), hands over.
+        self.switchover = PlannedSwitchover(
+            replica=self.replica,
+            acked=self._acked,
+            board=self.board,
+            role_changed=self.role_changed,
+            bound_log=self.log,
+        )
+        if link is not None:
+            self.switchover.attach(link, self.lose_peer)
 
     # -- the supervisor's mode --------------------------------------------------
 
     async def answer(self, seq: int, exit: Exit) -> bytes:
         assert self.world is not None
         self.board.counters["exits_total"] += 1
-        self._waiting = Waiting(seq, exit.icount, exit.kind, exit.digest)
-        try:
-            body = await self._answer_unless_held(seq, exit)
-        finally:
-            self._waiting = None
+        body = await self.switchover.answer(seq, exit, self.world)
         if self._outbox and not self._ship_now():
             self._outbox_ready.ring()
         return body
-
-    async def _answer_unless_held(self, seq: int, exit: Exit) -> bytes:
-        """The world's answer to this exit, unless a switchover holds the guest here: a
-        wait for input is interrupted before it logs anything (other exits finish,
-        and the next one is held)."""
-        assert self.world is not None
-        while True:
-            if self._hold:
-                self._parked = True
-                self._acked.ring()
-                try:
-                    await self._hold_lifted.wait()
-                finally:
-                    self._parked = False
-                continue
-            with trio.CancelScope() as scope:
-                self._answering = scope if exit.kind == protocol.KIND_WAIT else None
-                try:
-                    return await self.world.answer(seq, exit)
-                finally:
-                    self._answering = None
-            # Cancelled by _hold_guest (nothing was logged): hold here.
-
-    def _hold_guest(self) -> None:
-        self._hold = True
-        self._hold_lifted = trio.Event()
-        if self._answering is not None:
-            self._answering.cancel()
-
-    def _lift_hold(self) -> None:
-        self._hold = False
-        self._hold_lifted.set()
 
     def _ship_now(self) -> bool:
         """Send the outbox from here when the channel is idle (nothing in flight):
@@ -257,7 +217,7 @@ class Primary(ReplicaShell):
                 await trio.sleep(self.options.ship_delay_s)
             batch, self._outbox = self._outbox, []
             message: Entries | Heartbeat | Waiting = Entries(batch) if batch else Heartbeat()
-            waiting = self._waiting
+            waiting = self.switchover.waiting
             if not batch and waiting is not None and waiting is not self._announced:
                 # Idle for a heartbeat at an exit: its digest, so the backup can check now.
                 message = self._announced = waiting
@@ -301,7 +261,8 @@ class Primary(ReplicaShell):
                     return
                 self._acked.ring()
             elif isinstance(event, HandedOver):
-                self._backup_took_over(event)
+                if self.switchover.took_over(event):
+                    self.peer_gone.set()  # ends the channel (not a loss: no arbitration)
                 return
             elif isinstance(event, Heartbeat):
                 self.replica.heard(now)
@@ -349,6 +310,7 @@ class Primary(ReplicaShell):
             nursery.cancel_scope.cancel()
         await link.aclose()
         self.link = None
+        self.switchover.detach()
         self._unchecked.clear()
         if self.replica.role is ReplicaRole.HANDED_OVER:
             raise Retired(f"handed the service over to the backup {link.peer}")
@@ -372,131 +334,14 @@ class Primary(ReplicaShell):
             self.went_alone()
             self.log.info("role_changed", to="live", held_released=True)
             self.role_changed("live", "the backup was lost; this primary won the arbiter")
-            if self._hold:
-                self._lift_hold()
-                self._switchover_ended(
-                    done=False,
-                    refused=False,
-                    reason="the backup was lost during the switchover; this replica won the "
-                    "arbiter and serves alone",
-                )
+            self.switchover.arbitrated(won=True)
         else:
-            retiring = self.replica.role is ReplicaRole.ARBITRATING and self._hold
             dropped = self.replica.lost()
             self.halted = "the backup won the arbiter: it serves now"
-            if retiring:
-                self._switchover_ended(
-                    done=False,
-                    refused=False,
-                    reason="the log channel to the backup broke during the switchover, and "
-                    "the backup had claimed the pair at the arbiter: it should serve now "
-                    "(check its /status)",
-                )
+            self.switchover.arbitrated(won=False)
             self.log.error("role_changed", to="halted", dropped_outputs=dropped)
             self.role_changed("halted", self.halted)
             raise Halted(self.halted)
-
-    # -- a planned switchover ---------------------------------------------------
-
-    def _switchover_refusal(self) -> str:
-        """Why a switchover cannot start now ("" if it can)."""
-        replica, reprotector = self.replica, self.reprotector
-        if self._switchover is not None:
-            return "a switchover is already under way"
-        if replica.role is ReplicaRole.LIVE and replica.catching_up:
-            catch_up = reprotector.catch_up
-            acked = catch_up.acked_seq if catch_up else 0
-            return (
-                f"the backup {reprotector.attached} is still catching up (it holds {acked} of "
-                f"{replica.logged} entries); try again once /status says protected"
-            )
-        if replica.role is ReplicaRole.LIVE:
-            return "this replica serves alone: there is no backup to hand the service to"
-        if replica.role is ReplicaRole.PRIMARY and self.link is None:
-            return (
-                "this primary's backup joined it after a failover (re-protection); a "
-                "switchover is supported only from a primary's first backup for now"
-            )
-        if replica.role is not ReplicaRole.PRIMARY:
-            return f"this replica is {replica.role.value}, not a primary with its backup"
-        return ""
-
-    async def switchover(self) -> SwitchoverOutcome:
-        """Hand the service to the backup; the outcome once known (never raises)."""
-        reason = self._switchover_refusal()
-        if reason:
-            self.log.warning("switchover_refused", reason=reason)
-            return SwitchoverOutcome(done=False, refused=True, reason=reason)
-        assert self.nursery is not None
-        done = self._switchover = trio.Event()
-        result = self._switchover_result = []
-        self.nursery.start_soon(self._hand_over)
-        await done.wait()
-        return result[0]
-
-    def _switchover_ended(self, *, done: bool, refused: bool, reason: str) -> None:
-        if self._switchover is None or self._switchover.is_set():
-            return
-        self._switchover_result.append(SwitchoverOutcome(done, refused, reason))
-        (self.log.info if done else self.log.warning)(
-            "switchover_finished" if done else "switchover_failed", reason=reason
-        )
-        self._switchover.set()
-        self._switchover = None
-
-    async def _hand_over(self) -> None:
-        replica, link = self.replica, self.link
-        assert link is not None
-        replica.ask_handover()
-        self.log.info(
-            "switchover_started", peer=link.peer, logged_seq=replica.logged, acked=replica.received
-        )
-        self._hold_guest()
-        with trio.move_on_after(HANDOVER_DRAIN_TIMEOUT_S):
-            while replica.role is ReplicaRole.HANDING_OVER and not (
-                self._parked and replica.drained()
-            ):
-                await self._acked.wait()
-        if replica.role is not ReplicaRole.HANDING_OVER:
-            return  # the backup was lost: arbitrate() ends the switchover
-        waiting = self._waiting
-        if not (self._parked and replica.drained()) or waiting is None:
-            replica.abort_handover()
-            self._lift_hold()
-            entries, _, _ = replica.lag(trio.current_time())
-            self._switchover_ended(
-                done=False,
-                refused=True,
-                reason=f"the backup did not hold and replay every entry within "
-                f"{HANDOVER_DRAIN_TIMEOUT_S:g} s ({replica.logged - replica.received} not "
-                f"acknowledged, {entries} not replayed); the primary goes on as before",
-            )
-            return
-        handover = Handover(replica.logged, waiting.icount, waiting.kind, waiting.digest)
-        replica.handover_sent()  # before it goes: from here on nothing is released
-        self.log.info("handover_sent", seq=handover.seq, icount=handover.icount)
-        try:
-            await link.send(handover)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.lose_peer("the log channel broke while sending the Handover")
-
-    def _backup_took_over(self, event: HandedOver) -> None:
-        """HandedOver: the backup won the arbiter and serves; this replica is done."""
-        if self.replica.role is not ReplicaRole.RETIRING:
-            self.lose_peer(f"the backup said HandedOver as {self.replica.role.value}")
-            return
-        self.replica.handed_over()
-        self.board.peer_state = "handed_over"
-        self.log.info("role_changed", to="handed_over", generation=event.generation, seq=event.seq)
-        self.role_changed("handed_over", f"the backup {self.board.peer_address} serves now")
-        self._switchover_ended(
-            done=True,
-            refused=False,
-            reason=f"the backup {self.board.peer_address} serves now (generation "
-            f"{event.generation}, from log entry {event.seq + 1})",
-        )
-        self._handed_over.set()
-        self.peer_gone.set()  # ends the channel (not a loss: no arbitration)
 
     async def reprotect(self, listeners: list[trio.SocketListener]) -> None:
         """Live: take the next backup on the log address, again after each one is lost."""
@@ -679,36 +524,14 @@ async def _run_guest(
             guest.kill()
             primary.log.error("replica_halted", reason=str(exc))
 
-    async def leave_pair(signum: int) -> None:
-        """SIGUSR1, or SIGTERM with --on-sigterm leave: hand the service to the backup.
-        A SIGTERM that cannot hand over stops the service, as --on-sigterm stop does."""
-        name = signal.Signals(signum).name
-        primary.log.info("switchover_requested", signal=name)
-        result = await primary.switchover()
-        if result.done or signum != signal.SIGTERM:
-            return
-        primary.log.warning("leave_failed_stopping", signal=name, reason=result.reason)
-        world.deliver_signal(signum)
-
     async def forward_signals() -> None:
-        received = 0
         async for signum in signals:
-            if signum == signal.SIGUSR1 or (
-                signum == signal.SIGTERM and primary.options.on_sigterm == "leave" and not received
-            ):
-                if signum == signal.SIGTERM:
-                    received += 1
-                inner.start_soon(leave_pair, signum)
-                continue
-            received += 1
-            if received == 1:
-                primary.log.info("signal_forwarded", signal=signal.Signals(signum).name)
-                world.deliver_signal(signum)
-            else:
-                guest.kill()
+            primary.switchover.signalled(
+                signum, primary.options.on_sigterm, world.deliver_signal, guest.kill
+            )
 
     async with trio.open_nursery() as inner:
-        primary.nursery = inner
+        primary.switchover.nursery = inner
         inner.start_soon(replicate)
         inner.start_soon(forward_signals)
         with serving:

@@ -15,6 +15,11 @@ from that point, and the joiner is told ``Protected``; only then may it go
 live. A second joiner while one is attached is refused with its name. When the
 backup of generation N+1 is lost, the primary arbitrates on N+1's key, as any
 primary does: it goes on live (and takes the next backup) or halts.
+
+Once protected, the pair can switch over as a first pair does: an authenticated
+``Switchover`` on the log address (``ftproxy switchover``), or the shell's
+signal, runs the shared handover (``ftproxy.shell.handover``) over this
+backup's channel; its ``HandedOver`` retires this replica (``Retired``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,7 @@ from ftproxy.core.channel import (
     ConnectionClosed,
     Diverged,
     Entries,
+    HandedOver,
     Heartbeat,
     LocalProtocolError,
     Protected,
@@ -45,8 +51,9 @@ from ftproxy.core.records import Header
 from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, ReplicaRole
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
 from ftproxy.shell.arbiter_client import ArbiterClient
-from ftproxy.shell.exits import Halted
+from ftproxy.shell.exits import Halted, Retired
 from ftproxy.shell.fence import identify_self
+from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.link import LinkRefused, LogLink, SwitchoverRequested, accept_backup
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.options import ReplicaOptions
@@ -60,13 +67,19 @@ MAX_BATCH_ENTRIES = 4096
 MAX_BATCH_BYTES = 1024 * 1024
 ALREADY_ATTACHED = "a backup is already attached"
 LISTEN_RETRY_S = 0.2
+# The roles in which losing the backup means asking the arbiter (a protected pair's
+# primary, also while it hands over).
+_LOSES_A_PRIMARY = frozenset(
+    {
+        ReplicaRole.PRIMARY,
+        ReplicaRole.ARBITRATING,
+        ReplicaRole.HANDING_OVER,
+        ReplicaRole.RETIRING,
+    }
+)
 # How long the answer to a switchover request may take to go out once known
 # (the replica may be on its way out: it handed over).
 SWITCHOVER_ANSWER_S = 1.0
-NO_SWITCHOVER = (
-    "this replica went live (after a failover or a switchover): a switchover is supported "
-    "only from a primary to its first backup for now, not after re-protection"
-)
 
 
 async def throttle_for_catch_up(replica: Replica[Any], acked: Doorbell) -> None:
@@ -132,7 +145,7 @@ class Reprotector:
         on_ack: Callable[[], None],
         bound_log: Any,
         role_changed: Callable[[str, str], None] = lambda role, reason: None,
-        switchover: Callable[[], Awaitable[SwitchoverOutcome]] | None = None,
+        switchover: PlannedSwitchover,
     ) -> None:
         assert options.log_listen is not None
         self.options = options
@@ -145,7 +158,8 @@ class Reprotector:
         self.on_ack = on_ack
         self.log = bound_log
         self.role_changed = role_changed  # the --on-role-change hooks (``ftproxy.shell.hooks``)
-        # What answers an authenticated switchover request (None: refuse it, saying why).
+        # The shell's planned switchovers: told of the caught-up backup's channel,
+        # of HandedOver, and of the arbiter's verdict after a loss.
         self.switchover = switchover
         self.attached: str | None = None
         self.catch_up: CatchUp | None = None
@@ -168,14 +182,21 @@ class Reprotector:
         self.board.catch_up = lambda: self.catch_up.status() if self.catch_up else None
         if listeners is None:
             listeners = await self._listen()
+        ended: Halted | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_with_limits, listeners, self._attempt, self.admission)
-                async for link in self._joiners:
-                    await self._serve(link)
+                try:
+                    async for link in self._joiners:
+                        await self._serve(link)
+                except Halted as exc:  # out of the nursery as itself (Retired too), not a group
+                    ended = exc
+                nursery.cancel_scope.cancel()
         finally:
             for listener in listeners:
                 await listener.aclose()
+        if ended is not None:
+            raise ended
 
     async def refuse_joiners(self, listeners: list[trio.SocketListener], attached: str) -> None:
         """A primary's first backup is ``attached``: refuse every other, naming it,
@@ -251,10 +272,9 @@ class Reprotector:
     async def _answer_switchover(self, link: LogLink) -> None:
         """An authenticated control client asked for a switchover: try it, say how it went."""
         self.log.info("switchover_asked", peer=link.peer)
-        outcome = SwitchoverOutcome(done=False, refused=True, reason=NO_SWITCHOVER)
+        outcome = SwitchoverOutcome(False, False, "the replica stopped before the outcome")
         try:
-            if self.switchover is not None:
-                outcome = await self.switchover()
+            outcome = await self.switchover.ask()
         except trio.Cancelled:
             outcome = SwitchoverOutcome(False, False, "the replica stopped before the outcome")
             raise
@@ -297,9 +317,12 @@ class Reprotector:
             await gone.wait()
             nursery.cancel_scope.cancel()
         await link.aclose()
+        self.switchover.detach()
         reason = why[0]
         catch_up = self.catch_up
-        if replica.role is ReplicaRole.PRIMARY or replica.role is ReplicaRole.ARBITRATING:
+        if replica.role is ReplicaRole.HANDED_OVER:
+            raise Retired(f"handed the service over to the backup {link.peer}")
+        if replica.role in _LOSES_A_PRIMARY:
             self.log.warning("backup_lost", peer=link.peer, reason=reason)
             self.board.peer_state = "lost"
             catch_up.state = "lost"
@@ -314,8 +337,9 @@ class Reprotector:
         self.attached = None
 
     async def _arbitrate(self, lost_at: float) -> None:
-        if self.replica.role is ReplicaRole.PRIMARY:
+        if self.replica.role is not ReplicaRole.ARBITRATING:
             self.replica.handle(Event.PEER_LOST)
+        self.on_ack()  # a switchover waiting for the backup learns it is gone
         self.log.info("role_changed", to="arbitrating", key=self.arbiter.key)
         if await self.arbiter.test_and_set():
             for released in self.replica.won():
@@ -324,9 +348,11 @@ class Reprotector:
             self.board.failed_over(trio.current_time() - lost_at)
             self.log.info("role_changed", to="live", held_released=True)
             self.role_changed("live", "the backup was lost; this primary won the arbiter")
+            self.switchover.arbitrated(won=True)
             return
         dropped = self.replica.lost()
         halted = "the backup won the arbiter: it serves now"
+        self.switchover.arbitrated(won=False)
         self.log.error("role_changed", to="halted", dropped_outputs=dropped)
         self.role_changed("halted", halted)
         raise Halted(halted)
@@ -389,10 +415,14 @@ class Reprotector:
                 self.on_ack()
                 if replica.caught_up():
                     try:
-                        await self._protect(link)
+                        await self._protect(link, lose)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         lose("the log channel broke while sending")
                         return
+            elif isinstance(event, HandedOver):
+                if self.switchover.took_over(event):
+                    lose("handed over")  # not a loss: _serve sees the role, and retires
+                return
             elif isinstance(event, Heartbeat):
                 replica.heard(now)
             elif isinstance(event, Diverged):
@@ -408,7 +438,7 @@ class Reprotector:
                 lose("the backup closed the log channel")
                 return
 
-    async def _protect(self, link: LogLink) -> None:
+    async def _protect(self, link: LogLink, lose: Callable[[str], None]) -> None:
         """The joiner holds every entry: generation N+1 begins, with this replica its primary."""
         replica, store = self.replica, self.store
         catch_up = self.catch_up
@@ -416,10 +446,11 @@ class Reprotector:
         seq = replica.logged
         unreplayed = [(e.seq, len(e.reply)) for e in store.entries[replica.replayed : seq]]
         replica.protect(trio.current_time(), unreplayed)
+        self.switchover.attach(link, lose)
         generation = catch_up.generation
         self.options.generation = generation
         self.arbiter.set_generation(generation)
-        self.log = self.log.bind(generation=generation)
+        self.log = self.switchover.log = self.log.bind(generation=generation)
         catch_up.state, catch_up.finished = "protected", time.monotonic()
         self.board.peer_state = "connected"
         elapsed = catch_up.elapsed()
