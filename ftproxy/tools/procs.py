@@ -6,10 +6,12 @@ stops what it started (a supervisor's guest); its stdout and stderr go to files 
 scratch directory, never to pipes nobody drains. Readiness is a line on stdout
 (:meth:`Proc.wait_for_output`), a structlog event on stderr (:meth:`Proc.wait_for_event`),
 a port that accepts (:func:`wait_accepting`) or an admin endpoint's ``GET /status``
-(:func:`admin_status`). Ports come from :func:`free_port`; a process's children from
-the fencer's /proc reader (``ftproxy.shell.fence.children``). The demo runs its
-replicas as trio processes of its own, and shares the command, the ports and the /proc
-readers here.
+(:func:`admin_status`). A process can be started through a launcher (``Lab.run``: inside
+a lab host's network namespace), be fed on stdin, and have the arrival time of each
+stdout line kept (``line_times``: how a test measures a stall). Ports come from
+:func:`free_port`; a process's children from the fencer's /proc reader
+(``ftproxy.shell.fence.children``). The demo runs its replicas as trio processes of its
+own, and shares the command, the ports and the /proc readers here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -139,8 +142,18 @@ def admin_status(port: int, timeout: float = 5.0, host: str = HOST) -> dict[str,
 # --- Processes -----------------------------------------------------------------------
 
 
+# How a Proc starts its command: ``subprocess.Popen`` itself, or anything called the same
+# way, e.g. ``functools.partial(lab.run, host)`` to start it inside a lab host.
+Launcher = Callable[..., "subprocess.Popen[bytes]"]
+
+
 class Proc:
-    """One child process, its stdout and stderr kept in files under ``scratch``."""
+    """One child process, its stdout and stderr kept in files under ``scratch``.
+
+    ``stdin=True`` gives it a pipe to write to (:meth:`close_stdin` is its end of
+    input); ``line_times=True`` reads its stdout through a pipe in a thread, which
+    writes the same file and notes when each line arrived (:meth:`timed_lines`).
+    """
 
     def __init__(
         self,
@@ -150,22 +163,41 @@ class Proc:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        launch: Launcher = subprocess.Popen,
+        stdin: bool = False,
+        line_times: bool = False,
     ) -> None:
         self.name = name
         self.command = list(command)
         self.stdout_path = scratch / f"{name}.stdout"
         self.stderr_path = scratch / f"{name}.stderr"
+        self._timed: list[tuple[float, str]] = []
+        self._reader: threading.Thread | None = None
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
+            self.popen = launch(
                 self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if line_times else out,
                 stderr=err,
                 cwd=cwd,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
         self.pid = self.popen.pid
+        if line_times:
+            self._reader = threading.Thread(
+                target=self._copy_stdout, name=f"{name}-stdout", daemon=True
+            )
+            self._reader.start()
+
+    def _copy_stdout(self) -> None:
+        """Copy stdout to its file line by line, noting each line's arrival (until EOF)."""
+        assert self.popen.stdout is not None
+        with open(self.stdout_path, "ab", buffering=0) as out:
+            for raw in self.popen.stdout:
+                arrived = time.monotonic()
+                out.write(raw)
+                self._timed.append((arrived, raw.decode(errors="replace").rstrip("\n")))
 
     def wait_for_output(self, marker: str, timeout: float = 60.0) -> None:
         """Wait until the process printed ``marker`` on stdout."""
@@ -194,6 +226,8 @@ class Proc:
 
         def check() -> bool:
             exited = self.popen.poll()  # before looking: what it did before exiting counts
+            if exited is not None and self._reader is not None and self._reader.is_alive():
+                exited = None  # not all of its stdout is read yet
             if seen():
                 return True
             if exited is not None:
@@ -214,6 +248,30 @@ class Proc:
             return self.stdout_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def stdout_lines(self) -> list[str]:
+        """The lines the process printed on stdout so far, each without its newline."""
+        if self._reader is not None:
+            return [line for _, line in self.timed_lines()]  # whole lines only
+        return self.stdout().splitlines()
+
+    def wait_for_lines(
+        self, done: Callable[[list[str]], bool], timeout: float, what: str
+    ) -> list[str]:
+        """Wait until ``done(lines)`` holds for the stdout lines so far; return them
+        (``what``: what was waited for, in the error)."""
+        self._wait_for(lambda: done(self.stdout_lines()), timeout, what)
+        return self.stdout_lines()
+
+    def timed_lines(self) -> list[tuple[float, str]]:
+        """The stdout lines so far, each with the monotonic time it was read
+        (with ``line_times``; otherwise none)."""
+        return list(self._timed)
+
+    def close_stdin(self) -> None:
+        """End the process's input (with ``stdin=True``); safe to call twice."""
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
 
     def stderr(self) -> str:
         """Everything the process wrote on stderr so far (its log)."""
@@ -265,6 +323,9 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        self.close_stdin()
 
 
 # --- /proc ---------------------------------------------------------------------------
