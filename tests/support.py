@@ -82,7 +82,7 @@ class Recording:
     def __enter__(self) -> Recording:
         # Its stdout and stderr beside the log, named apart from any other recording's.
         name = f"{self.log.name}.record-{next(_RECORDINGS)}"
-        self.process = Proc(name, self.command, self.log.parent, cwd=self.cwd)
+        self.process = Proc(name, self.command, self.log.parent, cwd=self.cwd, pipes=True)
         if self.ready_marker:
             self.process.wait_for_output(self.ready_marker, timeout=20.0)
         return self
@@ -98,11 +98,14 @@ class Recording:
         return self.process.stderr() if self.process else ""
 
     def stop(self, signum: int | None = signal.SIGINT, timeout: float = 20.0) -> int:
-        """Signal the recorder as Ctrl-C would (None: let it end); return its exit code."""
+        """Signal the recorder as Ctrl-C would (None: let it end); return its exit code
+        once its output is complete (its guest's last words included)."""
         assert self.process is not None
         if signum is not None:
             self.process.signal(signum)
-        return self.process.wait(timeout)
+        code = self.process.wait(timeout)
+        self.process.wait_output(timeout)
+        return code
 
     def __exit__(
         self,

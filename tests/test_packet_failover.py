@@ -148,7 +148,7 @@ class LabProcess(Proc):
             cwd=ROOT,
             launch=functools.partial(lab.run, host),
             stdin=stdin,
-            line_times=True,
+            pipes=True,
         )
 
     def describe(self) -> str:
