@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ftproxy.core.records import Output
 from ftproxy.log.file import read_log
 from ftproxy.shell.replay import ReplayResult, replay
+from ftproxy.tools.procs import Proc
 
 # The one free-port helper of tests/, bench/ and the demo: below the kernel's ephemeral
 # range and never the same port twice in a run, so that no bind(0) or outgoing connection
@@ -48,27 +48,12 @@ needs_lab = [
 needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="partitions need nft")
 
 
-def read_line_until(stream, marker: str, timeout: float = 20.0) -> list[str]:
-    """Read lines from ``stream`` until one contains ``marker``; fail past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"no line with {marker!r} within {timeout}s; got {lines}")
-        ready, _, _ = select.select([stream], [], [], remaining)
-        if not ready:
-            continue
-        line = stream.readline()
-        if not line:
-            raise AssertionError(f"stream closed before {marker!r}; got {lines}")
-        lines.append(line)
-        if marker in line:
-            return lines
+_RECORDINGS = itertools.count(1)
 
 
 class Recording:
-    """``ftproxy record`` of a guest, started and stopped the way a user would."""
+    """``ftproxy record`` of a guest, started and stopped the way a user would
+    (ftproxy.tools.procs' harness: its stdout and stderr in files under ``log``'s folder)."""
 
     def __init__(
         self,
@@ -92,32 +77,35 @@ class Recording:
             *args,
         ]
         self.ready_marker = ready_marker
-        self.process: subprocess.Popen[str] | None = None
-        self.stdout_lines: list[str] = []
-        self.stderr = ""
+        self.process: Proc | None = None
 
     def __enter__(self) -> Recording:
-        self.process = subprocess.Popen(
-            self.command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=self.cwd,
-        )
+        # Its stdout and stderr beside the log, named apart from any other recording's.
+        name = f"{self.log.name}.record-{next(_RECORDINGS)}"
+        self.process = Proc(name, self.command, self.log.parent, cwd=self.cwd, pipes=True)
         if self.ready_marker:
-            assert self.process.stdout is not None
-            self.stdout_lines = read_line_until(self.process.stdout, self.ready_marker)
+            self.process.wait_for_output(self.ready_marker, timeout=20.0)
         return self
 
+    @property
+    def stdout_lines(self) -> list[str]:
+        """What the recorder (and its guest) printed so far, line by line, newlines kept."""
+        return self.process.stdout().splitlines(keepends=True) if self.process else []
+
+    @property
+    def stderr(self) -> str:
+        """What the recorder logged so far."""
+        return self.process.stderr() if self.process else ""
+
     def stop(self, signum: int | None = signal.SIGINT, timeout: float = 20.0) -> int:
-        """Signal the recorder as Ctrl-C would (None: let it end); return its exit code."""
+        """Signal the recorder as Ctrl-C would (None: let it end); return its exit code
+        once its output is complete (its guest's last words included)."""
         assert self.process is not None
-        if signum is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-        out, err = self.process.communicate(timeout=timeout)
-        self.stdout_lines += out.splitlines(keepends=True)
-        self.stderr = err
-        return self.process.returncode
+        if signum is not None:
+            self.process.signal(signum)
+        code = self.process.wait(timeout)
+        self.process.wait_output(timeout)
+        return code
 
     def __exit__(
         self,
@@ -125,9 +113,8 @@ class Recording:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
+        if self.process is not None:
+            self.process.stop()  # the recorder and anything of its left running
 
 
 def replay_log(path: Path) -> ReplayResult:

@@ -56,6 +56,7 @@ from arbiter._protocol import (
 from arbiter._server import IDLE_TIMEOUT
 from arbiter._store import FILE_NAME
 from ftproxy.shell.admission import OPENING_TIMEOUT_S
+from ftproxy.tools.procs import Proc
 
 SECRET = b"arbiter-test-secret-0123456789"
 LOCAL = "127.0.0.1"
@@ -396,34 +397,28 @@ async def test_retrying_client_does_not_retry_a_wrong_secret(port: int) -> None:
 # --- python -m arbiter ---------------------------------------------------------------
 
 
-async def launch(data_dir: Path, secret_file: Path) -> tuple[trio.Process, int]:
-    """Start ``python -m arbiter`` on port 0; return it and the port it logged."""
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "arbiter",
-            "--listen",
-            f"{LOCAL}:0",
-            "--data-dir",
-            str(data_dir),
-            "--secret-file",
-            str(secret_file),
-        ],
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    lines = bytearray()
-    with trio.fail_after(20):
-        while chunk := await process.stderr.receive_some(65536):
-            lines += chunk
-            for line in bytes(lines).splitlines():
-                entry = json.loads(line)
-                if entry["event"] == "arbiter_listening":
-                    assert entry["host"] == LOCAL
-                    return process, int(entry["port"])
-    process.kill()
-    raise AssertionError(f"the arbiter did not start: {lines.decode(errors='replace')}")
+def launch(name: str, data_dir: Path, secret_file: Path) -> tuple[Proc, int]:
+    """Start ``python -m arbiter`` on port 0; return it and the port it logged (its
+    output in files ``name.*`` beside ``data_dir``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "arbiter",
+        "--listen",
+        f"{LOCAL}:0",
+        "--data-dir",
+        str(data_dir),
+        "--secret-file",
+        str(secret_file),
+    ]
+    process = Proc(name, command, data_dir.parent)
+    try:
+        entry = process.wait_for_event("arbiter_listening", timeout=20)
+    except (TimeoutError, RuntimeError) as exc:
+        process.stop()
+        raise AssertionError(f"the arbiter did not start: {exc}") from None
+    assert entry["host"] == LOCAL
+    return process, int(entry["port"])
 
 
 async def test_module_survives_sigkill(tmp_path: Path) -> None:
@@ -432,23 +427,23 @@ async def test_module_survives_sigkill(tmp_path: Path) -> None:
     secret_file.chmod(0o600)
     data_dir = tmp_path / "data"
 
-    process, port = await launch(data_dir, secret_file)
+    process, port = launch("arbiter-1", data_dir, secret_file)
     try:
         decision = await test_and_set((LOCAL, port), "gen-1", "backup", SECRET)
         assert decision.won
     finally:
-        process.kill()
-        assert await process.wait() == -signal.SIGKILL
+        process.signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
 
-    process, port = await launch(data_dir, secret_file)
+    process, port = launch("arbiter-2", data_dir, secret_file)
     try:
         assert await query((LOCAL, port), "gen-1", SECRET) == Decision("gen-1", "backup", False)
         decision = await test_and_set((LOCAL, port), "gen-1", "primary", SECRET)
         assert decision == Decision("gen-1", "backup", False)
-        process.send_signal(signal.SIGINT)
-        assert await process.wait() == 0
+        process.signal(signal.SIGINT)
+        assert process.wait() == 0
     finally:
-        process.kill()
+        process.stop()
 
 
 async def run_module(*args: str) -> subprocess.CompletedProcess[bytes]:

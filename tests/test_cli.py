@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
-from support import ROOT, read_line_until
+from support import ROOT
 
 import arbiter
 import ftproxy
 from ftproxy.logsetup import configure_logging
+from ftproxy.tools.procs import Proc
 
 BARE = [sys.executable, "-m", "ftproxy.cli"]
 
@@ -44,23 +45,20 @@ def test_arbiter_honours_the_logging_flags_wherever_they_are(
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
-        str(tmp_path),
+        str(tmp_path / "data"),
         "--insecure",
         *flags_after,
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = Proc("arbiter", command, tmp_path, cwd=ROOT)
     try:
-        assert process.stderr is not None
-        lines = read_line_until(process.stderr, "arbiter_listening")
-        listening = json.loads(lines[-1])  # JSON, as asked
+        listening = process.wait_for_event("arbiter_listening", timeout=20.0)  # JSON, as asked
         address = (listening["host"], listening["port"])
         answer = trio.run(arbiter.query, address, "pair/generation/1", None)
         assert isinstance(answer, arbiter.Undecided)
         # A debug event: only there with -v.
-        read_line_until(process.stderr, '"event": "peer_authenticated"')
+        process.wait_for_event("peer_authenticated", timeout=20.0)
     finally:
-        process.kill()
-        process.wait()
+        process.stop()
 
 
 def test_arbiter_usage_names_ftproxy_arbiter(tmp_path: Path) -> None:

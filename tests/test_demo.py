@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from support import FTPROXY, ROOT
 
 from ftproxy.tools import demo
+from ftproxy.tools.procs import Proc
 
 RUN_TIMEOUT = 30.0
 PACKET_RUN_TIMEOUT = 90.0
@@ -169,39 +169,40 @@ def test_a_guest_that_fails_gives_one_line_with_the_reason(
 
 
 def interrupt_under_load(
-    args: list[str], signum: int, timeout: float, while_running: Callable[[], None]
+    scratch: Path,
+    args: list[str],
+    signum: int,
+    timeout: float,
+    while_running: Callable[[], None],
 ) -> dict[str, dict[str, Any]]:
     """Start the demo, signal it once its load runs; check it says so and exits 130.
 
     ``while_running`` checks the running demo just before the signal; the
-    events seen up to then are returned.
+    events seen up to then are returned (by name). Its output goes to ``scratch``.
     """
-    process = subprocess.Popen(
-        [*demo_command(), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    seen: dict[str, dict[str, Any]] = {}
+    process = Proc("demo", [*demo_command(), *args], scratch, cwd=ROOT, pipes=True)
     try:
-        ready = wait_for_event(process, "load_started", seen, timeout)
+        ready = process.wait_for_event("load_started", timeout)
         while_running()
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=timeout)
+        seen = {str(record.get("event", "")): record for record in process.events()}
+        process.signal(signum)
+        process.wait(timeout)
+        process.wait_output(timeout)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.alive():  # only then: what the demo leaves behind is for the test to see
+            process.stop()
+    stderr = process.stderr()
     assert ready
-    assert process.returncode == demo.EXIT_INTERRUPTED, stderr
+    assert process.popen.returncode == demo.EXIT_INTERRUPTED, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     return seen
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int) -> None:
-    seen = interrupt_under_load(["--json", "--warmup", "30"], signum, RUN_TIMEOUT, lambda: None)
+def test_interrupted_demo_leaves_no_process_and_no_directory(signum: int, tmp_path: Path) -> None:
+    seen = interrupt_under_load(
+        tmp_path, ["--json", "--warmup", "30"], signum, RUN_TIMEOUT, lambda: None
+    )
     pair = seen["pair_ready"]
     pids = [pid for group in pair["pids"].values() for pid in group]
     assert len(pids) == 4  # both supervisors and both guests
@@ -230,12 +231,12 @@ def test_packet_demo_keeps_one_connection_through_kill_9() -> None:
 
 
 @needs_root
-def test_interrupted_packet_demo_takes_its_lab_down() -> None:
+def test_interrupted_packet_demo_takes_its_lab_down(tmp_path: Path) -> None:
     def lab_is_up() -> None:
         assert demo_lab_namespaces()
 
     args = ["--packet", "--json", "--warmup", "30"]
-    seen = interrupt_under_load(args, signal.SIGINT, PACKET_RUN_TIMEOUT, lab_is_up)
+    seen = interrupt_under_load(tmp_path, args, signal.SIGINT, PACKET_RUN_TIMEOUT, lab_is_up)
     pids = [pid for group in seen["pair_ready"]["pids"].values() for pid in group]
     assert wait_gone(pids), f"still running: {[p for p in pids if running(p)]}"
     assert not demo_lab_namespaces()
@@ -288,9 +289,9 @@ def test_etcd_demo_decides_through_etcd_with_a_member_killed() -> None:
 
 
 @needs_etcd
-def test_interrupted_etcd_demo_leaves_no_etcd_member() -> None:
+def test_interrupted_etcd_demo_leaves_no_etcd_member(tmp_path: Path) -> None:
     seen = interrupt_under_load(
-        ["--json", "--etcd", "--warmup", "30"], signal.SIGINT, 60, lambda: None
+        tmp_path, ["--json", "--etcd", "--warmup", "30"], signal.SIGINT, 60, lambda: None
     )
     members = seen["arbiter_started"]["pids"]
     assert len(members) == 3
@@ -351,32 +352,6 @@ def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     demo.add_demo_arguments(parser)
     return parser
-
-
-def wait_for_event(
-    process: subprocess.Popen[str],
-    event: str,
-    seen: dict[str, dict[str, Any]],
-    timeout: float = RUN_TIMEOUT,
-) -> bool:
-    """Read the demo's JSON log from its stderr until ``event``; every event into ``seen``."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = process.stderr.readline()
-        if not line:
-            break
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        seen[record.get("event", "")] = record
-        if record.get("event") == event:
-            return True
-    raise AssertionError(f"no {event!r} event; saw {sorted(seen)}")
 
 
 def demo_lab_namespaces() -> list[str]:

@@ -17,8 +17,8 @@ stdout, the replicas' JSON events on their stderr), each wait with a deadline.
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
-import json
 import os
 import secrets
 import shutil
@@ -26,8 +26,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from support import EXAMPLES, FTPROXY, GUESTS, ROOT, needs_lab, needs_nft
 
 from ftproxy.tools import etcdlocal
 from ftproxy.tools.lab import HOST_NAMES, VIP, Lab
+from ftproxy.tools.procs import Proc, wait_until
 
 pytestmark = needs_lab
 needs_ping = pytest.mark.skipif(shutil.which("ping") is None, reason="needs `ping` (iputils-ping)")
@@ -127,9 +126,10 @@ STREAM_CLIENT = textwrap.dedent(
 # -- processes in the lab --------------------------------------------------------
 
 
-class LabProcess:
-    """A process in a lab host: stdout lines collected (with arrival times) by a
-    thread, stderr kept in a file and read as JSON events."""
+class LabProcess(Proc):
+    """A process in a lab host (ftproxy.tools.procs' harness, started through
+    ``lab.run``): stdout lines kept with their arrival times, stderr read as JSON
+    events; every failed wait says what the process printed and logged."""
 
     def __init__(
         self,
@@ -141,63 +141,30 @@ class LabProcess:
         *,
         stdin: bool = False,
     ) -> None:
-        self.name = name
-        self.stderr_path = log_dir / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        self.popen = lab.run(
-            host,
+        super().__init__(
+            name,
             argv,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
+            log_dir,
             cwd=ROOT,
+            launch=functools.partial(lab.run, host),
+            stdin=stdin,
+            pipes=True,
         )
-        self.lines: list[tuple[float, str]] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._changed:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def stdout(self) -> list[str]:
-        return [line for _, line in self.timed_lines()]
-
-    def timed_lines(self) -> list[tuple[float, str]]:
-        """The stdout lines so far, each with the monotonic time it was read."""
-        with self._changed:
-            return list(self.lines)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
 
     def describe(self) -> str:
         code = self.popen.poll()
         tail = "\n".join(self.stderr().splitlines()[-25:])
-        out = "\n".join(self.stdout()[-10:])
+        out = "\n".join(self.stdout_lines()[-10:])
         return f"{self.name} (exit {code}):\n-- stdout tail:\n{out}\n-- stderr tail:\n{tail}"
 
     def wait_stdout(
         self, done: Callable[[list[str]], bool], timeout: float, what: str
     ) -> list[str]:
         """Wait until ``done(lines)`` holds for the stdout lines so far."""
-        with self._changed:
-            self._changed.wait_for(
-                lambda: done([line for _, line in self.lines]) or self._eof, timeout
-            )
-            lines = [line for _, line in self.lines]
-        if not done(lines):
-            raise AssertionError(f"not within {timeout}s: {what}\n{self.describe()}")
-        return lines
+        try:
+            return self.wait_for_lines(done, timeout, what)
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
 
     def wait_marker(self, marker: str, timeout: float = 30.0) -> None:
         self.wait_stdout(
@@ -211,17 +178,6 @@ class LabProcess:
             lambda lines: len(lines) >= count, timeout, f"{self.name} prints {count} lines"
         )
 
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.stderr().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-        return out
-
     def has_event(self, name: str, **fields: Any) -> bool:
         return any(
             e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
@@ -230,28 +186,20 @@ class LabProcess:
 
     def wait_event(self, name: str, timeout: float, **fields: Any) -> None:
         """Wait until the stderr log holds this event (polling the file, with a deadline)."""
-        deadline = time.monotonic() + timeout
-        while not self.has_event(name, **fields):
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"not within {timeout}s: {self.name} logs {name} {fields}\n{self.describe()}"
-                )
-            time.sleep(0.02)
-
-    def wait(self, timeout: float) -> int:
         try:
-            return int(self.popen.wait(timeout=timeout))
+            wait_until(
+                lambda: self.has_event(name, **fields),
+                timeout,
+                f"{self.name} logs {name} {fields}",
+            )
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return super().wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{self.name} still running after {timeout}s") from None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait()
-        self._reader.join(timeout=5)
-        if self.popen.stdin is not None:
-            self.popen.stdin.close()
-        self._stderr.close()
 
 
 class Deployment:
@@ -417,8 +365,7 @@ def _check_incr_replies(client: LabProcess) -> tuple[int, float]:
 
 def _stop_client(client: LabProcess) -> None:
     """Close the client's stdin (its signal to stop) and expect a clean exit."""
-    assert client.popen.stdin is not None
-    client.popen.stdin.close()
+    client.close_stdin()
     code = client.wait(15)
     assert code == 0, client.describe()
 
@@ -437,7 +384,7 @@ def test_one_connection_survives_sigkill_of_the_primary(deploy: Deployment) -> N
     deploy.lab.kill("primary")
     assert primary.wait(10) == -signal.SIGKILL
     backup.wait_event("role_changed", 20, to="live")
-    live_at = len(client.stdout())
+    live_at = len(client.stdout_lines())
     client.wait_count(live_at + AFTER, 30)
     _stop_client(client)
 
@@ -460,7 +407,7 @@ def test_one_connection_survives_a_planned_switchover(deploy: Deployment, signum
     backup.wait_event("role_changed", 20, to="live", switchover=True)
     assert primary.wait(20) == 0, primary.describe()
     assert primary.has_event("handover_sent") and primary.has_event("replica_retired")
-    live_at = len(client.stdout())
+    live_at = len(client.stdout_lines())
     client.wait_count(live_at + AFTER, 30)
     _stop_client(client)
 
@@ -481,7 +428,7 @@ def test_one_connection_survives_a_partition_and_the_old_primary_halts(
 
     deploy.lab.partition("primary")
     backup.wait_event("role_changed", 20, to="live")
-    live_at = len(client.stdout())
+    live_at = len(client.stdout_lines())
     client.wait_count(live_at + AFTER, 30)
     # Cut off, the primary lost its backup and cannot reach the arbiter: it must wait.
     primary.wait_event("role_changed", 10, to="arbitrating")
@@ -497,7 +444,7 @@ def test_one_connection_survives_a_partition_and_the_old_primary_halts(
     assert not primary.has_event("role_changed", to="live"), primary.describe()
 
     # The connection goes on with the new primary after the old one came back.
-    healed_at = len(client.stdout())
+    healed_at = len(client.stdout_lines())
     client.wait_count(healed_at + 20, 30)
     _stop_client(client)
     replies, gap = _check_incr_replies(client)
@@ -519,7 +466,7 @@ def test_etcd_on_three_hosts_decides_a_partition_of_the_primary_and_its_member(
     deploy.lab.partition("primary")
     backup.wait_event("arbiter_decided", 30, won=True, arbiter="etcd")
     backup.wait_event("role_changed", 20, to="live")
-    live_at = len(client.stdout())
+    live_at = len(client.stdout_lines())
     client.wait_count(live_at + AFTER, 30)
     # Cut off with a member that has lost its quorum: the primary must wait.
     primary.wait_event("role_changed", 10, to="arbitrating")
@@ -532,7 +479,7 @@ def test_etcd_on_three_hosts_decides_a_partition_of_the_primary_and_its_member(
     assert code == 4, f"expected EXIT_HALTED (4)\n{primary.describe()}"
     assert primary.has_event("arbiter_decided", won=False, arbiter="etcd"), primary.describe()
     assert not primary.has_event("role_changed", to="live"), primary.describe()
-    healed_at = len(client.stdout())
+    healed_at = len(client.stdout_lines())
     client.wait_count(healed_at + 20, 30)
     _stop_client(client)
     replies, gap = _check_incr_replies(client)
@@ -563,7 +510,7 @@ def test_udp_request_response_before_and_after_failover(deploy: Deployment) -> N
         code = client.wait(20)
         assert code == 0, client.describe()
         client.stop()  # the reader thread has every line once the pipe closed
-        return client.stdout()
+        return client.stdout_lines()
 
     assert ask("a", "b", "c") == ["1:a", "2:b", "3:c"]
     deploy.lab.kill("primary")
@@ -636,7 +583,7 @@ def test_netstack_tcp_delivers_every_byte_in_order_under_loss(deploy: Deployment
     code = client.wait(60)
     assert code == 0, client.describe()
     client.stop()
-    assert client.stdout()[-1].startswith(f"ok {STREAM_BYTES} "), client.describe()
+    assert client.stdout_lines()[-1].startswith(f"ok {STREAM_BYTES} "), client.describe()
 
     record.popen.send_signal(signal.SIGINT)
     assert record.wait(20) == 0, record.describe()

@@ -29,7 +29,6 @@ from support import (
     Resp,
     connect,
     free_port,
-    read_line_until,
     recv_until,
     replay_log,
     run_ftproxy,
@@ -281,7 +280,7 @@ def test_a_log_whose_recorder_was_killed_mid_load_replays_up_to_its_end(tmp_path
             deadline = time.monotonic() + 60
             while log.stat().st_size < 256 * 1024:  # well into the load
                 assert time.monotonic() < deadline, "the load never reached the recorder"
-                assert rec.process is not None and rec.process.poll() is None, rec.stop(None)
+                assert rec.process is not None and rec.process.alive(), rec.stop(None)
                 time.sleep(0.05)
             rec.stop(signal.SIGKILL)
         finally:
@@ -382,9 +381,9 @@ def test_a_second_ctrl_c_kills_a_guest_that_ignores_the_first(tmp_path: Path) ->
     port = free_port()
     log = tmp_path / "stubborn.ftlog"
     with Recording(log, GUESTS / "stubborn.py", str(port)) as rec:
-        assert rec.process is not None and rec.process.stdout is not None
-        rec.process.send_signal(signal.SIGINT)
-        read_line_until(rec.process.stdout, "not stopping")
+        assert rec.process is not None
+        rec.process.signal(signal.SIGINT)
+        rec.process.wait_for_output("not stopping", timeout=20.0)
         assert rec.stop(signal.SIGINT) == 0
     end = read_log(log).records[-1]
     assert isinstance(end, End) and end.reason == "killed" and end.returncode == -9

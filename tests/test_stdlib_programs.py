@@ -154,7 +154,7 @@ def _wait_for_port(port: int, rec: Recording, timeout: float = 20.0) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            assert rec.process is not None and rec.process.poll() is None, rec.stop(None)
+            assert rec.process is not None and rec.process.alive(), rec.stop(None)
             if time.monotonic() > deadline:
                 raise AssertionError(f"nothing listens on {port} within {timeout}s") from None
             time.sleep(0.05)

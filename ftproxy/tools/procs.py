@@ -2,14 +2,17 @@
 and tests/.
 
 A :class:`Proc` runs in a session (process group) of its own, so that stopping it also
-stops what it started (a supervisor's guest); its stdout and stderr go to files in a
-scratch directory, never to pipes nobody drains. Readiness is a line on stdout
-(:meth:`Proc.wait_for_output`), a structlog event on stderr (:meth:`Proc.wait_for_event`),
-a port that accepts (:func:`wait_accepting`) or an admin endpoint's ``GET /status``
-(:func:`admin_status`). Ports come from :func:`free_port`; a process's children from
-the fencer's /proc reader (``ftproxy.shell.fence.children``). The demo runs its
-replicas as trio processes of its own, and shares the command, the ports and the /proc
-readers here.
+stops what it started in its group; its stdout and stderr go to files in a scratch
+directory, never to pipes nobody drains (``pipes=True``: through pipes that threads
+copy to those files, keeping each stdout line's arrival time, how a test measures a
+stall, and telling when the output is complete). It can be started through a launcher
+(``Lab.run``: inside a lab host's network namespace) and be fed on stdin. Readiness is
+a line on stdout (:meth:`Proc.wait_for_output`), a structlog event on stderr
+(:meth:`Proc.wait_for_event`), a port that accepts (:func:`wait_accepting`) or an admin
+endpoint's ``GET /status`` (:func:`admin_status`). Ports come from :func:`free_port`; a
+process's children from the fencer's /proc reader (``ftproxy.shell.fence.children``).
+The demo runs its replicas as trio processes of its own, and shares the command, the
+ports and the /proc readers here.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from ftproxy.shell.fence import children
 
@@ -139,8 +143,20 @@ def admin_status(port: int, timeout: float = 5.0, host: str = HOST) -> dict[str,
 # --- Processes -----------------------------------------------------------------------
 
 
+# How a Proc starts its command: ``subprocess.Popen`` itself, or anything called the same
+# way, e.g. ``functools.partial(lab.run, host)`` to start it inside a lab host.
+Launcher = Callable[..., "subprocess.Popen[bytes]"]
+
+
 class Proc:
-    """One child process, its stdout and stderr kept in files under ``scratch``."""
+    """One child process, its stdout and stderr kept in files under ``scratch``.
+
+    ``stdin=True`` gives it a pipe to write to (:meth:`close_stdin` is its end of
+    input). ``pipes=True`` reads its stdout and stderr through pipes, in threads that
+    write the same files: each stdout line's arrival time is kept (:meth:`timed_lines`),
+    and :meth:`wait_output` tells when its output is complete, i.e. when every process
+    that inherited it (a guest, in a session of its own) closed it.
+    """
 
     def __init__(
         self,
@@ -150,22 +166,38 @@ class Proc:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        launch: Launcher = subprocess.Popen,
+        stdin: bool = False,
+        pipes: bool = False,
     ) -> None:
         self.name = name
         self.command = list(command)
         self.stdout_path = scratch / f"{name}.stdout"
         self.stderr_path = scratch / f"{name}.stderr"
+        self._timed: list[tuple[float, str]] = []
+        self._readers: list[threading.Thread] = []
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
+            self.popen = launch(
                 self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else out,
+                stderr=subprocess.PIPE if pipes else err,
                 cwd=cwd,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
         self.pid = self.popen.pid
+        if pipes:
+            assert self.popen.stdout is not None and self.popen.stderr is not None
+            for stream, path, timed in (
+                (self.popen.stdout, self.stdout_path, self._timed),
+                (self.popen.stderr, self.stderr_path, None),
+            ):
+                reader = threading.Thread(
+                    target=_copy_lines, args=(stream, path, timed), name=path.name, daemon=True
+                )
+                reader.start()
+                self._readers.append(reader)
 
     def wait_for_output(self, marker: str, timeout: float = 60.0) -> None:
         """Wait until the process printed ``marker`` on stdout."""
@@ -194,6 +226,8 @@ class Proc:
 
         def check() -> bool:
             exited = self.popen.poll()  # before looking: what it did before exiting counts
+            if exited is not None and not self._output_complete():
+                exited = None  # not all of its output is read yet
             if seen():
                 return True
             if exited is not None:
@@ -214,6 +248,30 @@ class Proc:
             return self.stdout_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def stdout_lines(self) -> list[str]:
+        """The lines the process printed on stdout so far, each without its newline."""
+        if self._readers:
+            return [line for _, line in self.timed_lines()]  # whole lines only
+        return self.stdout().splitlines()
+
+    def wait_for_lines(
+        self, done: Callable[[list[str]], bool], timeout: float, what: str
+    ) -> list[str]:
+        """Wait until ``done(lines)`` holds for the stdout lines so far; return them
+        (``what``: what was waited for, in the error)."""
+        self._wait_for(lambda: done(self.stdout_lines()), timeout, what)
+        return self.stdout_lines()
+
+    def timed_lines(self) -> list[tuple[float, str]]:
+        """The stdout lines so far, each with the monotonic time it was read
+        (with ``pipes``; otherwise none)."""
+        return list(self._timed)
+
+    def close_stdin(self) -> None:
+        """End the process's input (with ``stdin=True``); safe to call twice."""
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
 
     def stderr(self) -> str:
         """Everything the process wrote on stderr so far (its log)."""
@@ -251,6 +309,18 @@ class Proc:
         """Its exit code, once it exited (subprocess.TimeoutExpired after ``timeout``)."""
         return self.popen.wait(timeout=timeout)
 
+    def wait_output(self, timeout: float = 20.0) -> None:
+        """With ``pipes``: wait until its stdout and stderr are complete, every process
+        that shares them gone (subprocess.TimeoutExpired after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        for reader in self._readers:
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._output_complete():
+            raise subprocess.TimeoutExpired(self.command, timeout)
+
+    def _output_complete(self) -> bool:
+        return not any(reader.is_alive() for reader in self._readers)
+
     def kill(self) -> None:
         """SIGKILL this process alone (not its group): what a crash looks like."""
         self.signal(signal.SIGKILL)
@@ -265,6 +335,20 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait_output(timeout=5)
+        self.close_stdin()
+
+
+def _copy_lines(stream: IO[bytes], path: Path, timed: list[tuple[float, str]] | None) -> None:
+    """Copy ``stream`` to the end of ``path`` line by line until EOF, noting in ``timed``
+    (if given) when each line arrived."""
+    with stream, open(path, "ab", buffering=0) as out:
+        for raw in stream:
+            arrived = time.monotonic()
+            out.write(raw)
+            if timed is not None:
+                timed.append((arrived, raw.decode(errors="replace").rstrip("\n")))
 
 
 # --- /proc ---------------------------------------------------------------------------
