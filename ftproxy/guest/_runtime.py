@@ -348,8 +348,9 @@ class Runtime:
         length, icount, kind, digest = head.unpack_from(self._inbox, self._inbox_at)
         if length > protocol.MAX_FRAME:
             _lost_supervisor()
-        start = self._inbox_at + head.size
         self._fill(head.size + length)
+        # After the fill: it may have moved the unread bytes to the inbox's start.
+        start = self._inbox_at + head.size
         self._inbox_at = start + length
         return icount, kind, digest, self._inbox[start : start + length]
 
