@@ -7,12 +7,20 @@ pytest-trio's own ``autojump_clock`` fixture (``trio.testing.MockClock(autojump_
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster import Cluster
+
+# A suite started in the background by a script (``cmd &``, ``nohup``: how CI may run it)
+# inherits SIGINT ignored, and so would every process it starts: the demo, the recorder
+# and the arbiter would then sit out the SIGINT a test sends them (a user's Ctrl-C). A
+# handled signal, unlike an ignored one, is back at its default in an exec'd child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The etcd fixtures (`etcd`, `black_hole`): real clusters, made in tests/etcd_harness.py.
 pytest_plugins = ["etcd_harness"]
