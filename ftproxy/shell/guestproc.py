@@ -35,6 +35,17 @@ _personality.argtypes = [ctypes.c_ulong]
 _personality.restype = ctypes.c_int
 
 
+# Reset to their defaults in every guest (see start_guest).
+_GUEST_DEFAULT_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
 class GuestProcess:
     """A running guest and the supervisor's end of its pipe."""
 
@@ -170,6 +181,13 @@ async def start_guest(
         os.dup2(guest_reads, protocol.REPLY_FD)
         os.dup2(guest_writes, protocol.REQUEST_FD)
         _personality(ADDR_NO_RANDOMIZE)
+        # Every guest starts with the same dispositions, whatever its supervisor
+        # inherited: one started by ``nohup`` or ``cmd &`` has SIGINT and SIGHUP
+        # ignored, a trio one has them handled (so reset by exec), and Python's
+        # start-up differs with them, so a log recorded one way diverged replayed
+        # the other way. The guest's signals reach it as logged events anyway.
+        for signum in _GUEST_DEFAULT_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
 
     try:
         process = await trio.lowlevel.open_process(
