@@ -187,8 +187,11 @@ class EtcdArbiter:
         """Why a connection broke, with what to check when a misconfiguration looks so."""
         reason = str(exc) or type(exc).__name__
         connecting = isinstance(exc, httpx.ConnectError)  # refused, or the handshake failed
-        if self._tls is None and isinstance(exc, httpx.RemoteProtocolError):
-            # What a member serving TLS does to plain HTTP: it hangs up.
+        if self._tls is None and isinstance(
+            exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+        ):
+            # What a member serving TLS does to plain HTTP: it hangs up, which reaches
+            # us as a disconnect or, racing our request, as a reset.
             reason += " (if the members serve TLS, write etcds://)"
         elif self._tls is not None and _caused_by(exc, ssl.SSLEOFError):
             # What a member serving plain HTTP does to a TLS handshake: it hangs up.
