@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,6 @@ from ftproxy.tools.etcdlocal import EtcdCluster
 EXIT_HALTED = 4
 KEY = "ftproxy/generation/1"  # the default pair's first generation, under ftproxy/ in etcd
 PEER_TIMEOUT_S = 0.5  # the replicas' default --peer-timeout-ms
-
-
-@pytest.fixture
-def pairs(tmp_path: Path) -> Iterator[Any]:
-    made: list[Cluster] = []
-
-    def make(**kwargs: Any) -> Cluster:
-        c = Cluster(tmp_path, **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def run_node(c: Cluster, name: str, log_port: int, admin: int, run: int) -> Any:
@@ -69,9 +54,9 @@ def events(c: Cluster, name: str, event: str) -> list[dict[str, Any]]:
 
 
 @needs_etcd
-def test_one_member_decides_a_kill_9_failover(etcd, pairs) -> None:
+def test_one_member_decides_a_kill_9_failover(etcd, cluster) -> None:
     members = etcd(1)
-    c = pairs(arbiter_address=members.address).start()
+    c = cluster(arbiter_address=members.address).start()
     load = Load(c.service_port, clients=3).start()
     wait_until(lambda: load.acknowledged() > 50, 20, "the load is running")
     c.kill_primary()
@@ -88,9 +73,9 @@ def test_one_member_decides_a_kill_9_failover(etcd, pairs) -> None:
 
 
 @needs_etcd
-def test_one_member_of_three_killed_before_the_failover(etcd, pairs) -> None:
+def test_one_member_of_three_killed_before_the_failover(etcd, cluster) -> None:
     members = etcd(3)
-    c = pairs(arbiter_address=members.address).start()
+    c = cluster(arbiter_address=members.address).start()
     load = Load(c.service_port, clients=2).start()
     wait_until(lambda: load.acknowledged() > 50, 20, "the load is running")
     members.members[0].kill()  # the first endpoint each replica tries
@@ -104,11 +89,11 @@ def test_one_member_of_three_killed_before_the_failover(etcd, pairs) -> None:
 
 
 @needs_etcd
-def test_without_a_quorum_nobody_goes_live_and_exactly_one_does_after(etcd, pairs) -> None:
+def test_without_a_quorum_nobody_goes_live_and_exactly_one_does_after(etcd, cluster) -> None:
     members = etcd(3)
     # Two "hosts": the backup serves an address of its own, so the frozen primary
     # holding the service port cannot be what keeps it from going live.
-    c = pairs(arbiter_address=members.address, backup_service_port=free_port()).start()
+    c = cluster(arbiter_address=members.address, backup_service_port=free_port()).start()
     load = Load(c.service_port, clients=2).start()
     wait_until(lambda: load.acknowledged() > 50, 20, "the load is running")
     load.stop()
@@ -145,10 +130,10 @@ def test_without_a_quorum_nobody_goes_live_and_exactly_one_does_after(etcd, pair
 
 @needs_etcd
 def test_a_frozen_primary_thawed_after_the_backup_won_through_etcd_emits_nothing(
-    etcd, pairs
+    etcd, cluster
 ) -> None:
     members = etcd(3)
-    c = pairs(arbiter_address=members.address, backup_service_port=free_port()).start()
+    c = cluster(arbiter_address=members.address, backup_service_port=free_port()).start()
     stale = KvClient(c.service_port)
     assert stale.call("INCR", "stale") == 1
     c.primary.signal(signal.SIGSTOP)
@@ -171,12 +156,12 @@ def test_a_frozen_primary_thawed_after_the_backup_won_through_etcd_emits_nothing
 
 
 @needs_etcd
-def test_tls_and_a_user_carry_a_failover(etcd, pairs, tmp_path: Path) -> None:
+def test_tls_and_a_user_carry_a_failover(etcd, cluster, tmp_path: Path) -> None:
     members = etcd(3, tls=True)
     tls = etcd.client_tls
     password = enable_auth(members, tmp_path)
     flags = (*tls.flags(), "--etcd-user", "ftproxy", "--etcd-password-file", str(password))
-    c = pairs(arbiter_address=members.address, arbiter_args=flags).start()
+    c = cluster(arbiter_address=members.address, arbiter_args=flags).start()
     assert KvClient(c.service_port).call("SET", "k", "v") == "OK"
     c.kill_primary()
     wait_until(lambda: role(c.backup_admin) == "live", 20, "the backup goes live")
@@ -186,13 +171,13 @@ def test_tls_and_a_user_carry_a_failover(etcd, pairs, tmp_path: Path) -> None:
 
 
 @needs_etcd
-def test_wrong_etcd_credentials_stop_a_replica_at_start(etcd, pairs, tmp_path: Path) -> None:
+def test_wrong_etcd_credentials_stop_a_replica_at_start(etcd, cluster, tmp_path: Path) -> None:
     members: EtcdCluster = etcd(1)
     enable_auth(members, tmp_path)
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password\n")
     wrong.chmod(0o600)
-    c = pairs(
+    c = cluster(
         arbiter_address=f"etcd://ftproxy@{members.endpoints}?password-file={wrong}",
     )
     done = subprocess.run(c.replica_command("primary"), capture_output=True, text=True, timeout=60)
@@ -202,8 +187,8 @@ def test_wrong_etcd_credentials_stop_a_replica_at_start(etcd, pairs, tmp_path: P
     assert "Traceback" not in done.stderr
 
 
-def test_the_backup_asks_again_promptly_once_the_builtin_arbiter_is_back(pairs) -> None:
-    c = pairs().start()
+def test_the_backup_asks_again_promptly_once_the_builtin_arbiter_is_back(cluster) -> None:
+    c = cluster().start()
     c.arbiter.signal(signal.SIGKILL)
     c.arbiter.wait()
     c.kill_primary()
@@ -250,10 +235,10 @@ def test_a_malformed_arbiter_address_is_refused_at_start(
 
 
 @needs_etcd
-def test_run_nodes_boot_heal_and_record_their_log_address_in_etcd(etcd, pairs) -> None:
+def test_run_nodes_boot_heal_and_record_their_log_address_in_etcd(etcd, cluster) -> None:
     """``ftproxy run``'s lookups (who is live, the boot claim) go through etcd too."""
     members = etcd(3)
-    c = pairs(arbiter_address=members.address)
+    c = cluster(arbiter_address=members.address)
     ports = {name: (free_port(), free_port()) for name in ("x", "y")}
     nodes = {name: run_node(c, name, *ports[name], run=0) for name in ports}
 
