@@ -29,7 +29,7 @@ pytest_plugins = ["etcd_harness"]
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Make ``Cluster(tmp_path, **kwargs)`` (not started); every one made is stopped after
-    the test (tests/test_etcd_failover.py uses it too). (tests/test_reprotect.py and tests/test_golive_connections.py define their
+    the test. (tests/test_reprotect.py and tests/test_golive_connections.py define their
     own ``cluster``: a started one, and one per guest shape.)"""
     made: list[Cluster] = []
 
