@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import breakdown
 
         return breakdown.main(argv[1:])
+    if argv[:1] == ["floors"]:
+        from bench import floors
+
+        return floors.main(argv[1:])
     if argv[:1] == ["soak"]:
         from bench import soak  # its own command: not part of the quick or full run
 
