@@ -137,8 +137,16 @@ def start(build: Build, config: str, scratch: Path, arbiter: Arbiter) -> Subject
     if config == RECORD:
         service = start_record(here, env=env, tree=build.tree)
     else:
+        # This tree: port 0 everywhere, reported back, so that no service races another
+        # for a port; another checkout (--baseline) may predate that, so it gets free ports.
         service = start_pair(
-            config, here, arbiter, output_rule=config == RULE, env=env, tree=build.tree
+            config,
+            here,
+            arbiter,
+            output_rule=config == RULE,
+            env=env,
+            tree=build.tree,
+            ephemeral=build.tree == ROOT,
         )
     return Subject(build, config, service, trace_dir)
 

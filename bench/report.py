@@ -167,7 +167,7 @@ def targets_table(result: dict[str, Any]) -> Table:
         "Targets (issue 12, then the older product claims): met only if every figure it "
         "needs was measured; the reason is measured in this same run"
     )
-    return title, ["target", "figure", "limit", "", "detail", "measured reason"], rows
+    return title, ["target", "figure", "limit", "verdict", "detail", "measured reason"], rows
 
 
 def breakdown_table(result: dict[str, Any]) -> Table | None:
@@ -255,14 +255,22 @@ def print_rich(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))
+    targets = targets_table(result)
     for title, header, rows in tables(result):
+        long_text = title == targets[0]  # detail and reason: printed below the table
         table = RichTable(title=title, title_justify="left")
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i < 2 else "right", overflow="fold")
+        for i, column in enumerate(header[:4] if long_text else header):
+            left = i < 2 or _text_column(rows, i)
+            table.add_column(column, justify="left" if left else "right", overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(row[:4] if long_text else row))
         console.print(table)
+        if long_text:
+            for target, *_, detail, reason in rows:
+                console.print(f"- {target}: {detail}", markup=False, highlight=False)
+                if reason:
+                    console.print(f"  why: {reason}", markup=False, highlight=False)
     console.print(LEGEND)
     console.print(f"Machine: {machine_summary(result['machine'])}")
     for line in failure_lines(result):
