@@ -376,7 +376,8 @@ def measure(
         "machine": {**describe(), "load_average_end": load_average()},
         "commit": _commit(ROOT),
         "baseline": None,
-        "load": f"1 client closed-loop, SET 16 B, {rounds} rounds x {requests} "
+        "load": f"1 client closed-loop, SET 16 B, {rounds} round{'s' * (rounds != 1)} x "
+        f"{requests} "
         "requests per configuration, interleaved; CPU: each side's process tree",
         "results": results,
     }

@@ -176,7 +176,7 @@ def breakdown_table(result: dict[str, Any]) -> Table | None:
         return None
     found = result["breakdown"] or {}
     results = found.get("results")
-    title = "Where a 1-client request's time goes (p50 us per stage, SET 16 B, traced)"
+    title = "Where a 1-client request's time goes (p50 us per stage, every process stamping)"
     if not results:
         reason = found.get("error") or "not measured in this run"
         return title, ["stage", "figure"], [["breakdown", reason]]
@@ -212,7 +212,7 @@ def breakdown_table(result: dict[str, Any]) -> Table | None:
             ]
         )
     header = ["stage", *[k.removesuffix("@this") for k in keys]]
-    note = f"; {found['load']}" if found.get("load") else ""
+    note = f": {found['load']}" if found.get("load") else ""
     return title + note, header, rows
 
 
@@ -261,7 +261,7 @@ def print_rich(result: dict[str, Any]) -> None:
         long_text = title == targets[0]  # detail and reason: printed below the table
         table = RichTable(title=title, title_justify="left")
         for i, column in enumerate(header[:4] if long_text else header):
-            left = i < 2 or _text_column(rows, i)
+            left = i == 0 or _text_column(rows, i)
             table.add_column(column, justify="left" if left else "right", overflow="fold")
         for row in rows:
             table.add_row(*(row[:4] if long_text else row))
