@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         paths += save(result, args.json)
     for path in paths:
         print(f"bench: wrote {path}")
+    if paths:
+        print(
+            f"bench: the README's Performance section: python -m bench report {paths[0]} --markdown"
+        )
     return 0
 
 
