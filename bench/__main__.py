@@ -10,6 +10,8 @@ primary under a write load. Prints tables, writes JSON and a PNG.
     python -m bench --quick --json out.json  # under a minute (+ a first-time pip install)
     python -m bench programs                 # real frameworks, bare and as a pair
     python -m bench breakdown                # 1 client: p50 per stage of a request's path
+    python -m bench floors                   # this machine's pipe and TCP round trips
+    python -m bench report X.json --markdown # a saved run as the README's Performance section
     python -m bench soak --faults 100        # one service through 100 faults (bench/soak.py)
 """
 
@@ -20,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +30,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import alternatives, failover, matrix, plot, report, summary
+from bench import (
+    alternatives,
+    breakdown,
+    failover,
+    floors,
+    matrix,
+    plot,
+    report,
+    summary,
+    targets,
+)
 from bench.load import require_redis_benchmark
 from bench.machine import describe, load_average
 from bench.plan import (
@@ -66,6 +79,11 @@ NOTES = (
     "request sent after it. A SIGKILLed primary's log channel is closed by the kernel, "
     "so the backup does not wait for the heartbeat timeout; a SIGSTOPped one is not "
     "(the 500 ms peer timeout, and up to 0.2 s of client timeout, are in that figure).",
+    "Breakdown: bench/breakdown.py's 1-client closed-loop SET 16 B on record, no-rule and "
+    "rule started with FTPROXY_TRACE_DIR (every process stamps each stage; the stamps "
+    "cost a little); p50 per stage, CPU us/req per side. Floors: bench/floors.py, "
+    "one-byte round trips between two processes (pipe, pipe with both on one CPU, "
+    "loopback TCP with TCP_NODELAY), measured in the same run.",
     "Alternatives are tuned in their favour (pyraft: listen backlog 128, TCP_NODELAY; "
     "PySyncObj: appendEntriesUseBatch=False) and both need the service rewritten "
     "around them; ftproxy runs examples/kv.py unmodified.",
@@ -210,6 +228,26 @@ def alternative_failovers(
     return series
 
 
+def measure_breakdown(plan: Plan) -> dict[str, Any]:
+    """The 1-client critical path of record, no-rule and rule, or why it failed."""
+    try:
+        return breakdown.critical_path(
+            plan.breakdown_requests, plan.breakdown_rounds, plan.breakdown_warmup
+        )
+    except (TimeoutError, RuntimeError, OSError, ValueError) as exc:
+        print(f"bench: breakdown FAILED: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure_floors(plan: Plan) -> dict[str, Any]:
+    """This machine's process-hop floors, or why they could not be measured."""
+    try:
+        return floors.measure(plan.floor_trips)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        print(f"bench: floors FAILED: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run(plan: Plan) -> dict[str, Any]:
     """Measure everything the plan says and return the result (not yet saved)."""
     started = time.monotonic()
@@ -236,6 +274,12 @@ def run(plan: Plan) -> dict[str, Any]:
                 )
                 configs[alternative.name] = config
             phase("matrix_alternatives")
+            print("bench: the 1-client breakdown (record, no-rule, rule)", file=sys.stderr)
+            critical_path = measure_breakdown(plan)
+            phase("breakdown")
+            print("bench: this machine's floors (pipe, TCP round trips)", file=sys.stderr)
+            machine_floors = measure_floors(plan)
+            phase("floors")
             print("bench: failover series", file=sys.stderr)
             series = ftproxy_failovers(plan, scratch, arbiter)
             phase("failover_ftproxy")
@@ -258,7 +302,9 @@ def run(plan: Plan) -> dict[str, Any]:
         "notes": list(NOTES),
         "configurations": configs,
         "failover": series,
-        "targets": summary.targets(configs, series),
+        "breakdown": critical_path,
+        "floors": machine_floors,
+        "targets": targets.evaluate(configs, series, critical_path, machine_floors),
         "failed_cells": matrix.failed_cells(configs),
     }
 
@@ -282,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench import breakdown
 
         return breakdown.main(argv[1:])
+    if argv[:1] == ["report"]:
+        return report.main(argv[1:])
+    if argv[:1] == ["floors"]:
+        from bench import floors
+
+        return floors.main(argv[1:])
     if argv[:1] == ["soak"]:
         from bench import soak  # its own command: not part of the quick or full run
 
@@ -314,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         paths += save(result, args.json)
     for path in paths:
         print(f"bench: wrote {path}")
+    if paths:
+        print(
+            f"bench: the README's Performance section: python -m bench report {paths[0]} --markdown"
+        )
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +137,16 @@ def start(build: Build, config: str, scratch: Path, arbiter: Arbiter) -> Subject
     if config == RECORD:
         service = start_record(here, env=env, tree=build.tree)
     else:
+        # This tree: port 0 everywhere, reported back, so that no service races another
+        # for a port; another checkout (--baseline) may predate that, so it gets free ports.
         service = start_pair(
-            config, here, arbiter, output_rule=config == RULE, env=env, tree=build.tree
+            config,
+            here,
+            arbiter,
+            output_rule=config == RULE,
+            env=env,
+            tree=build.tree,
+            ephemeral=build.tree == ROOT,
         )
     return Subject(build, config, service, trace_dir)
 
@@ -281,6 +289,7 @@ def redis_rate(port: int, requests: int, clients: int = 1) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's run: this tree, and a baseline if one is asked for."""
     extra = dict(item.partition("=")[::2] for item in args.env)
     builds = [Build("this", ROOT, extra)]
     if args.baseline is not None:
@@ -288,56 +297,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.baseline_env is not None:
         baseline_extra = dict(item.partition("=")[::2] for item in args.baseline_env)
         builds.insert(0, Build("baseline", ROOT, baseline_extra))
+    result = measure(
+        builds,
+        args.configs,
+        requests=args.requests,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        redis_requests=args.redis_requests,
+        redis_clients=args.redis_clients,
+        pin=args.pin,
+        keep=args.keep,
+    )
+    result["baseline"] = str(args.baseline) if args.baseline else None
+    return result
+
+
+def critical_path(requests: int = 2000, rounds: int = 3, warmup: int = 300) -> dict[str, Any]:
+    """This tree's record, no-rule and rule, 1 client: the stage table and CPU per request
+    (what ``python -m bench`` puts in its result as ``breakdown``)."""
+    return measure([Build("this", ROOT)], CONFIGS, requests=requests, rounds=rounds, warmup=warmup)
+
+
+def measure(
+    builds: list[Build],
+    configs: Sequence[str],
+    *,
+    requests: int,
+    rounds: int,
+    warmup: int,
+    redis_requests: int = 0,
+    redis_clients: int = 0,
+    pin: str | None = None,
+    keep: Path | None = None,
+) -> dict[str, Any]:
+    """Start every config of every build, load them in turn round by round, join the stamps."""
     with tempfile.TemporaryDirectory(prefix="ftproxy-breakdown-") as tmp:
-        scratch = args.keep or Path(tmp)
+        scratch = keep or Path(tmp)
         scratch.mkdir(parents=True, exist_ok=True)
         arbiter = Arbiter(scratch).start()
         try:
             arbiter.wait_listening()
             subjects = []
             for build in builds:
-                for config in args.configs:
+                for config in configs:
                     subjects.append(start(build, config, scratch, arbiter))
             with started(subjects):
                 for subject in subjects:
-                    if subject.build.name == "this" and args.pin:
-                        _pin(subject, args.pin)
+                    if subject.build.name == "this" and pin:
+                        _pin(subject, pin)
                 for subject in subjects:  # warm-up, not measured
-                    client_load(subject.service.port, args.warmup)
-                for round_no in range(args.rounds):
+                    client_load(subject.service.port, warmup)
+                for round_no in range(rounds):
                     order = subjects if round_no % 2 == 0 else subjects[::-1]
                     for subject in order:
                         before = subject.service.cpu_seconds()
-                        subject.windows += client_load(subject.service.port, args.requests)
+                        subject.windows += client_load(subject.service.port, requests)
                         after = subject.service.cpu_seconds()
                         subject.cpu_used[0] += after[0] - before[0]
                         subject.cpu_used[1] += after[1] - before[1]
-                        subject.requests += args.requests
-                        if args.redis_requests and bm.require_redis_benchmark():
-                            subject.rates.append(
-                                redis_rate(subject.service.port, args.redis_requests)
-                            )
-                            if args.redis_clients > 1:
+                        subject.requests += requests
+                        if redis_requests and bm.require_redis_benchmark():
+                            subject.rates.append(redis_rate(subject.service.port, redis_requests))
+                            if redis_clients > 1:
                                 subject.rates_many.append(
                                     redis_rate(
-                                        subject.service.port,
-                                        args.redis_requests * 4,
-                                        args.redis_clients,
+                                        subject.service.port, redis_requests * 4, redis_clients
                                     )
                                 )
                         print(f"  round {round_no + 1}: {subject.key} done", file=sys.stderr)
                 results = {subject.key: _summary(subject) for subject in subjects}
-                if args.keep:
+                if keep:
                     windows = {s.key: s.windows for s in subjects}
-                    (args.keep / "windows.json").write_text(json.dumps(windows))
+                    (keep / "windows.json").write_text(json.dumps(windows))
         finally:
             arbiter.stop()
     return {
         "taken": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {**describe(), "load_average_end": load_average()},
         "commit": _commit(ROOT),
-        "baseline": str(args.baseline) if args.baseline else None,
-        "load": f"1 client closed-loop, SET 16 B, {args.rounds} rounds x {args.requests} "
+        "baseline": None,
+        "load": f"1 client closed-loop, SET 16 B, {rounds} round{'s' * (rounds != 1)} x "
+        f"{requests} "
         "requests per configuration, interleaved; CPU: each side's process tree",
         "results": results,
     }

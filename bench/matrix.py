@@ -297,8 +297,10 @@ def run_matrix(
 def median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
     """The round of median throughput, with every round's throughput attached.
 
-    Rounds that failed are left out (and listed); if every round failed or the
-    operation is not supported, the first round stands for the cell.
+    Rounds that failed are left out (and listed); ``rps_by_round`` keeps each
+    round in its place (None where it failed), so that two configurations'
+    rounds, which ran side by side, can be compared round by round. If every
+    round failed or the operation is not supported, the first round stands.
     """
     good = [cell for cell in measured if cell.get("supported")]
     if not good:
@@ -306,6 +308,7 @@ def median_round(measured: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(good, key=lambda cell: float(cell["rps"]))
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["rps_rounds"] = [cell["rps"] for cell in good]
+    chosen["rps_by_round"] = [cell["rps"] if cell.get("supported") else None for cell in measured]
     failed = [cell["reason"] for cell in measured if cell.get("failed")]
     if failed:
         chosen["failed_rounds"] = failed

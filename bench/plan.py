@@ -62,6 +62,11 @@ class Plan:
     failovers: int  # SIGKILLs of ftproxy's primary, with and without the output rule
     silent_failovers: int  # SIGSTOPs of the primary: detection by heartbeat timeout
     alternative_failovers: int  # leader kills per alternative (each costs ~5-10 s)
+    # The 1-client critical-path breakdown (record, no-rule, rule) and the floors.
+    breakdown_requests: int = 2000  # per round and configuration
+    breakdown_rounds: int = 3
+    breakdown_warmup: int = 300
+    floor_trips: int = 20_000  # round trips per floor (pipe, pipe pinned, TCP)
     alternatives: bool = True
     loads: tuple[Load, ...] = LOADS
     ops: tuple[Op, ...] = OPS
@@ -92,6 +97,10 @@ class Plan:
             failovers=3,
             silent_failovers=1,
             alternative_failovers=0,
+            breakdown_requests=300,
+            breakdown_rounds=1,
+            breakdown_warmup=50,
+            floor_trips=5000,
         )
 
     def as_dict(self) -> dict[str, Any]:

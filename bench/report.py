@@ -1,12 +1,15 @@
 """The results as tables: rich on the terminal, Markdown for the README.
 
-``python -m bench.report RESULT.json`` prints a saved result as Markdown.
+``python -m bench report RESULT.json`` prints a saved result's tables again;
+``--markdown`` (or ``python -m bench.report RESULT.json``) prints it as the
+README's Performance section.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 from bench.machine import summary as machine_summary
 from bench.plan import LABELS, SHORT
+from bench.procs import ROOT
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
 LEGEND = "Configurations: " + "; ".join(f"{SHORT[k]} = {v}" for k, v in LABELS.items()) + "."
@@ -139,36 +143,134 @@ def failover_table(result: dict[str, Any]) -> Table:
     return title, header, rows
 
 
+def _figure(target: dict[str, Any]) -> str:
+    figure = target["figure"]
+    if figure is None:
+        return "-"
+    return f"{figure:.3g}"
+
+
+def _status(target: dict[str, Any]) -> str:
+    if "status" in target:
+        return str(target["status"])
+    return {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+
+
 def targets_table(result: dict[str, Any]) -> Table:
     rows = []
     for t in result["targets"]:
-        met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        figure = "-" if t["figure"] is None else f"{t['figure']:.3g}"
-        rows.append([t["target"], figure, met, t["detail"]])
-    return "Targets", ["target", "figure", "", "detail"], rows
+        limit = f"{t.get('op', '')} {t['limit']:g}".strip()
+        rows.append(
+            [t["target"], _figure(t), limit, _status(t), t["detail"], t.get("reason") or ""]
+        )
+    title = (
+        "Targets (issue 12, then the older product claims): met only if every figure it "
+        "needs was measured; the reason is measured in this same run"
+    )
+    return title, ["target", "figure", "limit", "verdict", "detail", "measured reason"], rows
+
+
+def breakdown_table(result: dict[str, Any]) -> Table | None:
+    """p50 per stage of a 1-client request, per configuration (bench/breakdown.py)."""
+    if "breakdown" not in result:  # a run from before the breakdown was part of it
+        return None
+    found = result["breakdown"] or {}
+    results = found.get("results")
+    title = "Where a 1-client request's time goes (p50 us per stage, every process stamping)"
+    if not results:
+        reason = found.get("error") or "not measured in this run"
+        return title, ["stage", "figure"], [["breakdown", reason]]
+    keys = list(results)
+    names: list[str] = []
+    for key in keys:
+        for row in results[key]["stages"]:
+            if row["stage"] not in names:
+                names.append(row["stage"])
+    rows = []
+    for name in names:
+        cells = []
+        for key in keys:
+            row = next((r for r in results[key]["stages"] if r["stage"] == name), None)
+            if row is None or row["p50_us"] is None:
+                cells.append("-")
+                continue
+            share = row["n"] * 100 // max(1, results[key]["requests"])
+            cells.append(f"{row['p50_us']:,.0f}" + ("" if share >= 90 else f" ({share}%)"))
+        rows.append([name, *cells])
+    rows.append(["client p50 us", *[_num(results[k]["client_p50_us"], 0) for k in keys]])
+    rows.append(["client req/s", *[_num(results[k]["client_rps"], 0) for k in keys]])
+    for i, side in enumerate(("primary", "backup")):
+        rows.append(
+            [
+                f"CPU us/req {side}",
+                *[
+                    "-"
+                    if results[k]["config"] == "record" and i == 1
+                    else _num(results[k]["cpu_us_per_request"][i], 0)
+                    for k in keys
+                ],
+            ]
+        )
+    header = ["stage", *[k.removesuffix("@this") for k in keys]]
+    note = f": {found['load']}" if found.get("load") else ""
+    return title + note, header, rows
+
+
+def floors_table(result: dict[str, Any]) -> Table | None:
+    """This machine's one-byte round trips between two processes (bench/floors.py)."""
+    from bench.floors import LABELS
+
+    if "floors" not in result:
+        return None
+    found = result["floors"] or {}
+    title = "Floors of this machine, same run: one-byte round trips between two processes"
+    header = ["floor", "p50 us", "p90 us", "p99 us", "trips"]
+    if "tcp" not in found:
+        return title, header, [["floors", found.get("error") or "not measured", "-", "-", "-"]]
+    rows = [
+        [
+            label,
+            _num(found[key]["p50_us"], 1),
+            _num(found[key]["p90_us"], 1),
+            _num(found[key]["p99_us"], 1),
+            f"{found[key]['trips']:,}",
+        ]
+        for key, label in LABELS.items()
+    ]
+    return title, header, rows
 
 
 def tables(result: dict[str, Any]) -> list[Table]:
-    return [
+    out = [
         speed_table(result),
         cost_table(result),
         failover_table(result),
         targets_table(result),
     ]
+    out += [t for t in (breakdown_table(result), floors_table(result)) if t is not None]
+    return out
 
 
 def print_rich(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))
+    targets = targets_table(result)
     for title, header, rows in tables(result):
+        long_text = title == targets[0]  # detail and reason: printed below the table
         table = RichTable(title=title, title_justify="left")
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i < 2 else "right", overflow="fold")
+        for i, column in enumerate(header[:4] if long_text else header):
+            left = i == 0 or _text_column(rows, i)
+            table.add_column(column, justify="left" if left else "right", overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(row[:4] if long_text else row))
         console.print(table)
+        if long_text:
+            for target, *_, detail, reason in rows:
+                console.print(f"- {target}: {detail}", markup=False, highlight=False)
+                if reason:
+                    console.print(f"  why: {reason}", markup=False, highlight=False)
     console.print(LEGEND)
     console.print(f"Machine: {machine_summary(result['machine'])}")
     for line in failure_lines(result):
@@ -191,28 +293,80 @@ def failure_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(result: dict[str, Any]) -> str:
-    out = []
-    for title, header, rows in tables(result):
-        out.append(f"**{title}**\n")
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" if i < 2 else "--:" for i in range(len(header))) + "|")
-        out.extend("| " + " | ".join(row) + " |" for row in rows)
-        out.append("")
+def _table_markdown(table: Table) -> list[str]:
+    title, header, rows = table
+    out = [f"**{title}**", ""]
+    out.append("| " + " | ".join(header) + " |")
+    aligns = ["---" if i == 0 or _text_column(rows, i) else "--:" for i in range(len(header))]
+    out.append("|" + "|".join(aligns) + "|")
+    out.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
+    out.append("")
+    return out
+
+
+def _text_column(rows: list[list[str]], i: int) -> bool:
+    """Left-aligned unless every cell is a figure ("1,234", "0.37x", "43 (72%)", "-")."""
+    return not all(_FIGURE.fullmatch(row[i]) for row in rows if i < len(row))
+
+
+_FIGURE = re.compile(r"[-+\d.,x/ ()%]*")
+
+
+def _where(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def markdown(result: dict[str, Any], path: Path | None = None) -> str:
+    """The run as the README's Performance section: when, where, every table, the file."""
+    machine = result["machine"]
+    commit = machine.get("ftproxy_commit") or "unknown"
+    if machine.get("ftproxy_tree_dirty"):
+        commit += ", with uncommitted changes to ftproxy/ or examples/"
+    kind = "Quick run (a smoke run: too short to compare)" if result.get("quick") else "Full run"
+    end = machine.get("load_average_end") or ["?"]
+    out = ["### Performance", ""]
+    intro = (
+        f"{kind}, {result['taken'][:10]} (commit {commit}), {result.get('duration_s', '?')} s: "
+        f"{machine_summary(machine)}, {end[0]} at the end (1-minute load average; the machine "
+        "is shared with other jobs)."
+    )
+    where = _where(path)
+    if where is not None:
+        intro += f" [`{where}`]({where})"
+    out += [intro, ""]
+    png = path.with_suffix(".png") if path is not None else None
+    if png is not None and png.exists():
+        out += [f"![latency CDFs, throughput, failover times]({_where(png)})", ""]
+    for table in tables(result):
+        out += _table_markdown(table)
     out.append(LEGEND)
-    out.append(f"Machine: {machine_summary(result['machine'])}.")
+    lines = failure_lines(result)
+    if lines:
+        out += ["", "Failed cells:", "", "```", *lines, "```"]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.report", description="print a saved result as Markdown"
+        prog="python -m bench report", description="show a saved result again"
     )
     parser.add_argument("result", type=Path, help="a bench/results/*.json file")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print it as the README's Performance section (Markdown)",
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write(markdown(json.loads(args.result.read_text())))
+    result = json.loads(args.result.read_text())
+    if args.markdown:
+        sys.stdout.write(markdown(result, args.result))
+    else:
+        print_rich(result)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m bench.report X.json: Markdown, as it always did
+    sys.exit(main([*sys.argv[1:], "--markdown"]))

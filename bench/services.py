@@ -255,7 +255,9 @@ def start_pair(
     reported back.
     """
     if ephemeral:
-        return _start_ephemeral_pair(name, scratch, arbiter, output_rule=output_rule)
+        return _start_ephemeral_pair(
+            name, scratch, arbiter, output_rule=output_rule, env=env, tree=tree
+        )
     port = free_port()
     log_port = free_port()
     primary_admin = free_port()
@@ -304,12 +306,18 @@ def start_pair(
 
 
 def _start_ephemeral_pair(
-    name: str, scratch: Path, arbiter: Arbiter, *, output_rule: bool
+    name: str,
+    scratch: Path,
+    arbiter: Arbiter | EtcdArbiter,
+    *,
+    output_rule: bool,
+    env: dict[str, str] | None = None,
+    tree: Path = ROOT,
 ) -> Service:
     """A pair whose every port is port 0: the backup starts once the primary has
     said where its log channel listens; the client port is the primary's mapped one."""
     generation = arbiter.next_generation()
-    guest = ["--", str(KV), "--port", str(GUEST_PORT)]
+    guest = ["--", str(tree / KV.relative_to(ROOT)), "--port", str(GUEST_PORT)]
     common = ["--arbiter", arbiter.address, *_security(arbiter.secret_file), "--admin", f"{HOST}:0"]
     primary_command = [
         *FTPROXY,
@@ -324,7 +332,7 @@ def _start_ephemeral_pair(
         *([] if output_rule else ["--no-output-rule"]),
         *guest,
     ]
-    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch)
+    primary = Proc(f"{name}-g{generation}-primary", primary_command, scratch, env=env, cwd=tree)
 
     def boot(service: Service, timeout: float) -> None:
         service.log_port = _port_of(
@@ -338,7 +346,7 @@ def _start_ephemeral_pair(
             *common,
             *guest,
         ]
-        backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch)
+        backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch, env=env, cwd=tree)
         service.backup.append(backup)
         # The primary serves /status once its backup has joined.
         service.admin_port = _port_of(primary.wait_for_event("admin_listening", timeout)["address"])

@@ -29,6 +29,8 @@ TOP = {
     "failover",
     "targets",
     "notes",
+    "breakdown",
+    "floors",
 }
 MACHINE = {"cpu_model", "cpus", "memory_gib", "kernel", "python", "redis_benchmark"}
 CONFIGS = {"bare", "record", "no-output-rule", "output-rule", "pyraft", "pysyncobj"}
@@ -75,7 +77,10 @@ BY_LOAD = {
     "vs_no_output_rule",
 }
 FAILOVER = {"trials", "completed", "failed", "failover_s", "lost_acknowledged_writes"}
-TARGET = {"target", "figure", "limit", "met", "detail"}
+TARGET = {"target", "figure", "limit", "op", "status", "met", "detail", "reason"}
+STATUSES = {"met", "MISSED", "not measured"}
+BREAKDOWN_KEYS = {"record@this", "no-rule@this", "rule@this"}
+FLOORS = {"pipe", "pipe_pinned", "tcp"}
 LOADS = {"c=1", "c=50", "c=1 P=16"}
 OPS = {("set", 16), ("get", 16), ("set", 4096), ("get", 4096), ("incr", None)}
 
@@ -131,9 +136,19 @@ def test_quick_run_reports_every_field(result: dict[str, Any]) -> None:
     assert set(result["failover"]) == CONFIGS - {"bare", "record"} | series_only
     for name, series in result["failover"].items():
         assert not missing(series, FAILOVER), name
-    assert len(result["targets"]) == 6
+    assert len(result["targets"]) == 9
     for target in result["targets"]:
         assert not missing(target, TARGET)
+        assert target["status"] in STATUSES, target
+        if target["status"] != "met":  # a miss or a gap always says why, in numbers
+            assert target["reason"], target
+    # The phases that explain the misses ran in the same run.
+    assert set(result["breakdown"]["results"]) == BREAKDOWN_KEYS, result["breakdown"]
+    for key, path in result["breakdown"]["results"].items():
+        assert path["requests"] > 0 and path["client_p50_us"] > 0, key
+        assert path["cpu_us_per_request"][0] > 0, key
+    for name in FLOORS:
+        assert result["floors"][name]["p50_us"] > 0, result["floors"]
 
 
 @pytest.mark.timeout(600)

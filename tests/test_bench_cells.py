@@ -104,5 +104,6 @@ def test_a_failed_round_is_left_out_of_the_median() -> None:
     chosen = matrix.median_round([failed, ok, {"supported": True, "rps": 300.0}])
     assert chosen["rps"] == 100.0
     assert chosen["rps_rounds"] == [100.0, 300.0]
+    assert chosen["rps_by_round"] == [None, 100.0, 300.0]
     assert chosen["failed_rounds"] == ["redis-benchmark exited with 1"]
     assert matrix.median_round([failed, failed])["failed"] is True
