@@ -3,8 +3,11 @@
 The floors under every figure of the run: a one-byte round trip between two
 processes over ``os.pipe`` (both free to run anywhere, then both pinned to one
 CPU with ``os.sched_setaffinity``) and over loopback TCP (``TCP_NODELAY``,
-1 byte each way). Each is a closed-loop ping-pong from this process to a child
-``python -m bench.floors echo ...``, timed trip by trip with ``perf_counter_ns``;
+1 byte each way), the TCP echo blocking in ``recv``, in a plain epoll loop and
+in a trio loop (``trio.lowlevel.wait_readable`` and non-blocking reads, as
+ftproxy's supervisors wait): what trio's loop adds to a wake-up, if anything. Each is a
+closed-loop ping-pong from this process to a child ``python -m bench.floors
+echo ...``, timed trip by trip with ``perf_counter_ns``;
 the figures are percentiles over the trips, in microseconds. A request through
 ftproxy makes such hops (client -> supervisor -> guest -> supervisor -> backup
 -> supervisor -> client), so these say how much of its time the hops alone need.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -107,9 +111,10 @@ def pipe_round_trip(trips: int, cpu: int | None = None) -> dict[str, Any]:
     return {"trips": trips, "pinned_cpu": cpu, **_figures(times)}
 
 
-def tcp_round_trip(trips: int) -> dict[str, Any]:
-    """One byte there and back on a loopback TCP connection (TCP_NODELAY) to a child."""
-    child = _echo(["tcp"])
+def tcp_round_trip(trips: int, echo: str = "tcp") -> dict[str, Any]:
+    """One byte there and back on a loopback TCP connection (TCP_NODELAY) to a child
+    that echoes blocking in recv (``tcp``) or from a trio loop (``tcp-trio``)."""
+    child = _echo([echo])
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
@@ -131,6 +136,8 @@ def measure(trips: int = TRIPS) -> dict[str, Any]:
         "pipe": pipe_round_trip(trips),
         "pipe_pinned": pipe_round_trip(trips, cpu),
         "tcp": tcp_round_trip(trips),
+        "tcp_epoll": tcp_round_trip(trips, "tcp-epoll"),
+        "tcp_trio": tcp_round_trip(trips, "tcp-trio"),
     }
 
 
@@ -150,15 +157,57 @@ def _serve(argv: list[str]) -> int:
         conn, _ = server.accept()
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if kind == "tcp-trio":
+                import trio
+
+                trio.run(_trio_echo, conn)
+                return 0
+            if kind == "tcp-epoll":
+                _epoll_echo(conn)
+                return 0
             while data := conn.recv(1):
                 conn.sendall(data)
     return 0
 
 
+def _epoll_echo(conn: socket.socket) -> None:
+    """Echo from a plain epoll loop: what a hand-written data path would pay."""
+    conn.setblocking(False)
+    poller = select.epoll()
+    poller.register(conn.fileno(), select.EPOLLIN)
+    while True:
+        poller.poll()
+        try:
+            data = conn.recv(1)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        conn.send(data)
+
+
+async def _trio_echo(conn: socket.socket) -> None:
+    """Echo as a supervisor waits: park in trio's epoll, then read without blocking."""
+    import trio
+
+    conn.setblocking(False)
+    while True:
+        await trio.lowlevel.wait_readable(conn.fileno())
+        try:
+            data = conn.recv(1)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        conn.send(data)
+
+
 def print_report(floors: dict[str, Any]) -> None:
     print(f"floors: {floors['method']}")
     for name, label in LABELS.items():
-        f = floors[name]
+        f = floors.get(name)
+        if f is None:
+            continue  # a run saved before this floor was measured
         print(
             f"  {label:<40} p50 {f['p50_us']:>7.1f} us  "
             f"p90 {f['p90_us']:>7.1f}  p99 {f['p99_us']:>7.1f}"
@@ -169,6 +218,8 @@ LABELS = {
     "pipe": "os.pipe round trip, two processes",
     "pipe_pinned": "os.pipe round trip, both on one CPU",
     "tcp": "loopback TCP round trip (TCP_NODELAY)",
+    "tcp_epoll": "same, the echo in a plain epoll loop",
+    "tcp_trio": "same, the echo in a trio loop",
 }
 
 

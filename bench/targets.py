@@ -155,11 +155,17 @@ class Evidence:
             error = (self.floors or {}).get("error")
             return f"floors: not measured ({error})" if error else "floors: not measured"
         f = self.floors
-        return (
+        line = (
             f"floors: loopback TCP round trip {_us(f['tcp']['p50_us'])}, pipe round trip "
             f"{_us(f['pipe']['p50_us'])} ({_us(f['pipe_pinned']['p50_us'])} with both "
             "processes on one CPU)"
         )
+        if "tcp_trio" in f and "tcp_epoll" in f:
+            line += (
+                f"; the TCP round trip with the echo in a trio loop {_us(f['tcp_trio']['p50_us'])}"
+                f", in a plain epoll loop {_us(f['tcp_epoll']['p50_us'])}"
+            )
+        return line
 
 
 # -- the targets ---------------------------------------------------------------------

@@ -115,6 +115,8 @@ FLOORS = {
     "pipe": {"trips": 100, "p50_us": 41.5, "p90_us": 50.0, "p99_us": 60.0},
     "pipe_pinned": {"trips": 100, "pinned_cpu": 0, "p50_us": 5.7, "p90_us": 6.0, "p99_us": 9.0},
     "tcp": {"trips": 100, "p50_us": 47.0, "p90_us": 55.0, "p99_us": 80.0},
+    "tcp_epoll": {"trips": 100, "p50_us": 49.0, "p90_us": 57.0, "p99_us": 81.0},
+    "tcp_trio": {"trips": 100, "p50_us": 58.0, "p90_us": 66.0, "p99_us": 90.0},
 }
 
 
@@ -193,6 +195,7 @@ def test_rule_slower_than_raft_is_missed_with_where_its_time_goes() -> None:
     assert "log round trip 234 us (shipped -> backup decoded 74 us" in reason
     assert "CPU us/req primary 440, backup 376" in reason
     assert "loopback TCP round trip 47 us, pipe round trip 42 us (6 us" in reason
+    assert "echo in a trio loop 58 us, in a plain epoll loop 49 us" in reason
 
 
 def test_a_raft_peer_not_installed_leaves_a_win_not_measured_but_a_loss_missed() -> None:
@@ -361,8 +364,8 @@ def test_a_saved_run_from_before_the_breakdown_still_renders() -> None:
 
 def test_floors_measure_pipe_pinned_pipe_and_tcp_round_trips() -> None:
     found = floors.measure(200)
-    assert set(found) == {"method", "pipe", "pipe_pinned", "tcp"}
-    for name in ("pipe", "pipe_pinned", "tcp"):
+    assert set(found) == {"method", "pipe", "pipe_pinned", "tcp", "tcp_epoll", "tcp_trio"}
+    for name in ("pipe", "pipe_pinned", "tcp", "tcp_epoll", "tcp_trio"):
         figures = found[name]
         assert figures["trips"] == 200
         assert 0 < figures["p50_us"] <= figures["p90_us"] <= figures["p99_us"], figures
