@@ -83,7 +83,8 @@ NOTES = (
     "rule started with FTPROXY_TRACE_DIR (every process stamps each stage; the stamps "
     "cost a little); p50 per stage, CPU us/req per side. Floors: bench/floors.py, "
     "one-byte round trips between two processes (pipe, pipe with both on one CPU, "
-    "loopback TCP with TCP_NODELAY), measured in the same run.",
+    "loopback TCP with TCP_NODELAY, its echo blocking in recv, in a plain epoll loop and "
+    "in a trio loop), measured in the same run.",
     "Alternatives are tuned in their favour (pyraft: listen backlog 128, TCP_NODELAY; "
     "PySyncObj: appendEntriesUseBatch=False) and both need the service rewritten "
     "around them; ftproxy runs examples/kv.py unmodified.",
