@@ -309,6 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keep=args.keep,
     )
     result["baseline"] = str(args.baseline) if args.baseline else None
+    # What each build ran with, so that a saved A/B of one tree says what it compared.
+    result["environments"] = {build.name: build.extra_env for build in builds}
     return result
 
 
