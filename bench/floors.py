@@ -177,13 +177,8 @@ def _epoll_echo(conn: socket.socket) -> None:
     poller.register(conn.fileno(), select.EPOLLIN)
     while True:
         poller.poll()
-        try:
-            data = conn.recv(1)
-        except BlockingIOError:
-            continue
-        if not data:
+        if not _echo_ready(conn):
             return
-        conn.send(data)
 
 
 async def _trio_echo(conn: socket.socket) -> None:
@@ -193,13 +188,20 @@ async def _trio_echo(conn: socket.socket) -> None:
     conn.setblocking(False)
     while True:
         await trio.lowlevel.wait_readable(conn.fileno())
-        try:
-            data = conn.recv(1)
-        except BlockingIOError:
-            continue
-        if not data:
+        if not _echo_ready(conn):
             return
-        conn.send(data)
+
+
+def _echo_ready(conn: socket.socket) -> bool:
+    """Echo what a non-blocking connection holds; False once the peer closed."""
+    try:
+        data = conn.recv(1)
+    except BlockingIOError:
+        return True
+    if not data:
+        return False
+    conn.send(data)
+    return True
 
 
 def print_report(floors: dict[str, Any]) -> None:
