@@ -19,15 +19,16 @@ from support import free_port
 from test_link import ARGV, HEADER, linked
 
 import arbiter
-from ftproxy.core.channel import Ack, Entries, Heartbeat
+from ftproxy.core.channel import Ack, Entries, Handover, Heartbeat, SwitchoverOutcome
 from ftproxy.core.records import Entry
 from ftproxy.core.replication import ReplicaRole, Timing
-from ftproxy.guest.protocol import OP_SEND
+from ftproxy.guest.protocol import KIND_CONNECT, KIND_WAIT, OP_SEND
 from ftproxy.shell.backup import Backup
 from ftproxy.shell.link import LogLink
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.primary import Primary
 from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, ReplicaShell
+from ftproxy.shell.supervisor import Exit
 
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5)
 
@@ -198,6 +199,71 @@ async def test_a_primary_releases_an_output_only_after_the_ack_for_its_entry(
         (acked_at, (OP_SEND, 3, b"after entry 1")),
         (acked_at, (OP_SEND, 3, b"also after entry 1")),
     ]
+
+
+class SlowConnect(ReleasedOutputs):
+    """A world whose connect takes until ``connected`` is set, then logs its entry (as
+    the real world does once the peer answers); other exits are answered at once."""
+
+    def __init__(self, primary: Primary) -> None:
+        super().__init__()
+        self.primary = primary
+        self.connect_started = trio.Event()
+        self.connected = trio.Event()
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        if exit.kind == KIND_CONNECT:
+            self.connect_started.set()
+            await self.connected.wait()
+        body = b"reply %d" % seq
+        self.primary._logged(Entry(seq, exit.icount, exit.kind, exit.digest, body))
+        return body
+
+
+async def test_an_entry_logged_by_an_exit_under_way_when_a_switchover_starts_is_drained(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The switchover holds the guest at its next exit, but the one under way finishes
+    # and logs an entry while the primary is handing over: that entry must still go
+    # to the backup, or the drain waits for an ack that cannot come.
+    primary_link, backup_link, _ = await linked()
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    world = SlowConnect(primary)
+    primary.world = world  # type: ignore[assignment]
+    outcomes: list[SwitchoverOutcome] = []
+
+    async def switch_over() -> None:
+        outcomes.append(await primary.switchover.ask())
+
+    async def guest() -> None:
+        await primary.answer(1, Exit(100, KIND_CONNECT, (), 0))
+        await primary.answer(2, Exit(200, KIND_WAIT, (), 0))  # held here: never answered
+
+    async with trio.open_nursery() as nursery:
+        primary.switchover.nursery = nursery
+        nursery.start_soon(primary.ship, primary_link)
+        nursery.start_soon(primary.receive, primary_link)
+        nursery.start_soon(primary.watch)
+        nursery.start_soon(guest)
+        await world.connect_started.wait()
+        nursery.start_soon(switch_over)
+        while primary.replica.role is not ReplicaRole.HANDING_OVER:
+            await trio.sleep(0)
+        world.connected.set()
+        with trio.fail_after(TIMING.peer_timeout_s):
+            event = await backup_link.next_event()
+            while not isinstance(event, Entries):
+                event = await backup_link.next_event()
+        assert [entry.seq for entry in event.entries] == [1]
+        await backup_link.send(Ack(1, 1))
+        with trio.fail_after(TIMING.peer_timeout_s):
+            event = await backup_link.next_event()
+            while not isinstance(event, Handover):
+                event = await backup_link.next_event()
+        assert (event.seq, event.icount, event.kind) == (1, 200, KIND_WAIT)
+        assert primary.replica.role is ReplicaRole.RETIRING
+        nursery.cancel_scope.cancel()
+    assert outcomes == []  # no HandedOver came: the outcome is still open
 
 
 async def test_arbiter_questions_to_a_stopped_arbiter_are_paced_by_the_timing(

@@ -207,6 +207,13 @@ class Replica(Generic[T]):
     def live(self) -> bool:
         return self.role is ReplicaRole.LIVE
 
+    @property
+    def gated(self) -> bool:
+        """Outputs wait for the backup's acks, so every new entry must reach it: a
+        primary, and one handing over (its guest may finish an exit already under
+        way, and that entry must be drained like any other)."""
+        return self.role in _GATED
+
     # -- the primary's side: entries out, acks in, outputs gated -------------
 
     def entry_logged(self, seq: int, size: int, now: float) -> None:

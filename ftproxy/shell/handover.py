@@ -9,11 +9,13 @@ through ``ftproxy.shell.reprotect``. The shell routes its guest's exits through
 (``attach``); the channel's owner passes on ``HandedOver`` (``took_over``) and
 the arbiter's verdict after a loss (``arbitrated``).
 
-Handing over: the guest is held at its next exit (a wait for input is
-interrupted before it logs anything); once the backup holds and has replayed
-every entry and no output waits, ``Handover`` goes with that exit's (icount,
-kind, digest), and from then on this replica releases nothing. ``HandedOver``
-means the backup won the arbiter and serves: the shell retires (exit 0).
+Handing over: the guest is held at its next exit (a wait for input not yet
+woken is interrupted before it logs anything; an exit already under way
+finishes, and its entry is shipped and drained like any other); once the
+backup holds and has replayed every entry and no output waits, ``Handover``
+goes with that exit's (icount, kind, digest), and from then on this replica
+releases nothing. ``HandedOver`` means the backup won the arbiter and serves:
+the shell retires (exit 0).
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ class PlannedSwitchover:
 
     async def answer(self, seq: int, exit: Exit, world: WorldAnswers) -> bytes:
         """The world's answer to this exit, unless a switchover holds the guest here: a
-        wait for input is interrupted before it logs anything (other exits finish,
-        and the next one is held)."""
+        wait for input not yet woken is interrupted before it logs anything (other
+        exits, and a wait already woken, finish: the next one is held)."""
         self.waiting = Waiting(seq, exit.icount, exit.kind, exit.digest)
         try:
             while True:

@@ -135,12 +135,7 @@ class Primary(ReplicaShell):
         trio's loop later). Under load, entries wait for the ship task and go in
         batches (group commit). False: not sent here."""
         link = self.link
-        if (
-            link is None
-            or self._in_flight
-            or self.options.ship_delay_s
-            or self.replica.role is not ReplicaRole.PRIMARY
-        ):
+        if link is None or self._in_flight or self.options.ship_delay_s or not self.replica.gated:
             return False
         batch = self._outbox
         if _trace.stamp is not None:
@@ -182,9 +177,10 @@ class Primary(ReplicaShell):
         self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
         self.board.counters["log_bytes_total"] += len(entry.reply)
         self.store.append_entry(entry)
-        if self.replica.role is ReplicaRole.PRIMARY and self.link is not None:
+        if self.replica.gated and self.link is not None:
             # Entries exist only while an exit is answered: answer() ships them
-            # at its end, or rings the ship task when the channel is busy.
+            # at its end, or rings the ship task when the channel is busy. Handing
+            # over too: the exit under way when the switchover began finishes.
             self._outbox.append(entry)
 
     async def _input_allowed(self) -> None:
