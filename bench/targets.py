@@ -171,6 +171,24 @@ class Evidence:
 # -- the targets ---------------------------------------------------------------------
 
 
+def _reads_out_of_reach(configs: Configs, peer: str, load: str) -> str:
+    """When the unreplicated service itself answers GET slower than ``peer`` does, no
+    replication of reads can catch up with a peer that does not replicate them: say so."""
+    bare, _ = _at(configs, BARE, load)
+    theirs, _ = _at(configs, peer, load)
+    reads = [k for k in bare if k.startswith("GET") and k in theirs]
+    bare_rps = geomean(bare[k]["rps"] for k in reads)
+    peer_rps = geomean(theirs[k]["rps"] for k in reads)
+    if bare_rps is None or peer_rps is None or bare_rps > peer_rps:
+        return ""
+    return (
+        f"; on GET even the unreplicated service (bare) answers {bare_rps:,.0f} req/s to "
+        f"{peer}'s {peer_rps:,.0f}: every request the guest sees is an input the pair logs, "
+        "so on GET no pair passes a peer that reads off its log (the mean is met only by "
+        "winning on writes by more than that)"
+    )
+
+
 def _vs_raft(configs: Configs, load: str, factor: float, evidence: Evidence) -> dict[str, Any]:
     """rule's req/s at ``load`` against the best Raft peer's, over the ops both answer."""
     rule, unmeasured = _at(configs, RULE, load)
@@ -226,6 +244,7 @@ def _vs_raft(configs: Configs, load: str, factor: float, evidence: Evidence) -> 
             f"; on writes alone ({b['writes']}: what both replicate; {best} answers GET "
             f"from the leader's memory, off its log) rule is {b['writes_ratio']:.2f}x {best}"
         )
+        detail += _reads_out_of_reach(configs, best, load)
     for peer, other in compared.items():
         if peer != best:
             detail += (

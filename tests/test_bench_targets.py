@@ -198,6 +198,19 @@ def test_rule_slower_than_raft_is_missed_with_where_its_time_goes() -> None:
     assert "echo in a trio loop 58 us, in a plain epoll loop 49 us" in reason
 
 
+def test_a_peer_reading_faster_than_the_bare_service_is_said_to_be_out_of_reach() -> None:
+    result = all_met()
+    assert "even the unreplicated service" not in find(judge(result), "rule, c=1")["detail"]
+    for c in cells_of(result, "pyraft", ONE):
+        if c["op"] == "get":
+            c.update(rps=12_000)  # faster than bare's 10,000: it reads off its log
+    detail = find(judge(result), "rule, c=1")["detail"]
+    assert (
+        "on GET even the unreplicated service (bare) answers 10,000 req/s to pyraft's 12,000"
+        in detail
+    )
+
+
 def test_a_raft_peer_not_installed_leaves_a_win_not_measured_but_a_loss_missed() -> None:
     result = all_met()
     result["configurations"]["pysyncobj"] = {
