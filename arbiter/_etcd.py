@@ -193,8 +193,12 @@ class EtcdArbiter:
             # What a member serving TLS does to plain HTTP: it hangs up, which reaches
             # us as a disconnect or, racing our request, as a reset.
             reason += " (if the members serve TLS, write etcds://)"
-        elif self._tls is not None and _caused_by(exc, ssl.SSLEOFError):
-            # What a member serving plain HTTP does to a TLS handshake: it hangs up.
+        elif self._tls is not None and (
+            _caused_by(exc, ssl.SSLEOFError)
+            or (connecting and _caused_by(exc, ConnectionResetError))
+        ):
+            # What a member serving plain HTTP does to a TLS handshake: it hangs up,
+            # which reaches us as an EOF or, with our hello still unread, as a reset.
             reason += " (closed during the TLS handshake: if the members serve plain HTTP, "
             reason += "write etcd://)"
         elif self._tls is not None and not self._client_certificate and not connecting:

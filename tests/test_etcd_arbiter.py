@@ -10,6 +10,7 @@ the heartbeats go on.
 from __future__ import annotations
 
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,25 @@ async def test_tls_to_a_plain_member_says_what_to_check(etcd) -> None:
     # It hangs up on the handshake, as a dying member would: keep asking, and say why.
     with pytest.raises(ArbiterUnavailable, match="etcd://"):
         await arb.query("plain/generation/1")
+
+
+async def test_a_tls_hello_answered_with_a_reset_says_what_to_check() -> None:
+    # A plain member hangs up on our hello; with the hello still unread that is a reset,
+    # not an EOF (what a loaded machine turned the test above into): the same advice.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    async def reset_the_hello() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(1)  # the rest of the hello stays unread
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reset_the_hello)
+        arb = connect(f"etcds://127.0.0.1:{port}")
+        with pytest.raises(ArbiterUnavailable, match=r"Connection reset.*write etcd://"):
+            await arb.query("reset/generation/1")
+    listener.close()
