@@ -7,9 +7,11 @@ connection breaks (or whose reply does not come within its timeout) records the
 operation in flight as pending, reconnects, and goes on. Meanwhile faults hit
 the service one after the other, a random kind each time: SIGKILL of the
 primary, SIGSTOP of the primary (its host hangs: only the heartbeat timeout
-tells), SIGKILL of the backup. After each one a fresh backup joins the live
-replica (``ftproxy backup --primary <live's --log-listen> --log-listen NEW
---data-dir NEW``) and the soak waits until ``/status`` says ``protected`` again.
+tells), SIGKILL of the backup; with ``--kinds`` also a planned switchover
+(SIGUSR1 to the primary: it hands over and must exit 0). After each one a
+fresh backup joins the live replica (``ftproxy backup --primary <live's
+--log-listen> --log-listen NEW --data-dir NEW``) and the soak waits until
+``/status`` says ``protected`` again.
 
 Then every key is read back, and the whole history goes through the
 linearizability checker (``bench/linearizability.py``). Reported: faults
@@ -50,7 +52,11 @@ from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, admin_status
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ("kill-primary", "stop-primary", "kill-backup")
+# What may hit the service; the default is the three faults. "switchover" is the
+# operator's planned handover (SIGUSR1 to the primary) under the same load.
+KINDS = ("kill-primary", "stop-primary", "kill-backup", "switchover")
+DEFAULT_KINDS = KINDS[:3]
+SWITCHOVER_TIMEOUT_S = 20.0  # the primary's drain gives up after 5 s and says so
 GUEST_PORT = 6380  # the port kv.py asks for inside the guest; every node maps it
 CLIENT_TIMEOUT_S = 0.3  # a SIGSTOPped primary never answers: this bounds the wait
 CONNECT_TIMEOUT_S = 0.2
@@ -370,6 +376,9 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[s
     elif kind == "kill-backup":
         backup.proc.kill()
         live = primary
+    elif kind == "switchover":
+        _switch_over(primary)
+        live = backup
     else:
         raise ValueError(f"unknown fault kind {kind!r}")
     fleet.primary, fleet.backup = live, None
@@ -413,6 +422,36 @@ def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[s
     return record
 
 
+def _switch_over(node: Node) -> None:
+    """SIGUSR1: the primary hands the service to its backup and exits 0. RuntimeError
+    if it says the switchover failed (with its reason) or exits otherwise."""
+    node.proc.signal(signal.SIGUSR1)
+
+    def handed_over() -> bool:
+        for event in node.proc.events():
+            if event.get("event") == "switchover_failed":
+                raise RuntimeError(f"{node.name}: the switchover failed: {event.get('reason')}")
+            if event.get("event") == "switchover_finished":
+                return True
+        if not node.proc.alive():
+            raise RuntimeError(
+                f"{node.name} exited with {node.proc.popen.returncode} during the "
+                f"switchover; its log ends with:\n{node.proc.stderr_tail()}"
+            )
+        return False
+
+    wait_until(handed_over, SWITCHOVER_TIMEOUT_S, f"{node.name} hands over")
+    try:
+        code = node.proc.wait(SWITCHOVER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{node.name} still runs after handing over") from None
+    if code != 0:
+        raise RuntimeError(
+            f"{node.name} exited with {code} after handing over; its log ends with:\n"
+            f"{node.proc.stderr_tail()}"
+        )
+
+
 def _thaw(node: Node) -> bool:
     """SIGCONT a stopped old primary: it must not serve again; True if it exits by itself."""
     with contextlib.suppress(ProcessLookupError):
@@ -434,7 +473,7 @@ class SoakPlan:
     faults: int = 100
     duration_s: float | None = None
     clients: int = 4
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     seed: int = 1
     load_between_s: tuple[float, float] = (0.5, 1.5)
     mode: str = "auto"
@@ -718,8 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     parser.add_argument(
         "--kinds",
-        default=",".join(KINDS),
-        help=f"fault kinds, comma-separated, chosen at random (default {','.join(KINDS)})",
+        default=",".join(DEFAULT_KINDS),
+        help=f"fault kinds, comma-separated, chosen at random, of {', '.join(KINDS)} "
+        f"(default {','.join(DEFAULT_KINDS)}; switchover: a planned handover, SIGUSR1)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(

@@ -71,6 +71,21 @@ def test_a_short_soak_survives_every_kind_of_fault(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(240)
+def test_planned_switchovers_under_load_lose_nothing_and_each_old_primary_exits_0(
+    tmp_path: Path,
+) -> None:
+    # Two in a row: the second from the backup gone live and re-protected, back again.
+    code, report, output = run_soak(tmp_path, "--faults", "2", "--kinds", "switchover")
+    assert code == 0, output
+    assert report["error"] is None, output
+    assert report["faults_injected"] == report["faults_survived"] == 2
+    assert [fault["kind"] for fault in report["faults"]] == ["switchover", "switchover"]
+    assert report["acknowledged_writes_lost"] == 0
+    assert report["linearizable"] and report["linearizability_violations"] == 0
+    assert report["acknowledged"] > 100
+
+
+@pytest.mark.timeout(240)
 def test_without_the_output_rule_the_soak_finds_the_lost_writes(tmp_path: Path) -> None:
     code, report, output = run_soak(
         tmp_path, "--faults", "2", "--kinds", "kill-primary", "--unsafe-no-output-rule"
