@@ -339,19 +339,33 @@ def _wait_live(node: Node, timeout: float) -> None:
 def _wait_protected(live: Node, joiner: Node, timeout: float) -> dict[str, Any]:
     """Until the live replica says it is protected again; its last status."""
     last: dict[str, Any] = {}
+    let_go = len(_let_go(live))  # the joiner has only just started
 
     def protected() -> bool:
         nonlocal last
         if not joiner.proc.alive():
             raise RuntimeError(
-                f"{joiner.name} exited with {joiner.proc.popen.returncode} while joining; "
-                f"its log ends with:\n{joiner.proc.stderr_tail()}"
+                f"{joiner.name} exited with {joiner.proc.popen.returncode} while joining"
+                f"{_why_dropped(live, let_go)}; its log ends with:\n{joiner.proc.stderr_tail()}"
             )
         last = live.status()
         return bool(last.get("protected"))
 
     wait_until(protected, timeout, f"{live.name} is protected again by {joiner.name}")
     return last
+
+
+def _let_go(live: Node) -> list[dict[str, Any]]:
+    """What the live replica logged each time it let a backup go."""
+    return [e for e in live.proc.events() if e.get("event") in ("backup_dropped", "backup_lost")]
+
+
+def _why_dropped(live: Node, before: int) -> str:
+    """Why the live replica let its joiner go, if it said so (after its first ``before``)."""
+    said = _let_go(live)[before:]
+    if not said:
+        return ""
+    return f" ({live.name} logged {said[-1]['event']}: {said[-1].get('reason')})"
 
 
 def inject(fleet: Fleet, load: HistoryLoad, kind: str, plan: SoakPlan) -> dict[str, Any]:
