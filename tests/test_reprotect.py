@@ -178,6 +178,8 @@ def test_the_joiner_halts_and_sends_nothing_when_the_live_replica_dies_during_ca
     (halted,) = events(joiner, "replica_halted")
     assert "while this backup was catching up" in halted["reason"]
     assert "cannot go live" in halted["reason"]
+    (lost,) = events(joiner, "primary_lost")  # what it saw is said with the halt
+    assert f"({lost['reason']}; it had received" in halted["reason"]
     assert not [e for e in events(joiner, "role_changed") if e.get("to") == "live"]
     with pytest.raises(OSError):  # nobody serves: the joiner sent nothing
         socket.create_connection(("127.0.0.1", c.service_port), timeout=1).close()

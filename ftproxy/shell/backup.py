@@ -271,9 +271,12 @@ class Backup(ReplicaShell):
                 return
 
     def _unprotected(self) -> str:
+        # The live replica may have died, or let this backup go (for its silence,
+        # say): from here the two look the same, so both are said, with what we saw.
         return (
-            f"the live replica was lost while this backup was catching up (it had received "
-            f"{self.replica.received} entries), before the pair was protected under "
+            f"the live replica was lost, or let this backup go, while this backup was "
+            f"catching up ({self.board.peer_lost_reason or 'the log channel ended'}; it had "
+            f"received {self.replica.received} entries), before the pair was protected under "
             f"generation {self.options.generation}: this backup lacks what that replica "
             "released alone, so it cannot go live; it halts and sends nothing"
         )
