@@ -11,6 +11,7 @@ import trio
 import arbiter
 from ftproxy.core.records import Entry, Header, Output, Policy
 from ftproxy.core.replication import (
+    CATCH_UP_SILENCE_S,
     CATCH_UP_SLACK_ENTRIES,
     LocalProtocolError,
     Replica,
@@ -82,10 +83,25 @@ def test_a_silent_joiner_is_noticed_and_dropped_the_replica_stays_live() -> None
     r = live_with(3)
     assert r.next_deadline() == float("inf")  # alone, nobody to watch
     r.joiner_attached(1.0)
-    assert not r.peer_dead(1.4) and r.peer_dead(1.5)
+    # Catching up, it protects nothing: its silence is judged on the longer bound.
+    assert r.silence_limit_s == CATCH_UP_SILENCE_S > TIMING.peer_timeout_s
+    assert r.next_deadline() == 1.0 + TIMING.heartbeat_s
+    r.sent(1.0 + CATCH_UP_SILENCE_S)
+    assert r.next_deadline() == 1.0 + CATCH_UP_SILENCE_S
+    assert not r.peer_dead(1.0 + TIMING.peer_timeout_s)
+    assert not r.peer_dead(0.9 + CATCH_UP_SILENCE_S) and r.peer_dead(1.0 + CATCH_UP_SILENCE_S)
     r.joiner_detached()
     assert r.role is ReplicaRole.LIVE and not r.peer_dead(10.0)
     assert r.output(3, "still released") == ["still released"]
+
+
+def test_once_protected_the_new_backup_is_judged_on_the_peer_timeout_again() -> None:
+    r = live_with(3)
+    r.joiner_attached(0.0)
+    r.ack_received(3, 3, 0.1)
+    r.protect(0.1, [])
+    assert r.silence_limit_s == TIMING.peer_timeout_s
+    assert not r.peer_dead(0.5) and r.peer_dead(0.1 + TIMING.peer_timeout_s)
 
 
 def test_only_a_live_replica_takes_a_joiner_and_one_at_a_time() -> None:

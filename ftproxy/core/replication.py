@@ -55,6 +55,12 @@ CATCH_UP_SLACK_ENTRIES: Final = 256
 # takes new input at most this often: replay is not much faster than the live
 # run on a busy host, and without it a joiner under load would never converge.
 CATCH_UP_THROTTLE_S: Final = 0.005
+# A joiner catching up protects nothing yet (the live replica serves alone and
+# releases at once), so the live replica judges its silence on this longer bound:
+# on a busy host a bulk catch-up can stall past the peer timeout (seen in the soak
+# under load: joiners dropped 0.5 s into their catch-up), and a drop only starts
+# the catch-up over.
+CATCH_UP_SILENCE_S: Final = 5.0
 
 
 class ReplicaRole(enum.Enum):
@@ -295,7 +301,14 @@ class Replica(Generic[T]):
         return self._watching and now - self.last_sent >= self.timing.heartbeat_s
 
     def peer_dead(self, now: float) -> bool:
-        return self._watching and now - self.last_heard >= self.timing.peer_timeout_s
+        return self._watching and now - self.last_heard >= self.silence_limit_s
+
+    @property
+    def silence_limit_s(self) -> float:
+        """How long the peer may be silent before it counts as gone."""
+        if self.role is ReplicaRole.LIVE and self.catching_up:
+            return max(self.timing.peer_timeout_s, CATCH_UP_SILENCE_S)
+        return self.timing.peer_timeout_s
 
     def next_deadline(self) -> float:
         """When the shell must next call heartbeat_due / peer_dead (inf: never)."""
@@ -303,7 +316,7 @@ class Replica(Generic[T]):
             return float("inf")
         return min(
             self.last_sent + self.timing.heartbeat_s,
-            self.last_heard + self.timing.peer_timeout_s,
+            self.last_heard + self.silence_limit_s,
         )
 
     @property

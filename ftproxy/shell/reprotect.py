@@ -475,4 +475,4 @@ class Reprotector:
                 await trio.sleep_until(replica.next_deadline())
             elif not await peer_frames_read(link, replica, self.log):
                 break
-        lose(f"no word from the backup for {self.options.timing.peer_timeout_s}s")
+        lose(f"no word from the backup for {replica.silence_limit_s:g}s")
