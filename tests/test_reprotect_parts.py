@@ -104,6 +104,15 @@ def test_once_protected_the_new_backup_is_judged_on_the_peer_timeout_again() -> 
     assert not r.peer_dead(0.5) and r.peer_dead(0.1 + TIMING.peer_timeout_s)
 
 
+def test_a_joiner_judges_the_live_replica_on_the_long_bound_until_protected() -> None:
+    joiner: Replica[str] = Replica(ReplicaRole.BACKUP, 0.0, TIMING)
+    assert joiner.awaiting_protection and joiner.silence_limit_s == CATCH_UP_SILENCE_S
+    assert not joiner.peer_dead(TIMING.peer_timeout_s) and joiner.peer_dead(CATCH_UP_SILENCE_S)
+    joiner.protection_received()  # from here it may go live: the peer timeout again
+    assert joiner.silence_limit_s == TIMING.peer_timeout_s
+    assert joiner.peer_dead(TIMING.peer_timeout_s)
+
+
 def test_only_a_live_replica_takes_a_joiner_and_one_at_a_time() -> None:
     backup: Replica[str] = Replica(ReplicaRole.BACKUP, 0.0, TIMING)
     with pytest.raises(LocalProtocolError):

@@ -56,10 +56,11 @@ CATCH_UP_SLACK_ENTRIES: Final = 256
 # run on a busy host, and without it a joiner under load would never converge.
 CATCH_UP_THROTTLE_S: Final = 0.005
 # A joiner catching up protects nothing yet (the live replica serves alone and
-# releases at once), so the live replica judges its silence on this longer bound:
-# on a busy host a bulk catch-up can stall past the peer timeout (seen in the soak
-# under load: joiners dropped 0.5 s into their catch-up), and a drop only starts
-# the catch-up over.
+# releases at once; the joiner may not go live), so each side judges the other's
+# silence on this longer bound until the joiner is Protected: on a busy host a
+# bulk catch-up can stall past the peer timeout (seen in the soak under load:
+# joiners dropped, and joiners halting, 0.5 s into their catch-up), and giving up
+# only starts the catch-up over.
 CATCH_UP_SILENCE_S: Final = 5.0
 
 
@@ -198,6 +199,8 @@ class Replica(Generic[T]):
         self._unreplayed_bytes = 0
         # A live replica streaming its log to a new backup that is not caught up yet.
         self.catching_up = False
+        # A backup that has joined but has not been told Protected (a joiner catching up).
+        self.awaiting_protection = role is ReplicaRole.BACKUP
 
     # -- roles ---------------------------------------------------------------
 
@@ -305,10 +308,17 @@ class Replica(Generic[T]):
 
     @property
     def silence_limit_s(self) -> float:
-        """How long the peer may be silent before it counts as gone."""
-        if self.role is ReplicaRole.LIVE and self.catching_up:
+        """How long the peer may be silent before it counts as gone: longer while a
+        joiner catches up, on both sides (neither protects anything yet)."""
+        if (self.role is ReplicaRole.LIVE and self.catching_up) or (
+            self.role is ReplicaRole.BACKUP and self.awaiting_protection
+        ):
             return max(self.timing.peer_timeout_s, CATCH_UP_SILENCE_S)
         return self.timing.peer_timeout_s
+
+    def protection_received(self) -> None:
+        """A backup was told Protected: its primary's silence counts on the peer timeout."""
+        self.awaiting_protection = False
 
     def next_deadline(self) -> float:
         """When the shell must next call heartbeat_due / peer_dead (inf: never)."""

@@ -265,6 +265,7 @@ class Backup(ReplicaShell):
             elif isinstance(event, Protected):
                 self.replica.heard(now)
                 self.protected = True
+                self.replica.protection_received()
                 self.log.info("backup_protected", generation=event.generation, seq=event.seq)
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the primary closed the log channel")

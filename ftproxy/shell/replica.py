@@ -76,8 +76,7 @@ class ReplicaShell:
                 await trio.sleep_until(self.replica.next_deadline())
             elif not await self._peer_frames_read():
                 break
-        timeout = self.options.timing.peer_timeout_s
-        self.lose_peer(f"no word from the {self.peer_role} for {timeout}s")
+        self.lose_peer(f"no word from the {self.peer_role} for {self.replica.silence_limit_s:g}s")
 
     async def _peer_frames_read(self) -> bool:
         return self.link is not None and await peer_frames_read(self.link, self.replica, self.log)
