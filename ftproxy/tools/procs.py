@@ -201,7 +201,7 @@ class Proc:
 
     def wait_for_output(self, marker: str, timeout: float = 60.0) -> None:
         """Wait until the process printed ``marker`` on stdout."""
-        self._wait_for(lambda: marker in self.stdout(), timeout, f"printing {marker!r}")
+        self.wait_for(lambda: marker in self.stdout(), timeout, f"printing {marker!r}")
 
     def wait_for_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the process logged structlog ``event`` (JSON lines on stderr); return it.
@@ -217,10 +217,10 @@ class Proc:
                     return True
             return False
 
-        self._wait_for(logged, timeout, f"logging {event!r}")
+        self.wait_for(logged, timeout, f"logging {event!r}")
         return found
 
-    def _wait_for(self, seen: Callable[[], bool], timeout: float, doing: str) -> None:
+    def wait_for(self, seen: Callable[[], bool], timeout: float, doing: str) -> None:
         """Poll ``seen`` until true; fail, with the end of stderr, if the process exits
         first or ``timeout`` passes (``doing``: what it was waited for, in the error)."""
 
@@ -260,7 +260,7 @@ class Proc:
     ) -> list[str]:
         """Wait until ``done(lines)`` holds for the stdout lines so far; return them
         (``what``: what was waited for, in the error)."""
-        self._wait_for(lambda: done(self.stdout_lines()), timeout, what)
+        self.wait_for(lambda: done(self.stdout_lines()), timeout, what)
         return self.stdout_lines()
 
     def timed_lines(self) -> list[tuple[float, str]]:
