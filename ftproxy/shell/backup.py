@@ -115,8 +115,6 @@ class Backup(ReplicaShell):
         super().__init__(options, ReplicaRole.BACKUP, link, board, hooks)
         self.welcome = welcome
         self.store = store
-        # Told by the primary that this backup holds its whole log: only then may it go live.
-        self.protected = False
         self.went_live = trio.Event()
         self._flow = Doorbell()  # acks of our own backup, once live: input flow control
         # Once live and protected again: planned switchovers, as any primary's.
@@ -264,12 +262,17 @@ class Backup(ReplicaShell):
                 self._handover_received(event, now)
             elif isinstance(event, Protected):
                 self.replica.heard(now)
-                self.protected = True
                 self.replica.protection_received()
                 self.log.info("backup_protected", generation=event.generation, seq=event.seq)
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the primary closed the log channel")
                 return
+
+    @property
+    def protected(self) -> bool:
+        """Told by the primary that this backup holds its whole log: only then may it
+        go live (the core keeps it: it also sets how long the primary may be silent)."""
+        return not self.replica.awaiting_protection
 
     def _unprotected(self) -> str:
         # The live replica may have died, or let this backup go (for its silence,
