@@ -20,6 +20,8 @@ import pytest
 from cluster import Cluster, KvClient, Load, Process, status, wait_until
 from support import FTPROXY, GUESTS, ROOT, connect, free_port, metric_samples, recv_until
 
+from bench.programs import Load as ProgramLoad
+
 EXIT_HALTED = 4
 # Rounds under load: each catch-up replays a longer history, and on a busy host
 # (2 cores shared) the whole test takes a few minutes.
@@ -49,13 +51,15 @@ def cluster(tmp_path: Path):
     c.stop()
 
 
-def start_primary(c: Cluster, name: str) -> Node:
+def start_primary(c: Cluster, name: str, guest: tuple[str, ...] = ()) -> Node:
     log_port, admin = free_port(), free_port()
-    process = c.replica(name, "primary", "--log-listen", f"127.0.0.1:{log_port}", admin=admin)
+    process = c.replica(
+        name, "primary", "--log-listen", f"127.0.0.1:{log_port}", admin=admin, guest=guest
+    )
     return Node(name, log_port, admin, process)
 
 
-def start_backup(c: Cluster, name: str, of: Node, *extra: str) -> Node:
+def start_backup(c: Cluster, name: str, of: Node, *extra: str, guest: tuple[str, ...] = ()) -> Node:
     log_port, admin = free_port(), free_port()
     process = c.replica(
         name,
@@ -66,6 +70,7 @@ def start_backup(c: Cluster, name: str, of: Node, *extra: str) -> Node:
         f"127.0.0.1:{log_port}",
         *extra,
         admin=admin,
+        guest=guest,
     )
     return Node(name, log_port, admin, process)
 
@@ -97,7 +102,7 @@ def wait_protected(node: Node, generation: int, timeout: float = 60) -> None:
     )
 
 
-def wait_writes(load: Load, more: int = 50) -> None:
+def wait_writes(load: Load | ProgramLoad, more: int = 50) -> None:
     floor = load.acknowledged() + more
     wait_until(lambda: load.acknowledged() > floor, 20, f"{more} more writes are acknowledged")
 
@@ -153,6 +158,59 @@ def test_three_rounds_of_kill_9_under_load_lose_no_acknowledged_write(cluster) -
 def catching_up(node: Node) -> bool:
     catch_up = node.status().get("catch_up")
     return bool(catch_up and catch_up["state"] == "catching_up" and catch_up["acked_seq"] > 0)
+
+
+@pytest.mark.timeout(LONG_TIMEOUT_S)
+@pytest.mark.parametrize("name", ["aiohttp", "uvicorn-starlette"])
+def test_a_real_server_is_protected_again_after_each_kill_9_under_load(
+    name: str, tmp_path: Path
+) -> None:
+    """A program nobody here wrote (``bench/programs.py``) through two rounds of kill -9
+    of the primary, each with connections idle, mid-request and mid-response, and a
+    fresh backup that catches up from the live replica's log under load and protects
+    the pair again: every reply is its request's, no acknowledged write is lost, and
+    a half request is never applied."""
+    from test_real_programs import BIG_KEY, BIG_VALUE, PARTIAL_KEY, Held, _tail
+
+    from bench.programs import PROGRAMS, client, wait_serving
+
+    (program,) = [p for p in PROGRAMS if p.name == name]
+    port = free_port()
+    guest = tuple(program.argv(port))
+    c = Cluster(tmp_path, service_port=port)
+    c.start_arbiter()
+    try:
+        primary = start_primary(c, "a", guest)
+        live = start_backup(c, "b", primary, guest=guest)
+        wait_serving(program, port)
+        wait_protected(primary, 1)
+        client(program, port, timeout=60).put(BIG_KEY, BIG_VALUE)
+        load = ProgramLoad(program, port, clients=4, tag="load").start()
+        try:
+            wait_until(lambda: load.acknowledged() >= 30, 30, "the writers are under way")
+            for generation, joiner in ((2, "c"), (3, "d")):
+                held = Held(program, port).open()
+                kill(primary)
+                wait_role(live, "live")
+                held.check_ended()
+                fresh = start_backup(c, joiner, live, guest=guest)
+                wait_protected(live, generation, 120)
+                wait_writes(load, 30)  # the writers go on, protected again
+                primary, live = live, fresh
+            after = ProgramLoad(program, port, clients=8, tag="after").start(steps=10)
+            after.join(60)
+            load.stop()
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n{_tail(c)}") from None
+        wrong = load.wrong() + after.wrong()
+        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
+        assert not after.broken()
+        assert after.acknowledged() == 8 * 10
+        missing = load.verify(port) + after.verify(port)
+        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+    finally:
+        c.stop()
 
 
 def test_the_joiner_halts_and_sends_nothing_when_the_live_replica_dies_during_catch_up(
