@@ -19,6 +19,7 @@ from ftproxy.core.channel import (
     ConnectionClosed,
     Entries,
     Heartbeat,
+    RemoteProtocolError,
     Welcome,
 )
 from ftproxy.core.records import Entry, Header, Policy
@@ -174,3 +175,94 @@ async def test_a_closed_peer_is_a_connection_closed_event() -> None:
     assert isinstance(await primary.next_event(), ConnectionClosed)
     with pytest.raises(trio.ClosedResourceError):
         await primary.send(Heartbeat())
+
+
+async def socket_linked() -> tuple[LogLink, LogLink]:
+    """A primary's and a backup's LogLink over a real socketpair (the fast path)."""
+    primary_end, backup_end = trio.socket.socketpair()
+    primary, backup, _ = await linked(
+        (trio.SocketStream(primary_end), trio.SocketStream(backup_end))
+    )
+    return primary, backup
+
+
+class Receiver:
+    """The task that waits in ``next_event`` (as the primary's receive task does)."""
+
+    def __init__(self, link: LogLink) -> None:
+        self.link = link
+        self.events: list[object] = []
+        self.error: RemoteProtocolError | None = None
+
+    async def run(self) -> None:
+        try:
+            while not isinstance(event := await self.link.next_event(), ConnectionClosed):
+                self.events.append(event)
+        except RemoteProtocolError as exc:
+            self.error = exc
+            return
+        self.events.append(event)
+
+
+async def test_take_ready_hands_over_the_acks_in_the_socket_while_the_receiver_waits() -> None:
+    primary, backup = await socket_linked()
+    await primary.send(Entries([Entry(seq, seq, 1, seq, b"r") for seq in (1, 2)]))
+    assert isinstance(await backup.next_event(), Entries)
+    receiver = Receiver(primary)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver.run)
+        await trio.testing.wait_all_tasks_blocked()
+        await backup.send(Ack(1, 0))
+        await backup.send(Ack(2, 0))
+        # No checkpoint since: the receiver has not run, the acks are in the socket.
+        assert primary.take_ready((Ack, Heartbeat)) == [Ack(1, 0), Ack(2, 0)]
+        assert primary.take_ready((Ack, Heartbeat)) == []  # nothing more: nothing waits
+        await backup.send(Heartbeat())
+        await backup.aclose()
+    assert receiver.events == [Heartbeat(), ConnectionClosed()]  # the acks came only once
+
+
+async def test_an_event_take_ready_was_not_asked_for_wakes_the_receiver_in_order() -> None:
+    primary, backup = await socket_linked()
+    await primary.send(Entries([Entry(seq, seq, 1, seq, b"r") for seq in (1, 2)]))
+    receiver = Receiver(primary)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver.run)
+        await trio.testing.wait_all_tasks_blocked()
+        await backup.send(Ack(1, 0))
+        await backup.send(Heartbeat())
+        await backup.send(Ack(2, 0))
+        assert primary.take_ready((Ack,)) == [Ack(1, 0)]
+        await trio.testing.wait_all_tasks_blocked()
+        # The heartbeat, then the ack after it, reached the receiver with nothing new
+        # in the socket: take_ready woke it.
+        assert receiver.events == [Heartbeat(), Ack(2, 0)]
+        await backup.aclose()
+    assert receiver.events[-1] == ConnectionClosed()
+
+
+async def test_take_ready_reads_nothing_unless_a_receiver_waits_on_an_empty_socket() -> None:
+    primary, backup = await socket_linked()
+    await primary.send(Entries([Entry(1, 1, 1, 1, b"r")]))
+    await backup.send(Ack(1, 0))
+    assert primary.take_ready((Ack,)) == []  # nobody waits: the bytes stay for next_event
+    assert await primary.next_event() == Ack(1, 0)
+
+
+async def test_a_peer_that_closes_or_breaks_the_protocol_is_reported_by_the_receiver() -> None:
+    for misbehave in ("close", "garbage"):
+        primary, backup = await socket_linked()
+        receiver = Receiver(primary)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver.run)
+            await trio.testing.wait_all_tasks_blocked()
+            if misbehave == "close":
+                await backup.aclose()
+            else:
+                await backup.stream.send_all(backup.channel.forge(b"\xc1 not msgpack"))
+            assert primary.take_ready((Ack,)) == []
+        if misbehave == "close":
+            assert receiver.events == [ConnectionClosed()]
+        else:
+            assert receiver.error is not None
+            assert "malformed message" in str(receiver.error)

@@ -201,6 +201,59 @@ async def test_a_primary_releases_an_output_only_after_the_ack_for_its_entry(
     ]
 
 
+class AnsweringWorld(ReleasedOutputs):
+    """Answers every exit at once and logs its entry, noting how many outputs had been
+    sent when it was asked."""
+
+    def __init__(self, primary: Primary) -> None:
+        super().__init__()
+        self.primary = primary
+        self.sent_when_asked: list[int] = []
+
+    async def answer(self, seq: int, exit: Exit) -> bytes:
+        self.sent_when_asked.append(len(self.sent))
+        body = b"reply %d" % seq
+        self.primary._logged(Entry(seq, exit.icount, exit.kind, exit.digest, body))
+        return body
+
+
+async def test_a_held_output_goes_out_from_the_next_exit_once_its_ack_is_in_the_socket() -> None:
+    # The backup's ack is often in the socket before the guest's output is taken: the
+    # exit that follows the output releases it, without a pass of trio's loop for the
+    # receiving task (and so does the end of a frame without an exit).
+    primary_end, backup_end = trio.socket.socketpair()
+    primary_link, backup_link, _ = await linked(
+        (trio.SocketStream(primary_end), trio.SocketStream(backup_end))
+    )
+    primary = Primary(options(), HEADER, primary_link, LogStore(HEADER))
+    world = AnsweringWorld(primary)
+    primary.world = world  # type: ignore[assignment]
+
+    async def held_output_acked(seq: int) -> None:
+        """Entry ``seq`` reaches the backup, an output follows it, its ack is in the socket."""
+        assert await backup_link.next_event() == Entries([primary.store.entries[seq - 1]])
+        await trio.testing.wait_all_tasks_blocked()  # the receiving task waits
+        primary.output(seq, (OP_SEND, 3, b"out %d" % seq))
+        await backup_link.send(Ack(seq, 0))  # into the socket, with no checkpoint
+        assert len(world.sent) == seq - 1  # held
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary.receive, primary_link)
+        await primary.answer(1, Exit(100, KIND_WAIT, (), 1))  # logs and ships entry 1
+        await held_output_acked(1)
+        await primary.answer(2, Exit(200, KIND_WAIT, (), 2))  # the guest's next exit
+        assert world.sent_when_asked == [0, 1]  # released before the world was asked
+        await held_output_acked(2)
+        primary.flush()  # a frame of outputs alone ends
+        assert len(world.sent) == 2
+        nursery.cancel_scope.cancel()
+    assert [message for _, message in world.sent] == [
+        (OP_SEND, 3, b"out 1"),
+        (OP_SEND, 3, b"out 2"),
+    ]
+    assert primary.replica.received == 2
+
+
 class SlowConnect(ReleasedOutputs):
     """A world whose connect takes until ``connected`` is set, then logs its entry (as
     the real world does once the peer answers); other exits are answered at once."""

@@ -174,6 +174,11 @@ class Session:
         return self._sealer is not None
 
     @property
+    def failed(self) -> bool:
+        """Whether the peer broke the protocol (``next_event`` raises it again)."""
+        return self._error is not None
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
         return self._frames.buffered

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import termios
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -13,6 +14,7 @@ import trio
 
 from ftproxy.core.channel import (
     BACKUP,
+    NEED_DATA,
     PRIMARY,
     Authenticated,
     Channel,
@@ -23,6 +25,7 @@ from ftproxy.core.channel import (
     LocalProtocolError,
     RemoteProtocolError,
     Sendable,
+    State,
     Switchover,
     SwitchoverOutcome,
     Welcome,
@@ -45,6 +48,10 @@ _READ_SIZE = 1024 * 1024
 # anyway, so that a peer that never lets the socket run dry cannot starve the
 # replica's other tasks.
 _READS_BETWEEN_YIELDS = 32
+
+
+class _Stashed(Exception):
+    """``take_ready`` left an event (or a protocol error) for ``next_event``'s waiting task."""
 
 
 class LinkRefused(Exception):
@@ -101,6 +108,11 @@ class LogLink:
         self.peer = peer
         self._pending = b""
         self._unyielded = 0
+        # Events ``take_ready`` read but was not asked for: ``next_event`` returns them first.
+        self._stashed: deque[ChannelEvent] = deque()
+        # Set while next_event's task waits for the socket holding no bytes read: only
+        # then may take_ready read (the bytes reach the channel in the socket's order).
+        self._parked: trio.CancelScope | None = None
         if self._socket is not None:
             spinner.watch(self._socket.fileno())
 
@@ -173,7 +185,52 @@ class LogLink:
 
     async def next_event(self) -> ChannelEvent:
         """The next event; ConnectionClosed when the peer went away, however it did."""
-        return await pump_event(self.channel, self._receive_some, self._send_after_pending)
+        while True:
+            if self._stashed:
+                return self._stashed.popleft()
+            try:
+                return await pump_event(self.channel, self._receive_some, self._send_after_pending)
+            except _Stashed:
+                continue  # take_ready read what we waited for: its leftovers come first
+
+    def take_ready(self, wanted: tuple[type[ChannelEvent], ...]) -> list[ChannelEvent]:
+        """The events of the kinds ``wanted`` that the socket already holds, read now,
+        without waiting, in order, while the task in ``next_event`` waits for them.
+
+        The first event of another kind (and what follows it) is left to that task,
+        which is woken for it, as it is for a peer that broke the protocol. So a
+        caller that acts on acks where it stands (the primary, holding an output)
+        need not wait for a pass of trio's loop to let the receiving task read them.
+        Nothing is read unless that task is parked on an empty read (it holds no
+        bytes the channel has not seen), nor before the channel streams (the
+        opening's own replies are that task's to send).
+        """
+        if (
+            self._socket is None
+            or self._parked is None
+            or self._stashed
+            or self.channel.state is not State.STREAMING
+        ):
+            return []
+        try:
+            data = os.read(self._socket.fileno(), _READ_SIZE)
+        except OSError:
+            return []  # nothing yet (the common case), or broken: the waiting task finds out
+        taken: list[ChannelEvent] = []
+        try:
+            self.channel.receive_data(data)
+            while (event := self.channel.next_event()) is not NEED_DATA:
+                if not isinstance(event, wanted):
+                    self._stashed.append(event)
+                    break
+                taken.append(event)
+        except RemoteProtocolError:
+            pass  # the channel raises it again for the waiting task, woken below
+        else:
+            if not self._stashed:
+                return taken
+        self._parked.cancel()
+        return taken
 
     async def _send_after_pending(self, data: bytes) -> None:
         async with self._send_lock:
@@ -194,7 +251,11 @@ class LogLink:
                     data = os.read(fd, _READ_SIZE)
                 except (BlockingIOError, InterruptedError):
                     self._unyielded = 0
-                    await spinner.wait_readable(fd)
+                    with trio.CancelScope() as self._parked:
+                        await spinner.wait_readable(fd)
+                    self._parked = None
+                    if self._stashed or self.channel.failed:
+                        raise _Stashed from None
                     continue
                 self._unyielded += 1
                 if self._unyielded >= _READS_BETWEEN_YIELDS:

@@ -59,7 +59,7 @@ from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import first_difference
 from ftproxy.shell.replica import ReplicaShell
-from ftproxy.shell.reprotect import Reprotector, throttle_for_catch_up
+from ftproxy.shell.reprotect import READY_EVENTS, Reprotector, throttle_for_catch_up
 from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.shell.sync import Doorbell
@@ -105,6 +105,8 @@ class Primary(ReplicaShell):
         # Outputs the backup's replay has not checked yet (those after the entry it
         # last said it replayed): what its report of a divergence is compared with.
         self._unchecked: deque[Output] = deque()
+        # An output was held since the log channel was last looked at (_take_ready_acks).
+        self._acks_due = False
         # The exit last announced to the backup (the guest waited long there).
         self._announced: Waiting | None = None
         # Planned switchovers: holds the guest's exits (``answer``), hands over.
@@ -123,6 +125,8 @@ class Primary(ReplicaShell):
     async def answer(self, seq: int, exit: Exit) -> bytes:
         assert self.world is not None
         self.board.counters["exits_total"] += 1
+        if self._acks_due:
+            self._take_ready_acks()
         body = await self.switchover.answer(seq, exit, self.world)
         if self._outbox and not self._ship_now():
             self._outbox_ready.ring()
@@ -164,13 +168,18 @@ class Primary(ReplicaShell):
                 _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(message)
             return
-        for released in self.replica.output(seq, message):
+        released = self.replica.output(seq, message)
+        if not released:
+            self._acks_due = True  # looked for once this frame's exit or end is reached
+        for output in released:
             if _trace.stamp is not None:
                 _trace.stamp(_trace.OUTPUT_RELEASED, seq)
-            self.world.output_later(released)
+            self.world.output_later(output)
 
     def flush(self) -> None:
         assert self.world is not None
+        if self._acks_due:
+            self._take_ready_acks()
         self.world.flush_outputs()
 
     def _logged(self, entry: Entry) -> None:
@@ -239,23 +248,8 @@ class Primary(ReplicaShell):
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
-                if _trace.stamp is not None:
-                    _trace.stamp(_trace.ACK_RECEIVED, event.received)
-                lag_s = self.replica.lag(now)[2]  # before this ack, as it always was
-                assert self.world is not None
-                # The held outputs go first: the bookkeeping below is not on their path.
-                for released in self.replica.ack_received(event.received, event.replayed, now):
-                    if _trace.stamp is not None:
-                        _trace.stamp(_trace.OUTPUT_RELEASED, event.received)
-                    self.world.apply_output(released)
-                unchecked = self._unchecked
-                while unchecked and unchecked[0].seq < event.replayed:
-                    unchecked.popleft()
-                self._measure(event, now, lag_s)
-                if self.replica.role is ReplicaRole.ARBITRATING:
-                    self.lose_peer("the backup's ack came after the peer timeout")
+                if not self._ack_received(event, now):
                     return
-                self._acked.ring()
             elif isinstance(event, HandedOver):
                 if self.switchover.took_over(event):
                     self.peer_gone.set()  # ends the channel (not a loss: no arbitration)
@@ -267,6 +261,43 @@ class Primary(ReplicaShell):
                 return
             elif isinstance(event, ConnectionClosed):
                 self.lose_peer("the backup closed the log channel")
+                return
+
+    def _ack_received(self, ack: Ack, now: float) -> bool:
+        """Release what ``ack`` covers; False once the peer is lost (the ack came too late)."""
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ACK_RECEIVED, ack.received)
+        lag_s = self.replica.lag(now)[2]  # before this ack, as it always was
+        assert self.world is not None
+        # The held outputs go first: the bookkeeping below is not on their path.
+        for released in self.replica.ack_received(ack.received, ack.replayed, now):
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, ack.received)
+            self.world.apply_output(released)
+        unchecked = self._unchecked
+        while unchecked and unchecked[0].seq < ack.replayed:
+            unchecked.popleft()
+        self._measure(ack, now, lag_s)
+        if self.replica.role is ReplicaRole.ARBITRATING:
+            self.lose_peer("the backup's ack came after the peer timeout")
+            return False
+        self._acked.ring()
+        return True
+
+    def _take_ready_acks(self) -> None:
+        """Outputs are held: the acks the log channel already holds release them here,
+        a pass of trio's loop before the receiving task would have read them (the
+        backup's ack is often in the socket by the time the guest's output is)."""
+        self._acks_due = False
+        link = self.link
+        if link is None:
+            self.reprotector.take_ready_acks()  # held: a backup protects this replica again
+            return
+        now = trio.current_time()
+        for event in link.take_ready(READY_EVENTS):
+            if isinstance(event, Heartbeat):
+                self.replica.heard(now)
+            elif isinstance(event, Ack) and not self._ack_received(event, now):
                 return
 
     async def _backup_diverged(self, link: LogLink, diverged: Diverged) -> None:

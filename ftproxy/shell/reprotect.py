@@ -62,6 +62,9 @@ from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
+# What a primary takes from its log channel where it stands, when it holds outputs
+# (``LogLink.take_ready``): the rest is the receiving task's.
+READY_EVENTS = (Ack, Heartbeat)
 
 MAX_BATCH_ENTRIES = 4096
 MAX_BATCH_BYTES = 1024 * 1024
@@ -163,6 +166,8 @@ class Reprotector:
         self.switchover = switchover
         self.attached: str | None = None
         self.catch_up: CatchUp | None = None
+        # The joiner being served: its channel, and what ends its service.
+        self._serving: tuple[LogLink, Callable[[str], None]] | None = None
         self._joiners_in, self._joiners = trio.open_memory_channel[LogLink](0)
         refusals = RejectionLog("backup_refused", port="log channel", level="error")
         self.admission = Admission("log channel", rejections=refusals)
@@ -310,12 +315,16 @@ class Reprotector:
                 why.append(reason)
                 gone.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._ship, link, lose)
-            nursery.start_soon(self._receive, link, lose)
-            nursery.start_soon(self._watch, link, lose)
-            await gone.wait()
-            nursery.cancel_scope.cancel()
+        self._serving = link, lose
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ship, link, lose)
+                nursery.start_soon(self._receive, link, lose)
+                nursery.start_soon(self._watch, link, lose)
+                await gone.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._serving = None
         await link.aclose()
         self.switchover.detach()
         reason = why[0]
@@ -401,18 +410,8 @@ class Reprotector:
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
-                try:
-                    released = replica.ack_received(event.received, event.replayed, now)
-                except LocalProtocolError as exc:
-                    lose(f"the backup broke the protocol: {exc}")
+                if not self._ack_received(event, now, lose):
                     return
-                for output in released:
-                    self.release(output)
-                catch_up.acked_seq, catch_up.replayed_seq = replica.received, replica.replayed
-                if replica.role is ReplicaRole.ARBITRATING:
-                    lose("the backup's ack came after the peer timeout")
-                    return
-                self.on_ack()
                 if replica.caught_up():
                     try:
                         await self._protect(link, lose)
@@ -436,6 +435,40 @@ class Reprotector:
                 return
             elif isinstance(event, ConnectionClosed):
                 lose("the backup closed the log channel")
+                return
+
+    def _ack_received(self, ack: Ack, now: float, lose: Callable[[str], None]) -> bool:
+        """Release what ``ack`` covers; False once the joiner is lost."""
+        replica = self.replica
+        try:
+            released = replica.ack_received(ack.received, ack.replayed, now)
+        except LocalProtocolError as exc:
+            lose(f"the backup broke the protocol: {exc}")
+            return False
+        for output in released:
+            self.release(output)
+        if self.catch_up is not None:
+            self.catch_up.acked_seq, self.catch_up.replayed_seq = replica.received, replica.replayed
+        if replica.role is ReplicaRole.ARBITRATING:
+            lose("the backup's ack came after the peer timeout")
+            return False
+        self.on_ack()
+        return True
+
+    def take_ready_acks(self) -> None:
+        """Outputs are held: release what the acks already in the protecting backup's
+        socket cover, here (as the first pair's primary does, ``Primary.flush``). Only
+        once protected: a joiner's ack that completes its catch-up is the receiving
+        task's, which then sends Protected."""
+        serving = self._serving
+        if serving is None or self.replica.role is not ReplicaRole.PRIMARY:
+            return
+        link, lose = serving
+        now = trio.current_time()
+        for event in link.take_ready(READY_EVENTS):
+            if isinstance(event, Heartbeat):
+                self.replica.heard(now)
+            elif isinstance(event, Ack) and not self._ack_received(event, now, lose):
                 return
 
     async def _protect(self, link: LogLink, lose: Callable[[str], None]) -> None:
