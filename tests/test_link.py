@@ -8,6 +8,8 @@ socketpair.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 import trio.testing
@@ -256,11 +258,15 @@ async def test_a_peer_that_closes_or_breaks_the_protocol_is_reported_by_the_rece
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receiver.run)
             await trio.testing.wait_all_tasks_blocked()
+            # Sync calls, no checkpoint: the receiver has not run when take_ready does.
+            assert isinstance(backup.stream, trio.SocketStream)
             if misbehave == "close":
-                await backup.aclose()
+                backup.stream.socket.close()
+                assert primary.take_ready((Ack,)) == []
             else:
-                await backup.stream.send_all(backup.channel.forge(b"\xc1 not msgpack"))
-            assert primary.take_ready((Ack,)) == []
+                os.write(backup.stream.socket.fileno(), backup.channel.forge(b"\xc1 not msgpack"))
+                with pytest.raises(RemoteProtocolError, match="malformed message"):
+                    primary.take_ready((Ack,))  # the caller hears it first
         if misbehave == "close":
             assert receiver.events == [ConnectionClosed()]
         else:

@@ -198,7 +198,8 @@ class LogLink:
         without waiting, in order, while the task in ``next_event`` waits for them.
 
         The first event of another kind (and what follows it) is left to that task,
-        which is woken for it, as it is for a peer that broke the protocol. So a
+        which is woken for it. A peer that broke the protocol raises
+        RemoteProtocolError here (and in that task, woken too). So a
         caller that acts on acks where it stands (the primary, holding an output)
         need not wait for a pass of trio's loop to let the receiving task read them.
         Nothing is read unless that task is parked on an empty read (it holds no
@@ -225,11 +226,10 @@ class LogLink:
                     break
                 taken.append(event)
         except RemoteProtocolError:
-            pass  # the channel raises it again for the waiting task, woken below
-        else:
-            if not self._stashed:
-                return taken
-        self._parked.cancel()
+            self._parked.cancel()  # it raises again there; the caller reports it first
+            raise
+        if self._stashed:
+            self._parked.cancel()
         return taken
 
     async def _send_after_pending(self, data: bytes) -> None:

@@ -294,7 +294,12 @@ class Primary(ReplicaShell):
             self.reprotector.take_ready_acks()  # held: a backup protects this replica again
             return
         now = trio.current_time()
-        for event in link.take_ready(READY_EVENTS):
+        try:
+            events = link.take_ready(READY_EVENTS)
+        except RemoteProtocolError as exc:
+            self.lose_peer(f"the backup broke the protocol: {exc}")
+            return
+        for event in events:
             if isinstance(event, Heartbeat):
                 self.replica.heard(now)
             elif isinstance(event, Ack) and not self._ack_received(event, now):

@@ -465,7 +465,12 @@ class Reprotector:
             return
         link, lose = serving
         now = trio.current_time()
-        for event in link.take_ready(READY_EVENTS):
+        try:
+            events = link.take_ready(READY_EVENTS)
+        except RemoteProtocolError as exc:
+            lose(f"the backup broke the protocol: {exc}")
+            return
+        for event in events:
             if isinstance(event, Heartbeat):
                 self.replica.heard(now)
             elif isinstance(event, Ack) and not self._ack_received(event, now, lose):
