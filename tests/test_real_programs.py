@@ -113,6 +113,20 @@ def _rest(sock: socket.socket) -> bytes:
     return data
 
 
+def assert_nothing_lost(program: Program, port: int, before: Load, after: Load) -> None:
+    """After a fault under load: every reply was its request's, the 8 new clients of 10
+    steps each were all served, every acknowledged write is there, and the request held
+    half-sent across the fault was never applied."""
+    wrong = before.wrong() + after.wrong()
+    assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
+    broken = after.broken()
+    assert not broken, f"new clients' connections broke on a live replica: {broken[:3]}"
+    assert after.acknowledged() == 8 * 10
+    missing = before.verify(port) + after.verify(port)
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+    assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+
+
 class Held:
     """One connection mid-response, one idle, one mid-request, held across the kill."""
 
@@ -213,14 +227,7 @@ def test_kill_9_with_connections_idle_mid_request_and_mid_response(
             before.stop()
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{_tail(c)}") from None
-        wrong = before.wrong() + after.wrong()
-        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
-        broken = after.broken()
-        assert not broken, f"new clients' connections broke on a live replica: {broken[:3]}"
-        assert after.acknowledged() == 8 * 10
-        missing = before.verify(port) + after.verify(port)
-        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
-        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+        assert_nothing_lost(program, port, before, after)
     finally:
         c.stop()
 

@@ -170,7 +170,7 @@ def test_a_real_server_is_protected_again_after_each_kill_9_under_load(
     fresh backup that catches up from the live replica's log under load and protects
     the pair again: every reply is its request's, no acknowledged write is lost, and
     a half request is never applied."""
-    from test_real_programs import BIG_KEY, BIG_VALUE, PARTIAL_KEY, Held, _tail
+    from test_real_programs import BIG_KEY, BIG_VALUE, Held, _tail, assert_nothing_lost
 
     from bench.programs import PROGRAMS, client, wait_serving
 
@@ -202,13 +202,7 @@ def test_a_real_server_is_protected_again_after_each_kill_9_under_load(
             load.stop()
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{_tail(c)}") from None
-        wrong = load.wrong() + after.wrong()
-        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
-        assert not after.broken()
-        assert after.acknowledged() == 8 * 10
-        missing = load.verify(port) + after.verify(port)
-        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
-        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+        assert_nothing_lost(program, port, load, after)
     finally:
         c.stop()
 

@@ -186,7 +186,7 @@ def test_a_real_server_switches_over_with_idle_mid_request_and_mid_response_clie
     """The programs of test_real_programs across ``ftproxy switchover`` instead of a kill:
     old connections end (socket mode), each reply is its request's, no acknowledged
     write is lost, a half request is not applied, new clients are served."""
-    from test_real_programs import BIG_KEY, BIG_VALUE, PARTIAL_KEY, Held, _tail
+    from test_real_programs import BIG_KEY, BIG_VALUE, Held, _tail, assert_nothing_lost
 
     from bench.programs import PROGRAMS, client, wait_serving
     from bench.programs import Load as ProgramLoad
@@ -218,13 +218,7 @@ def test_a_real_server_switches_over_with_idle_mid_request_and_mid_response_clie
             before.stop()
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{_tail(c)}") from None
-        wrong = before.wrong() + after.wrong()
-        assert not wrong, f"{len(wrong)} replies not their request's, e.g. {wrong[:3]}"
-        assert not after.broken()
-        assert after.acknowledged() == 8 * 10
-        missing = before.verify(port) + after.verify(port)
-        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
-        assert client(program, port).get(PARTIAL_KEY) is None, "a half request was applied"
+        assert_nothing_lost(program, port, before, after)
     finally:
         c.stop()
 
