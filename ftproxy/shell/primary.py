@@ -59,7 +59,7 @@ from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import first_difference
 from ftproxy.shell.replica import ReplicaShell
-from ftproxy.shell.reprotect import READY_EVENTS, Reprotector, throttle_for_catch_up
+from ftproxy.shell.reprotect import Reprotector, take_acks_now, throttle_for_catch_up
 from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.shell.sync import Doorbell
@@ -293,17 +293,7 @@ class Primary(ReplicaShell):
         if link is None:
             self.reprotector.take_ready_acks()  # held: a backup protects this replica again
             return
-        now = trio.current_time()
-        try:
-            events = link.take_ready(READY_EVENTS)
-        except RemoteProtocolError as exc:
-            self.lose_peer(f"the backup broke the protocol: {exc}")
-            return
-        for event in events:
-            if isinstance(event, Heartbeat):
-                self.replica.heard(now)
-            elif isinstance(event, Ack) and not self._ack_received(event, now):
-                return
+        take_acks_now(link, self.replica, self._ack_received, self.lose_peer)
 
     async def _backup_diverged(self, link: LogLink, diverged: Diverged) -> None:
         """The backup's guest did not do what ours did: say where, answer with our

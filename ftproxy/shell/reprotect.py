@@ -62,9 +62,6 @@ from ftproxy.shell.status import StatusBoard
 from ftproxy.shell.sync import Doorbell
 
 log = structlog.get_logger()
-# What a primary takes from its log channel where it stands, when it holds outputs
-# (``LogLink.take_ready``): the rest is the receiving task's.
-READY_EVENTS = (Ack, Heartbeat)
 
 MAX_BATCH_ENTRIES = 4096
 MAX_BATCH_BYTES = 1024 * 1024
@@ -83,6 +80,28 @@ _LOSES_A_PRIMARY = frozenset(
 # How long the answer to a switchover request may take to go out once known
 # (the replica may be on its way out: it handed over).
 SWITCHOVER_ANSWER_S = 1.0
+
+
+def take_acks_now(
+    link: LogLink,
+    replica: Replica[Any],
+    ack_received: Callable[[Ack, float], bool],
+    lose: Callable[[str], None],
+) -> None:
+    """A primary holding outputs handles the acks (and heartbeats) already in its log
+    channel's socket where it stands (``LogLink.take_ready``); every other event is
+    left to the receiving task. ``ack_received`` returns False once the peer is lost."""
+    now = trio.current_time()
+    try:
+        events = link.take_ready((Ack, Heartbeat))
+    except RemoteProtocolError as exc:
+        lose(f"the backup broke the protocol: {exc}")
+        return
+    for event in events:
+        if isinstance(event, Heartbeat):
+            replica.heard(now)
+        elif isinstance(event, Ack) and not ack_received(event, now):
+            return
 
 
 async def throttle_for_catch_up(replica: Replica[Any], acked: Doorbell) -> None:
@@ -464,17 +483,7 @@ class Reprotector:
         if serving is None or self.replica.role is not ReplicaRole.PRIMARY:
             return
         link, lose = serving
-        now = trio.current_time()
-        try:
-            events = link.take_ready(READY_EVENTS)
-        except RemoteProtocolError as exc:
-            lose(f"the backup broke the protocol: {exc}")
-            return
-        for event in events:
-            if isinstance(event, Heartbeat):
-                self.replica.heard(now)
-            elif isinstance(event, Ack) and not self._ack_received(event, now, lose):
-                return
+        take_acks_now(link, self.replica, lambda ack, now: self._ack_received(ack, now, lose), lose)
 
     async def _protect(self, link: LogLink, lose: Callable[[str], None]) -> None:
         """The joiner holds every entry: generation N+1 begins, with this replica its primary."""
