@@ -128,6 +128,9 @@ def test_three_rounds_of_kill_9_under_load_lose_no_acknowledged_write(cluster) -
             assert joiner_status["protected"] is True
             (protected,) = events(backup, "pair_protected")[-1:]
             assert protected["generation"] == generation and protected["entries_sent"] > 0
+            wait_writes(load)
+            # Protected again, it measures its log channel as the first pair's primary does.
+            assert backup.status()["channel_rtt_ms"]["samples"] > 0
             primary, backup = backup, joiner
         wait_writes(load)
     finally:

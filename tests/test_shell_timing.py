@@ -9,22 +9,24 @@ are on the configured numbers themselves, and nothing here waits in real time.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import select
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from support import free_port
-from test_link import ARGV, HEADER, linked
+from test_link import ARGV, HEADER, SECRET, linked
 
 import arbiter
-from ftproxy.core.channel import Ack, Entries, Handover, Heartbeat, SwitchoverOutcome
+from ftproxy.core.channel import Ack, Entries, Handover, Heartbeat, Protected, SwitchoverOutcome
 from ftproxy.core.records import Entry
 from ftproxy.core.replication import ReplicaRole, Timing
 from ftproxy.guest.protocol import KIND_CONNECT, KIND_WAIT, OP_SEND
 from ftproxy.shell.backup import Backup
-from ftproxy.shell.link import LogLink
+from ftproxy.shell.link import LogLink, join_primary
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.primary import Primary
 from ftproxy.shell.replica import ArbiterClient, ReplicaOptions, ReplicaShell
@@ -252,6 +254,45 @@ async def test_a_held_output_goes_out_from_the_next_exit_once_its_ack_is_in_the_
         (OP_SEND, 3, b"out 2"),
     ]
     assert primary.replica.received == 2
+
+
+async def test_a_reprotected_primary_ships_from_the_exit_and_measures_the_round_trip() -> None:
+    # A live replica protected again by a later backup ships what an exit logged from
+    # that exit, as the first pair's primary does (not a pass of trio's loop later, when
+    # its ship task would wake), and each batch's ack is a log round trip in /status.
+    primary = Primary(
+        dataclasses.replace(options(), secret=SECRET, log_listen=("127.0.0.1", 0)),
+        HEADER,
+        None,
+        LogStore(HEADER),
+    )
+    world = AnsweringWorld(primary)
+    primary.world = world  # type: ignore[assignment]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(primary.reprotect, listeners)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        backup_link, welcome = await join_primary(stream, SECRET, ARGV)
+        assert welcome.generation == primary.options.generation + 1
+        await backup_link.send(Ack(0, 0))  # holds all of the (empty) log: caught up
+        with trio.fail_after(5):
+            while not isinstance(await backup_link.next_event(), Protected):
+                pass
+        await primary.answer(1, Exit(100, KIND_WAIT, (), 1))  # logs entry 1
+        # Blocking: no trio task runs meanwhile, so what arrives came from the exit.
+        readable, _, _ = select.select([stream.socket.fileno()], [], [], 5.0)
+        assert readable, "entry 1 was not sent by the exit that logged it"
+        assert await backup_link.next_event() == Entries([primary.store.entries[0]])
+        assert primary.board.channel_rtt_ms.summary()["samples"] == 0
+        lags = primary.board.lag_ms.summary()["samples"]  # one per ack
+        await backup_link.send(Ack(1, 1))
+        with trio.fail_after(5):
+            while primary.replica.received < 1:
+                await trio.sleep(0)
+        assert primary.board.channel_rtt_ms.summary()["samples"] == 1
+        assert primary.board.lag_ms.summary()["samples"] == lags + 1
+        nursery.cancel_scope.cancel()
 
 
 class SlowConnect(ReleasedOutputs):

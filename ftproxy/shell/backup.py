@@ -117,6 +117,10 @@ class Backup(ReplicaShell):
         self.store = store
         self.went_live = trio.Event()
         self._flow = Doorbell()  # acks of our own backup, once live: input flow control
+        # Live, with --log-listen: what takes later backups and ships them the log; and
+        # whether an output was held for one since its channel was last looked at.
+        self._serving_joiners: Reprotector | None = None
+        self._acks_due = False
         # Once live and protected again: planned switchovers, as any primary's.
         self.switchover = PlannedSwitchover(
             replica=self.replica,
@@ -182,7 +186,15 @@ class Backup(ReplicaShell):
                 self._check_handover_point(seq, exit)
             await self.take_over()
         assert self.world is not None
-        return await self.switchover.answer(seq, exit, self.world)
+        joiners = self._serving_joiners
+        if joiners is None:
+            return await self.switchover.answer(seq, exit, self.world)
+        if self._acks_due:
+            self._acks_due = False
+            joiners.take_ready_acks()
+        body = await self.switchover.answer(seq, exit, self.world)
+        joiners.ship_now()  # what this exit logged, to this live replica's own backup
+        return body
 
     async def _gather_batch(self) -> None:
         """Entries are here, but few and fresh: wait a little for more (REPLAY_DELAY_S)."""
@@ -210,14 +222,20 @@ class Backup(ReplicaShell):
         self.store.append_output(seq, message)
         if self.world is not None:
             # Live: at once; primary of a later generation: once our backup holds the log.
-            for released in self.replica.output(seq, message):
-                self.world.output_later(released)
+            released = self.replica.output(seq, message)
+            if not released:
+                self._acks_due = True  # looked for at this frame's next exit or end
+            for output in released:
+                self.world.output_later(output)
         else:
             self._since_entry.append(output_record(seq, message))
             self._takeover.follow_output(message)
 
     def flush(self) -> None:
         if self.world is not None:
+            if self._acks_due and self._serving_joiners is not None:
+                self._acks_due = False
+                self._serving_joiners.take_ready_acks()
             self.world.flush_outputs()
 
     # -- the log channel --------------------------------------------------------
@@ -514,6 +532,7 @@ class Backup(ReplicaShell):
             role_changed=self.role_changed,
             switchover=self.switchover,
         )
+        self._serving_joiners = reprotector
         await reprotector.run()
 
 

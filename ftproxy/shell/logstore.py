@@ -25,7 +25,6 @@ import trio
 
 from ftproxy.core.records import Entry, Header, Record
 from ftproxy.log.file import LogWriter
-from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import output_record
 
 log = structlog.get_logger()
@@ -80,7 +79,6 @@ class LogStore:
         self.header = header
         self.entries: list[Entry] = []
         self.bytes = 0
-        self.changed = Doorbell()  # rung at every new entry: the streamer waits on it
         self.path = path
         self.error: str | None = None
         self._writer: LogWriter | None = None
@@ -102,7 +100,6 @@ class LogStore:
         self.entries.append(entry)
         self.bytes += len(entry.reply)
         self._write(entry, len(entry.reply))
-        self.changed.ring()
 
     def append_output(self, seq: int, message: tuple[Any, ...]) -> None:
         if self._writer is not None:

@@ -54,6 +54,7 @@ from ftproxy.shell.fence import identify_self
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.hooks import RoleHooks, role_hooks
+from ftproxy.shell.inflight import InFlight
 from ftproxy.shell.link import LogLink, accept_first_backup
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
@@ -97,7 +98,7 @@ class Primary(ReplicaShell):
             self.replica.role is ReplicaRole.PRIMARY and self.link is not None and store.on_disk
         )
         self._outbox: list[Entry] = []
-        self._in_flight: deque[tuple[int, float]] = deque()  # (last seq of a batch, sent at)
+        self._in_flight = InFlight(self.board)
         self._outbox_ready = Doorbell()
         self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
         self.world: WorldAnswers | None = None
@@ -107,6 +108,8 @@ class Primary(ReplicaShell):
         self._unchecked: deque[Output] = deque()
         # An output was held since the log channel was last looked at (_take_ready_acks).
         self._acks_due = False
+        # Live, with --log-listen: what takes (and then ships to) the later backups.
+        self._serving_joiners: Reprotector | None = None
         # The exit last announced to the backup (the guest waited long there).
         self._announced: Waiting | None = None
         # Planned switchovers: holds the guest's exits (``answer``), hands over.
@@ -130,6 +133,8 @@ class Primary(ReplicaShell):
         body = await self.switchover.answer(seq, exit, self.world)
         if self._outbox and not self._ship_now():
             self._outbox_ready.ring()
+        elif self._serving_joiners is not None:
+            self._serving_joiners.ship_now()  # what this exit logged, to a later backup
         return body
 
     def _ship_now(self) -> bool:
@@ -151,7 +156,7 @@ class Primary(ReplicaShell):
             return False  # the ship task finds out and reports it
         now = trio.current_time()
         self._outbox = []
-        self._in_flight.append((batch[-1].seq, now))
+        self._in_flight.sent(batch[-1].seq, now)
         self.replica.sent(now)
         if _trace.stamp is not None:
             _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
@@ -227,7 +232,7 @@ class Primary(ReplicaShell):
                 # Idle for a heartbeat at an exit: its digest, so the backup can check now.
                 message = self._announced = waiting
             if batch:
-                self._in_flight.append((batch[-1].seq, trio.current_time()))
+                self._in_flight.sent(batch[-1].seq, trio.current_time())
                 if _trace.stamp is not None:
                     _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
             try:
@@ -277,7 +282,7 @@ class Primary(ReplicaShell):
         unchecked = self._unchecked
         while unchecked and unchecked[0].seq < ack.replayed:
             unchecked.popleft()
-        self._measure(ack, now, lag_s)
+        self._in_flight.acked(ack.received, now, lag_s)
         if self.replica.role is ReplicaRole.ARBITRATING:
             self.lose_peer("the backup's ack came after the peer timeout")
             return False
@@ -291,7 +296,8 @@ class Primary(ReplicaShell):
         self._acks_due = False
         link = self.link
         if link is None:
-            self.reprotector.take_ready_acks()  # held: a backup protects this replica again
+            if self._serving_joiners is not None:  # held: a later backup protects this replica
+                self._serving_joiners.take_ready_acks()
             return
         take_acks_now(link, self.replica, self._ack_received, self.lose_peer)
 
@@ -314,13 +320,6 @@ class Primary(ReplicaShell):
             f"the backup diverged at log entry {diverged.seq} (icount {diverged.icount}); "
             "this replica goes on alone"
         )
-
-    def _measure(self, ack: Ack, now: float, lag_s: float) -> None:
-        """The log channel's round trip (batch sent to its ack) and the backup's lag."""
-        while self._in_flight and self._in_flight[0][0] <= ack.received:
-            _, sent_at = self._in_flight.popleft()
-            self.board.channel_rtt_ms.add((now - sent_at) * 1000)
-        self.board.lag_ms.add(lag_s * 1000)
 
     async def run_channel(self, link: LogLink) -> None:
         """Replicate until the backup is lost, then arbitrate."""
@@ -367,6 +366,7 @@ class Primary(ReplicaShell):
 
     async def reprotect(self, listeners: list[trio.SocketListener]) -> None:
         """Live: take the next backup on the log address, again after each one is lost."""
+        self._serving_joiners = self.reprotector
         await self.reprotector.run(listeners)
 
     @functools.cached_property

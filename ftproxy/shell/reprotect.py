@@ -47,13 +47,15 @@ from ftproxy.core.channel import (
     SwitchoverOutcome,
     Welcome,
 )
-from ftproxy.core.records import Header
+from ftproxy.core.records import Entry, Header
 from ftproxy.core.replication import CATCH_UP_THROTTLE_S, Event, Replica, ReplicaRole
+from ftproxy.guest import _trace
 from ftproxy.shell.admission import Admission, Gate, RejectionLog, serve_with_limits
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.exits import Halted, Retired
 from ftproxy.shell.fence import identify_self
 from ftproxy.shell.handover import PlannedSwitchover
+from ftproxy.shell.inflight import InFlight
 from ftproxy.shell.link import LinkRefused, LogLink, SwitchoverRequested, accept_backup
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.options import ReplicaOptions
@@ -187,6 +189,9 @@ class Reprotector:
         self.catch_up: CatchUp | None = None
         # The joiner being served: its channel, and what ends its service.
         self._serving: tuple[LogLink, Callable[[str], None]] | None = None
+        self._sent = 0  # entries sent to it (from the store's first)
+        self._in_flight = InFlight(board)
+        self._entries_ready = Doorbell()  # rung by ship_now for the ship task
         self._joiners_in, self._joiners = trio.open_memory_channel[LogLink](0)
         refusals = RejectionLog("backup_refused", port="log channel", level="error")
         self.admission = Admission("log channel", rejections=refusals)
@@ -335,6 +340,8 @@ class Reprotector:
                 gone.set()
 
         self._serving = link, lose
+        self._sent = 0
+        self._in_flight.clear()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ship, link, lose)
@@ -386,36 +393,87 @@ class Reprotector:
         raise Halted(halted)
 
     async def _ship(self, link: LogLink, lose: Callable[[str], None]) -> None:
-        """The store from the first entry, then each new entry, batched; heartbeats when idle."""
+        """The store from the first entry, then each new entry, batched; heartbeats when
+        idle. Once protected, an entry logged while the channel is idle has gone out
+        from the exit that logged it (``ship_now``): this task sends the rest."""
         store, replica = self.store, self.replica
         heartbeat = self.options.timing.heartbeat_s
-        catch_up = self.catch_up
-        assert catch_up is not None
-        sent = 0
         while True:
-            if sent >= store.last_seq:
+            if link.pending:
+                try:
+                    await link.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    lose("the log channel broke while sending")
+                    return
+                replica.sent(trio.current_time())
+            if self._sent >= store.last_seq:
                 with trio.move_on_at(replica.last_sent + heartbeat):
-                    await store.changed.wait()
-            message: Entries | Heartbeat
-            if sent < store.last_seq:
-                batch, size = [], 0
-                for entry in store.entries[sent : sent + MAX_BATCH_ENTRIES]:
-                    batch.append(entry)
-                    size += len(entry.reply)
-                    if size >= MAX_BATCH_BYTES:
-                        break
-                sent += len(batch)
-                catch_up.sent_entries += len(batch)
-                catch_up.sent_bytes += size
-                message = Entries(batch)
-            else:
-                message = Heartbeat()
+                    await self._entries_ready.wait()
+                if link.pending and self._sent >= store.last_seq:
+                    continue  # ship_now sent what rang, and left a part of it
+            batch = self._next_batch()
+            message: Entries | Heartbeat = Entries(batch) if batch else Heartbeat()
+            if batch:
+                self._count_sent(batch, trio.current_time())
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 lose("the log channel broke while sending")
                 return
             replica.sent(trio.current_time())
+
+    def _next_batch(self) -> list[Entry]:
+        """The next entries to send: at most a batch's worth."""
+        batch: list[Entry] = []
+        size = 0
+        for entry in self.store.entries[self._sent : self._sent + MAX_BATCH_ENTRIES]:
+            batch.append(entry)
+            size += len(entry.reply)
+            if size >= MAX_BATCH_BYTES:
+                break
+        return batch
+
+    def _count_sent(self, batch: list[Entry], now: float) -> None:
+        self._sent += len(batch)
+        self._in_flight.sent(self._sent, now)
+        if self.catch_up is not None:
+            self.catch_up.sent_entries += len(batch)
+            self.catch_up.sent_bytes += sum(len(entry.reply) for entry in batch)
+
+    def ship_now(self) -> None:
+        """An exit of the live guest was answered: what it logged goes out from here
+        when the protecting backup's channel is idle (nothing in flight), as the first
+        pair's primary does it (``Primary._ship_now``), without waking the ship task.
+        Otherwise that task is rung, and sends it in a batch."""
+        if self._sent >= self.store.last_seq:
+            return
+        serving = self._serving
+        if (
+            serving is None
+            or self._in_flight
+            or self.replica.role is not ReplicaRole.PRIMARY
+            or serving[0].pending
+        ):
+            self._entries_ready.ring()
+            return
+        link = serving[0]
+        batch = self._next_batch()
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
+        try:
+            if not link.send_now(Entries(batch)):
+                self._entries_ready.ring()
+                return
+        except trio.ClosedResourceError:
+            self._entries_ready.ring()  # the ship task finds out and reports it
+            return
+        now = trio.current_time()
+        self._count_sent(batch, now)
+        self.replica.sent(now)
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
+        if link.pending or self._sent < self.store.last_seq:
+            self._entries_ready.ring()  # the ship task puts out the rest
 
     async def _receive(self, link: LogLink, lose: Callable[[str], None]) -> None:
         replica = self.replica
@@ -458,14 +516,20 @@ class Reprotector:
 
     def _ack_received(self, ack: Ack, now: float, lose: Callable[[str], None]) -> bool:
         """Release what ``ack`` covers; False once the joiner is lost."""
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ACK_RECEIVED, ack.received)
         replica = self.replica
+        lag_s = replica.lag(now)[2]  # before this ack, as the first pair's primary measures it
         try:
             released = replica.ack_received(ack.received, ack.replayed, now)
         except LocalProtocolError as exc:
             lose(f"the backup broke the protocol: {exc}")
             return False
         for output in released:
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, ack.received)
             self.release(output)
+        self._in_flight.acked(ack.received, now, lag_s)
         if self.catch_up is not None:
             self.catch_up.acked_seq, self.catch_up.replayed_seq = replica.received, replica.replayed
         if replica.role is ReplicaRole.ARBITRATING:
