@@ -51,10 +51,18 @@ from bench.plan import (
     RECORD,
     RULE,
     RULE_ETCD,
+    RULE_HEALED,
     RULE_SILENT,
     Plan,
 )
-from bench.services import Arbiter, Service, start_bare, start_pair, start_record
+from bench.services import (
+    Arbiter,
+    Service,
+    start_bare,
+    start_healed_pair,
+    start_pair,
+    start_record,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
@@ -63,7 +71,7 @@ NOTES = (
     "Load: redis-benchmark (C, one epoll thread) with -c clients and -P pipeline depth; "
     "its keys are literal, so each op hits one key. Each cell starts with a warm-up run "
     "whose rate sizes the measured run.",
-    "Cells: ftproxy's four configurations take turns cell by cell, over several rounds "
+    "Cells: ftproxy's five configurations take turns cell by cell, over several rounds "
     "(reversed order every other round); a cell's figures come from its round of median "
     "throughput (rps_rounds lists all). The alternatives run alone, one round.",
     "CPU: user+system time of each side's process tree (/proc) over the measured run, "
@@ -95,6 +103,8 @@ DESCRIPTIONS = {
     RECORD: "ftproxy record: one replica on virtual devices, logging to a file, no backup",
     NO_RULE: "ftproxy primary + backup on loopback, --no-output-rule (unsafe)",
     RULE: "ftproxy primary + backup on loopback, outputs held until the backup has the log",
+    RULE_HEALED: "the same pair after a failover: its primary killed (SIGKILL), the backup "
+    "live and protected again by a new backup that caught up",
 }
 
 
@@ -131,12 +141,13 @@ def running(services: list[Service]) -> Iterator[list[Service]]:
 
 
 def measure_ftproxy(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, Any]:
-    """Configurations 1-4, started together, measured cell by cell in turn."""
+    """Configurations 1-4 (and 4 healed), started together, measured cell by cell in turn."""
     services = [
         start_bare(scratch),
         start_record(scratch),
         start_pair(NO_RULE, scratch, arbiter, output_rule=False, ephemeral=True),
         start_pair(RULE, scratch, arbiter, output_rule=True, ephemeral=True),
+        start_healed_pair(RULE_HEALED, scratch, arbiter),
     ]
     with running(services):
         cells = matrix.run_matrix(services, plan, _progress)

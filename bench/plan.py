@@ -25,14 +25,16 @@ BARE = "bare"
 RECORD = "record"
 NO_RULE = "no-output-rule"
 RULE = "output-rule"
+RULE_HEALED = "output-rule-healed"  # the pair after a failover and a re-protection
 RULE_SILENT = "output-rule-sigstop"  # a failover series only
 RULE_ETCD = "output-rule-etcd"  # a failover series only: etcd, not the built-in arbiter, decides
-FTPROXY_CONFIGS = (BARE, RECORD, NO_RULE, RULE)
+FTPROXY_CONFIGS = (BARE, RECORD, NO_RULE, RULE, RULE_HEALED)
 LABELS = {
     BARE: "bare kv.py",
     RECORD: "ftproxy record",
     NO_RULE: "replicated, --no-output-rule",
     RULE: "replicated, output rule",
+    RULE_HEALED: "replicated, output rule, re-protected after a kill -9 of the first primary",
     RULE_SILENT: "replicated, output rule, primary SIGSTOPped",
     RULE_ETCD: "replicated, output rule, etcd (3 members) as the arbiter",
     "pyraft": "pyraft, 3 nodes",
@@ -43,6 +45,7 @@ SHORT = {
     RECORD: "record",
     NO_RULE: "no-rule",
     RULE: "rule",
+    RULE_HEALED: "rule, healed",
     RULE_SILENT: "rule, SIGSTOP",
     RULE_ETCD: "rule, etcd arbiter",
     "pyraft": "pyraft",

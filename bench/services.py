@@ -313,6 +313,7 @@ def _start_ephemeral_pair(
     output_rule: bool,
     env: dict[str, str] | None = None,
     tree: Path = ROOT,
+    backup_flags: tuple[str, ...] = (),
 ) -> Service:
     """A pair whose every port is port 0: the backup starts once the primary has
     said where its log channel listens; the client port is the primary's mapped one."""
@@ -344,6 +345,7 @@ def _start_ephemeral_pair(
             "--primary",
             f"{HOST}:{service.log_port}",
             *common,
+            *backup_flags,
             *guest,
         ]
         backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch, env=env, cwd=tree)
@@ -356,6 +358,70 @@ def _start_ephemeral_pair(
         service.port = service.takeover_port = _listening_port(primary, timeout)
 
     return Service(name, 0, primary=[primary], boot=boot)
+
+
+def start_healed_pair(
+    name: str,
+    scratch: Path,
+    arbiter: Arbiter | EtcdArbiter,
+    *,
+    env: dict[str, str] | None = None,
+    tree: Path = ROOT,
+) -> Service:
+    """The pair as it serves after a failover: a first pair (output rule, every port
+    port 0) whose primary is killed with SIGKILL; its backup goes live and takes a new
+    backup on its own --log-listen, which catches up, so the pair is protected again
+    (its next generation) and served by the re-protecting replica (``Reprotector``)."""
+    first = _start_ephemeral_pair(
+        name,
+        scratch,
+        arbiter,
+        output_rule=True,
+        env=env,
+        tree=tree,
+        # Live, it serves on a port of its own (port 0), and takes its backup on another.
+        backup_flags=("--log-listen", f"{HOST}:0", "--map", f"{GUEST_PORT}={HOST}:0"),
+    )
+    arbiter.next_generation()  # the healed pair's: no later pair may take it
+    boot_first = first.boot
+    assert boot_first is not None
+
+    def boot(service: Service, timeout: float) -> None:
+        boot_first(service, timeout)
+        (first_primary,), (survivor,) = service.primary, service.backup
+        for proc in (first_primary, survivor):
+            proc.wait_for_output(READY, timeout)
+        first_primary.kill()
+        log_port = _port_of(survivor.wait_for_event("waiting_for_backup", timeout)["address"])
+        joiner_command = [
+            *FTPROXY,
+            "backup",
+            "--primary",
+            f"{HOST}:{log_port}",
+            "--arbiter",
+            arbiter.address,
+            *_security(arbiter.secret_file),
+            "--admin",
+            f"{HOST}:0",
+            "--",
+            str(tree / KV.relative_to(ROOT)),
+            "--port",
+            str(GUEST_PORT),
+        ]
+        joiner = Proc(f"{name}-joiner", joiner_command, scratch, env=env, cwd=tree)
+        survivor.wait_for_event("pair_protected", timeout)
+        service.others.append(first_primary)
+        service.primary, service.backup = [survivor], [joiner]
+        service.log_port = log_port
+        service.port = service.takeover_port = _listening_port(survivor, timeout)
+        service.admin_port = service.backup_admin_port
+        service.backup_admin_port = _port_of(
+            joiner.wait_for_event("admin_listening", timeout)["address"]
+        )
+        joiner.wait_for_event("backup_protected", timeout)
+
+    first.boot = boot
+    return first
 
 
 def _security(secret_file: Path | None) -> list[str]:

@@ -33,7 +33,15 @@ TOP = {
     "floors",
 }
 MACHINE = {"cpu_model", "cpus", "memory_gib", "kernel", "python", "redis_benchmark"}
-CONFIGS = {"bare", "record", "no-output-rule", "output-rule", "pyraft", "pysyncobj"}
+CONFIGS = {
+    "bare",
+    "record",
+    "no-output-rule",
+    "output-rule",
+    "output-rule-healed",
+    "pyraft",
+    "pysyncobj",
+}
 CONFIG = {"label", "description", "available", "reason", "cells", "by_load"}
 CELL = {
     "load",
@@ -127,13 +135,15 @@ def test_quick_run_reports_every_field(result: dict[str, Any]) -> None:
         assert set(config["by_load"]) == LOADS
         for load, figures in config["by_load"].items():
             assert not missing(figures, BY_LOAD), (name, load)
-    for name in ("bare", "record", "no-output-rule", "output-rule"):
+    for name in ("bare", "record", "no-output-rule", "output-rule", "output-rule-healed"):
         assert all(c["supported"] for c in result["configurations"][name]["cells"]), name
-    for cell in result["configurations"]["output-rule"]["cells"]:
-        for key in ("log_bytes_per_request", "lag_ms_p99", "channel_rtt_ms_p50"):
-            assert cell[key] is not None, (cell["load"], cell["label"], key)
+    for name in ("output-rule", "output-rule-healed"):  # the healed pair measures its channel too
+        for cell in result["configurations"][name]["cells"]:
+            for key in ("log_bytes_per_request", "lag_ms_p99", "channel_rtt_ms_p50"):
+                assert cell[key] is not None, (name, cell["load"], cell["label"], key)
     series_only = {"output-rule-sigstop", "output-rule-etcd"}
-    assert set(result["failover"]) == CONFIGS - {"bare", "record"} | series_only
+    matrix_only = {"bare", "record", "output-rule-healed"}
+    assert set(result["failover"]) == CONFIGS - matrix_only | series_only
     for name, series in result["failover"].items():
         assert not missing(series, FAILOVER), name
     assert len(result["targets"]) == 9
