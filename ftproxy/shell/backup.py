@@ -135,6 +135,7 @@ class Backup(ReplicaShell):
         )
         self._entries: deque[Entry] = deque()
         self._first_arrival = 0.0  # when the oldest entry in _entries arrived
+        self._replaying = False  # a batch was gathered and is being replayed
         self._arrived = Doorbell()
         self._ack_due = Doorbell()
         self._acked = (0, 0)  # the (received, replayed) the last ack said
@@ -168,11 +169,14 @@ class Backup(ReplicaShell):
                     )
                     self._primary_waiting = None
                 await self._arrived.wait()
-            await self._gather_batch()
+            if not self._replaying:
+                await self._gather_batch()  # once per batch: the rest of it goes at once
+                self._replaying = True
             if self.peer_gone.is_set() and not self.protected:
                 raise Halted(self._unprotected())
             if self._entries:
                 entry = self._entries.popleft()
+                self._replaying = bool(self._entries)
                 check_entry(seq, entry, exit)
                 # Stored as replayed, not as received: on disk, each output then
                 # follows the entry it came after, as ``ftproxy replay`` reads it.
