@@ -206,6 +206,33 @@ class Receiver:
         self.events.append(event)
 
 
+async def test_a_sender_whose_every_frame_the_socket_takes_still_lets_other_tasks_run() -> None:
+    # A catch-up streams batch after batch; a socket that takes each at once must not
+    # let that loop hold the replica's other tasks (acks, the silence watch) off.
+    primary, backup = await socket_linked()
+    sends = 0
+    runs_of_the_other_task: list[int] = []
+
+    async def other_task() -> None:
+        while True:
+            runs_of_the_other_task.append(sends)
+            await trio.lowlevel.checkpoint()
+
+    async def sender() -> None:
+        nonlocal sends
+        for _ in range(100):
+            await primary.send(Heartbeat())
+            sends += 1
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        nursery.start_soon(other_task)
+    # Each heartbeat is a few bytes: the socket takes all hundred without blocking.
+    assert backup.unread() > 0
+    assert len({count for count in runs_of_the_other_task if 0 < count < 100}) >= 2
+
+
 async def test_take_ready_hands_over_the_acks_in_the_socket_while_the_receiver_waits() -> None:
     primary, backup = await socket_linked()
     await primary.send(Entries([Entry(seq, seq, 1, seq, b"r") for seq in (1, 2)]))

@@ -48,6 +48,9 @@ _READ_SIZE = 1024 * 1024
 # anyway, so that a peer that never lets the socket run dry cannot starve the
 # replica's other tasks.
 _READS_BETWEEN_YIELDS = 32
+# The same for sends the socket took whole at once: a sender that loops (a catch-up
+# streaming a long log to a fast joiner) yields now and then all the same.
+_SENDS_BETWEEN_YIELDS = 32
 
 
 class _Stashed(Exception):
@@ -108,6 +111,7 @@ class LogLink:
         self.peer = peer
         self._pending = b""
         self._unyielded = 0
+        self._unyielded_sends = 0
         # Events ``take_ready`` read but was not asked for: ``next_event`` returns them first.
         self._stashed: deque[ChannelEvent] = deque()
         # Set while next_event's task waits for the socket holding no bytes read: only
@@ -173,6 +177,11 @@ class LogLink:
         if self.send_now(message):
             if self._pending:
                 await self.flush()
+                return
+            self._unyielded_sends += 1
+            if self._unyielded_sends >= _SENDS_BETWEEN_YIELDS:
+                self._unyielded_sends = 0
+                await trio.lowlevel.checkpoint()
             return
         async with self._send_lock:
             await self._flush_pending()
