@@ -50,6 +50,12 @@ class Guest:
             self.answered.append((seq, trio.current_time(), reply))
 
 
+async def replaying_backup() -> tuple[LogLink, Backup]:
+    """The primary's end of a link, and the backup on its other end (its guest: a test's)."""
+    primary_link, backup_link, welcome = await linked()
+    return primary_link, Backup(options(), backup_link, welcome, LogStore(HEADER))
+
+
 async def acks(link: LogLink, found: list[tuple[float, Ack]]) -> None:
     """Every ack the primary's end reads, with when (heartbeats are passed over)."""
     while True:
@@ -63,8 +69,7 @@ async def acks(link: LogLink, found: list[tuple[float, Ack]]) -> None:
 async def test_entries_are_acked_on_receipt_and_replayed_together_after_the_delay(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    primary_link, backup_link, welcome = await linked()
-    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    primary_link, backup = await replaying_backup()
     guest = Guest(backup)
     found: list[tuple[float, Ack]] = []
     spacing = REPLAY_DELAY_S / 5
@@ -102,8 +107,7 @@ async def test_entries_are_acked_on_receipt_and_replayed_together_after_the_dela
 async def test_a_full_batch_replays_at_once_without_waiting_out_the_delay(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    primary_link, backup_link, welcome = await linked()
-    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    primary_link, backup = await replaying_backup()
     guest = Guest(backup)
     count = REPLAY_BATCH_ENTRIES
     async with trio.open_nursery() as nursery:
@@ -122,8 +126,7 @@ async def test_a_full_batch_replays_at_once_without_waiting_out_the_delay(
 async def test_the_replies_ahead_are_the_gathered_entries_in_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    primary_link, backup_link, welcome = await linked()
-    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    primary_link, backup = await replaying_backup()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backup.receive)
         nursery.start_soon(backup.send_acks)
@@ -140,8 +143,7 @@ async def test_the_replies_ahead_are_the_gathered_entries_in_order(
 async def test_a_lost_primary_ends_the_wait_and_the_gathered_entries_replay_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    primary_link, backup_link, welcome = await linked()
-    backup = Backup(options(), backup_link, welcome, LogStore(HEADER))
+    primary_link, backup = await replaying_backup()
     guest = Guest(backup)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backup.receive)
@@ -149,7 +151,7 @@ async def test_a_lost_primary_ends_the_wait_and_the_gathered_entries_replay_at_o
         nursery.start_soon(guest.run, 2)
         # Protected: it holds the whole log, so on losing the primary it replays what it
         # has (and would go live; the guest here stops at the entries it has).
-        await primary_link.send(Protected(welcome.generation, 0))
+        await primary_link.send(Protected(backup.options.generation, 0))
         await trio.testing.wait_all_tasks_blocked()
         await primary_link.send(Entries([entry_for(1), entry_for(2)]))
         await trio.sleep(REPLAY_DELAY_S / 10)
