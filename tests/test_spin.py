@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from ftproxy.shell.spin import Spinner
+from ftproxy.shell.spin import ENV, Spinner
 
 
 @pytest.fixture
@@ -97,3 +97,16 @@ async def test_no_budget_never_spins(pipes: Callable[[], tuple[int, int]]) -> No
     spinner.watch(read)
     os.write(write, b"x")
     assert not await spinner.spin(read)  # the caller sleeps on it (and wakes at once)
+
+
+def test_a_roles_default_budget_gives_way_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    unset = Spinner(40_000)
+    unset.use_default(150)
+    assert unset.budget_ns == 150_000
+    monkeypatch.setenv(ENV, "40")  # the user's word wins over a role's default
+    chosen = Spinner(40_000)
+    chosen.use_default(150)
+    assert chosen.budget_ns == 40_000

@@ -22,6 +22,7 @@ from ftproxy.log.file import LogWriter
 from ftproxy.shell.front import PacketConfig
 from ftproxy.shell.front.socket import AddressMap
 from ftproxy.shell.guestproc import GuestProcess, start_guest
+from ftproxy.shell.spin import RECORD_SPIN_US, spinner
 from ftproxy.shell.supervisor import Exit, GuestFailure, Supervisor
 from ftproxy.shell.sync import Doorbell
 from ftproxy.shell.world import (
@@ -87,6 +88,7 @@ async def record(
     task_status: trio.TaskStatus[GuestProcess] = trio.TASK_STATUS_IGNORED,
 ) -> RecordResult:
     """Run the guest against the real network until it exits, logging every input."""
+    spinner.use_default(RECORD_SPIN_US)  # before any descriptor is watched
     env = guest_environment(options.extra_env)
     network = options.packet.network if options.packet else None
     header = new_header(options.argv, env, options.policy, network, options.pins)

@@ -16,6 +16,8 @@ polling would only delay whoever else would run) turns spinning off for
 the bench chose (``python -m bench breakdown --baseline-env FTPROXY_SPIN_US=0``,
 2026-12-07; README, Performance): 1-client SET 1.06x-1.57x at load 1-4;
 without the back-off, 0.49x for the output rule at load 8, with it 1.05x-1.15x.
+``ftproxy record`` spins up to 150 us (``RECORD_SPIN_US``): no backup shares the
+CPUs with it, and its guest's next frame comes ~70 us after the reply, past 40 us.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ import trio
 
 ENV = "FTPROXY_SPIN_US"
 DEFAULT_SPIN_US = 40
+# A recorder's: 1-client SET 1.13x-1.23x against 40 us at less CPU per request, c=50
+# unchanged; 300 us was worse than 150 (python -m bench breakdown --baseline-env
+# FTPROXY_SPIN_US=40 --env FTPROXY_SPIN_US=150, 2026-12-07; README, Performance).
+RECORD_SPIN_US = 150
 # A spin that got less than this share of a CPU saw the machine busy...
 CONTENDED_SHARE = 0.9
 # ... and spinning stays off this long.
@@ -51,6 +57,12 @@ class Spinner:
         self._poller = select.epoll()
         self._watched: set[int] = set()
         self._off_until = 0
+
+    def use_default(self, budget_us: int) -> None:
+        """Spin up to ``budget_us`` from now on, unless FTPROXY_SPIN_US says otherwise
+        (a process's role chooses its default before its data path starts)."""
+        if ENV not in os.environ:
+            self.budget_ns = budget_us * 1000
 
     def watch(self, fd: int) -> None:
         """Poll ``fd`` in every spin from now on (until ``unwatch`` or it is closed)."""
