@@ -9,7 +9,15 @@ gives the log channel's round trip that /status and /metrics report.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
+import trio
+
+from ftproxy.core.channel import Entries
+from ftproxy.core.records import Entry
+from ftproxy.core.replication import Replica
+from ftproxy.guest import _trace
+from ftproxy.shell.link import LogLink
 from ftproxy.shell.status import StatusBoard
 
 
@@ -25,6 +33,24 @@ class InFlight:
 
     def sent(self, last_seq: int, now: float) -> None:
         self._batches.append((last_seq, now))
+
+    def send_now(self, link: LogLink, batch: list[Entry], replica: Replica[Any]) -> bool:
+        """Send ``batch`` from where the caller stands, without waiting, if ``link`` has
+        no other send under way: True once sent (and counted in flight; what the socket
+        did not take waits on the link, ``LogLink.pending``), False if nothing was."""
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
+        try:
+            if not link.send_now(Entries(batch)):
+                return False
+        except trio.ClosedResourceError:
+            return False  # the ship task finds out and reports it
+        now = trio.current_time()
+        self.sent(batch[-1].seq, now)
+        replica.sent(now)
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
+        return True
 
     def acked(self, received: int, now: float, lag_s: float) -> None:
         """The backup holds every entry up to ``received``: the round trips of the

@@ -146,20 +146,9 @@ class Primary(ReplicaShell):
         link = self.link
         if link is None or self._in_flight or self.options.ship_delay_s or not self.replica.gated:
             return False
-        batch = self._outbox
-        if _trace.stamp is not None:
-            _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
-        try:
-            if not link.send_now(Entries(batch)):
-                return False
-        except trio.ClosedResourceError:
-            return False  # the ship task finds out and reports it
-        now = trio.current_time()
+        if not self._in_flight.send_now(link, self._outbox, self.replica):
+            return False
         self._outbox = []
-        self._in_flight.sent(batch[-1].seq, now)
-        self.replica.sent(now)
-        if _trace.stamp is not None:
-            _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
         return not link.pending  # the ship task puts out the rest
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:

@@ -411,10 +411,11 @@ class Reprotector:
                     await self._entries_ready.wait()
                 if link.pending and self._sent >= store.last_seq:
                     continue  # ship_now sent what rang, and left a part of it
-            batch = self._next_batch()
+            batch, size = self._next_batch()
             message: Entries | Heartbeat = Entries(batch) if batch else Heartbeat()
             if batch:
-                self._count_sent(batch, trio.current_time())
+                self._count_sent(batch, size)
+                self._in_flight.sent(self._sent, trio.current_time())
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -422,8 +423,8 @@ class Reprotector:
                 return
             replica.sent(trio.current_time())
 
-    def _next_batch(self) -> list[Entry]:
-        """The next entries to send: at most a batch's worth."""
+    def _next_batch(self) -> tuple[list[Entry], int]:
+        """The next entries to send (at most a batch's worth), and their reply bytes."""
         batch: list[Entry] = []
         size = 0
         for entry in self.store.entries[self._sent : self._sent + MAX_BATCH_ENTRIES]:
@@ -431,47 +432,32 @@ class Reprotector:
             size += len(entry.reply)
             if size >= MAX_BATCH_BYTES:
                 break
-        return batch
+        return batch, size
 
-    def _count_sent(self, batch: list[Entry], now: float) -> None:
+    def _count_sent(self, batch: list[Entry], size: int) -> None:
         self._sent += len(batch)
-        self._in_flight.sent(self._sent, now)
         if self.catch_up is not None:
             self.catch_up.sent_entries += len(batch)
-            self.catch_up.sent_bytes += sum(len(entry.reply) for entry in batch)
+            self.catch_up.sent_bytes += size
 
     def ship_now(self) -> None:
         """An exit of the live guest was answered: what it logged goes out from here
         when the protecting backup's channel is idle (nothing in flight), as the first
         pair's primary does it (``Primary._ship_now``), without waking the ship task.
-        Otherwise that task is rung, and sends it in a batch."""
-        if self._sent >= self.store.last_seq:
-            return
+        Otherwise that task is rung, and sends it in a batch. With no backup attached
+        there is no ship task: the next one's starts from the store's first entry."""
         serving = self._serving
-        if (
-            serving is None
-            or self._in_flight
-            or self.replica.role is not ReplicaRole.PRIMARY
-            or serving[0].pending
-        ):
-            self._entries_ready.ring()
+        if serving is None or self._sent >= self.store.last_seq:
             return
         link = serving[0]
-        batch = self._next_batch()
-        if _trace.stamp is not None:
-            _trace.stamp(_trace.SHIP_STARTED, batch[-1].seq)
-        try:
-            if not link.send_now(Entries(batch)):
-                self._entries_ready.ring()
-                return
-        except trio.ClosedResourceError:
-            self._entries_ready.ring()  # the ship task finds out and reports it
+        if self._in_flight or self.replica.role is not ReplicaRole.PRIMARY or link.pending:
+            self._entries_ready.ring()
             return
-        now = trio.current_time()
-        self._count_sent(batch, now)
-        self.replica.sent(now)
-        if _trace.stamp is not None:
-            _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
+        batch, size = self._next_batch()
+        if not self._in_flight.send_now(link, batch, self.replica):
+            self._entries_ready.ring()
+            return
+        self._count_sent(batch, size)
         if link.pending or self._sent < self.store.last_seq:
             self._entries_ready.ring()  # the ship task puts out the rest
 

@@ -32,9 +32,10 @@ import trio
 
 ENV = "FTPROXY_SPIN_US"
 DEFAULT_SPIN_US = 40
-# A recorder's: 1-client SET 1.13x-1.23x against 40 us at less CPU per request, c=50
-# unchanged; 300 us was worse than 150 (python -m bench breakdown --baseline-env
-# FTPROXY_SPIN_US=40 --env FTPROXY_SPIN_US=150, 2026-12-07; README, Performance).
+# A recorder's: 1-client SET 1.23x-1.27x against 40 us at less CPU per request, 50
+# clients 0.96x-0.98x (noise); 300 us was worse than 150 (python -m bench breakdown
+# --baseline-env FTPROXY_SPIN_US=40 --env FTPROXY_SPIN_US=150, 2026-12-07; README,
+# Performance).
 RECORD_SPIN_US = 150
 # A spin that got less than this share of a CPU saw the machine busy...
 CONTENDED_SHARE = 0.9
