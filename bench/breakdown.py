@@ -1,6 +1,8 @@
 """``python -m bench breakdown``: where one client's request spends its time, stage by stage.
 
-record, no-rule and rule are started with ``FTPROXY_TRACE_DIR`` set, so every
+record, no-rule, rule and the healed pair (rule after a kill -9 of the first
+primary and a re-protection: how every ``ftproxy run`` pair serves) are
+started with ``FTPROXY_TRACE_DIR`` set, so every
 supervisor, guest and backup stamps each request at each stage of its path
 (``ftproxy.guest._trace``: one CLOCK_MONOTONIC clock for all processes). A
 1-client closed-loop SET 16 B load from this process stamps its own send and
@@ -42,18 +44,19 @@ from bench import load as bm
 from bench.load import Load, Op
 from bench.machine import describe, load_average
 from bench.matrix import percentile
-from bench.plan import NO_RULE, RECORD, RULE, SHORT
+from bench.plan import NO_RULE, RECORD, RULE, RULE_HEALED, SHORT
 from bench.procs import HOST, ROOT
 from bench.resp import encode
-from bench.services import Arbiter, Service, start_pair, start_record
+from bench.services import Arbiter, Service, start_healed_pair, start_pair, start_record
 from ftproxy.guest import _trace as t
 
 RESULTS = ROOT / "bench" / "results"
-CONFIGS = (RECORD, NO_RULE, RULE)
+CONFIGS = (RECORD, NO_RULE, RULE, RULE_HEALED)
+WITH_RULE = (RULE, RULE_HEALED)
 
 # (name, from (process, stage), to (process, stage)). Processes: the bench's
-# client, the supervisor that serves the client (record or primary), its
-# guest, and the backup's supervisor.
+# client, the supervisor that serves the client (record, primary, or the healed
+# pair's live replica), its guest, and the backup's supervisor.
 Stage = tuple[str, tuple[str, int], tuple[str, int]]
 GUEST_PATH: tuple[Stage, ...] = (
     ("client -> supervisor wakes", ("client", t.CLIENT_SENT), ("sup", t.SUP_WOKE)),
@@ -136,6 +139,10 @@ def start(build: Build, config: str, scratch: Path, arbiter: Arbiter) -> Subject
     here.mkdir()
     if config == RECORD:
         service = start_record(here, env=env, tree=build.tree)
+    elif config == RULE_HEALED:
+        # The first pair's primary is gone (its stamps are in the directory, under a
+        # pid no longer served); the survivor serves, and its new backup acks.
+        service = start_healed_pair(config, here, arbiter, env=env, tree=build.tree)
     else:
         # This tree: port 0 everywhere, reported back, so that no service races another
         # for a port; another checkout (--baseline) may predate that, so it gets free ports.
@@ -221,7 +228,7 @@ AFTER: dict[tuple[str, int], tuple[str, int]] = {
 def join(subject: Subject) -> dict[str, Any]:
     """Each request's stage times from the stamps inside its window; p50/p90 per stage."""
     stamps = load_stamps(subject)
-    rule = subject.config == RULE
+    rule = subject.config in WITH_RULE
     client_write_after = ("sup", t.OUTPUT_RELEASED) if rule else ("sup", t.OUTPUT_TAKEN)
 
     def resolve(
@@ -315,8 +322,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def critical_path(requests: int = 2000, rounds: int = 3, warmup: int = 300) -> dict[str, Any]:
-    """This tree's record, no-rule and rule, 1 client: the stage table and CPU per request
-    (what ``python -m bench`` puts in its result as ``breakdown``)."""
+    """This tree's record, no-rule, rule and healed rule, 1 client: the stage table and CPU
+    per request (what ``python -m bench`` puts in its result as ``breakdown``)."""
     return measure([Build("this", ROOT)], CONFIGS, requests=requests, rounds=rounds, warmup=warmup)
 
 

@@ -230,6 +230,8 @@ class Backup(ReplicaShell):
             if not released:
                 self._acks_due = True  # looked for at this frame's next exit or end
             for output in released:
+                if _trace.stamp is not None:
+                    _trace.stamp(_trace.OUTPUT_RELEASED, seq)
                 self.world.output_later(output)
         else:
             self._since_entry.append(output_record(seq, message))
