@@ -270,14 +270,15 @@ def test_the_socket_surface_real_programs_touch_works_and_replays(tmp_path: Path
                     (b"file   \n", b"s \n"),
                     (b"names  \n", b"\n"),
                     (b"select \n", b"\n"),
+                    (b"peek   \nwxyz", b"\n"),
                 ):
                     sock.sendall(command)
                     answers.append(recv_until(sock, end))
                 sock.shutdown(socket.SHUT_WR)
                 assert sock.recv(10) == b""  # closed through socket.close(fd)
         assert rec.stop() == 0, rec.stderr
-    first = answers[:6]
-    assert answers[6:] == first
+    first = answers[:7]
+    assert answers[7:] == first
     assert first[0] == b"inheritable True False None\n"
     assert first[1] == b"os.write osio   \n"
     assert first[2] == b"sendmsg msg    \n"
@@ -285,7 +286,20 @@ def test_the_socket_surface_real_programs_touch_works_and_replays(tmp_path: Path
     assert first[3] == file_bytes[:50] + b" sent 50\n" + file_bytes[:110] + b"\n"
     assert first[4] == b"localhost ['127.0.0.1'] 127.0.0.1 80\n"
     assert first[5] == b"False poll\n"
+    assert first[6] == b"peek wxyz wxyz wxyz\n"  # peeked twice, then taken
     replay_log(log)
+
+
+def test_a_recv_flag_the_guest_cannot_offer_is_refused_by_name(tmp_path: Path) -> None:
+    port = free_port()
+    with Recording(tmp_path / "oob.ftlog", GUESTS / "socket_surface.py", str(port)) as rec:
+        with connect(port) as sock:
+            recv_until(sock, b"\n")
+            sock.sendall(b"oob    \n")
+            assert sock.recv(10) == b""  # the guest stopped: its connection closed
+        assert rec.stop(None) == 3, rec.stderr  # EXIT_UNSUPPORTED
+    assert "socket.recv(flags=1) is not supported under ftproxy: only MSG_PEEK" in rec.stderr
+    assert "Traceback" not in rec.stderr
 
 
 def test_a_guest_command_python_could_not_run_is_refused_clearly(tmp_path: Path) -> None:

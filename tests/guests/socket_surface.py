@@ -3,7 +3,9 @@
 Each request is an 8-byte command, and exercises one part of the surface:
 descriptors handed to ``os`` (read, write, sendfile, set_inheritable),
 ``sendmsg``/``recvmsg_into``, a socket's ``sendfile`` and ``timeout``, the
-resolver calls built on the devices, and what ``select`` does not offer.
+resolver calls built on the devices, what ``select`` does not offer, and
+``recv``'s flags (``MSG_PEEK`` as ``socket.MsgFlag`` and as a plain int; any
+other flag is refused, which stops the guest).
 """
 
 import os
@@ -61,4 +63,11 @@ while True:
             conn.sendall(f"{name} {addresses} {host} {port}\n".encode())
         elif command == b"select \n":
             conn.sendall(f"{hasattr(select, 'epoll')} {select.poll.__name__}\n".encode())
+        elif command == b"peek   \n":  # the client sent 4 more bytes with the command
+            peeked = conn.recv(4, socket.MSG_PEEK)
+            again = conn.recv(4, int(socket.MSG_PEEK))
+            taken = conn.recv(4)
+            conn.sendall(b"peek %s %s %s\n" % (peeked, again, taken))
+        elif command == b"oob    \n":
+            conn.recv(1, socket.MSG_OOB)
     socket.close(conn.fileno())
