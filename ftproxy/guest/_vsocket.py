@@ -25,7 +25,7 @@ _STREAM = _socket.SOCK_STREAM
 # Plain ints: a flag test against socket.MsgFlag runs enum.Flag's Python operators,
 # which cost a stream recv more than the rest of it (profiled in the guest).
 _MSG_PEEK = int(_socket.MSG_PEEK)
-_RECV_FLAGS = _MSG_PEEK | int(getattr(_socket, "MSG_DONTWAIT", 0))
+_MSG_DONTWAIT = int(getattr(_socket, "MSG_DONTWAIT", 0))
 _DGRAM = _socket.SOCK_DGRAM
 _TYPE_FLAGS = getattr(_socket, "SOCK_NONBLOCK", 0) | getattr(_socket, "SOCK_CLOEXEC", 0)
 _INET_FAMILIES = (_socket.AF_INET, _socket.AF_INET6)
@@ -38,6 +38,18 @@ _runtime: Runtime
 def bind_runtime(runtime: Runtime) -> None:
     global _runtime
     _runtime = runtime
+
+
+def _recv_flags(flags: int) -> tuple[bool, bool]:
+    """``recv``'s flags as (peek, dontwait); any other flag is refused by name."""
+    flags = int(flags)  # a socket.MsgFlag would run enum.Flag's Python operators
+    if flags & ~(_MSG_PEEK | _MSG_DONTWAIT):
+        raise UnsupportedInGuest(
+            f"socket.recv(flags={flags})",
+            "only MSG_PEEK and MSG_DONTWAIT are supported",
+            "call recv without that flag (for MSG_WAITALL, recv in a loop)",
+        )
+    return bool(flags & _MSG_PEEK), bool(flags & _MSG_DONTWAIT)
 
 
 def _os_error(code: int) -> OSError:
@@ -170,11 +182,12 @@ class VirtualSocket:
     def gettimeout(self) -> float | None:
         return self._timeout
 
-    def _block_until(self, ready: Any, reading: bool) -> None:
-        """Wait as the socket's mode says until ``ready()`` holds."""
+    def _block_until(self, ready: Any, reading: bool, dontwait: bool = False) -> None:
+        """Wait as the socket's mode says (or not at all: ``dontwait``) until ``ready()``
+        holds."""
         if ready():
             return
-        if self._timeout == 0.0:
+        if self._timeout == 0.0 or dontwait:
             raise BlockingIOError(_errno.EAGAIN, "Resource temporarily unavailable")
         deadline = None
         if self._timeout is not None:
@@ -384,15 +397,8 @@ class VirtualSocket:
             return self._recvfrom(bufsize, flags)[0]
         if self._state != "connected":
             raise _os_error(_errno.ENOTCONN)
-        peek = False
-        if flags:
-            flags = int(flags)
-            peek = bool(flags & _MSG_PEEK)
-            if flags & ~_RECV_FLAGS:
-                raise UnsupportedInGuest(
-                    f"socket.recv(flags={flags})", "only MSG_PEEK is supported"
-                )
-        self._block_until(self._readable_now, reading=True)
+        peek, dontwait = _recv_flags(flags) if flags else (False, False)
+        self._block_until(self._readable_now, reading=True, dontwait=dontwait)
         if self._rbuf:
             data = bytes(self._rbuf[:bufsize])
             if not peek:
@@ -429,8 +435,9 @@ class VirtualSocket:
         self._check_open()
         if self._state == "new":
             raise _os_error(_errno.EINVAL)
-        self._block_until(self._readable_now, reading=True)
-        if int(flags) & _MSG_PEEK:
+        peek, dontwait = _recv_flags(flags) if flags else (False, False)
+        self._block_until(self._readable_now, reading=True, dontwait=dontwait)
+        if peek:
             data, addr = self._dgrams[0]
         else:
             data, addr = self._dgrams.popleft()

@@ -4,8 +4,9 @@ Each request is an 8-byte command, and exercises one part of the surface:
 descriptors handed to ``os`` (read, write, sendfile, set_inheritable),
 ``sendmsg``/``recvmsg_into``, a socket's ``sendfile`` and ``timeout``, the
 resolver calls built on the devices, what ``select`` does not offer, and
-``recv``'s flags (``MSG_PEEK`` as ``socket.MsgFlag`` and as a plain int; any
-other flag is refused, which stops the guest).
+``recv``'s flags (``MSG_PEEK`` as ``socket.MsgFlag`` and as a plain int,
+``MSG_DONTWAIT`` on a blocking socket; any other flag is refused, which stops
+the guest).
 """
 
 import os
@@ -67,6 +68,10 @@ while True:
             peeked = conn.recv(4, socket.MSG_PEEK)
             again = conn.recv(4, int(socket.MSG_PEEK))
             taken = conn.recv(4)
+            try:
+                conn.recv(4, socket.MSG_DONTWAIT)  # nothing more was sent
+            except BlockingIOError:
+                taken += b" (then none)"
             conn.sendall(b"peek %s %s %s\n" % (peeked, again, taken))
         elif command == b"oob    \n":
             conn.recv(1, socket.MSG_OOB)
