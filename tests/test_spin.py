@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from ftproxy.shell import spin
 from ftproxy.shell.spin import ENV, Spinner
 
 
@@ -110,3 +111,50 @@ def test_a_roles_default_budget_gives_way_to_the_environment(
     chosen = Spinner(40_000)
     chosen.use_default(150)
     assert chosen.budget_ns == 40_000
+
+
+async def test_a_descriptor_whose_spins_run_out_is_not_spun_for_but_probed(
+    pipes: Callable[[], tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never judged contended, whatever else this machine runs: only futility is tested.
+    monkeypatch.setattr(spin, "CONTENDED_SHARE", 0.0)
+    spinner = Spinner(budget_ns=1_000_000)
+    futile, futile_write = pipes()
+    other, other_write = pipes()
+    spinner.watch(futile)
+    spinner.watch(other)
+    misses = 0
+    while misses < 100 and spinner.spins_for(futile):
+        assert not await spinner.spin(futile)  # nothing comes: each spin runs out
+        misses += 1
+    assert 1 < misses < 100  # one miss alone does not stop the spinning; a run does
+    os.write(futile_write, b"x")
+    # Readable at once, yet the next waits do not spin (the caller sleeps and wakes
+    # at once), except the probe, which finds the byte.
+    results = [await spinner.spin(futile) for _ in range(spin.PROBE_EVERY)]
+    assert results == [False] * (spin.PROBE_EVERY - 1) + [True]
+    # Another descriptor's spins are its own.
+    os.write(other_write, b"y")
+    assert await spinner.spin(other)
+
+
+async def test_a_probe_that_catches_its_event_turns_spinning_back_on(
+    pipes: Callable[[], tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load changed (50 clients, then one): the descriptor's event comes within the
+    budget again, and the first probe that sees it brings the spinning back."""
+    monkeypatch.setattr(spin, "CONTENDED_SHARE", 0.0)
+    spinner = Spinner(budget_ns=1_000_000)
+    read, write = pipes()
+    spinner.watch(read)
+    while spinner.spins_for(read):
+        assert not await spinner.spin(read)
+    os.write(write, b"x")
+    waits = 1
+    while not await spinner.spin(read):  # the waits between probes do not spin
+        waits += 1
+    assert waits == spin.PROBE_EVERY
+    assert spinner.spins_for(read)
+    assert os.read(read, 1) == b"x"
+    os.write(write, b"y")
+    assert await spinner.spin(read)  # every wait spins again

@@ -12,7 +12,11 @@ ends the spin, and the others', whose tasks trio then runs at once.
 The budget is per wait and bounded, so an idle replica sleeps as before; a
 spin that ran out having had less than 90 % of a CPU (the machine is busy:
 polling would only delay whoever else would run) turns spinning off for
-100 ms. FTPROXY_SPIN_US sets the budget (0: never spin). 40 us is the default
+100 ms. A descriptor whose spins mostly run out (its event comes later than
+the budget: the guest's frame after a batch of 50 clients' requests) is not
+spun for, but for one wait in eight that relearns it: a spin that runs out
+burns its whole budget for nothing. FTPROXY_SPIN_US sets the budget (0: never
+spin). 40 us is the default
 the bench chose (``python -m bench breakdown --baseline-env FTPROXY_SPIN_US=0``,
 2026-12-07; README, Performance): 1-client SET 1.06x-1.57x at load 1-4;
 without the back-off, 0.49x for the output rule at load 8, with it 1.05x-1.15x.
@@ -40,6 +44,12 @@ RECORD_SPIN_US = 150
 CONTENDED_SHARE = 0.9
 # ... and spinning stays off this long.
 OFF_WHEN_CONTENDED_NS = 100_000_000
+# Per descriptor, the share of its recent spins that caught their event (a moving
+# average, each spin weighing this much); below FUTILE_SHARE its waits sleep at
+# once, except every PROBE_EVERY-th, which spins to see whether that changed.
+HIT_WEIGHT = 1 / 8
+FUTILE_SHARE = 0.25
+PROBE_EVERY = 8
 
 
 def _budget_from_env() -> int:
@@ -57,6 +67,8 @@ class Spinner:
         self._poller = select.epoll()
         self._watched: set[int] = set()
         self._off_until = 0
+        self._hit_share: dict[int, float] = {}  # by descriptor; 1.0 until it misses
+        self._skipped: dict[int, int] = {}  # waits not spun for since the last probe
 
     def use_default(self, budget_us: int) -> None:
         """Spin up to ``budget_us`` from now on, unless FTPROXY_SPIN_US says otherwise
@@ -75,6 +87,8 @@ class Spinner:
     def unwatch(self, fd: int) -> None:
         if fd in self._watched:
             self._watched.discard(fd)
+            self._hit_share.pop(fd, None)
+            self._skipped.pop(fd, None)
             with contextlib.suppress(OSError, ValueError):
                 self._poller.unregister(fd)
 
@@ -85,7 +99,7 @@ class Spinner:
             return False
         now = time.monotonic_ns
         start = now()
-        if start < self._off_until:
+        if start < self._off_until or self._futile(fd):
             return False
         cpu_start = time.thread_time_ns()
         end = start + self.budget_ns
@@ -95,13 +109,37 @@ class Spinner:
             if not ready:
                 continue
             if any(ready_fd == fd for ready_fd, _ in ready):
+                self._count(fd, hit=True)
                 return True
             # Another task's descriptor: let trio run it, then go on polling.
             await trio.lowlevel.checkpoint()
             if stop is not None and stop.is_set():
+                self._count(fd, hit=True)
                 return True
+        self._count(fd, hit=False)
         self._check_contention(start, cpu_start)
         return False
+
+    def spins_for(self, fd: int) -> bool:
+        """Whether waits on ``fd`` spin (the probes aside): its recent spins did not
+        mostly run out."""
+        return self._hit_share.get(fd, 1.0) >= FUTILE_SHARE
+
+    def _futile(self, fd: int) -> bool:
+        """Whether this wait on ``fd`` goes without a spin: its spins mostly ran out,
+        and this is not a wait that probes."""
+        if self.spins_for(fd):
+            return False
+        skipped = self._skipped.get(fd, 0) + 1
+        if skipped >= PROBE_EVERY:
+            self._skipped[fd] = 0
+            return False
+        self._skipped[fd] = skipped
+        return True
+
+    def _count(self, fd: int, hit: bool) -> None:
+        share = self._hit_share.get(fd, 1.0)
+        self._hit_share[fd] = share + ((1.0 if hit else 0.0) - share) * HIT_WEIGHT
 
     def _check_contention(self, start: int, cpu_start: int) -> None:
         """A spin that ran out while the CPU was taken from us (other processes want
