@@ -8,6 +8,7 @@ socketpair.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -26,6 +27,7 @@ from ftproxy.core.channel import (
 )
 from ftproxy.core.records import Entry, Header, Policy
 from ftproxy.shell.link import (
+    _SENDS_BETWEEN_YIELDS,
     HANDSHAKE_TIMEOUT_S,
     LinkRefused,
     LogLink,
@@ -210,6 +212,7 @@ async def test_a_sender_whose_every_frame_the_socket_takes_still_lets_other_task
     # A catch-up streams batch after batch; a socket that takes each at once must not
     # let that loop hold the replica's other tasks (acks, the silence watch) off.
     primary, backup = await socket_linked()
+    total = 3 * _SENDS_BETWEEN_YIELDS  # more would fill the socketpair: no one reads
     sends = 0
     runs_of_the_other_task: list[int] = []
 
@@ -220,7 +223,7 @@ async def test_a_sender_whose_every_frame_the_socket_takes_still_lets_other_task
 
     async def sender() -> None:
         nonlocal sends
-        for _ in range(100):
+        for _ in range(total):
             await primary.send(Heartbeat())
             sends += 1
         nursery.cancel_scope.cancel()
@@ -228,9 +231,15 @@ async def test_a_sender_whose_every_frame_the_socket_takes_still_lets_other_task
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender)
         nursery.start_soon(other_task)
-    # Each heartbeat is a few bytes: the socket takes all hundred without blocking.
+    # Each heartbeat is a few bytes: the socket takes every one without blocking.
     assert backup.unread() > 0
-    assert len({count for count in runs_of_the_other_task if 0 < count < 100}) >= 2
+    # The other task runs once per pass of trio's loop, before or after the sender
+    # (trio shuffles each pass's order), so between two of its runs, and from the
+    # start and to the end, the sender made at most two stretches of sends; without
+    # the yields it would make all of them at once.
+    points = [0, *(count for count in runs_of_the_other_task if count < total), total]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(points)]
+    assert max(gaps) <= 2 * _SENDS_BETWEEN_YIELDS, points
 
 
 async def test_take_ready_hands_over_the_acks_in_the_socket_while_the_receiver_waits() -> None:
