@@ -23,7 +23,7 @@ from ftproxy.log.file import read_log
 from ftproxy.shell.arbiter_client import ArbiterClient, generation_key, log_address_of
 from ftproxy.shell.logstore import DataDirError, LogStore, LogStoreError, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
-from ftproxy.shell.world import new_header
+from ftproxy.shell.world import new_header, output_record
 
 TIMING = Timing(heartbeat_s=0.05, peer_timeout_s=0.5, max_lag_s=0.1, max_lag_bytes=1000)
 
@@ -139,7 +139,7 @@ def test_the_store_writes_a_log_that_reads_back_with_outputs_in_place(tmp_path: 
     assert path is not None
     store = LogStore(header(), path)
     store.append_entry(entry(1))
-    store.append_output(1, (p.OP_SEND, 7, b"+OK\r\n"))
+    store.append_output(output_record(1, (p.OP_SEND, 7, b"+OK\r\n")))
     store.append_entry(entry(2))
     store.close()
     contents = read_log(path)

@@ -223,7 +223,8 @@ class Backup(ReplicaShell):
 
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         self.board.counters["outputs_total"] += 1
-        self.store.append_output(seq, message)
+        record = output_record(seq, message)  # one per output: the disk log's and the check's
+        self.store.append_output(record)
         if self.world is not None:
             # Live: at once; primary of a later generation: once our backup holds the log.
             released = self.replica.output(seq, message)
@@ -234,7 +235,7 @@ class Backup(ReplicaShell):
                     _trace.stamp(_trace.OUTPUT_RELEASED, seq)
                 self.world.output_later(output)
         else:
-            self._since_entry.append(output_record(seq, message))
+            self._since_entry.append(record)
             self._takeover.follow_output(message)
 
     def flush(self) -> None:

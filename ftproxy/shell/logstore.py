@@ -23,9 +23,8 @@ from typing import Any, Final
 import structlog
 import trio
 
-from ftproxy.core.records import Entry, Header, Record
+from ftproxy.core.records import Entry, Header, Output, Record
 from ftproxy.log.file import LogWriter
-from ftproxy.shell.world import output_record
 
 log = structlog.get_logger()
 
@@ -101,10 +100,8 @@ class LogStore:
         self.bytes += len(entry.reply)
         self._write(entry, len(entry.reply))
 
-    def append_output(self, seq: int, message: tuple[Any, ...]) -> None:
-        if self._writer is not None:
-            record = output_record(seq, message)
-            self._write(record, len(record.data))
+    def append_output(self, record: Output) -> None:
+        self._write(record, len(record.data))
 
     def _write(self, record: Record, size: int) -> None:
         if self._writer is None:

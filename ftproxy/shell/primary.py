@@ -154,9 +154,10 @@ class Primary(ReplicaShell):
     def output(self, seq: int, message: tuple[Any, ...]) -> None:
         assert self.world is not None
         self.board.counters["outputs_total"] += 1
-        self.store.append_output(seq, message)
+        record = output_record(seq, message)  # one per output: the disk log's and the check's
+        self.store.append_output(record)
         if self.link is not None:
-            self._unchecked.append(output_record(seq, message))
+            self._unchecked.append(record)
         if not self.options.output_rule:
             if _trace.stamp is not None:
                 _trace.stamp(_trace.OUTPUT_RELEASED, seq)
