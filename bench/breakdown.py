@@ -290,6 +290,17 @@ def started(subjects: list[Subject]) -> Iterator[None]:
             subject.service.stop()
 
 
+@contextmanager
+def untraced(subject: Subject) -> Iterator[None]:
+    """Nothing of ``subject``'s stamps meanwhile: redis-benchmark's requests lie outside
+    every window, and would fill the trace files before the later rounds."""
+    t.pause(str(subject.trace_dir), True)
+    try:
+        yield
+    finally:
+        t.pause(str(subject.trace_dir), False)
+
+
 def redis_rate(port: int, requests: int, clients: int = 1) -> float:
     """redis-benchmark's SET 16 B rate with ``clients`` clients."""
     return bm.run(port, Load(f"c={clients}", clients, 1), Op("set", 16), requests).rps
@@ -366,13 +377,13 @@ def measure(
                         subject.cpu_used[1] += after[1] - before[1]
                         subject.requests += requests
                         if redis_requests and bm.require_redis_benchmark():
-                            subject.rates.append(redis_rate(subject.service.port, redis_requests))
-                            if redis_clients > 1:
-                                subject.rates_many.append(
-                                    redis_rate(
-                                        subject.service.port, redis_requests * 4, redis_clients
+                            with untraced(subject):
+                                port = subject.service.port
+                                subject.rates.append(redis_rate(port, redis_requests))
+                                if redis_clients > 1:
+                                    subject.rates_many.append(
+                                        redis_rate(port, redis_requests * 4, redis_clients)
                                     )
-                                )
                         print(f"  round {round_no + 1}: {subject.key} done", file=sys.stderr)
                 results = {subject.key: _summary(subject) for subject in subjects}
                 if keep:

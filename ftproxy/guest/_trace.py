@@ -65,6 +65,10 @@ STAGE_NAMES: Final = (
 RECORD: Final = struct.Struct("<qqq")  # stage, seq, ns
 COUNT: Final = struct.Struct("<q")
 CAPACITY: Final = 1 << 20  # records per process (24 MiB of file)
+# One byte in the trace directory, mapped by every process that stamps into it:
+# non-zero, nobody stamps. The bench sets it around loads it does not trace
+# (redis-benchmark's), which would otherwise fill the files before its own rounds.
+PAUSE_FILE: Final = "paused"
 
 stamp: Callable[[int, int], None] | None = None
 _now = time.monotonic_ns  # taken before the guest's devices replace time.*
@@ -85,6 +89,7 @@ def enable(role: str) -> bool:
         area = mmap.mmap(fd, size)
     finally:
         os.close(fd)
+    paused = _pause_flag(directory)
     pack_record = RECORD.pack_into
     pack_count = COUNT.pack_into
     now = _now
@@ -92,13 +97,30 @@ def enable(role: str) -> bool:
 
     def stamp_here(stage: int, seq: int = -1) -> None:
         nonlocal count
-        if count < CAPACITY:
+        if count < CAPACITY and not paused[0]:
             pack_record(area, COUNT.size + count * RECORD.size, stage, seq, now())
             count += 1
             pack_count(area, 0, count)
 
     stamp = stamp_here
     return True
+
+
+def pause(directory: str, paused: bool) -> None:
+    """Stop (``paused``) or resume the stamping of every process tracing into ``directory``."""
+    flag = _pause_flag(directory)
+    flag[0] = 1 if paused else 0
+    flag.close()
+
+
+def _pause_flag(directory: str) -> mmap.mmap:
+    fd = os.open(os.path.join(directory, PAUSE_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < 1:
+            os.ftruncate(fd, 1)  # zero: stamping
+        return mmap.mmap(fd, 1)
+    finally:
+        os.close(fd)
 
 
 def directory() -> str | None:
