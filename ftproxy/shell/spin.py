@@ -15,9 +15,10 @@ polling would only delay whoever else would run) turns spinning off for
 100 ms. A descriptor whose spins mostly run out (its event comes later than
 the budget: the guest's frame after a batch of 50 clients' requests) is not
 spun for, but for one wait in eight that relearns it: a spin that runs out
-burns its whole budget for nothing. FTPROXY_SPIN_US sets the budget (0: never
-spin). 40 us is the default
-the bench chose (``python -m bench breakdown --baseline-env FTPROXY_SPIN_US=0``,
+burns its whole budget for nothing.
+
+FTPROXY_SPIN_US sets the budget (0: never spin). 40 us is the default the
+bench chose (``python -m bench breakdown --baseline-env FTPROXY_SPIN_US=0``,
 2026-12-07; README, Performance): 1-client SET 1.06x-1.57x at load 1-4;
 without the back-off, 0.49x for the output rule at load 8, with it 1.05x-1.15x.
 ``ftproxy record`` spins up to 150 us (``RECORD_SPIN_US``): no backup shares the
