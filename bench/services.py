@@ -318,8 +318,8 @@ def _start_ephemeral_pair(
     """A pair whose every port is port 0: the backup starts once the primary has
     said where its log channel listens; the client port is the primary's mapped one."""
     generation = arbiter.next_generation()
-    guest = ["--", str(tree / KV.relative_to(ROOT)), "--port", str(GUEST_PORT)]
-    common = ["--arbiter", arbiter.address, *_security(arbiter.secret_file), "--admin", f"{HOST}:0"]
+    guest = _guest_args(tree)
+    common = _replica_flags(arbiter)
     primary_command = [
         *FTPROXY,
         "primary",
@@ -339,15 +339,7 @@ def _start_ephemeral_pair(
         service.log_port = _port_of(
             primary.wait_for_event("waiting_for_backup", timeout)["address"]
         )
-        backup_command = [
-            *FTPROXY,
-            "backup",
-            "--primary",
-            f"{HOST}:{service.log_port}",
-            *common,
-            *backup_flags,
-            *guest,
-        ]
+        backup_command = _backup_command(service.log_port, arbiter, tree, backup_flags)
         backup = Proc(f"{name}-g{generation}-backup", backup_command, scratch, env=env, cwd=tree)
         service.backup.append(backup)
         # The primary serves /status once its backup has joined.
@@ -393,21 +385,7 @@ def start_healed_pair(
             proc.wait_for_output(READY, timeout)
         first_primary.kill()
         log_port = _port_of(survivor.wait_for_event("waiting_for_backup", timeout)["address"])
-        joiner_command = [
-            *FTPROXY,
-            "backup",
-            "--primary",
-            f"{HOST}:{log_port}",
-            "--arbiter",
-            arbiter.address,
-            *_security(arbiter.secret_file),
-            "--admin",
-            f"{HOST}:0",
-            "--",
-            str(tree / KV.relative_to(ROOT)),
-            "--port",
-            str(GUEST_PORT),
-        ]
+        joiner_command = _backup_command(log_port, arbiter, tree)
         joiner = Proc(f"{name}-joiner", joiner_command, scratch, env=env, cwd=tree)
         survivor.wait_for_event("pair_protected", timeout)
         service.others.append(first_primary)
@@ -422,6 +400,30 @@ def start_healed_pair(
 
     first.boot = boot
     return first
+
+
+def _backup_command(
+    log_port: int, arbiter: Arbiter | EtcdArbiter, tree: Path, flags: tuple[str, ...] = ()
+) -> list[str]:
+    """An ephemeral-port backup of kv.py joining the log channel on ``log_port``."""
+    return [
+        *FTPROXY,
+        "backup",
+        "--primary",
+        f"{HOST}:{log_port}",
+        *_replica_flags(arbiter),
+        *flags,
+        *_guest_args(tree),
+    ]
+
+
+def _replica_flags(arbiter: Arbiter | EtcdArbiter) -> list[str]:
+    """What every ephemeral-port replica is given: its arbiter, security, an admin port."""
+    return ["--arbiter", arbiter.address, *_security(arbiter.secret_file), "--admin", f"{HOST}:0"]
+
+
+def _guest_args(tree: Path) -> list[str]:
+    return ["--", str(tree / KV.relative_to(ROOT)), "--port", str(GUEST_PORT)]
 
 
 def _security(secret_file: Path | None) -> list[str]:

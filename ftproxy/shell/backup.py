@@ -193,9 +193,7 @@ class Backup(ReplicaShell):
         joiners = self._serving_joiners
         if joiners is None:
             return await self.switchover.answer(seq, exit, self.world)
-        if self._acks_due:
-            self._acks_due = False
-            joiners.take_ready_acks()
+        self._take_ready_acks()
         body = await self.switchover.answer(seq, exit, self.world)
         joiners.ship_now()  # what this exit logged, to this live replica's own backup
         return body
@@ -240,10 +238,15 @@ class Backup(ReplicaShell):
 
     def flush(self) -> None:
         if self.world is not None:
-            if self._acks_due and self._serving_joiners is not None:
-                self._acks_due = False
-                self._serving_joiners.take_ready_acks()
+            self._take_ready_acks()
             self.world.flush_outputs()
+
+    def _take_ready_acks(self) -> None:
+        """Live and protected again: an output was held since the joiner's channel was
+        last looked at, so read the acks already in its socket (as Primary does)."""
+        if self._acks_due and self._serving_joiners is not None:
+            self._acks_due = False
+            self._serving_joiners.take_ready_acks()
 
     # -- the log channel --------------------------------------------------------
 
