@@ -21,9 +21,17 @@ from bench.procs import HOST
 _CDF_LINE = re.compile(
     r"^\s*(?P<pct>[0-9.]+)% <= (?P<ms>[0-9.]+) milliseconds \(cumulative count (?P<n>\d+)\)"
 )
-_THROUGHPUT = re.compile(r"throughput summary: (?P<rps>[0-9.]+) requests per second")
+# redis-benchmark times a run on a millisecond clock: a run that ends within one
+# tick reports "inf requests per second".
+_THROUGHPUT = re.compile(r"throughput summary: (?P<rps>[0-9.]+|inf) requests per second")
 _COMPLETED = re.compile(r"(?P<n>\d+) requests completed in (?P<s>[0-9.]+) seconds")
 _SUMMARY_HEADER = re.compile(r"^\s*avg\s+min\s+p50\s+p95\s+p99\s+max\s*$")
+# A run too short to time is run again with twice the requests, up to this many.
+MAX_TIMING_REQUESTS = 1_000_000
+
+
+class TooShortToTime(ValueError):
+    """The run ended within redis-benchmark's clock tick, so it has no rate to read."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,21 @@ def redis_benchmark_version() -> str:
 
 
 def run(port: int, load: Load, op: Op, requests: int, timeout: float = 300.0) -> Result:
-    """Run one redis-benchmark test against ``port`` and parse its full report."""
+    """Run one redis-benchmark test against ``port`` and parse its full report.
+
+    A run that ends within redis-benchmark's millisecond clock has no rate; it
+    is run again with twice the requests until it lasts long enough to time.
+    """
+    while True:
+        try:
+            return parse(_report(port, load, op, requests, timeout))
+        except TooShortToTime:
+            if requests * 2 > MAX_TIMING_REQUESTS:
+                raise
+            requests *= 2
+
+
+def _report(port: int, load: Load, op: Op, requests: int, timeout: float) -> str:
     command = [
         require_redis_benchmark(),
         "-h",
@@ -110,15 +132,17 @@ def run(port: int, load: Load, op: Op, requests: int, timeout: float = 300.0) ->
         "3",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
-    return parse(done.stdout)
+    return done.stdout
 
 
 def parse(output: str) -> Result:
     """Parse redis-benchmark's full (non-CSV, non-quiet) report of one test."""
     lines = re.split(r"[\r\n]+", output)
-    completed = next(m for m in map(_COMPLETED.search, lines) if m)
-    throughput = next(m for m in map(_THROUGHPUT.search, lines) if m)
+    completed = _first(_COMPLETED, lines, "how many requests completed")
+    throughput = _first(_THROUGHPUT, lines, "a throughput summary")
     total = int(completed["n"])
+    if throughput["rps"] == "inf":
+        raise TooShortToTime(f"{total} requests completed within redis-benchmark's 1 ms clock")
     points: dict[float, int] = {}
     for line in lines:
         match = _CDF_LINE.match(line)
@@ -137,6 +161,14 @@ def parse(output: str) -> Result:
         max_ms=summary["max"],
         cdf=cdf,
     )
+
+
+def _first(pattern: re.Pattern[str], lines: list[str], what: str) -> re.Match[str]:
+    for line in lines:
+        match = pattern.search(line)
+        if match:
+            return match
+    raise ValueError(f"redis-benchmark printed no line with {what}")
 
 
 def _monotone(points: list[tuple[float, int]], total: int) -> list[tuple[float, float]]:
