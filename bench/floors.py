@@ -5,7 +5,13 @@ processes over ``os.pipe`` (both free to run anywhere, then both pinned to one
 CPU with ``os.sched_setaffinity``) and over loopback TCP (``TCP_NODELAY``,
 1 byte each way), the TCP echo blocking in ``recv``, in a plain epoll loop and
 in a trio loop (``trio.lowlevel.wait_readable`` and non-blocking reads, as
-ftproxy's supervisors wait): what trio's loop adds to a wake-up, if anything. Each is a
+ftproxy's supervisors wait): what trio's loop adds to a wake-up, if anything.
+Then the relay: the TCP echo's child passes each byte over a pipe to a
+process of its own, which echoes it back the same way, the relay waiting in a
+plain epoll loop, then in a trio loop. That is the least any design which
+keeps the guest in a process of its own does per request (``ftproxy record``'s
+path with nothing logged and no Python of its own), so the TCP echo over the
+relay bounds what record can reach against bare at one client. Each is a
 closed-loop ping-pong from this process to a child ``python -m bench.floors
 echo ...``, timed trip by trip with ``perf_counter_ns``;
 the figures are percentiles over the trips, in microseconds. A request through
@@ -138,6 +144,8 @@ def measure(trips: int = TRIPS) -> dict[str, Any]:
         "tcp": tcp_round_trip(trips),
         "tcp_epoll": tcp_round_trip(trips, "tcp-epoll"),
         "tcp_trio": tcp_round_trip(trips, "tcp-trio"),
+        "relay_epoll": tcp_round_trip(trips, "relay-epoll"),
+        "relay_trio": tcp_round_trip(trips, "relay-trio"),
     }
 
 
@@ -152,6 +160,8 @@ def _serve(argv: list[str]) -> int:
         while data := os.read(rfd, 1):
             os.write(wfd, data)
         return 0
+    if kind.startswith("relay-"):
+        return _serve_relay(kind)
     with socket.create_server((HOST, 0)) as server:
         print(server.getsockname()[1], flush=True)
         conn, _ = server.accept()
@@ -168,6 +178,78 @@ def _serve(argv: list[str]) -> int:
             while data := conn.recv(1):
                 conn.sendall(data)
     return 0
+
+
+def _serve_relay(kind: str) -> int:
+    """The relay's side: each byte from the connection to a pipe echo and back."""
+    to_echo_r, to_echo_w = os.pipe()
+    from_echo_r, from_echo_w = os.pipe()
+    echo = _echo(["pipe", str(to_echo_r), str(from_echo_w)])
+    os.close(to_echo_r)
+    os.close(from_echo_w)
+    try:
+        assert echo.stdout is not None
+        echo.stdout.readline()  # "ready"
+        with socket.create_server((HOST, 0)) as server:
+            print(server.getsockname()[1], flush=True)
+            conn, _ = server.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setblocking(False)
+                os.set_blocking(from_echo_r, False)
+                if kind == "relay-trio":
+                    import trio
+
+                    trio.run(_trio_relay, conn, to_echo_w, from_echo_r)
+                else:
+                    _epoll_relay(conn, to_echo_w, from_echo_r)
+    finally:
+        os.close(to_echo_w)
+        os.close(from_echo_r)
+        _reap(echo)
+    return 0
+
+
+def _epoll_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None:
+    poller = select.epoll()
+    poller.register(conn.fileno(), select.EPOLLIN)
+    poller.register(from_echo, select.EPOLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == from_echo:
+                conn.send(os.read(from_echo, 1))
+            elif not _relay_ready(conn, to_echo):
+                return
+
+
+async def _trio_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None:
+    """As a supervisor relays: one task waits on the connection, one on the pipe."""
+    import trio
+
+    async def back() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(from_echo)
+            conn.send(os.read(from_echo, 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(back)
+        while True:
+            await trio.lowlevel.wait_readable(conn.fileno())
+            if not _relay_ready(conn, to_echo):
+                nursery.cancel_scope.cancel()
+                return
+
+
+def _relay_ready(conn: socket.socket, to_echo: int) -> bool:
+    """Pass on what a non-blocking connection holds; False once the peer closed."""
+    try:
+        data = conn.recv(1)
+    except BlockingIOError:
+        return True
+    if not data:
+        return False
+    os.write(to_echo, data)
+    return True
 
 
 def _epoll_echo(conn: socket.socket) -> None:
@@ -222,6 +304,8 @@ LABELS = {
     "tcp": "loopback TCP round trip (TCP_NODELAY)",
     "tcp_epoll": "same, the echo in a plain epoll loop",
     "tcp_trio": "same, the echo in a trio loop",
+    "relay_epoll": "TCP echo over a pipe relay, epoll loop",
+    "relay_trio": "TCP echo over a pipe relay, trio loop",
 }
 
 

@@ -236,6 +236,7 @@ def floors_table(result: dict[str, Any]) -> Table | None:
             f"{found[key]['trips']:,}",
         ]
         for key, label in LABELS.items()
+        if key in found  # a run saved before this floor was measured has none
     ]
     return title, header, rows
 

@@ -150,6 +150,22 @@ class Evidence:
         total = sum(v for v in values if v is not None)
         return f"{shown} (sum {_us(total)})"
 
+    def relay_line(self) -> str:
+        """The least a process hop between client and guest costs: the TCP echo relayed
+        over a pipe by a process that does nothing else, against the echo alone."""
+        f = self.floors or {}
+        if "relay_epoll" not in f or "tcp_epoll" not in f:
+            return ""
+        relay, echo = f["relay_epoll"]["p50_us"], f["tcp_epoll"]["p50_us"]
+        line = (
+            "; the TCP echo relayed over a pipe to another process and back by a process "
+            f"that does nothing else, in a plain epoll loop: {_us(relay)} against "
+            f"{_us(echo)} for the echo alone ({echo / relay:.2f}x)"
+        )
+        if "relay_trio" in f:
+            line += f", {_us(f['relay_trio']['p50_us'])} with the relay in a trio loop"
+        return line
+
     def floor_line(self) -> str:
         if not self.floors or "tcp" not in self.floors:
             error = (self.floors or {}).get("error")
@@ -314,6 +330,7 @@ def _record_vs_bare(configs: Configs, load: str, evidence: Evidence) -> dict[str
             )
             + f"; {evidence.path(RECORD)}; bare's path: 1 TCP round trip, floor "
             + evidence.floor("tcp")
+            + evidence.relay_line()
         )
     return target
 

@@ -117,6 +117,8 @@ FLOORS = {
     "tcp": {"trips": 100, "p50_us": 47.0, "p90_us": 55.0, "p99_us": 80.0},
     "tcp_epoll": {"trips": 100, "p50_us": 49.0, "p90_us": 57.0, "p99_us": 81.0},
     "tcp_trio": {"trips": 100, "p50_us": 58.0, "p90_us": 66.0, "p99_us": 90.0},
+    "relay_epoll": {"trips": 100, "p50_us": 61.0, "p90_us": 70.0, "p99_us": 95.0},
+    "relay_trio": {"trips": 100, "p50_us": 90.0, "p90_us": 99.0, "p99_us": 120.0},
 }
 
 
@@ -259,6 +261,8 @@ def test_record_below_two_thirds_of_bare_names_its_hops_against_the_pipe_floor()
     assert "pipe hop to the guest 44 us, pipe hop back (output taken) 58 us (sum 102 us)" in reason
     assert "pipe round-trip floor of 42 us (6 us on one CPU)" in reason
     assert "bare's path: 1 TCP round trip, floor 47 us" in reason
+    assert "plain epoll loop: 61 us against 49 us for the echo alone (0.80x)" in reason
+    assert "90 us with the relay in a trio loop" in reason
 
 
 def test_added_latency_is_judged_against_the_log_channel_round_trip() -> None:
@@ -375,10 +379,11 @@ def test_a_saved_run_from_before_the_breakdown_still_renders() -> None:
     assert "**Targets" in text and "Where a 1-client" not in text and "Floors" not in text
 
 
-def test_floors_measure_pipe_pinned_pipe_and_tcp_round_trips() -> None:
+def test_floors_measure_pipe_pinned_pipe_tcp_and_relay_round_trips() -> None:
     found = floors.measure(200)
-    assert set(found) == {"method", "pipe", "pipe_pinned", "tcp", "tcp_epoll", "tcp_trio"}
-    for name in ("pipe", "pipe_pinned", "tcp", "tcp_epoll", "tcp_trio"):
+    names = {"pipe", "pipe_pinned", "tcp", "tcp_epoll", "tcp_trio", "relay_epoll", "relay_trio"}
+    assert set(found) == {"method", *names}
+    for name in names:
         figures = found[name]
         assert figures["trips"] == 200
         assert 0 < figures["p50_us"] <= figures["p90_us"] <= figures["p99_us"], figures
