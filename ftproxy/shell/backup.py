@@ -117,10 +117,8 @@ class Backup(ReplicaShell):
         self.store = store
         self.went_live = trio.Event()
         self._flow = Doorbell()  # acks of our own backup, once live: input flow control
-        # Live, with --log-listen: what takes later backups and ships them the log; and
-        # whether an output was held for one since its channel was last looked at.
+        # Live, with --log-listen: what takes later backups and ships them the log.
         self._serving_joiners: Reprotector | None = None
-        self._acks_due = False
         # Once live and protected again: planned switchovers, as any primary's.
         self.switchover = PlannedSwitchover(
             replica=self.replica,
@@ -225,13 +223,7 @@ class Backup(ReplicaShell):
         self.store.append_output(record)
         if self.world is not None:
             # Live: at once; primary of a later generation: once our backup holds the log.
-            released = self.replica.output(seq, message)
-            if not released:
-                self._acks_due = True  # looked for at this frame's next exit or end
-            for output in released:
-                if _trace.stamp is not None:
-                    _trace.stamp(_trace.OUTPUT_RELEASED, seq)
-                self.world.output_later(output)
+            self.gate_output(self.world, seq, message)
         else:
             self._since_entry.append(record)
             self._takeover.follow_output(message)

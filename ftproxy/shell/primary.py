@@ -106,8 +106,6 @@ class Primary(ReplicaShell):
         # Outputs the backup's replay has not checked yet (those after the entry it
         # last said it replayed): what its report of a divergence is compared with.
         self._unchecked: deque[Output] = deque()
-        # An output was held since the log channel was last looked at (_take_ready_acks).
-        self._acks_due = False
         # Live, with --log-listen: what takes (and then ships to) the later backups.
         self._serving_joiners: Reprotector | None = None
         # The exit last announced to the backup (the guest waited long there).
@@ -163,13 +161,7 @@ class Primary(ReplicaShell):
                 _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             self.world.output_later(message)
             return
-        released = self.replica.output(seq, message)
-        if not released:
-            self._acks_due = True  # looked for once this frame's exit or end is reached
-        for output in released:
-            if _trace.stamp is not None:
-                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
-            self.world.output_later(output)
+        self.gate_output(self.world, seq, message)
 
     def flush(self) -> None:
         assert self.world is not None

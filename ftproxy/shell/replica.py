@@ -8,11 +8,13 @@ import structlog
 import trio
 
 from ftproxy.core.replication import Replica, ReplicaRole
+from ftproxy.guest import _trace
 from ftproxy.shell.arbiter_client import ArbiterClient
 from ftproxy.shell.hooks import RoleHooks
 from ftproxy.shell.link import LogLink
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.status import StatusBoard
+from ftproxy.shell.world import WorldAnswers
 
 log = structlog.get_logger()
 
@@ -63,6 +65,20 @@ class ReplicaShell:
         self.peer_gone = trio.Event()
         self.peer_lost_at: float | None = None
         self.log = log.bind(role=role.value, generation=options.generation)
+        # An output was held since the log channel was last looked at: the acks
+        # already in its socket are read at this frame's next exit or end.
+        self._acks_due = False
+
+    def gate_output(self, world: WorldAnswers, seq: int, message: tuple[Any, ...]) -> None:
+        """Put ``message``, an output after entry ``seq``, out once the core allows:
+        after the guest's reply if it may go now, else once an ack covers it."""
+        released = self.replica.output(seq, message)
+        if not released:
+            self._acks_due = True
+        for output in released:
+            if _trace.stamp is not None:
+                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
+            world.output_later(output)
 
     async def watch(self) -> None:
         """Declare the peer dead after the timeout of silence, judged after what arrived.
