@@ -25,6 +25,7 @@ ftproxy makes such hops (client -> supervisor -> guest -> supervisor -> backup
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import select
@@ -211,6 +212,7 @@ def _serve_relay(kind: str) -> int:
 
 
 def _epoll_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None:
+    to_pipe = functools.partial(os.write, to_echo)
     poller = select.epoll()
     poller.register(conn.fileno(), select.EPOLLIN)
     poller.register(from_echo, select.EPOLLIN)
@@ -218,13 +220,15 @@ def _epoll_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None:
         for fd, _ in poller.poll():
             if fd == from_echo:
                 conn.send(os.read(from_echo, 1))
-            elif not _relay_ready(conn, to_echo):
+            elif not _forward_ready(conn, to_pipe):
                 return
 
 
 async def _trio_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None:
     """As a supervisor relays: one task waits on the connection, one on the pipe."""
     import trio
+
+    to_pipe = functools.partial(os.write, to_echo)
 
     async def back() -> None:
         while True:
@@ -235,21 +239,9 @@ async def _trio_relay(conn: socket.socket, to_echo: int, from_echo: int) -> None
         nursery.start_soon(back)
         while True:
             await trio.lowlevel.wait_readable(conn.fileno())
-            if not _relay_ready(conn, to_echo):
+            if not _forward_ready(conn, to_pipe):
                 nursery.cancel_scope.cancel()
                 return
-
-
-def _relay_ready(conn: socket.socket, to_echo: int) -> bool:
-    """Pass on what a non-blocking connection holds; False once the peer closed."""
-    try:
-        data = conn.recv(1)
-    except BlockingIOError:
-        return True
-    if not data:
-        return False
-    os.write(to_echo, data)
-    return True
 
 
 def _epoll_echo(conn: socket.socket) -> None:
@@ -259,7 +251,7 @@ def _epoll_echo(conn: socket.socket) -> None:
     poller.register(conn.fileno(), select.EPOLLIN)
     while True:
         poller.poll()
-        if not _echo_ready(conn):
+        if not _forward_ready(conn, conn.send):
             return
 
 
@@ -270,19 +262,20 @@ async def _trio_echo(conn: socket.socket) -> None:
     conn.setblocking(False)
     while True:
         await trio.lowlevel.wait_readable(conn.fileno())
-        if not _echo_ready(conn):
+        if not _forward_ready(conn, conn.send):
             return
 
 
-def _echo_ready(conn: socket.socket) -> bool:
-    """Echo what a non-blocking connection holds; False once the peer closed."""
+def _forward_ready(conn: socket.socket, send: Callable[[bytes], object]) -> bool:
+    """Pass what a non-blocking connection holds to ``send`` (back to it, for an echo;
+    into a pipe, for a relay); False once the peer closed."""
     try:
         data = conn.recv(1)
     except BlockingIOError:
         return True
     if not data:
         return False
-    conn.send(data)
+    send(data)
     return True
 
 
