@@ -191,7 +191,7 @@ class Backup(ReplicaShell):
         joiners = self._serving_joiners
         if joiners is None:
             return await self.switchover.answer(seq, exit, self.world)
-        self._take_ready_acks()
+        self.take_ready_acks()
         body = await self.switchover.answer(seq, exit, self.world)
         joiners.ship_now()  # what this exit logged, to this live replica's own backup
         return body
@@ -230,14 +230,12 @@ class Backup(ReplicaShell):
 
     def flush(self) -> None:
         if self.world is not None:
-            self._take_ready_acks()
+            self.take_ready_acks()
             self.world.flush_outputs()
 
-    def _take_ready_acks(self) -> None:
-        """Live and protected again: an output was held since the joiner's channel was
-        last looked at, so read the acks already in its socket (as Primary does)."""
-        if self._acks_due and self._serving_joiners is not None:
-            self._acks_due = False
+    def _read_ready_acks(self) -> None:
+        """Live and protected again: the acks already in the joiner's channel."""
+        if self._serving_joiners is not None:
             self._serving_joiners.take_ready_acks()
 
     # -- the log channel --------------------------------------------------------

@@ -126,8 +126,7 @@ class Primary(ReplicaShell):
     async def answer(self, seq: int, exit: Exit) -> bytes:
         assert self.world is not None
         self.board.counters["exits_total"] += 1
-        if self._acks_due:
-            self._take_ready_acks()
+        self.take_ready_acks()
         body = await self.switchover.answer(seq, exit, self.world)
         if self._outbox and not self._ship_now():
             self._outbox_ready.ring()
@@ -165,8 +164,7 @@ class Primary(ReplicaShell):
 
     def flush(self) -> None:
         assert self.world is not None
-        if self._acks_due:
-            self._take_ready_acks()
+        self.take_ready_acks()
         self.world.flush_outputs()
 
     def _logged(self, entry: Entry) -> None:
@@ -271,11 +269,7 @@ class Primary(ReplicaShell):
         self._acked.ring()
         return True
 
-    def _take_ready_acks(self) -> None:
-        """Outputs are held: the acks the log channel already holds release them here,
-        a pass of trio's loop before the receiving task would have read them (the
-        backup's ack is often in the socket by the time the guest's output is)."""
-        self._acks_due = False
+    def _read_ready_acks(self) -> None:
         link = self.link
         if link is None:
             if self._serving_joiners is not None:  # held: a later backup protects this replica

@@ -80,6 +80,18 @@ class ReplicaShell:
                 _trace.stamp(_trace.OUTPUT_RELEASED, seq)
             world.output_later(output)
 
+    def take_ready_acks(self) -> None:
+        """Outputs were held since the log channel was last looked at: the acks already
+        in its socket release them here, a pass of trio's loop before the receiving
+        task would have read them (the ack is often in by the time the output is)."""
+        if self._acks_due:
+            self._acks_due = False
+            self._read_ready_acks()
+
+    def _read_ready_acks(self) -> None:
+        """Handle the acks already in the socket of the channel that protects this
+        replica (subclasses: each reads its own)."""
+
     async def watch(self) -> None:
         """Declare the peer dead after the timeout of silence, judged after what arrived.
 
