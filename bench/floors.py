@@ -25,6 +25,7 @@ ftproxy makes such hops (client -> supervisor -> guest -> supervisor -> backup
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -33,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,33 +89,43 @@ def _reap(child: subprocess.Popen[bytes]) -> None:
         child.stdout.close()
 
 
-def pipe_round_trip(trips: int, cpu: int | None = None) -> dict[str, Any]:
-    """One byte there and back over two pipes to a child process; ``cpu``: both pinned there.
-
-    Pinning applies to this thread only (Linux affinity is per thread), restored after.
-    """
+@contextlib.contextmanager
+def _pipe_echo(cpu: int | None = None) -> Iterator[tuple[int, int]]:
+    """A child echoing over two pipes (pinned to ``cpu``, if given), once it is ready:
+    (the end to write to it, the end to read its echo from); closed and reaped after."""
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     pinned = [] if cpu is None else [str(cpu)]
     child = _echo(["pipe", str(to_child_r), str(from_child_w), *pinned])
     os.close(to_child_r)
     os.close(from_child_w)
-    saved = os.sched_getaffinity(0)
     try:
         assert child.stdout is not None
         child.stdout.readline()  # "ready": pinned, waiting on its pipe
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
-
-        def send() -> None:
-            os.write(to_child_w, PING)
-
-        times = _ping_pong(send, lambda: os.read(from_child_r, 1), trips)
+        yield to_child_w, from_child_r
     finally:
-        os.sched_setaffinity(0, saved)
         os.close(to_child_w)
         os.close(from_child_r)
         _reap(child)
+
+
+def pipe_round_trip(trips: int, cpu: int | None = None) -> dict[str, Any]:
+    """One byte there and back over two pipes to a child process; ``cpu``: both pinned there.
+
+    Pinning applies to this thread only (Linux affinity is per thread), restored after.
+    """
+    saved = os.sched_getaffinity(0)
+    with _pipe_echo(cpu) as (to_child, from_child):
+        try:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+            def send() -> None:
+                os.write(to_child, PING)
+
+            times = _ping_pong(send, lambda: os.read(from_child, 1), trips)
+        finally:
+            os.sched_setaffinity(0, saved)
     return {"trips": trips, "pinned_cpu": cpu, **_figures(times)}
 
 
@@ -161,53 +172,31 @@ def _serve(argv: list[str]) -> int:
         while data := os.read(rfd, 1):
             os.write(wfd, data)
         return 0
-    if kind.startswith("relay-"):
-        return _serve_relay(kind)
-    with socket.create_server((HOST, 0)) as server:
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(_pipe_echo()) if kind.startswith("relay-") else None
+        server = stack.enter_context(socket.create_server((HOST, 0)))
         print(server.getsockname()[1], flush=True)
-        conn, _ = server.accept()
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if kind == "tcp-trio":
+        conn = stack.enter_context(server.accept()[0])
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if relay is not None:
+            to_echo, from_echo = relay
+            conn.setblocking(False)
+            os.set_blocking(from_echo, False)
+            if kind == "relay-trio":
                 import trio
 
-                trio.run(_trio_echo, conn)
-                return 0
-            if kind == "tcp-epoll":
-                _epoll_echo(conn)
-                return 0
+                trio.run(_trio_relay, conn, to_echo, from_echo)
+            else:
+                _epoll_relay(conn, to_echo, from_echo)
+        elif kind == "tcp-trio":
+            import trio
+
+            trio.run(_trio_echo, conn)
+        elif kind == "tcp-epoll":
+            _epoll_echo(conn)
+        else:
             while data := conn.recv(1):
                 conn.sendall(data)
-    return 0
-
-
-def _serve_relay(kind: str) -> int:
-    """The relay's side: each byte from the connection to a pipe echo and back."""
-    to_echo_r, to_echo_w = os.pipe()
-    from_echo_r, from_echo_w = os.pipe()
-    echo = _echo(["pipe", str(to_echo_r), str(from_echo_w)])
-    os.close(to_echo_r)
-    os.close(from_echo_w)
-    try:
-        assert echo.stdout is not None
-        echo.stdout.readline()  # "ready"
-        with socket.create_server((HOST, 0)) as server:
-            print(server.getsockname()[1], flush=True)
-            conn, _ = server.accept()
-            with conn:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.setblocking(False)
-                os.set_blocking(from_echo_r, False)
-                if kind == "relay-trio":
-                    import trio
-
-                    trio.run(_trio_relay, conn, to_echo_w, from_echo_r)
-                else:
-                    _epoll_relay(conn, to_echo_w, from_echo_r)
-    finally:
-        os.close(to_echo_w)
-        os.close(from_echo_r)
-        _reap(echo)
     return 0
 
 
