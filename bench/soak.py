@@ -297,7 +297,15 @@ class Fleet:
     def start_pair(self) -> None:
         """A primary and its first backup, both ready."""
         generation = [] if self.reprotect else ["--generation", str(self.arbiter.next_generation())]
-        unsafe = ["--no-output-rule", "--ship-delay-ms", "20"] if self.unsafe else []
+        # Unsafe: every reply of the last 20 ms has its log still on the primary. The
+        # lag bound goes out of the way: with the default (100 ms), a backup slow to
+        # replay (a loaded machine) pauses the primary's input until all is shipped,
+        # and a kill in such a pause would find nothing to lose.
+        unsafe = (
+            ["--no-output-rule", "--ship-delay-ms", "20", "--max-lag-ms", "10000"]
+            if self.unsafe
+            else []
+        )
         self.primary = self._node("primary", ["--pair", self.pair, *generation, *unsafe])
         assert self.primary.log_port is not None
         self.backup = self._node("backup", ["--primary", f"{HOST}:{self.primary.log_port}"])

@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="MS",
-        help="with --no-output-rule only: hold each log batch this long before shipping it, "
-        "to make the unsafe window visible",
+        help="with --no-output-rule only: hold each log entry this long after it is logged "
+        "before shipping it, to make the unsafe window visible",
     )
     primary.add_argument(
         "--pin",

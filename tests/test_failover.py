@@ -16,6 +16,8 @@ import pytest
 from cluster import KvClient, Load, Process, status, wait_until
 from support import FTPROXY, free_port
 
+from ftproxy.tools.resp import receive_reply
+
 EXIT_HALTED = 4
 
 
@@ -77,6 +79,33 @@ def test_a_stopped_primary_loses_to_the_backup_and_sends_nothing_after(cluster) 
         leftover = b""
     assert leftover == b"", f"the old primary answered after the backup went live: {leftover!r}"
     assert "role_changed" in [e["event"] for e in c.primary.events() if e.get("to") == "halted"]
+
+
+def test_without_the_rule_a_reply_after_a_stall_still_has_its_log_held_back(cluster) -> None:
+    """--no-output-rule --ship-delay-ms, what the unsafe demonstrations run: each
+    entry stays on the primary for the whole delay after it is logged, even when
+    the primary was off the CPU for longer than that (on a loaded machine), so a
+    kill just after a reply always finds that reply's write unshipped."""
+    slow = ("--peer-timeout-ms", "20000")  # the stall below is no failure of either side
+    c = cluster(
+        primary_args=("--no-output-rule", "--ship-delay-ms", "1500", "--max-lag-ms", "9000", *slow),
+        backup_args=slow,
+    ).start()
+    client = KvClient(c.service_port)
+    assert client.call("SET", "before", "1") == "OK"  # its entry is held until ~1.5 s on
+    assert client.sock is not None
+    c.primary.signal(signal.SIGSTOP)
+    try:
+        client.sock.sendall(b"*3\r\n$3\r\nSET\r\n$5\r\nafter\r\n$1\r\n2\r\n")
+        time.sleep(2.0)  # the stall's length (past the delay), not synchronisation
+    finally:
+        c.primary.signal(signal.SIGCONT)
+    client.sock.settimeout(10)
+    assert receive_reply(client.sock, client.buffer) == "OK"  # released at once: no rule
+    c.kill_primary()  # well within the 1.5 s that entry waits
+    wait_until(lambda: role(c.backup_admin) == "live", 20, "the backup goes live")
+    survivor = KvClient(c.service_port)
+    assert survivor.call("GET", "after") is None, "the acknowledged write was shipped early"
 
 
 def test_the_arbiter_down_in_steady_state_changes_nothing(cluster) -> None:

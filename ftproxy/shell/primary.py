@@ -21,6 +21,7 @@ if it wins.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import signal
@@ -98,6 +99,8 @@ class Primary(ReplicaShell):
             self.replica.role is ReplicaRole.PRIMARY and self.link is not None and store.on_disk
         )
         self._outbox: list[Entry] = []
+        # With --ship-delay-ms only: when each outbox entry was logged, in order.
+        self._logged_at: list[float] = []
         self._in_flight = InFlight(self.board)
         self._outbox_ready = Doorbell()
         self._acked = Doorbell()  # acks, and role changes: what input flow control waits on
@@ -168,7 +171,8 @@ class Primary(ReplicaShell):
         self.world.flush_outputs()
 
     def _logged(self, entry: Entry) -> None:
-        self.replica.entry_logged(entry.seq, len(entry.reply), trio.current_time())
+        now = trio.current_time()
+        self.replica.entry_logged(entry.seq, len(entry.reply), now)
         self.board.counters["log_bytes_total"] += len(entry.reply)
         self.store.append_entry(entry)
         if self.replica.gated and self.link is not None:
@@ -176,6 +180,8 @@ class Primary(ReplicaShell):
             # at its end, or rings the ship task when the channel is busy. Handing
             # over too: the exit under way when the switchover began finishes.
             self._outbox.append(entry)
+            if self.options.ship_delay_s:
+                self._logged_at.append(now)
 
     async def _input_allowed(self) -> None:
         if self.replica.lag_exceeded(trio.current_time()) and self.world is not None:
@@ -204,8 +210,9 @@ class Primary(ReplicaShell):
             if link.pending and not self._outbox:
                 continue
             if self._outbox and self.options.ship_delay_s:
-                await trio.sleep(self.options.ship_delay_s)
-            batch, self._outbox = self._outbox, []
+                batch = await self._delayed_batch(self.options.ship_delay_s)
+            else:
+                batch, self._outbox = self._outbox, []
             message: Entries | Heartbeat | Waiting = Entries(batch) if batch else Heartbeat()
             waiting = self.switchover.waiting
             if not batch and waiting is not None and waiting is not self._announced:
@@ -223,6 +230,19 @@ class Primary(ReplicaShell):
             if batch and _trace.stamp is not None:
                 _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
             self.replica.sent(trio.current_time())
+
+    async def _delayed_batch(self, delay: float) -> list[Entry]:
+        """--ship-delay-ms (unsafe demonstrations): the outbox entries logged at least
+        ``delay`` ago. Each entry waits its own full delay, counted from when it was
+        logged, so at every moment the outputs of the last ``delay`` have their log
+        unshipped, even when the process has been off the CPU for longer than that
+        (one sleep per batch would let a starved primary ship at once what it had
+        just released)."""
+        await trio.sleep_until(self._logged_at[0] + delay)
+        due = bisect.bisect_right(self._logged_at, trio.current_time() - delay)
+        batch, self._outbox = self._outbox[:due], self._outbox[due:]
+        del self._logged_at[:due]
+        return batch
 
     async def receive(self, link: LogLink) -> None:
         while True:
@@ -318,6 +338,7 @@ class Primary(ReplicaShell):
         ):
             self.replica.handle(Event.PEER_LOST)
         self._outbox.clear()
+        self._logged_at.clear()
         self._acked.ring()  # a switchover waiting for the backup learns it is gone
         await self.arbitrate()
 

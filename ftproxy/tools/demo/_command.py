@@ -84,7 +84,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=200.0,
         metavar="MS",
-        help="with --no-output-rule: how long each log batch waits before shipping "
+        help="with --no-output-rule: how long each log entry waits before shipping "
         "(default 200), the window in which acknowledged writes are lost",
     )
     parser.add_argument(
