@@ -308,3 +308,26 @@ async def test_a_peer_that_closes_or_breaks_the_protocol_is_reported_by_the_rece
         else:
             assert receiver.error is not None
             assert "malformed message" in str(receiver.error)
+
+
+async def test_a_send_that_finds_the_channel_broken_reports_the_reason_the_peer_gave() -> None:
+    primary, backup = await socket_linked()
+    # Entries the backup has not read yet, then the primary lets it go, saying why.
+    await primary.send(Entries([Entry(seq, seq, 1, seq, b"r") for seq in (1, 2, 3)]))
+    await primary.refuse("let go: no word from the backup for 5s")
+    with pytest.raises(trio.BrokenResourceError):
+        await backup.send(Ack(3, 0))
+    assert backup.why_broken() == (
+        "the primary aborted the connection, saying: let go: no word from the backup for 5s"
+    )
+
+
+async def test_a_peer_that_closed_without_a_word_is_a_channel_broken_while_sending() -> None:
+    primary, backup = await socket_linked()
+    await primary.aclose()
+    assert backup.why_broken() == "the log channel broke while sending"
+    assert await backup.next_event() == ConnectionClosed()
+    # Once the end has been seen the channel says so for ever: asked again, it still ends.
+    assert backup.why_broken("sending the Handover") == (
+        "the log channel broke while sending the Handover"
+    )

@@ -346,6 +346,9 @@ def test_a_joiner_that_stalls_mid_catch_up_is_dropped_and_the_next_one_taken(clu
         assert nxt.status()["protected"] is True
         stalled.process.signal(signal.SIGCONT)
         assert stalled.process.wait(timeout=20) == EXIT_HALTED
+        # Thawed, the joiner learns from the live replica why it was let go.
+        (told,) = events(stalled, "primary_lost")
+        assert "let this backup go: no word from the backup" in told["reason"], told
         wait_writes(load)
     finally:
         load.stop()

@@ -101,6 +101,15 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol: garbage, another version, failed authentication, refusal."""
 
 
+class PeerAborted(RemoteProtocolError):
+    """The peer gave up on the conversation with an ``Error``, and ``reason`` says why:
+    a decision of the peer's, not a broken frame."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 Kind: TypeAlias = type[Any]
 
 
@@ -198,7 +207,7 @@ class Session:
         every later call.
         """
         if self._error is not None:
-            raise RemoteProtocolError(str(self._error))
+            raise self._error.with_traceback(None)
         if self._state is self.State.CLOSED:
             return ConnectionClosed()
         while True:
@@ -232,8 +241,9 @@ class Session:
             )
         if isinstance(message, Error):
             self._transition(sender, Error)
-            self._error = RemoteProtocolError(
-                f"the {self._side(sender)} aborted the connection, saying: {message.reason}"
+            self._error = PeerAborted(
+                f"the {self._side(sender)} aborted the connection, saying: {message.reason}",
+                message.reason,
             )
             raise self._error
         if isinstance(message, Hello):

@@ -70,7 +70,7 @@ from ftproxy.shell.front import PacketConfig, format_mac
 from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.hooks import RoleHooks, role_hooks
-from ftproxy.shell.link import LinkRefused, LogLink, join_primary
+from ftproxy.shell.link import LinkRefused, LogLink, join_primary, peer_failure
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import check_entry, first_difference
@@ -245,7 +245,7 @@ class Backup(ReplicaShell):
             try:
                 event = await self.joined.next_event()
             except RemoteProtocolError as exc:
-                self.lose_peer(f"the primary broke the protocol: {exc}")
+                self.lose_peer(peer_failure("the primary", exc))
                 return
             now = trio.current_time()
             if isinstance(event, Entries):
@@ -318,7 +318,7 @@ class Backup(ReplicaShell):
         try:
             await self.joined.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.lose_peer("the log channel broke while sending")
+            self.lose_peer(self.joined.why_broken())
             return False
         # Both tasks send: one may have said more meanwhile (both counts only grow).
         self._acked = (max(self._acked[0], state[0]), max(self._acked[1], state[1]))

@@ -192,7 +192,7 @@ class PlannedSwitchover:
         try:
             await link.send(handover)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            lose("the log channel broke while sending the Handover")
+            lose(link.why_broken("sending the Handover"))
 
     # -- what the backup's channel says ------------------------------------------
 

@@ -23,6 +23,7 @@ from ftproxy.core.channel import (
     Error,
     Join,
     LocalProtocolError,
+    PeerAborted,
     RemoteProtocolError,
     Sendable,
     State,
@@ -117,6 +118,8 @@ class LogLink:
         # Set while next_event's task waits for the socket holding no bytes read: only
         # then may take_ready read (the bytes reach the channel in the socket's order).
         self._parked: trio.CancelScope | None = None
+        # Set while next_event's task holds bytes read but not yet given to the channel.
+        self._holding = False
         if self._socket is not None:
             spinner.watch(self._socket.fileno())
 
@@ -241,6 +244,39 @@ class LogLink:
             self._parked.cancel()
         return taken
 
+    def why_broken(self, doing: str = "sending") -> str:
+        """Why a send found the channel broken: the peer's own reason when its
+        ``Error`` is already in the socket (it said why, then closed: a live replica
+        letting a joiner go, say), else only that it broke. What is read here is not
+        handed on: the channel is over."""
+        said = self._parting_words() if self._socket is not None else None
+        return said or f"the log channel broke while {doing}"
+
+    def _parting_words(self) -> str | None:
+        assert self._socket is not None
+        if self._holding:
+            return None  # the receiving task holds bytes the channel has not seen
+        while True:
+            try:
+                data = os.read(self._socket.fileno(), _READ_SIZE)
+            except OSError:
+                break  # all read (EAGAIN), or the socket already gone
+            if not data:
+                break
+            try:
+                self.channel.receive_data(data)
+            except LocalProtocolError:
+                break  # the channel had already seen the end
+        try:
+            while (event := self.channel.next_event()) is not NEED_DATA:
+                if isinstance(event, ConnectionClosed):
+                    break  # the peer closed without a word (the channel repeats this)
+        except PeerAborted as exc:
+            return str(exc)
+        except RemoteProtocolError:
+            pass
+        return None
+
     async def _send_after_pending(self, data: bytes) -> None:
         async with self._send_lock:
             await self._flush_pending()
@@ -269,7 +305,11 @@ class LogLink:
                 self._unyielded += 1
                 if self._unyielded >= _READS_BETWEEN_YIELDS:
                     self._unyielded = 0
-                    await trio.lowlevel.checkpoint()
+                    self._holding = True  # read, not yet in the channel
+                    try:
+                        await trio.lowlevel.checkpoint()
+                    finally:
+                        self._holding = False
                 return data
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
@@ -287,6 +327,14 @@ class LogLink:
                 spinner.unwatch(self._socket.fileno())
         with contextlib.suppress(Exception):
             await self.stream.aclose()
+
+
+def peer_failure(peer: str, exc: RemoteProtocolError) -> str:
+    """Why the log channel with ``peer`` ("the backup") ended on ``exc``: the peer's own
+    reason when it gave up (an ``Error``), else that it broke the protocol."""
+    if isinstance(exc, PeerAborted):
+        return str(exc)
+    return f"{peer} broke the protocol: {exc}"
 
 
 def argv_mismatch(theirs: list[str], ours: list[str]) -> str:

@@ -56,7 +56,7 @@ from ftproxy.shell.guestproc import GuestProcess, start_guest
 from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.hooks import RoleHooks, role_hooks
 from ftproxy.shell.inflight import InFlight
-from ftproxy.shell.link import LogLink, accept_first_backup
+from ftproxy.shell.link import LogLink, accept_first_backup, peer_failure
 from ftproxy.shell.logstore import DataDirError, LogStore, open_data_dir
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replay import first_difference
@@ -201,7 +201,7 @@ class Primary(ReplicaShell):
                 try:
                     await link.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.lose_peer("the log channel broke while sending")
+                    self.lose_peer(link.why_broken())
                     return
                 self.replica.sent(trio.current_time())
             if not self._outbox:
@@ -225,7 +225,7 @@ class Primary(ReplicaShell):
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.lose_peer("the log channel broke while sending")
+                self.lose_peer(link.why_broken())
                 return
             if batch and _trace.stamp is not None:
                 _trace.stamp(_trace.ENTRY_SHIPPED, batch[-1].seq)
@@ -249,7 +249,7 @@ class Primary(ReplicaShell):
             try:
                 event = await link.next_event()
             except RemoteProtocolError as exc:
-                self.lose_peer(f"the backup broke the protocol: {exc}")
+                self.lose_peer(peer_failure("the backup", exc))
                 return
             now = trio.current_time()
             if isinstance(event, Ack):

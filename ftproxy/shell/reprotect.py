@@ -56,7 +56,13 @@ from ftproxy.shell.exits import Halted, Retired
 from ftproxy.shell.fence import identify_self
 from ftproxy.shell.handover import PlannedSwitchover
 from ftproxy.shell.inflight import InFlight
-from ftproxy.shell.link import LinkRefused, LogLink, SwitchoverRequested, accept_backup
+from ftproxy.shell.link import (
+    LinkRefused,
+    LogLink,
+    SwitchoverRequested,
+    accept_backup,
+    peer_failure,
+)
 from ftproxy.shell.logstore import LogStore
 from ftproxy.shell.options import ReplicaOptions
 from ftproxy.shell.replica import peer_frames_read
@@ -97,7 +103,7 @@ def take_acks_now(
     try:
         events = link.take_ready((Ack, Heartbeat))
     except RemoteProtocolError as exc:
-        lose(f"the backup broke the protocol: {exc}")
+        lose(peer_failure("the backup", exc))
         return
     for event in events:
         if isinstance(event, Heartbeat):
@@ -351,9 +357,13 @@ class Reprotector:
                 nursery.cancel_scope.cancel()
         finally:
             self._serving = None
-        await link.aclose()
-        self.switchover.detach()
         reason = why[0]
+        if replica.role is ReplicaRole.HANDED_OVER or replica.role in _LOSES_A_PRIMARY:
+            await link.aclose()
+        else:
+            # A joiner let go (silent, slow): tell it why, or it sees only a closed channel.
+            await link.refuse(f"the live replica let this backup go: {reason}")
+        self.switchover.detach()
         catch_up = self.catch_up
         if replica.role is ReplicaRole.HANDED_OVER:
             raise Retired(f"handed the service over to the backup {link.peer}")
@@ -403,7 +413,7 @@ class Reprotector:
                 try:
                     await link.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    lose("the log channel broke while sending")
+                    lose(link.why_broken())
                     return
                 replica.sent(trio.current_time())
             if self._sent >= store.last_seq:
@@ -419,7 +429,7 @@ class Reprotector:
             try:
                 await link.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                lose("the log channel broke while sending")
+                lose(link.why_broken())
                 return
             replica.sent(trio.current_time())
 
@@ -469,7 +479,7 @@ class Reprotector:
             try:
                 event = await link.next_event()
             except RemoteProtocolError as exc:
-                lose(f"the backup broke the protocol: {exc}")
+                lose(peer_failure("the backup", exc))
                 return
             now = trio.current_time()
             if isinstance(event, Ack):
@@ -479,7 +489,7 @@ class Reprotector:
                     try:
                         await self._protect(link, lose)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        lose("the log channel broke while sending")
+                        lose(link.why_broken())
                         return
             elif isinstance(event, HandedOver):
                 if self.switchover.took_over(event):
