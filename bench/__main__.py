@@ -326,7 +326,15 @@ def save(result: dict[str, Any], json_path: Path) -> list[Path]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     png_path = json_path.with_suffix(".png")
-    plot.draw(result, png_path)
+    try:
+        plot.draw(result, png_path)
+    except Exception as exc:  # matplotlib's errors share no base; the figures are saved
+        print(
+            f"bench: the picture {png_path} was not drawn ({type(exc).__name__}: {exc}); "
+            f"the figures are in {json_path} (redraw: python -m bench.plot)",
+            file=sys.stderr,
+        )
+        return [json_path]
     return [json_path, png_path]
 
 

@@ -8,7 +8,7 @@ their stop event is set.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 STOP_TIMEOUT_S = 30.0  # a client blocked on a dead connection gives up by then
 
@@ -28,3 +28,15 @@ def stop_clients(
     stop.set()
     for thread in threads:
         thread.join(timeout=timeout)
+
+
+def reply_gap(requests: Iterable[tuple[float, float | None]], moment: float) -> float | None:
+    """The gap in service across ``moment`` (a kill, say), from (sent, replied) times:
+    the last reply to a request sent before it -> the first reply to one sent after.
+    0 when the two overlap (the old server still answered requests sent after the
+    moment, before the kill took effect); None without replies on both sides."""
+    before = [replied for sent, replied in requests if sent < moment and replied is not None]
+    after = [replied for sent, replied in requests if sent > moment and replied is not None]
+    if not before or not after:
+        return None
+    return max(0.0, min(after) - max(before))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import alternatives
-from bench.clients import start_clients, stop_clients
+from bench.clients import reply_gap, start_clients, stop_clients
 from bench.procs import wait_until
 from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, EtcdArbiter, admin_status, start_pair
@@ -106,11 +106,7 @@ class WriteLoad:
     def failover_s(self, killed_at: float) -> float | None:
         """Last reply to a request sent before the kill -> first reply to one sent after."""
         with self._lock:
-            before = [replied for sent, replied in self.timings if sent < killed_at]
-            after = [replied for sent, replied in self.timings if sent > killed_at]
-        if not before or not after:
-            return None
-        return min(after) - max(before)
+            return reply_gap(self.timings, killed_at)
 
     def lost(self, conn: Connection) -> int:
         """Acknowledged writes the service no longer has."""

@@ -85,7 +85,10 @@ def _throughput_bars(ax: Any, result: dict[str, Any]) -> None:
 
 def _failover_histogram(ax: Any, result: dict[str, Any]) -> None:
     series = {
-        LABELS.get(name, name): [t["failover_s"] for t in s["trials"] if t.get("failover_s")]
+        # A log axis: a gap of 0 (no pause seen) has no place on it.
+        LABELS.get(name, name): [
+            t["failover_s"] for t in s["trials"] if (t.get("failover_s") or 0) > 0
+        ]
         for name, s in result["failover"].items()
     }
     series = {k: v for k, v in series.items() if v}

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.clients import start_clients, stop_clients
+from bench.clients import reply_gap, start_clients, stop_clients
 from bench.linearizability import GET, INCR, SET, Operation, check
 from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
 from bench.resp import Connection, ReplyError
@@ -101,11 +101,7 @@ class HistoryLoad:
     def disruption_s(self, moment: float) -> float | None:
         """Last reply to an operation invoked before ``moment`` -> first reply to one after."""
         with self._lock:
-            before = [o.completed for o in self.history if o.invoked < moment and o.completed]
-            after = [o.completed for o in self.history if o.invoked > moment and o.completed]
-        if not before or not after:
-            return None
-        return max(0.0, min(after) - max(before))
+            return reply_gap(((o.invoked, o.completed) for o in self.history), moment)
 
     def longest_pause_s(self, start: float, end: float) -> float | None:
         """The longest stretch in [start, end] with no reply to any client."""
