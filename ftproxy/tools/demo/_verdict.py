@@ -139,7 +139,7 @@ class Verdict:
         return [
             Text(
                 "Expected: without the output rule a reply leaves before the backup holds the "
-                f"log that produced it (here the log ships up to {self.ship_delay_ms:g} ms "
+                f"log that produced it (here each entry ships {self.ship_delay_ms:g} ms "
                 "later), so writes acknowledged just before the kill die with the primary. "
                 "The output rule prevents exactly this: run without --no-output-rule to see "
                 f"none lost. Exit code {EXIT_LOST_UNSAFE}: writes were lost, as this mode "
