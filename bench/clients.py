@@ -35,8 +35,11 @@ def reply_gap(requests: Iterable[tuple[float, float | None]], moment: float) -> 
     the last reply to a request sent before it -> the first reply to one sent after.
     0 when the two overlap (the old server still answered requests sent after the
     moment, before the kill took effect); None without replies on both sides."""
-    before = [replied for sent, replied in requests if sent < moment and replied is not None]
-    after = [replied for sent, replied in requests if sent > moment and replied is not None]
+    before: list[float] = []
+    after: list[float] = []
+    for sent, replied in requests:  # once: ``requests`` may be a generator
+        if replied is not None and sent != moment:
+            (before if sent < moment else after).append(replied)
     if not before or not after:
         return None
     return max(0.0, min(after) - max(before))

@@ -21,6 +21,11 @@ def test_the_gap_runs_from_the_last_reply_before_to_the_first_after() -> None:
     assert reply_gap(requests, 2.0) == 2.7 - 1.3
 
 
+def test_the_requests_may_come_as_a_generator_read_once() -> None:
+    requests = [(1.0, 1.1), (1.2, 1.3), (2.5, 2.9), (2.6, 2.7)]
+    assert reply_gap((request for request in requests), 2.0) == 2.7 - 1.3
+
+
 def test_replies_that_overlap_the_moment_are_no_gap_at_all() -> None:
     # Sent after the moment, answered by the old server before its last reply to
     # a request sent earlier: the measured figure from that run, not negative.
