@@ -16,7 +16,7 @@ import pytest
 from cluster import KvClient, Load, Process, status, wait_until
 from support import FTPROXY, free_port
 
-from ftproxy.tools.resp import receive_reply
+from ftproxy.tools.resp import encode_command, receive_reply
 
 EXIT_HALTED = 4
 
@@ -96,7 +96,7 @@ def test_without_the_rule_a_reply_after_a_stall_still_has_its_log_held_back(clus
     assert client.sock is not None
     c.primary.signal(signal.SIGSTOP)
     try:
-        client.sock.sendall(b"*3\r\n$3\r\nSET\r\n$5\r\nafter\r\n$1\r\n2\r\n")
+        client.sock.sendall(encode_command("SET", "after", "2"))
         time.sleep(2.0)  # the stall's length (past the delay), not synchronisation
     finally:
         c.primary.signal(signal.SIGCONT)

@@ -358,16 +358,18 @@ class Reprotector:
         finally:
             self._serving = None
         reason = why[0]
-        if replica.role is ReplicaRole.HANDED_OVER or replica.role in _LOSES_A_PRIMARY:
+        handed_over = replica.role is ReplicaRole.HANDED_OVER
+        lost = replica.role in _LOSES_A_PRIMARY  # else a joiner let go
+        if handed_over or lost:
             await link.aclose()
         else:
             # A joiner let go (silent, slow): tell it why, or it sees only a closed channel.
             await link.refuse(f"the live replica let this backup go: {reason}")
         self.switchover.detach()
         catch_up = self.catch_up
-        if replica.role is ReplicaRole.HANDED_OVER:
+        if handed_over:
             raise Retired(f"handed the service over to the backup {link.peer}")
-        if replica.role in _LOSES_A_PRIMARY:
+        if lost:
             self.log.warning("backup_lost", peer=link.peer, reason=reason)
             self.board.peer_state = "lost"
             catch_up.state = "lost"
