@@ -158,12 +158,10 @@ class Primary(ReplicaShell):
         self.store.append_output(record)
         if self.link is not None:
             self._unchecked.append(record)
-        if not self.options.output_rule:
-            if _trace.stamp is not None:
-                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
-            self.world.output_later(message)
-            return
-        self.gate_output(self.world, seq, message)
+        if self.options.output_rule:
+            self.gate_output(self.world, seq, message)
+        else:
+            self.release_output(self.world, seq, message)
 
     def flush(self) -> None:
         assert self.world is not None

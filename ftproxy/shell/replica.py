@@ -76,9 +76,15 @@ class ReplicaShell:
         if not released:
             self._acks_due = True
         for output in released:
-            if _trace.stamp is not None:
-                _trace.stamp(_trace.OUTPUT_RELEASED, seq)
-            world.output_later(output)
+            self.release_output(world, seq, output)
+
+    @staticmethod
+    def release_output(world: WorldAnswers, seq: int, message: tuple[Any, ...]) -> None:
+        """Put ``message``, an output after entry ``seq``, on the network once the
+        guest runs again: the one place an output leaves (and is stamped leaving)."""
+        if _trace.stamp is not None:
+            _trace.stamp(_trace.OUTPUT_RELEASED, seq)
+        world.output_later(message)
 
     def take_ready_acks(self) -> None:
         """Outputs were held since the log channel was last looked at: the acks already
