@@ -27,7 +27,34 @@ def describe() -> dict[str, Any]:
         "ftproxy_commit": _git("rev-parse", "--short", "HEAD"),
         "ftproxy_tree_dirty": bool(_git("status", "--porcelain", "--", "ftproxy", "examples")),
         "load_average": load_average(),
+        "idle": idle_states(),
     }
+
+
+_CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
+_HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def idle_states(cpuidle: Path = _CPUIDLE, halt_poll_ns: Path = _HALT_POLL_NS) -> dict[str, Any]:
+    """How an idle CPU waits: on a VM most of a process hop is waking a halted vCPU,
+    so a run taken with the guest's halt polling on (``guest_halt_poll_ns`` > 0)
+    is not comparable with one taken with it off."""
+    return {
+        "driver": _read(cpuidle / "current_driver"),
+        "governor": _read(cpuidle / "current_governor_ro") or _read(cpuidle / "current_governor"),
+        "guest_halt_poll_ns": _int_or_none(_read(halt_poll_ns)),
+    }
+
+
+def idle_summary(idle: dict[str, Any] | None) -> str:
+    """'cpuidle haltpoll, guest halt polling off': what an idle vCPU does."""
+    if not idle or not idle.get("driver"):
+        return ""
+    text = f"cpuidle {idle['driver']}"
+    poll_ns = idle.get("guest_halt_poll_ns")
+    if poll_ns is not None:
+        text += f", guest halt polling {f'up to {poll_ns / 1000:g} us' if poll_ns else 'off'}"
+    return text
 
 
 def load_average() -> list[float]:
@@ -36,10 +63,12 @@ def load_average() -> list[float]:
 
 
 def summary(machine: dict[str, Any]) -> str:
-    """One line: '2 x AMD EPYC, 23 GiB, Linux 6.1, Python 3.11.9, load 1.2'."""
+    """One line: '2 x AMD EPYC, 23 GiB, Linux 6.1, cpuidle haltpoll, guest halt
+    polling off, Python 3.11.9, load 1.2' (runs from before the idle facts lack them)."""
+    idle = idle_summary(machine.get("idle"))
     return (
         f"{machine['cpus']} x {machine['cpu_model']}, {machine['memory_gib']} GiB RAM, "
-        f"Linux {machine['kernel']}, Python {machine['python']}, "
+        f"Linux {machine['kernel']}, {idle + ', ' if idle else ''}Python {machine['python']}, "
         f"{machine['redis_benchmark']}, load average {machine['load_average'][0]} at start"
     )
 
@@ -62,6 +91,20 @@ def _memory_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _git(*args: str) -> str:
