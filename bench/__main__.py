@@ -126,6 +126,8 @@ def _failover_progress(name: str, trial: dict[str, Any]) -> None:
             f"failover {trial['failover_s']:.3f} s, "
             f"lost {trial['lost_acknowledged_writes']} of {trial['acknowledged_writes']}"
         )
+    if "logs" in trial:
+        line += f" (slow: its logs are kept in {trial['logs']})"
     print(f"  {name:<15} kill {trial['trial']:>2}: {line}", file=sys.stderr)
 
 
@@ -194,8 +196,11 @@ def _config(
     }
 
 
-def ftproxy_failovers(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, Any]:
-    """SIGKILLs of the primary with and without the output rule, then SIGSTOPs."""
+def ftproxy_failovers(
+    plan: Plan, scratch: Path, arbiter: Arbiter, keep_slow: Path | None = None
+) -> dict[str, Any]:
+    """SIGKILLs of the primary with and without the output rule, then SIGSTOPs; a
+    kill slow to fail over keeps its logs under ``keep_slow``."""
     series = {}
     for name, output_rule, silent, trials in (
         (RULE, True, False, plan.failovers),
@@ -211,9 +216,15 @@ def ftproxy_failovers(plan: Plan, scratch: Path, arbiter: Arbiter) -> dict[str, 
             seed=plan.seed,
             silent=silent,
             progress=_failover_progress,
+            keep_slow=keep_slow,
         )
     series[RULE_ETCD] = failover.etcd_series(
-        RULE_ETCD, scratch, trials=plan.failovers, seed=plan.seed, progress=_failover_progress
+        RULE_ETCD,
+        scratch,
+        trials=plan.failovers,
+        seed=plan.seed,
+        progress=_failover_progress,
+        keep_slow=keep_slow,
     )
     return series
 
@@ -293,7 +304,9 @@ def run(plan: Plan) -> dict[str, Any]:
             machine_floors = measure_floors(plan)
             phase("floors")
             print("bench: failover series", file=sys.stderr)
-            series = ftproxy_failovers(plan, scratch, arbiter)
+            # A full run's slow kills keep their logs beside its JSON (same stamp).
+            keep_slow = None if plan.quick else RESULTS / f"{_stamp(taken)}-slow-failovers"
+            series = ftproxy_failovers(plan, scratch, arbiter, keep_slow)
             phase("failover_ftproxy")
         finally:
             arbiter.stop()
@@ -319,6 +332,11 @@ def run(plan: Plan) -> dict[str, Any]:
         "targets": targets.evaluate(configs, series, critical_path, machine_floors),
         "failed_cells": matrix.failed_cells(configs),
     }
+
+
+def _stamp(taken: datetime.datetime) -> str:
+    """A run's name in bench/results/: its start, e.g. 2026-12-07T213702Z."""
+    return taken.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
 
 
 def save(result: dict[str, Any], json_path: Path) -> list[Path]:
@@ -380,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     report.print_rich(result)
     paths: list[Path] = []
     if not args.quick:
-        stamp = result["taken"].replace(":", "").replace("+0000", "Z")
-        paths += save(result, RESULTS / f"{stamp}.json")
+        taken = datetime.datetime.fromisoformat(result["taken"])
+        paths += save(result, RESULTS / f"{_stamp(taken)}.json")
     if args.json is not None:
         paths += save(result, args.json)
     for path in paths:

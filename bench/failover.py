@@ -15,6 +15,7 @@ and waits until writes are acknowledged again. Figures per trial:
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
 import threading
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 from bench import alternatives
 from bench.clients import reply_gap, start_clients, stop_clients
-from bench.procs import wait_until
+from bench.procs import Proc, wait_until
 from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, EtcdArbiter, admin_status, start_pair
 from ftproxy.tools import etcdlocal
@@ -37,6 +38,10 @@ ACKS_AFTER_KILL = 20
 RECOVERY_TIMEOUT_S = 30.0
 RECONNECT_PAUSE_S = 0.005
 SILENT_CLIENT_TIMEOUT_S = 0.2
+# A SIGKILL closes the dead primary's log channel at once: every kill so far took
+# 0.006-0.03 s, one of ~260 took 0.63 s (2026-12-07) and its logs were gone with
+# the run's scratch. A kill slower than this keeps its pair's logs.
+SLOW_KILL_S = 0.1
 
 
 @dataclass
@@ -189,13 +194,17 @@ def ftproxy_series(
     seed: int,
     silent: bool = False,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    keep_slow: Path | None = None,
+    slow_s: float = SLOW_KILL_S,
 ) -> dict[str, Any]:
     """``trials`` failures of ftproxy's primary, each on a fresh pair (default timings).
 
     SIGKILL by default: the kernel closes the dead primary's log channel, so the
     backup learns of it at once. ``silent``: SIGSTOP instead, with the backup on
     an address of its own; nothing closes, and only the heartbeat timeout
-    (``--peer-timeout-ms``, 500) tells the backup.
+    (``--peer-timeout-ms``, 500) tells the backup. With ``keep_slow``, a kill whose
+    gap in service passed ``slow_s`` (or that failed) keeps the logs of its pair
+    and of the arbiter there, and its result says where (``logs``).
     """
     rng = random.Random(seed)
     results = []
@@ -220,10 +229,31 @@ def ftproxy_series(
         finally:
             service.stop()
         result["trial"] = index + 1
+        if keep_slow is not None and not silent and _slow(result, slow_s):
+            kept = keep_slow / f"{name}-trial{index + 1}"
+            arbiter_proc = arbiter.proc if isinstance(arbiter, Arbiter) else None
+            _keep_logs(kept, [*service.primary, *service.backup, arbiter_proc])
+            result["logs"] = str(kept)
         results.append(result)
         if progress is not None:
             progress(name, result)
     return summarize(results)
+
+
+def _slow(result: dict[str, Any], slow_s: float) -> bool:
+    failover_s = result.get("failover_s")
+    return failover_s is None or failover_s > slow_s
+
+
+def _keep_logs(where: Path, procs: list[Proc | None]) -> None:
+    """Copy each process's stdout and stderr files (as they are now) into ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    for proc in procs:
+        if proc is None:
+            continue
+        for path in (proc.stdout_path, proc.stderr_path):
+            if path.exists():
+                shutil.copy2(path, where / path.name)
 
 
 ETCD_MEMBERS = 3
@@ -236,6 +266,7 @@ def etcd_series(
     trials: int,
     seed: int,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    keep_slow: Path | None = None,
 ) -> dict[str, Any]:
     """The SIGKILL series with the output rule, decided by a 3-member etcd cluster.
 
@@ -257,6 +288,7 @@ def etcd_series(
             trials=trials,
             seed=seed,
             progress=progress,
+            keep_slow=keep_slow,
         )
     finally:
         cluster.stop()

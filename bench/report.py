@@ -276,6 +276,8 @@ def print_rich(result: dict[str, Any]) -> None:
     console.print(f"Machine: {machine_summary(result['machine'])}")
     for line in failure_lines(result):
         console.print(line, style="bold red", markup=False, highlight=False)
+    for line in slow_kill_lines(result):
+        console.print(line, style="yellow", markup=False, highlight=False)
 
 
 def failure_lines(result: dict[str, Any]) -> list[str]:
@@ -313,6 +315,22 @@ def _text_column(rows: list[list[str]], i: int) -> bool:
 _FIGURE = re.compile(r"[-+\d.,x/ ()%]*")
 
 
+def slow_kill_lines(result: dict[str, Any]) -> list[str]:
+    """Each kill slow to fail over (or failed) whose logs the run kept, and where."""
+    lines = []
+    for name, series in result["failover"].items():
+        for trial in series.get("trials", []):
+            if "logs" not in trial:
+                continue
+            took = trial.get("failover_s")
+            what = f"{took:.3f} s" if took is not None else f"failed: {trial.get('error')}"
+            where = _where(Path(trial["logs"]))
+            lines.append(
+                f"Slow kill: {SHORT.get(name, name)}, kill {trial['trial']}, {what}; logs: {where}"
+            )
+    return lines
+
+
 def _where(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -347,6 +365,9 @@ def markdown(result: dict[str, Any], path: Path | None = None) -> str:
     lines = failure_lines(result)
     if lines:
         out += ["", "Failed cells:", "", "```", *lines, "```"]
+    slow = slow_kill_lines(result)
+    if slow:
+        out += ["", "Kills slow to fail over, their logs kept:", "", "```", *slow, "```"]
     return "\n".join(out) + "\n"
 
 

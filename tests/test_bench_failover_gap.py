@@ -1,4 +1,5 @@
-"""The gap in service across a kill, as bench/ measures it, and its picture.
+"""The gap in service across a kill, as bench/ measures it, its picture, and the
+logs a slow kill keeps.
 
 A full run once ended in a traceback: in the etcd-arbiter cell the old primary
 still answered a request sent 61 us after the kill's timestamp, so "first reply
@@ -11,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import plot
+from bench import failover, plot, report
 from bench.__main__ import save
 from bench.clients import reply_gap
+from bench.services import Arbiter
 
 
 def test_the_gap_runs_from_the_last_reply_before_to_the_first_after() -> None:
@@ -67,3 +69,48 @@ def test_a_picture_that_cannot_be_drawn_keeps_the_figures_and_says_so(
     assert (tmp_path / "run.json").read_text().startswith("{")
     said = capsys.readouterr().err
     assert "was not drawn" in said and "python -m bench.plot" in said
+
+
+def _one_kill(scratch: Path, slow_s: float) -> dict[str, Any]:
+    arbiter = Arbiter(scratch).start()
+    try:
+        arbiter.wait_listening()
+        return failover.ftproxy_series(
+            "rule",
+            scratch,
+            arbiter,
+            output_rule=True,
+            trials=1,
+            seed=3,
+            keep_slow=scratch / "kept",
+            slow_s=slow_s,
+        )
+    finally:
+        arbiter.stop()
+
+
+def test_a_kill_slower_than_the_bound_keeps_its_pairs_logs(tmp_path: Path) -> None:
+    # Every kill is "slow" against a bound of 0: the real pair's logs, as they were
+    # when it stopped, must be kept and named, the backup's saying it went live.
+    series = _one_kill(tmp_path, slow_s=0.0)
+    (trial,) = series["trials"]
+    assert trial["lost_acknowledged_writes"] == 0
+    kept = Path(trial["logs"])
+    assert kept == tmp_path / "kept" / "rule-trial1"
+    names = sorted(path.name for path in kept.iterdir())
+    assert any(name.endswith("-backup.stderr") for name in names), names
+    assert any(name.endswith("-primary.stderr") for name in names), names
+    assert any(name.startswith("arbiter-") for name in names), names
+    (backup_log,) = kept.glob("*-backup.stderr")
+    assert '"event": "primary_lost"' in backup_log.read_text()
+    result = {"failover": {"output-rule": series}}
+    (line,) = report.slow_kill_lines(result)
+    assert line.startswith("Slow kill: rule, kill 1, ") and str(kept) in line
+
+
+def test_a_kill_within_the_bound_keeps_nothing(tmp_path: Path) -> None:
+    series = _one_kill(tmp_path, slow_s=30.0)
+    (trial,) = series["trials"]
+    assert trial["failover_s"] is not None and "logs" not in trial
+    assert not (tmp_path / "kept").exists()
+    assert report.slow_kill_lines({"failover": {"output-rule": series}}) == []
