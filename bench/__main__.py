@@ -42,7 +42,7 @@ from bench import (
     targets,
 )
 from bench.load import require_redis_benchmark
-from bench.machine import describe, load_average
+from bench.machine import describe, load_average, stamp
 from bench.plan import (
     BARE,
     FTPROXY_CONFIGS,
@@ -305,7 +305,8 @@ def run(plan: Plan) -> dict[str, Any]:
             phase("floors")
             print("bench: failover series", file=sys.stderr)
             # A full run's slow kills keep their logs beside its JSON (same stamp).
-            keep_slow = None if plan.quick else RESULTS / f"{_stamp(taken)}-slow-failovers"
+            slow_dir = f"{stamp(taken.isoformat())}-slow-failovers"
+            keep_slow = None if plan.quick else RESULTS / slow_dir
             series = ftproxy_failovers(plan, scratch, arbiter, keep_slow)
             phase("failover_ftproxy")
         finally:
@@ -332,11 +333,6 @@ def run(plan: Plan) -> dict[str, Any]:
         "targets": targets.evaluate(configs, series, critical_path, machine_floors),
         "failed_cells": matrix.failed_cells(configs),
     }
-
-
-def _stamp(taken: datetime.datetime) -> str:
-    """A run's name in bench/results/: its start, e.g. 2026-12-07T213702Z."""
-    return taken.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H%M%SZ")
 
 
 def save(result: dict[str, Any], json_path: Path) -> list[Path]:
@@ -398,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     report.print_rich(result)
     paths: list[Path] = []
     if not args.quick:
-        taken = datetime.datetime.fromisoformat(result["taken"])
-        paths += save(result, RESULTS / f"{_stamp(taken)}.json")
+        paths += save(result, RESULTS / f"{stamp(result['taken'])}.json")
     if args.json is not None:
         paths += save(result, args.json)
     for path in paths:

@@ -42,7 +42,7 @@ from typing import Any
 
 from bench import load as bm
 from bench.load import Load, Op
-from bench.machine import describe, load_average
+from bench.machine import describe, load_average, stamp
 from bench.matrix import percentile
 from bench.plan import NO_RULE, RECORD, RULE, RULE_HEALED, SHORT
 from bench.procs import HOST, ROOT
@@ -541,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     print_report(result)
-    stamp = result["taken"].replace(":", "").replace("+0000", "Z")
-    for path in [args.json or RESULTS / f"breakdown-{stamp}.json"]:
+    for path in [args.json or RESULTS / f"breakdown-{stamp(result['taken'])}.json"]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"bench: wrote {path}")

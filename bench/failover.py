@@ -232,7 +232,7 @@ def ftproxy_series(
         if keep_slow is not None and not silent and _slow(result, slow_s):
             kept = keep_slow / f"{name}-trial{index + 1}"
             arbiter_proc = arbiter.proc if isinstance(arbiter, Arbiter) else None
-            _keep_logs(kept, [*service.primary, *service.backup, arbiter_proc])
+            _keep_logs(kept, [*service.procs, arbiter_proc])
             result["logs"] = str(kept)
         results.append(result)
         if progress is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
@@ -55,6 +56,12 @@ def idle_summary(idle: dict[str, Any] | None) -> str:
     if poll_ns is not None:
         text += f", guest halt polling {f'up to {poll_ns / 1000:g} us' if poll_ns else 'off'}"
     return text
+
+
+def stamp(taken: str) -> str:
+    """A run's name in bench/results/, from its ``taken`` time: 2026-12-07T213702Z."""
+    moment = datetime.datetime.fromisoformat(taken).astimezone(datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H%M%SZ")
 
 
 def load_average() -> list[float]:

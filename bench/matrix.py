@@ -202,7 +202,7 @@ def failed_cell(cell: dict[str, Any], service: Service, exc: BaseException) -> d
     else:
         reason = f"{type(exc).__name__}: {exc}"
     processes = {}
-    for proc in service.primary + service.backup + service.others:
+    for proc in service.procs:
         code = proc.popen.poll()
         processes[proc.name] = {
             "state": "running" if code is None else f"exited with {code}",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe
+from bench.machine import describe, stamp
 from bench.procs import FTPROXY, HOST, ROOT, Proc, free_port, wait_until
 from bench.services import Arbiter, admin_status
 
@@ -693,8 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if "error" in row:
             print(f"bench programs: {row['name']} failed: {row['error']}", file=sys.stderr)
-    stamp = taken.strftime("%Y-%m-%dT%H%M%SZ")
-    paths = [args.json] if args.json else [RESULTS / f"programs-{stamp}.json"]
+    paths = [args.json] if args.json else [RESULTS / f"programs-{stamp(result['taken'])}.json"]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")

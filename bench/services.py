@@ -90,8 +90,13 @@ class Service:
         except FileNotFoundError:
             return 0
 
+    @property
+    def procs(self) -> list[Proc]:
+        """Every process of the service: primaries, backups and the rest."""
+        return self.primary + self.backup + self.others
+
     def stop(self) -> None:
-        for proc in self.primary + self.backup + self.others:
+        for proc in self.procs:
             proc.stop()
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 from bench.clients import reply_gap, start_clients, stop_clients
 from bench.linearizability import GET, INCR, SET, Operation, check
+from bench.machine import stamp
 from bench.procs import FTPROXY, HOST, KV, Proc, free_port, wait_until
 from bench.resp import Connection, ReplyError
 from bench.services import Arbiter, admin_status
@@ -842,8 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report, history = soak(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print_report(report)
-    stamp = report["taken"].replace(":", "").replace("+0000", "Z")
-    path = args.json or RESULTS / f"soak-{stamp}.json"
+    path = args.json or RESULTS / f"soak-{stamp(report['taken'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"soak: wrote {path}")

@@ -7,9 +7,10 @@ Two runs are comparable only if they say which way they were taken.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from bench.machine import describe, idle_states, idle_summary, summary
+from bench.machine import describe, idle_states, idle_summary, stamp, summary
 
 
 def _sysfs(tmp_path: Path, *, driver: str, governor: str, poll_ns: str | None) -> tuple[Path, Path]:
@@ -58,3 +59,18 @@ def test_the_summary_of_this_machine_carries_its_idle_facts_and_older_runs_still
     older = {key: value for key, value in machine.items() if key != "idle"}
     assert "cpuidle" not in summary(older)
     assert f"Linux {machine['kernel']}, Python" in summary(older)
+
+
+def test_every_kind_of_run_is_named_by_its_taken_time_as_before() -> None:
+    # One stamp for the full run, breakdown, soak and programs: the saved runs'
+    # names, given by each entry point's own formula until now, must come out again.
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    for name in (
+        "2026-12-07T213702Z.json",
+        "breakdown-2026-12-06T214800Z.json",
+        "soak-2026-12-07T005220Z.json",
+        "programs-2026-12-06T212510Z.json",
+    ):
+        taken = json.loads((results / name).read_text())["taken"]
+        kind = name.rsplit("-", 3)[0] + "-" if not name[0].isdigit() else ""
+        assert f"{kind}{stamp(taken)}.json" == name, (name, taken)
